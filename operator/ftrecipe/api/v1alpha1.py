@@ -1,0 +1,818 @@
+"""FinetuneRecipe v1alpha1: the one source of truth for the API.
+
+The CRD in `crds/` is generated from these models (`ftrecipe crd`), so every field's description,
+default, bound and enum lives here once. Rules that span fields are written twice on purpose: as a
+pydantic validator (the CLI and `ftrecipe run` check recipes offline) and as a CEL rule attached with
+`cel_rules` (the API server rejects the same recipe before anything runs). Tests check both agree.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Final, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+GROUP = "ftrecipe.dev"
+VERSION = "v1alpha1"
+API_VERSION: Final = "ftrecipe.dev/v1alpha1"
+KIND: Final = "FinetuneRecipe"
+PLURAL = "finetunerecipes"
+SINGULAR = "finetunerecipe"
+SHORT_NAMES = ("ftr",)
+CATEGORIES = ("ftrecipe",)
+
+# Keys that look like credentials. A recipe is reviewed in pull requests and stored in etcd unencrypted,
+# so a secret value must never be a spec field; such a key gets a message pointing at the *SecretRef.
+_SECRET_LOOKING_KEYS = ("key", "token", "password", "secret", "credential")
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_S3_URI = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+_GIT_URL = r"^(https://|http://|ssh://|git@|file://).+"
+_HTTP_URL = r"^https?://.+"
+_HF_REPO_ID = r"^[\w.\-]+(/[\w.\-]+)?$"
+_CAMEL_WORD = r"^[A-Za-z]\w*$"
+# Same syntax as a Kubernetes resource.Quantity, so `resources` reads like any pod's.
+_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+# What each pattern means, for error messages people can act on.
+PATTERN_MEANINGS = {
+    _DNS_LABEL: "a lowercase name of letters, digits and '-' (at most 63)",
+    _DNS_SUBDOMAIN: "a lowercase Kubernetes name of letters, digits, '-' and '.'",
+    _S3_URI: "an s3://bucket/prefix/ URI",
+    _GIT_URL: "a git URL starting with https://, ssh://, git@ or file://",
+    _QUANTITY: "a resource quantity such as 2, 500m or 16Gi",
+    _HTTP_URL: "an http:// or https:// URL",
+    _HF_REPO_ID: "a Hugging Face repository id such as meta-llama/Llama-3.1-8B-Instruct",
+    _CAMEL_WORD: "a CamelCase word",
+}
+
+
+def camel(name: str) -> str:
+    """snake_case → camelCase, keeping digits attached (`e2e_tests` → `e2eTests`, not pydantic's `e2ETests`)."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def cel_rules(*rules: tuple[str, str]) -> dict[str, Any]:
+    """Attach CEL rules (rule, message) to a model's generated schema as x-kubernetes-validations."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+def _exactly_one_rule(fields: tuple[str, ...]) -> str:
+    return " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields) + " == 1"
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields rejected with a clear hint."""
+
+    model_config = ConfigDict(
+        alias_generator=camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = {info.alias or name for name, info in cls.model_fields.items()} | set(cls.model_fields)
+        for key in data:
+            if key in known:
+                continue
+            allowed = ", ".join(sorted(info.alias or name for name, info in cls.model_fields.items()))
+            lowered = str(key).lower()
+            if any(word in lowered for word in _SECRET_LOOKING_KEYS) and not lowered.endswith("secretref"):
+                refs = [
+                    a for a in (info.alias or n for n, info in cls.model_fields.items()) if "SecretRef" in a
+                ]
+                hint = f"use {refs[0]} to reference a Secret" if refs else "reference a Secret instead"
+                raise PydanticCustomError(
+                    "secret_in_spec",
+                    "field '{key}' would put a secret in clear text in the recipe; {hint}",
+                    {"key": key, "hint": hint},
+                )
+            raise PydanticCustomError(
+                "unknown_field",
+                "unknown field '{key}'; known fields here: {allowed}",
+                {"key": key, "allowed": allowed},
+            )
+        return data
+
+
+class ExactlyOne(ApiModel):
+    """A union written the Kubernetes way: an object in which exactly one field is set."""
+
+    _choices: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ExactlyOne:
+        chosen = [name for name in self._choices if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            names = ", ".join(camel(n) for n in self._choices)
+            got = ", ".join(camel(n) for n in chosen) or "none"
+            raise PydanticCustomError(
+                "exactly_one",
+                "set exactly one of {names} (got {got})",
+                {"names": names, "got": got},
+            )
+        return self
+
+
+def _exactly_one_schema(choices: tuple[str, ...]) -> dict[str, Any]:
+    names = ", ".join(camel(c) for c in choices)
+    return cel_rules((_exactly_one_rule(tuple(camel(c) for c in choices)), f"set exactly one of {names}"))
+
+
+# --------------------------------------------------------------------------------------------- references
+
+
+class SecretKeyRef(ApiModel):
+    """A key inside a Secret in the recipe's namespace; its value reaches Jobs only as a secretKeyRef env var."""
+
+    name: Annotated[str, Field(description="Name of the Secret.", pattern=_DNS_SUBDOMAIN, max_length=253)]
+    key: Annotated[str, Field(description="Key inside the Secret's data.", min_length=1, max_length=253)]
+
+
+class SecretRef(ApiModel):
+    """A whole Secret in the recipe's namespace, for credentials made of several keys."""
+
+    name: Annotated[str, Field(description="Name of the Secret.", pattern=_DNS_SUBDOMAIN, max_length=253)]
+
+
+class S3Location(ApiModel):
+    """An S3 (or S3-compatible: MinIO, SeaweedFS, Ceph) prefix."""
+
+    uri: Annotated[str, Field(description="s3://bucket/prefix/ URI.", pattern=_S3_URI)]
+    endpoint: Annotated[
+        str | None,
+        Field(
+            description="Endpoint URL for S3-compatible stores, e.g. http://minio.minio:9000. "
+            "Empty means AWS (or AWS_ENDPOINT_URL in the pod).",
+            pattern=_HTTP_URL,
+        ),
+    ] = None
+    region: Annotated[str | None, Field(description="Region of the bucket, e.g. eu-west-1.")] = None
+    force_path_style: Annotated[
+        bool,
+        Field(
+            description="Path-style addressing (bucket in the path, not the host); most non-AWS stores need it."
+        ),
+    ] = False
+    credentials_secret_ref: Annotated[
+        SecretRef | None,
+        Field(
+            description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. Leave empty to use the "
+            "pod's identity (IRSA, EKS pod identity, instance profile)."
+        ),
+    ] = None
+
+
+class LocalPath(ApiModel):
+    """A path on the machine running `ftrecipe run`. The operator rejects it: pods cannot see your laptop."""
+
+    path: Annotated[str, Field(description="Filesystem path, relative to the recipe file.", min_length=1)]
+
+
+class PvcPath(ApiModel):
+    """A folder inside a PersistentVolumeClaim in the recipe's namespace (mounted read-only)."""
+
+    claim_name: Annotated[
+        str, Field(description="Name of the PersistentVolumeClaim.", pattern=_DNS_SUBDOMAIN, max_length=253)
+    ]
+    path: Annotated[str, Field(description="Folder inside the volume.")] = "."
+
+
+# --------------------------------------------------------------------------------------------- assistant
+
+
+class ConfigMapSource(ApiModel):
+    """A ConfigMap whose keys are the assistant's files (flat: ConfigMap keys cannot hold folders)."""
+
+    name: Annotated[str, Field(description="Name of the ConfigMap.", pattern=_DNS_SUBDOMAIN, max_length=253)]
+
+
+class GitSource(ApiModel):
+    """A git repository, cloned at a fixed revision so a recipe is reproducible."""
+
+    url: Annotated[str, Field(description="Clone URL (https:// or ssh).", pattern=_GIT_URL)]
+    revision: Annotated[
+        str, Field(description="Branch, tag or commit to check out; a commit SHA makes runs reproducible.")
+    ] = "main"
+    path: Annotated[str, Field(description="Folder of the assistant inside the repository.")] = "."
+    credentials_secret_ref: Annotated[
+        SecretRef | None,
+        Field(
+            description="Secret with `username` and `password` (a token) for https, or `ssh-privatekey` "
+            "(and optional `known_hosts`) for ssh."
+        ),
+    ] = None
+
+
+_ASSISTANT_SOURCES = ("s3", "config_map", "git", "pvc", "local")
+
+
+class AssistantSource(ExactlyOne):
+    _choices: ClassVar[tuple[str, ...]] = _ASSISTANT_SOURCES
+    model_config = ConfigDict(json_schema_extra=_exactly_one_schema(_ASSISTANT_SOURCES))
+
+    s3: Annotated[S3Location | None, Field(description="Assistant files under an S3 prefix.")] = None
+    config_map: Annotated[ConfigMapSource | None, Field(description="Assistant files in a ConfigMap.")] = None
+    git: Annotated[GitSource | None, Field(description="Assistant files in a git repository.")] = None
+    pvc: Annotated[PvcPath | None, Field(description="Assistant files on a PersistentVolumeClaim.")] = None
+    local: Annotated[LocalPath | None, Field(description="A local folder (`ftrecipe run` only).")] = None
+
+
+class AssistantSpec(ApiModel):
+    """Where the assistant's flows, domain and E2E tests come from."""
+
+    source: Annotated[
+        AssistantSource, Field(description="Where the assistant's files are: exactly one source.")
+    ]
+    e2e_tests: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(
+            description="Files or folders of E2E test YAML inside the source, e.g. the passing tests "
+            "written by `rasa test e2e --coverage-report` (e2e_coverage_results/passed.yml).",
+            min_length=1,
+        ),
+    ] = Field(default_factory=lambda: ["e2e_tests"])
+    config: Annotated[
+        str | None,
+        Field(
+            description="Rasa config.yml inside the source; the command generator's settings are read from it."
+        ),
+    ] = None
+    endpoints: Annotated[
+        str | None,
+        Field(
+            description="Rasa endpoints.yml inside the source (model_groups), used together with `config`."
+        ),
+    ] = None
+
+
+# --------------------------------------------------------------------------------------------- LLMs
+
+
+class LLMSpec(ApiModel):
+    """An OpenAI-compatible chat-completions model, described the way Rasa's `llm` blocks are."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "self.provider != 'azure' || (has(self.apiBase) && has(self.apiVersion))",
+                "provider azure needs apiBase and apiVersion",
+            ),
+            (
+                "self.provider != 'self-hosted' || has(self.apiBase)",
+                "provider self-hosted needs apiBase, e.g. http://vllm:8000/v1",
+            ),
+        )
+    )
+
+    provider: Annotated[
+        Literal["openai", "azure", "self-hosted"],
+        Field(
+            description="openai, azure (Azure OpenAI), or self-hosted (any OpenAI-compatible server, e.g. vLLM)."
+        ),
+    ] = "openai"
+    model: Annotated[str, Field(description="Model name, or the Azure deployment name.", min_length=1)]
+    api_base: Annotated[
+        str | None, Field(description="Base URL of the API, e.g. http://vllm:8000/v1.", pattern=_HTTP_URL)
+    ] = None
+    api_version: Annotated[str | None, Field(description="API version (Azure only), e.g. 2024-06-01.")] = None
+    temperature: Annotated[
+        float, Field(description="Sampling temperature; 0 makes annotations repeatable.", ge=0.0, le=2.0)
+    ] = 0.0
+    max_tokens: Annotated[int | None, Field(description="Cap on tokens per answer.", ge=1, le=131072)] = None
+    timeout_seconds: Annotated[
+        int, Field(description="Timeout of one request, in seconds.", ge=1, le=3600)
+    ] = 60
+    api_key_secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(
+            description="Secret key holding the API key, passed to the Job as OPENAI_API_KEY (AZURE_API_KEY for "
+            "azure). Empty for servers without auth. `ftrecipe run` reads the environment instead."
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> LLMSpec:
+        if self.provider == "azure" and (self.api_base is None or self.api_version is None):
+            raise PydanticCustomError("provider_fields", "provider azure needs apiBase and apiVersion")
+        if self.provider == "self-hosted" and self.api_base is None:
+            raise PydanticCustomError(
+                "provider_fields", "provider self-hosted needs apiBase, e.g. http://vllm:8000/v1"
+            )
+        return self
+
+
+class CommandGeneratorSpec(ApiModel):
+    """The production command generator: its prompt and the LLM whose answers are the training labels."""
+
+    syntax: Annotated[
+        Literal["v1", "v2", "v3"],
+        Field(
+            description="Command syntax: v1 `StartFlow(x)` (SingleStep), v2 `start flow x` (Compact), "
+            "v3 SearchReady (`search and reply`)."
+        ),
+    ] = "v2"
+    prompt_template: Annotated[
+        str | None,
+        Field(
+            description="Jinja2 prompt template inside the assistant source; empty uses ftrecipe's default."
+        ),
+    ] = None
+    llm: Annotated[
+        LLMSpec | None,
+        Field(
+            description="The annotating LLM (the oracle). Required unless dataPreparation.annotator is assertions."
+        ),
+    ] = None
+
+
+class RephraserSpec(ApiModel):
+    """The LLM that writes paraphrases of user messages."""
+
+    llm: Annotated[LLMSpec | None, Field(description="Rephrasing LLM; empty uses commandGenerator.llm.")] = (
+        None
+    )
+    prompt_template: Annotated[
+        str | None,
+        Field(description="Jinja2 template inside the assistant source; empty uses ftrecipe's default."),
+    ] = None
+
+
+# --------------------------------------------------------------------------------------------- resources
+
+
+def _check_quantity(value: Any) -> Any:
+    # One check for both spellings, so a bad value gets one message instead of one per union member.
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, str) and re.fullmatch(_QUANTITY, value))
+    ):
+        raise PydanticCustomError(
+            "quantity",
+            "must be a resource quantity such as 2, 500m or 16Gi (got {value})",
+            {"value": repr(value)},
+        )
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    BeforeValidator(_check_quantity),
+    Field(
+        description="A resource quantity, e.g. 2, 500m, 16Gi.",
+        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": _QUANTITY},
+    ),
+]
+
+
+class ResourceRequirements(ApiModel):
+    """Standard container resources (requests and limits)."""
+
+    requests: Annotated[
+        dict[str, Quantity] | None, Field(description="Minimum resources, e.g. {cpu: 2, memory: 8Gi}.")
+    ] = None
+    limits: Annotated[
+        dict[str, Quantity] | None, Field(description="Maximum resources, e.g. {memory: 16Gi}.")
+    ] = None
+
+
+class Toleration(ApiModel):
+    """A pod toleration, as in a PodSpec."""
+
+    key: Annotated[str | None, Field(description="Taint key; empty with operator Exists matches all.")] = None
+    operator: Annotated[
+        Literal["Exists", "Equal"] | None, Field(description="Exists or Equal (default Equal).")
+    ] = None
+    value: Annotated[str | None, Field(description="Taint value to match with Equal.")] = None
+    effect: Annotated[
+        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
+        Field(description="Taint effect to match; empty matches all."),
+    ] = None
+    toleration_seconds: Annotated[
+        int | None, Field(description="How long a NoExecute taint is tolerated.", ge=0)
+    ] = None
+
+
+# --------------------------------------------------------------------------------------------- phases
+
+
+class DataPreparationSpec(ApiModel):
+    """How training data is made from the assistant's E2E tests."""
+
+    annotator: Annotated[
+        Literal["llm", "assertions"],
+        Field(
+            description="llm: the command generator's LLM labels every user turn (verified against the test's "
+            "assertions). assertions: labels derived from assertions alone, offline."
+        ),
+    ] = "llm"
+    num_rephrases: Annotated[
+        int, Field(description="Rephrasings asked for per user message; 0 skips rephrasing.", ge=0, le=49)
+    ] = 10
+    rephraser: Annotated[RephraserSpec, Field(description="The rephrasing LLM and prompt.")] = Field(
+        default_factory=RephraserSpec
+    )
+    train_fraction: Annotated[
+        float,
+        Field(description="Share of test cases in the train split; 1 puts all in train.", gt=0.0, le=1.0),
+    ] = 0.8
+    output_format: Annotated[
+        Literal["instruction", "conversational"],
+        Field(
+            description="instruction: {prompt, completion}; conversational: {messages: [user, assistant]}."
+        ),
+    ] = "instruction"
+    seed: Annotated[int, Field(description="Seed of the train/validation shuffle.", ge=0)] = 42
+    concurrency: Annotated[int, Field(description="Concurrent LLM requests.", ge=1, le=512)] = 16
+    resources: Annotated[
+        ResourceRequirements | None, Field(description="Resources of the data-preparation container.")
+    ] = None
+
+
+class HuggingFaceModel(ApiModel):
+    """A model on the Hugging Face hub."""
+
+    id: Annotated[
+        str,
+        Field(description="Repository id, e.g. meta-llama/Llama-3.1-8B-Instruct.", pattern=_HF_REPO_ID),
+    ]
+    revision: Annotated[
+        str | None, Field(description="Branch, tag or commit; a commit hash makes runs reproducible.")
+    ] = None
+    token_secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(description="Secret key holding an HF token, for gated models (passed as HF_TOKEN)."),
+    ] = None
+
+
+_BASE_MODEL_SOURCES = ("hugging_face", "s3", "pvc", "local")
+
+
+class BaseModelSource(ExactlyOne):
+    _choices: ClassVar[tuple[str, ...]] = _BASE_MODEL_SOURCES
+    model_config = ConfigDict(json_schema_extra=_exactly_one_schema(_BASE_MODEL_SOURCES))
+
+    hugging_face: Annotated[HuggingFaceModel | None, Field(description="A Hugging Face hub model.")] = None
+    s3: Annotated[
+        S3Location | None, Field(description="A saved model (save_pretrained) under an S3 prefix.")
+    ] = None
+    pvc: Annotated[PvcPath | None, Field(description="A saved model on a PersistentVolumeClaim.")] = None
+    local: Annotated[
+        LocalPath | None, Field(description="A saved model in a local folder (`ftrecipe run` only).")
+    ] = None
+
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter shape (peft LoraConfig)."""
+
+    r: Annotated[int, Field(description="Rank of the update matrices.", ge=1, le=1024)] = 16
+    alpha: Annotated[int, Field(description="Scaling numerator (lora_alpha).", ge=1, le=4096)] = 16
+    dropout: Annotated[float, Field(description="Dropout on the LoRA input.", ge=0.0, lt=1.0)] = 0.05
+    bias: Annotated[Literal["none", "all", "lora_only"], Field(description="Which biases are trained.")] = (
+        "none"
+    )
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(description="Module names that get adapters.", min_length=1),
+    ] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+
+class HyperparametersSpec(ApiModel):
+    """Optimisation settings; defaults follow Rasa's reference notebook."""
+
+    epochs: Annotated[int, Field(description="Passes over the training data.", ge=1, le=1000)] = 3
+    learning_rate: Annotated[float, Field(description="Peak learning rate.", gt=0.0, le=1.0)] = 1.0e-4
+    batch_size: Annotated[int, Field(description="Examples per device per step.", ge=1, le=1024)] = 2
+    gradient_accumulation_steps: Annotated[
+        int, Field(description="Steps accumulated per optimizer update.", ge=1, le=1024)
+    ] = 4
+    max_seq_length: Annotated[
+        int,
+        Field(description="Longest example in tokens; longer ones are dropped, never cut.", ge=16, le=131072),
+    ] = 4096
+    warmup_steps: Annotated[int, Field(description="Linear warm-up steps.", ge=0)] = 20
+    weight_decay: Annotated[float, Field(description="AdamW weight decay.", ge=0.0, le=1.0)] = 0.01
+    scheduler: Annotated[
+        Literal["linear", "cosine", "constant", "constant_with_warmup"],
+        Field(description="Learning-rate schedule."),
+    ] = "linear"
+    seed: Annotated[int, Field(description="Seed of initialisation and data order.", ge=0)] = 42
+    gradient_checkpointing: Annotated[
+        bool, Field(description="Recompute activations to save GPU memory (slower).")
+    ] = True
+    eval_every_steps: Annotated[
+        int, Field(description="Validation loss every N optimizer steps (and at each epoch end).", ge=1)
+    ] = 200
+
+
+class TrainingSpec(ApiModel):
+    """The LoRA fine-tuning Job."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "self.method != 'qlora' || self.quantization != 'none'",
+                "method qlora needs quantization 4bit or 8bit",
+            ),
+            ("self.quantization == 'none' || self.gpus >= 1", "quantization (bitsandbytes) needs gpus >= 1"),
+        )
+    )
+
+    base_model: Annotated[BaseModelSource, Field(description="The model to adapt: exactly one source.")]
+    method: Annotated[
+        Literal["lora", "qlora"], Field(description="lora, or qlora (LoRA over a quantized base model).")
+    ] = "lora"
+    quantization: Annotated[
+        Literal["none", "8bit", "4bit"], Field(description="Load the base model quantized with bitsandbytes.")
+    ] = "none"
+    lora: Annotated[LoraSpec, Field(description="Adapter shape.")] = Field(default_factory=LoraSpec)
+    hyperparameters: Annotated[HyperparametersSpec, Field(description="Optimisation settings.")] = Field(
+        default_factory=HyperparametersSpec
+    )
+    gpus: Annotated[
+        int,
+        Field(
+            description="NVIDIA GPUs for the Job (nvidia.com/gpu); more than 1 trains data-parallel.",
+            ge=0,
+            le=16,
+        ),
+    ] = 1
+    resources: Annotated[
+        ResourceRequirements | None,
+        Field(description="CPU and memory of the trainer; GPUs come from `gpus`."),
+    ] = None
+    node_selector: Annotated[
+        dict[str, str] | None, Field(description="Node labels the trainer pod must match.")
+    ] = None
+    tolerations: Annotated[
+        list[Toleration] | None,
+        Field(description="Tolerations of the trainer pod, e.g. for GPU node taints."),
+    ] = None
+    affinity: Annotated[
+        dict[str, Any] | None,
+        Field(description="Pod affinity, exactly as in a PodSpec.", json_schema_extra={"type": "object"}),
+    ] = None
+    priority_class_name: Annotated[
+        str | None, Field(description="PriorityClass of the trainer pod.", pattern=_DNS_SUBDOMAIN)
+    ] = None
+    checkpoint_every_steps: Annotated[
+        int, Field(description="Checkpoint every N optimizer steps, to survive preemption.", ge=1)
+    ] = 200
+    active_deadline_seconds: Annotated[
+        int, Field(description="Wall-clock limit of the training Job, in seconds.", ge=60)
+    ] = 86400
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.method == "qlora" and self.quantization == "none":
+            raise PydanticCustomError("qlora_quantization", "method qlora needs quantization 4bit or 8bit")
+        if self.quantization != "none" and self.gpus < 1:
+            raise PydanticCustomError("quantization_gpu", "quantization (bitsandbytes) needs gpus >= 1")
+        return self
+
+
+class EvaluationSpec(ApiModel):
+    """Scoring the adapter on held-out conversations."""
+
+    enabled: Annotated[bool, Field(description="Run the evaluation phase.")] = True
+    min_command_accuracy: Annotated[
+        float,
+        Field(
+            description="Quality gate: below this command accuracy the recipe fails (0 disables).",
+            ge=0.0,
+            le=1.0,
+        ),
+    ] = 0.0
+    max_new_tokens: Annotated[
+        int, Field(description="Longest generated answer, in tokens.", ge=1, le=4096)
+    ] = 64
+
+
+_OUTPUT_TARGETS = ("s3", "local")
+
+
+class OutputSpec(ExactlyOne):
+    """Where datasets, adapters and reports are written: exactly one target."""
+
+    _choices: ClassVar[tuple[str, ...]] = _OUTPUT_TARGETS
+    model_config = ConfigDict(json_schema_extra=_exactly_one_schema(_OUTPUT_TARGETS))
+
+    s3: Annotated[S3Location | None, Field(description="An S3 prefix; each phase writes below it.")] = None
+    local: Annotated[LocalPath | None, Field(description="A local folder (`ftrecipe run` only).")] = None
+
+
+class ImagesSpec(ApiModel):
+    """Container images overriding the operator's defaults."""
+
+    operator: Annotated[
+        str | None, Field(description="Image for data preparation (CPU), e.g. ghcr.io/org/ftrecipe:0.1.0.")
+    ] = None
+    trainer: Annotated[str | None, Field(description="Image for training and evaluation (CUDA).")] = None
+
+
+class FinetuneRecipeSpec(ApiModel):
+    """What to fine-tune, on which data, how, and where the results go."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "self.dataPreparation.annotator != 'llm' || has(self.commandGenerator.llm)",
+                "dataPreparation.annotator llm needs commandGenerator.llm",
+            ),
+            (
+                "self.dataPreparation.numRephrases == 0 || has(self.commandGenerator.llm)",
+                "dataPreparation.numRephrases > 0 needs commandGenerator.llm to check the rephrasings",
+            ),
+        )
+    )
+
+    assistant: Annotated[AssistantSpec, Field(description="Where the assistant's files come from.")]
+    command_generator: Annotated[
+        CommandGeneratorSpec, Field(description="The production prompt and the LLM that labels data.")
+    ] = Field(default_factory=CommandGeneratorSpec)
+    data_preparation: Annotated[DataPreparationSpec, Field(description="How training data is made.")] = Field(
+        default_factory=DataPreparationSpec
+    )
+    training: Annotated[TrainingSpec, Field(description="The LoRA fine-tuning Job.")]
+    evaluation: Annotated[EvaluationSpec, Field(description="Scoring on held-out data.")] = Field(
+        default_factory=EvaluationSpec
+    )
+    output: Annotated[OutputSpec, Field(description="Where results are written.")]
+    images: Annotated[ImagesSpec, Field(description="Image overrides.")] = Field(default_factory=ImagesSpec)
+    queue_name: Annotated[
+        str | None,
+        Field(
+            description="Kueue LocalQueue; Jobs get the kueue.x-k8s.io/queue-name label.", pattern=_DNS_LABEL
+        ),
+    ] = None
+    suspend: Annotated[
+        bool, Field(description="Pause: running Jobs are suspended until set back to false.")
+    ] = False
+
+    @model_validator(mode="after")
+    def _llm_needed(self) -> FinetuneRecipeSpec:
+        if self.data_preparation.annotator == "llm" and self.command_generator.llm is None:
+            raise PydanticCustomError(
+                "llm_required", "dataPreparation.annotator llm needs commandGenerator.llm"
+            )
+        if self.data_preparation.num_rephrases > 0 and self.command_generator.llm is None:
+            raise PydanticCustomError(
+                "llm_required",
+                "dataPreparation.numRephrases > 0 needs commandGenerator.llm to check the rephrasings",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------- status
+
+Phase = Literal["Pending", "PreparingData", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["DataPrepared", "Trained", "Evaluated", "Ready"]
+
+
+class Condition(ApiModel):
+    """A metav1.Condition."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Annotated[str, Field(description="DataPrepared, Trained, Evaluated or Ready.")]
+    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
+    reason: Annotated[str, Field(description="CamelCase machine-readable reason.", pattern=_CAMEL_WORD)]
+    message: Annotated[str, Field(description="What happened, for people.")] = ""
+    last_transition_time: Annotated[datetime, Field(description="When status last changed.")]
+    observed_generation: Annotated[
+        int | None, Field(description="The spec generation this condition describes.", ge=0)
+    ] = None
+
+
+class DataSummary(ApiModel):
+    """Figures from data preparation's result_summary.yaml."""
+
+    num_input_e2e_tests: Annotated[int | None, Field(description="Test cases read.")] = None
+    num_annotated_conversations: Annotated[
+        int | None, Field(description="Test cases that passed annotation.")
+    ] = None
+    num_user_messages_to_rephrase: Annotated[
+        int | None, Field(description="Annotated user turns of passing tests.")
+    ] = None
+    num_passing_rephrased_user_messages: Annotated[int | None, Field(description="Rephrasings kept.")] = None
+    num_failing_rephrased_user_messages: Annotated[int | None, Field(description="Rephrasings rejected.")] = (
+        None
+    )
+    num_ft_data_points: Annotated[int | None, Field(description="Data points written.")] = None
+    num_train_data_points: Annotated[int | None, Field(description="Data points in the train split.")] = None
+    num_val_data_points: Annotated[int | None, Field(description="Data points in the validation split.")] = (
+        None
+    )
+    llm_calls: Annotated[int | None, Field(description="LLM requests made (retries included).")] = None
+
+
+class DataPreparationStatus(ApiModel):
+    """Progress and result of data preparation."""
+
+    job_name: Annotated[str | None, Field(description="The data-preparation Job.")] = None
+    started_at: Annotated[datetime | None, Field(description="When the phase started.")] = None
+    completed_at: Annotated[datetime | None, Field(description="When the phase ended.")] = None
+    cached: Annotated[bool | None, Field(description="True when an earlier identical run was reused.")] = None
+    dataset_uri: Annotated[
+        str | None, Field(alias="datasetURI", description="Where the dataset bundle is.")
+    ] = None
+    summary: Annotated[DataSummary | None, Field(description="Figures from result_summary.yaml.")] = None
+
+
+class TrainingStatus(ApiModel):
+    """Progress and result of training."""
+
+    job_name: Annotated[str | None, Field(description="The training Job.")] = None
+    started_at: Annotated[datetime | None, Field(description="When the phase started.")] = None
+    completed_at: Annotated[datetime | None, Field(description="When the phase ended.")] = None
+    cached: Annotated[bool | None, Field(description="True when an earlier identical run was reused.")] = None
+    step: Annotated[int | None, Field(description="Optimizer steps done.", ge=0)] = None
+    total_steps: Annotated[int | None, Field(description="Optimizer steps planned.", ge=0)] = None
+    epoch: Annotated[float | None, Field(description="Epochs done (fractional).", ge=0)] = None
+    train_loss: Annotated[float | None, Field(description="Latest training loss.")] = None
+    eval_loss: Annotated[float | None, Field(description="Latest validation loss.")] = None
+    eta_seconds: Annotated[int | None, Field(description="Estimated seconds left.", ge=0)] = None
+    adapter_uri: Annotated[
+        str | None, Field(alias="adapterURI", description="Where the adapter bundle is.")
+    ] = None
+    last_checkpoint: Annotated[str | None, Field(description="Latest complete checkpoint.")] = None
+
+
+class EvaluationStatus(ApiModel):
+    """Result of evaluation."""
+
+    job_name: Annotated[str | None, Field(description="The evaluation Job.")] = None
+    started_at: Annotated[datetime | None, Field(description="When the phase started.")] = None
+    completed_at: Annotated[datetime | None, Field(description="When the phase ended.")] = None
+    cached: Annotated[bool | None, Field(description="True when an earlier identical run was reused.")] = None
+    command_accuracy: Annotated[
+        float | None,
+        Field(description="Share of validation turns answered with exactly the right commands.", ge=0, le=1),
+    ] = None
+    per_command: Annotated[
+        dict[str, float] | None, Field(description="Accuracy by command type, e.g. {start flow: 0.97}.")
+    ] = None
+    report_uri: Annotated[
+        str | None, Field(alias="reportURI", description="Where the evaluation report is.")
+    ] = None
+
+
+class FinetuneRecipeStatus(ApiModel):
+    """Where the recipe stands; written by the operator only."""
+
+    phase: Annotated[
+        Phase | None,
+        Field(description="Pending, PreparingData, Training, Evaluating, Succeeded, Failed or Suspended."),
+    ] = None
+    observed_generation: Annotated[
+        int | None, Field(description="The spec generation last acted on.", ge=0)
+    ] = None
+    started_at: Annotated[datetime | None, Field(description="When the first phase started.")] = None
+    completed_at: Annotated[datetime | None, Field(description="When the recipe succeeded or failed.")] = None
+    message: Annotated[str | None, Field(description="One line on the current state, for people.")] = None
+    conditions: Annotated[
+        list[Condition] | None,
+        Field(
+            description="DataPrepared, Trained, Evaluated and Ready (true only on success).",
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        ),
+    ] = None
+    data_preparation: Annotated[DataPreparationStatus | None, Field(description="Data preparation.")] = None
+    training: Annotated[TrainingStatus | None, Field(description="Training.")] = None
+    evaluation: Annotated[EvaluationStatus | None, Field(description="Evaluation.")] = None
+
+
+class ObjectMeta(BaseModel):
+    """The part of metav1.ObjectMeta a recipe file carries; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: Annotated[str | None, Field(pattern=_DNS_SUBDOMAIN, max_length=253)] = None
+    namespace: Annotated[str | None, Field(pattern=_DNS_LABEL, max_length=63)] = None
+
+
+class FinetuneRecipe(ApiModel):
+    """Fine-tunes a Rasa CALM command generator: prepares data, trains a LoRA adapter, evaluates it."""
+
+    api_version: Annotated[Literal["ftrecipe.dev/v1alpha1"], Field(description="ftrecipe.dev/v1alpha1.")] = (
+        API_VERSION
+    )
+    kind: Annotated[Literal["FinetuneRecipe"], Field(description="FinetuneRecipe.")] = KIND
+    metadata: Annotated[ObjectMeta, Field(description="Standard object metadata.")] = Field(
+        default_factory=ObjectMeta
+    )
+    spec: Annotated[FinetuneRecipeSpec, Field(description="The recipe.")]
+    status: Annotated[FinetuneRecipeStatus | None, Field(description="Written by the operator.")] = None

@@ -1,0 +1,1 @@
+"""The `ftrecipe` command line: thin wiring around the library's pure functions."""

@@ -1,0 +1,1 @@
+"""Training side of ftrecipe: needs the ``train`` extra (torch, transformers, peft, trl)."""
