@@ -489,3 +489,10 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
 def test_json_schema_of_spec_is_usable_by_editors() -> None:
     """Editors (yaml-language-server) can use the CRD schema as JSON Schema; it must be a valid one."""
     jsonschema.Draft4Validator.check_schema(open_api_schema())
+
+
+@pytest.mark.parametrize("kubernetes_version", ["1.29", "1.31", "1.33"])
+def test_crd_is_a_valid_kubernetes_object(kubernetes_version: str, crd: Manifest) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(crd, kubernetes_version, strict=True)
