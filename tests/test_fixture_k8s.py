@@ -1,0 +1,321 @@
+"""Smoke tests of the ``k8s`` fixture: the emulated API behaves like Kubernetes where the operator relies on it."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import kopf
+import kubernetes.client
+import kubernetes.config
+import kubernetes.watch
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from support.k8s import CRD_GROUP, CRD_KIND, CRD_PLURAL, CRD_RESOURCE, CRD_VERSION, K8s, operator_settings
+
+Body = dict[str, Any]
+NAMESPACE = "team-a"
+# A valid recipe (the CRD's schema prunes unknown fields, as the API server does).
+SPEC: dict[str, Any] = {
+    "assistant": {"source": {"git": {"url": "https://github.com/example-org/support-assistant.git"}}},
+    "commandGenerator": {"llm": {"model": "gpt-4o-2024-11-20"}},
+    "training": {"baseModel": {"huggingFace": {"id": "meta-llama/Llama-3.1-8B-Instruct"}}},
+    "output": {"s3": {"uri": "s3://ml-artifacts/ftrecipe/"}},
+}
+
+
+def recipe(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{CRD_GROUP}/{CRD_VERSION}",
+        "kind": CRD_KIND,
+        "metadata": {"name": name},
+        "spec": {**copy.deepcopy(SPEC), **spec},
+    }
+
+
+def create_recipe(k8s: K8s, name: str, **spec: Any) -> Body:
+    return cast(
+        Body,
+        k8s.custom.create_namespaced_custom_object(
+            CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, recipe(name, **spec)
+        ),
+    )
+
+
+def read_recipe(k8s: K8s, name: str) -> Body:
+    return cast(
+        Body, k8s.custom.get_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, name)
+    )
+
+
+def patch_recipe(k8s: K8s, name: str, patch: Body, *, status: bool = False) -> Body:
+    api = k8s.custom
+    fn = api.patch_namespaced_custom_object_status if status else api.patch_namespaced_custom_object
+    return cast(Body, fn(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, name, patch))
+
+
+def test_create_read_list_with_server_metadata(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    created = create_recipe(k8s, "r1")
+    assert created is not None, "create must answer 201 with the object"
+
+    got = read_recipe(k8s, "r1")
+    meta = got["metadata"]
+    assert meta["namespace"] == NAMESPACE
+    assert meta["uid"] and meta["resourceVersion"] and meta["creationTimestamp"]
+    assert meta["generation"] == 1
+    assert got["apiVersion"] == f"{CRD_GROUP}/{CRD_VERSION}" and got["kind"] == CRD_KIND
+
+    listed = cast(
+        Body, k8s.custom.list_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL)
+    )
+    assert listed["kind"] == f"{CRD_KIND}List"
+    assert listed["apiVersion"] == f"{CRD_GROUP}/{CRD_VERSION}"
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["r1"]
+    assert int(listed["metadata"]["resourceVersion"]) >= int(meta["resourceVersion"])
+
+    with pytest.raises(ApiException) as conflict:
+        create_recipe(k8s, "r1")
+    assert conflict.value.status == 409
+    with pytest.raises(ApiException) as missing:
+        read_recipe(k8s, "nope")
+    assert missing.value.status == 404
+
+    # The CRD's schema is enforced like the API server does: OpenAPI (required fields), then CEL rules.
+    with pytest.raises(ApiException) as invalid:
+        k8s.custom.create_namespaced_custom_object(
+            CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, {**recipe("bad"), "spec": {"suspend": True}}
+        )
+    assert invalid.value.status == 422 and "required" in str(invalid.value.body)
+    two_sources = {"git": {"url": "https://example.com/a.git"}, "configMap": {"name": "files"}}
+    with pytest.raises(ApiException) as cel:
+        create_recipe(k8s, "bad", assistant={"source": two_sources})
+    assert cel.value.status == 422
+
+
+def test_status_subresource_and_generation(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    created = create_recipe(k8s, "r2")
+    rv0 = int(created["metadata"]["resourceVersion"])
+
+    # The status subresource changes only status; generation stays.
+    after_status = patch_recipe(
+        k8s, "r2", {"status": {"phase": "Pending"}, "spec": {"suspend": True}}, status=True
+    )
+    assert after_status["status"]["phase"] == "Pending"
+    assert after_status["spec"]["suspend"] is False
+    assert after_status["metadata"]["generation"] == 1
+    rv1 = int(after_status["metadata"]["resourceVersion"])
+    assert rv1 > rv0
+
+    # The main resource never changes status; a spec change bumps generation.
+    after_spec = patch_recipe(k8s, "r2", {"spec": {"suspend": True}, "status": {"phase": "Failed"}})
+    assert after_spec["spec"]["suspend"] is True
+    assert after_spec["status"]["phase"] == "Pending"
+    assert after_spec["metadata"]["generation"] == 2
+    rv2 = int(after_spec["metadata"]["resourceVersion"])
+    assert rv2 > rv1
+
+    # Metadata-only changes keep generation; a no-op write keeps even the resourceVersion.
+    after_labels = patch_recipe(k8s, "r2", {"metadata": {"labels": {"team": "a"}}})
+    assert after_labels["metadata"]["generation"] == 2
+    assert int(after_labels["metadata"]["resourceVersion"]) > rv2
+    again = patch_recipe(k8s, "r2", {"metadata": {"labels": {"team": "a"}}})
+    assert again["metadata"]["resourceVersion"] == after_labels["metadata"]["resourceVersion"]
+
+    # Status writes are validated too (phase is an enum); unknown status fields are pruned.
+    with pytest.raises(ApiException) as invalid:
+        patch_recipe(k8s, "r2", {"status": {"phase": "Cooking"}}, status=True)
+    assert invalid.value.status == 422
+    pruned = patch_recipe(k8s, "r2", {"status": {"somethingElse": 1}}, status=True)
+    assert "somethingElse" not in pruned["status"]
+
+    # A stale resourceVersion is a conflict, as kopf and controllers expect.
+    with pytest.raises(ApiException) as stale:
+        patch_recipe(k8s, "r2", {"metadata": {"resourceVersion": str(rv0)}, "spec": {"suspend": False}})
+    assert stale.value.status == 409
+
+
+def test_kopf_sees_creation_and_adopts_a_job(k8s: K8s) -> None:
+    registry = kopf.OperatorRegistry()
+    seen = threading.Event()
+
+    @kopf.on.create(CRD_GROUP, CRD_VERSION, CRD_PLURAL, registry=registry)
+    def create_fn(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        job: dict[str, Any] = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": f"{body.metadata.name}-train"},
+            "spec": {
+                "template": {
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "train", "image": "busybox"}]}
+                }
+            },
+        }
+        kopf.adopt(job, owner=body)
+        # No api_client argument: the fixture installed the emulator as the client's default.
+        kubernetes.client.BatchV1Api().create_namespaced_job(body.metadata.namespace, job)  # type: ignore[arg-type]
+        patch.status["phase"] = "Pending"
+        seen.set()
+
+    with k8s.run_operator(registry, namespaces=[NAMESPACE]) as operator:
+        owner = create_recipe(k8s, "r3")
+        k8s.wait_for(
+            lambda: read_recipe(k8s, "r3").get("status", {}).get("phase") == "Pending",
+            message="status.phase == Pending",
+        )
+        assert seen.is_set()
+
+    assert not operator.errors, operator.messages()
+    # Read back through the typed client: its models refuse ownerReferences without a uid.
+    meta = k8s.batch.read_namespaced_job("r3-train", NAMESPACE).metadata
+    assert meta is not None and meta.uid and meta.resource_version
+    (ref,) = meta.owner_references or []
+    assert ref.uid == owner["metadata"]["uid"]
+    assert (ref.kind, ref.name, ref.controller) == (CRD_KIND, "r3", True)
+
+    # No Job controller runs: tests play it. The typed client reads the terminal condition back.
+    k8s.set_job_status("r3-train", NAMESPACE, "succeeded")
+    status = k8s.batch.read_namespaced_job_status("r3-train", NAMESPACE).status
+    assert status is not None and status.succeeded == 1
+    assert [c.type for c in status.conditions or []] == ["SuccessCriteriaMet", "Complete"]
+
+    # Kubernetes' garbage collector: deleting the owner deletes the Job (emulated synchronously).
+    k8s.custom.delete_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, "r3")
+    assert k8s.get("batch/v1/jobs", "r3-train", NAMESPACE) is None
+
+
+def test_kopf_reacts_to_spec_changes_only(k8s: K8s) -> None:
+    registry = kopf.OperatorRegistry()
+    spec_updates: list[Any] = []
+
+    @kopf.on.create(CRD_GROUP, CRD_VERSION, CRD_PLURAL, registry=registry)
+    def created(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        kopf.info(body, reason="Accepted", message="recipe accepted")
+        patch.status["phase"] = "Pending"
+
+    @kopf.on.update(CRD_GROUP, CRD_VERSION, CRD_PLURAL, registry=registry, field="spec")
+    def updated(new: Any, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+        spec_updates.append(new)
+        patch.status["observedGeneration"] = meta["generation"]
+
+    with k8s.run_operator(
+        registry, namespaces=[NAMESPACE], watching=[CRD_RESOURCE], posting=True
+    ) as operator:
+        create_recipe(k8s, "r4")
+        k8s.wait_for(lambda: read_recipe(k8s, "r4").get("status", {}).get("phase") == "Pending")
+
+        patch_recipe(k8s, "r4", {"spec": {"suspend": True}})
+        body = k8s.wait_for(
+            lambda: (b := read_recipe(k8s, "r4")).get("status", {}).get("observedGeneration") == 2 and b,
+            message="observedGeneration == 2",
+        )
+        assert body["metadata"]["generation"] == 2
+        assert [update["suspend"] for update in spec_updates] == [True]
+        (event,) = k8s.wait_for(lambda: k8s.events(NAMESPACE), message="a posted k8s Event")
+        assert (event["reason"], event["involvedObject"]["name"]) == ("Accepted", "r4")
+
+    assert not operator.errors, operator.messages()
+
+
+def test_helpers_and_watch_resume(k8s: K8s) -> None:
+    """The sync helpers and a raw watch resumed from a resourceVersion see every later event."""
+    k8s.ensure_namespace(NAMESPACE)
+    first = k8s.create(CRD_RESOURCE, recipe("r5"), NAMESPACE)
+    since = first["metadata"]["resourceVersion"]
+    k8s.patch(CRD_RESOURCE, "r5", {"status": {"phase": "Training"}}, NAMESPACE, subresource="status")
+    phases = [(v or {}).get("status", {}).get("phase") for v in k8s.history(CRD_RESOURCE, "r5", NAMESPACE)]
+    assert phases == [None, "Training"]
+    k8s.create("v1/configmaps", {"metadata": {"generateName": "cm-", "labels": {"app": "x"}}}, NAMESPACE)
+    assert [
+        cm["metadata"]["name"][:3] for cm in k8s.list("v1/configmaps", NAMESPACE, label_selector="app=x")
+    ] == ["cm-"]
+
+    # The fixture's KUBECONFIG points at the emulator too (for load_kube_config(), helm, kubectl).
+    from_kubeconfig = kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
+    namespace = kubernetes.client.CoreV1Api(from_kubeconfig).read_namespace(NAMESPACE)
+    assert namespace.status is not None and namespace.status.phase == "Active"
+    from_kubeconfig.close()
+
+    watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+    events = []
+    for event in watch.stream(  # type: ignore[no-untyped-call]
+        k8s.custom.list_namespaced_custom_object,
+        CRD_GROUP,
+        CRD_VERSION,
+        NAMESPACE,
+        CRD_PLURAL,
+        resource_version=since,
+        timeout_seconds=1,
+    ):
+        events.append((event["type"], event["object"].get("status", {}).get("phase")))
+    assert events == [("MODIFIED", "Training")]
+
+
+def test_kopf_finalizers_and_watch_reconnects(k8s: K8s) -> None:
+    """Deletion through kopf's finalizer (JSON-patch with a resourceVersion test), across many re-watches."""
+    registry = kopf.OperatorRegistry()
+    gpus: list[int] = []
+    deleted: list[str] = []
+
+    @kopf.on.update(CRD_GROUP, CRD_VERSION, CRD_PLURAL, registry=registry, field="spec.training.gpus")
+    def updated(new: Any, **_: Any) -> None:
+        gpus.append(new)
+
+    @kopf.on.delete(CRD_GROUP, CRD_VERSION, CRD_PLURAL, registry=registry)
+    def gone(name: str, **_: Any) -> None:
+        deleted.append(name)
+
+    settings = operator_settings()
+    settings.watching.server_timeout = 0.2  # the emulator ends each watch quickly; kopf resumes from its RV
+    with k8s.run_operator(registry, namespaces=[NAMESPACE], settings=settings) as operator:
+        create_recipe(k8s, "r6")
+        k8s.wait_for_object(
+            CRD_RESOURCE, "r6", NAMESPACE, where=lambda b: bool(b["metadata"].get("finalizers"))
+        )
+        for count in range(2, 6):
+            time.sleep(0.1)  # some changes land between two watch requests
+            patch_recipe(k8s, "r6", {"spec": {"training": {"gpus": count}}})
+        k8s.wait_for(lambda: gpus[-1:] == [5], message="the last spec change")
+        # Under load kopf may merge quick successive changes into one; it never repeats or reorders them.
+        assert gpus == sorted(set(gpus)), gpus
+
+        k8s.custom.delete_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, "r6")
+        k8s.wait_for(lambda: k8s.get(CRD_RESOURCE, "r6", NAMESPACE) is None, message="r6 to be gone")
+        assert deleted == ["r6"]
+    assert not operator.errors, operator.messages()
+
+
+def test_operator_failures_surface_fast(k8s: K8s) -> None:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def fail(**_: Any) -> None:
+        raise kopf.PermanentError("cannot start")
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited before it was ready"), k8s.run_operator(registry):
+        pass
+    assert time.monotonic() - started < 3
+
+
+def test_operator_from_a_module(k8s: K8s, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module's `@kopf.on...` handlers go into a fresh registry each run, never into the global one."""
+    (tmp_path / "k8s_fixture_handlers.py").write_text(
+        "import kopf\n"
+        f"@kopf.on.create({CRD_GROUP!r}, {CRD_VERSION!r}, {CRD_PLURAL!r})\n"
+        "def created(patch, **_):\n"
+        "    patch.status['phase'] = 'Pending'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("m1", "m2"):  # the second run re-imports the module into its own registry
+        with k8s.run_operator("k8s_fixture_handlers", namespaces=[NAMESPACE]):
+            create_recipe(k8s, name)
+            k8s.wait_for(lambda n=name: read_recipe(k8s, n).get("status", {}).get("phase") == "Pending")  # type: ignore[misc]
+    assert not list(kopf.get_default_registry()._changing.get_all_handlers())
+    sys.modules.pop("k8s_fixture_handlers", None)
