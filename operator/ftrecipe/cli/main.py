@@ -58,6 +58,37 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    from ftrecipe.dataprep.pipeline import PrepareDataOptions, run_prepare_data
+    from ftrecipe.dataprep.yamlfile import InputError
+
+    def optional(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    options = PrepareDataOptions(
+        e2e_paths=tuple(Path(p) for p in (args.e2e_paths or ["e2e_tests"])),
+        assistant=Path(args.assistant),
+        config=optional(args.config),
+        endpoints=optional(args.endpoints),
+        llm_config=optional(args.llm_config),
+        annotator=args.annotator,
+        num_rephrases=args.num_rephrases,
+        rephrase_config=optional(args.rephrase_config),
+        train_frac=args.train_frac,
+        output_format=args.output_format,
+        out=Path(args.out),
+        seed=args.seed,
+        concurrency=args.concurrency,
+        cache_dir=optional(args.cache_dir),
+    )
+    try:
+        run_prepare_data(options, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftrecipe",
@@ -73,6 +104,31 @@ def make_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check FinetuneRecipe manifests offline")
     validate.add_argument("files", nargs="+", metavar="FILE", help="recipe YAML files")
     validate.set_defaults(run=_cmd_validate)
+
+    prepare = commands.add_parser(
+        "prepare-data", help="turn an assistant's E2E tests into fine-tuning data (Rasa-compatible output)"
+    )
+    prepare.add_argument(
+        "e2e_paths", nargs="*", metavar="E2E_PATH", help="E2E test files or folders (default e2e_tests)"
+    )
+    prepare.add_argument(
+        "--assistant", default=".", help="folder with the flows and domain (searched recursively)"
+    )
+    prepare.add_argument("--config", help="Rasa config.yml: take the command generator's settings from it")
+    prepare.add_argument("--endpoints", help="Rasa endpoints.yml (model_groups), used with --config")
+    prepare.add_argument("--llm-config", help="{syntax, prompt_template, llm} file; wins over --config")
+    prepare.add_argument(
+        "--annotator", choices=["llm", "assertions"], default="llm", help="who labels user turns"
+    )
+    prepare.add_argument("--num-rephrases", type=int, default=10, help="rephrasings per user message (0-49)")
+    prepare.add_argument("--rephrase-config", help="{prompt_template, llm} of the rephraser")
+    prepare.add_argument("--train-frac", type=float, default=0.8, help="share of tests in train, (0, 1]")
+    prepare.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction")
+    prepare.add_argument("--out", default="output", help="output folder")
+    prepare.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
+    prepare.add_argument("--concurrency", type=int, default=16, help="concurrent LLM requests")
+    prepare.add_argument("--cache-dir", help="LLM answer cache (default ~/.cache/ftrecipe/llm)")
+    prepare.set_defaults(run=_cmd_prepare_data)
 
     tiny = commands.add_parser(
         "make-tiny-model", help="build a tiny random Llama and tokenizer offline (for the demo and tests)"

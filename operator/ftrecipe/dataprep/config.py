@@ -1,0 +1,113 @@
+"""Which command generator to imitate: syntax, prompt template and LLM, from our file or Rasa's config.
+
+Precedence: `--llm-config` (ours) wins over `--config` + `--endpoints` (Rasa's). Paths inside a config
+file are relative to that file. API keys never come from files: only from the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from ftrecipe.dataprep.commands import Syntax
+from ftrecipe.dataprep.llm import LLMSettings
+from ftrecipe.dataprep.yamlfile import InputError, load_yaml
+
+# Rasa's command generators and the command syntax each speaks.
+GENERATOR_SYNTAX: dict[str, Syntax] = {
+    "CompactLLMCommandGenerator": "v2",
+    "SearchReadyLLMCommandGenerator": "v3",
+    "SingleStepLLMCommandGenerator": "v1",
+    "LLMCommandGenerator": "v1",
+}
+_OUR_KEYS = {"syntax", "prompt_template", "llm"}
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    syntax: Syntax = "v2"
+    prompt_template: Path | None = None
+    llm: LLMSettings | None = None
+    source: str = "defaults"
+
+
+def _llm(mapping: Any, origin: str) -> LLMSettings:
+    if not isinstance(mapping, Mapping):
+        raise InputError(f"{origin}: `llm` must be a mapping like {{provider: openai, model: gpt-4o}}")
+    try:
+        return LLMSettings.from_rasa(mapping)
+    except ValueError as error:
+        raise InputError(f"{origin}: {error}") from None
+
+
+def read_llm_config(path: Path) -> GeneratorConfig:
+    data = load_yaml(path)
+    if not isinstance(data, Mapping):
+        raise InputError(f"{path}: expected a mapping with syntax, prompt_template and llm")
+    unknown = sorted(set(data) - _OUR_KEYS)
+    if unknown:
+        raise InputError(f"{path}: unknown key {unknown[0]!r}; allowed: llm, prompt_template, syntax")
+    syntax = data.get("syntax", "v2")
+    if syntax not in ("v1", "v2", "v3"):
+        raise InputError(f"{path}: syntax must be v1, v2 or v3, not {syntax!r}")
+    template = data.get("prompt_template")
+    return GeneratorConfig(
+        syntax=cast(Syntax, syntax),
+        prompt_template=(path.parent / str(template)) if template else None,
+        llm=_llm(data["llm"], str(path)) if "llm" in data else None,
+        source=str(path),
+    )
+
+
+def _model_group(endpoints: Path | None, group_id: str, origin: str) -> Mapping[str, Any]:
+    if endpoints is None:
+        raise InputError(
+            f"{origin}: the command generator uses model_group {group_id!r}; pass --endpoints too"
+        )
+    data = load_yaml(endpoints)
+    groups = data.get("model_groups") if isinstance(data, Mapping) else None
+    for group in groups or []:
+        if isinstance(group, Mapping) and group.get("id") == group_id:
+            models = group.get("models") or []
+            if not models:
+                raise InputError(f"{endpoints}: model group {group_id!r} lists no models")
+            return cast(Mapping[str, Any], models[0])
+    raise InputError(f"{endpoints}: no model group with id {group_id!r} (the config refers to it)")
+
+
+def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
+    data = load_yaml(config)
+    pipeline = data.get("pipeline") if isinstance(data, Mapping) else None
+    for component in pipeline or []:
+        if not isinstance(component, Mapping):
+            continue
+        name = str(component.get("name", "")).rsplit(".", 1)[-1]
+        if name not in GENERATOR_SYNTAX:
+            continue
+        template = component.get("prompt_template") or component.get("prompt")
+        llm_block = component.get("llm")
+        llm = None
+        if isinstance(llm_block, Mapping) and "model_group" in llm_block:
+            llm = _llm(_model_group(endpoints, str(llm_block["model_group"]), str(config)), str(endpoints))
+        elif llm_block is not None:
+            llm = _llm(llm_block, str(config))
+        return GeneratorConfig(
+            syntax=GENERATOR_SYNTAX[name],
+            prompt_template=(config.parent / str(template)) if template else None,
+            llm=llm,
+            source=f"{config} ({name})",
+        )
+    known = ", ".join(GENERATOR_SYNTAX)
+    raise InputError(f"{config}: no LLM command generator in `pipeline:` (looked for {known})")
+
+
+def resolve_generator(
+    llm_config: Path | None, config: Path | None, endpoints: Path | None
+) -> GeneratorConfig:
+    if llm_config is not None:
+        return read_llm_config(llm_config)
+    if config is not None:
+        return read_rasa_config(config, endpoints)
+    return GeneratorConfig()
