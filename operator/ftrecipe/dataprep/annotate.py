@@ -97,7 +97,12 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
     without_value: list[str] = []
     undetermined: list[str] = []
     correction = False
-    started_here = [fid for a in step.assertions if isinstance(a, FlowStarted) for fid in a.flow_ids]
+    started_here = [
+        fid
+        for a in step.assertions
+        if isinstance(a, FlowStarted) and a.operator == "all"
+        for fid in a.flow_ids
+    ]
     active = [f for f in (turn.current_flow,) if f]
     by_link = _linked_flows(assistant, [*active, *started_here])
     for assertion in step.assertions:
@@ -110,7 +115,8 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
                     required.append(PATTERN_COMMANDS[pattern])
                 elif pattern == "pattern_correction":
                     correction = True
-            user_flows = [f for f in user_flows if f not in by_link]
+            if assertion.operator == "all":
+                user_flows = [f for f in user_flows if f not in by_link]
             if assertion.operator == "any" and len(user_flows) > 1:
                 start_one_of.append(tuple(user_flows))
                 undetermined.append(f"flow_started lists {len(user_flows)} flows with operator any")

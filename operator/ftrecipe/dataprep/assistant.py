@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ftrecipe.dataprep.e2e import (
+    BotDidNotUtter,
+    BotUttered,
+    ClarificationContains,
+    FlowCancelled,
+    FlowCompleted,
+    FlowStarted,
+    SlotWasNotSet,
+    SlotWasNotSetStep,
+    SlotWasSet,
+    SlotWasSetStep,
+    Step,
+    TestSuite,
+    UserStep,
+    UtterStep,
+)
 from ftrecipe.dataprep.yamlfile import InputError, load_yaml, where, yaml_files
 
 StepKind = Literal["collect", "action", "link", "call", "set_slots", "noop"]
@@ -293,3 +309,82 @@ def _check_references(assistant: Assistant) -> None:
             for branch in step.next:
                 if branch.target != END and branch.target not in ids:
                     raise InputError(f"{at}: next goes to unknown step {branch.target!r}")
+
+
+# Names Rasa's built-in patterns use; tests may refer to them without the domain defining them.
+BUILTIN_RESPONSES = frozenset(
+    {
+        "utter_ask_rephrase",
+        "utter_boolean_slot_rejection",
+        "utter_can_do_something_else",
+        "utter_cannot_handle",
+        "utter_categorical_slot_rejection",
+        "utter_clarification_options_rasa",
+        "utter_corrected_previous_input",
+        "utter_flow_cancelled_rasa",
+        "utter_flow_continue_interrupted",
+        "utter_free_chitchat_response",
+        "utter_human_handoff_not_available",
+        "utter_inform_code_change",
+        "utter_internal_error_rasa",
+        "utter_no_knowledge_base",
+        "utter_skip_question_answer",
+    }
+)
+BUILTIN_SLOTS = frozenset(
+    {"dialogue_stack", "requested_slot", "flow_hashes", "return_value", "session_started_metadata"}
+)
+
+
+def check_test_references(assistant: Assistant, suites: Sequence[TestSuite]) -> None:
+    """Tests must name flows, slots and responses the assistant has: a typo would silently mislabel data."""
+    for suite in suites:
+        for test in suite.test_cases:
+            for step in test.steps:
+                at = f"{suite.path}:{getattr(step, 'line', 0) or test.line}: test {test.name!r}"
+                for name in _responses_named(step):
+                    if name not in assistant.responses and name not in BUILTIN_RESPONSES:
+                        raise InputError(
+                            f"{at}: response {name!r} is not in the domain; add it or fix the name"
+                        )
+                for flow_id in _flows_named(step):
+                    if flow_id not in assistant.flows and not flow_id.startswith("pattern_"):
+                        known = ", ".join(f.id for f in assistant.user_flows())
+                        raise InputError(f"{at}: unknown flow {flow_id!r} (flows: {known})")
+                for slot in _slots_named(step):
+                    if slot not in assistant.slots and slot not in BUILTIN_SLOTS:
+                        raise InputError(
+                            f"{at}: unknown slot {slot!r}; define it in the domain or fix the name"
+                        )
+
+
+def _responses_named(step: Step) -> list[str]:
+    if isinstance(step, UtterStep):
+        return [step.name]
+    if isinstance(step, UserStep):
+        return [
+            a.utter_name
+            for a in step.assertions
+            if isinstance(a, BotUttered | BotDidNotUtter) and a.utter_name
+        ]
+    return []
+
+
+def _flows_named(step: Step) -> list[str]:
+    if not isinstance(step, UserStep):
+        return []
+    names: list[str] = []
+    for assertion in step.assertions:
+        if isinstance(assertion, FlowStarted | ClarificationContains):
+            names += assertion.flow_ids
+        elif isinstance(assertion, FlowCompleted | FlowCancelled):
+            names.append(assertion.flow_id)
+    return names
+
+
+def _slots_named(step: Step) -> list[str]:
+    if isinstance(step, SlotWasSetStep | SlotWasNotSetStep):
+        return [c.name for c in step.slots]
+    if isinstance(step, UserStep):
+        return [c.name for a in step.assertions if isinstance(a, SlotWasSet | SlotWasNotSet) for c in a.slots]
+    return []

@@ -29,7 +29,7 @@ from ftrecipe.dataprep.annotate import (
     failure_record,
     llm_labeller,
 )
-from ftrecipe.dataprep.assistant import Assistant, load_assistant
+from ftrecipe.dataprep.assistant import Assistant, check_test_references, load_assistant
 from ftrecipe.dataprep.commands import Syntax
 from ftrecipe.dataprep.config import GeneratorConfig, resolve_generator
 from ftrecipe.dataprep.e2e import TestSuite, UserStep, read_e2e_tests
@@ -153,6 +153,7 @@ async def prepare_data(
     e2e_roots = tuple(p.resolve() for p in options.e2e_paths)
     assistant: Assistant = load_assistant(options.assistant, exclude=e2e_roots)
     suites = read_e2e_tests(options.e2e_paths)
+    check_test_references(assistant, suites)
     n_tests = sum(len(s.test_cases) for s in suites)
     log(
         f"read {len(assistant.flows)} flows, {len(assistant.slots)} slots, {n_tests} tests in {len(suites)} files"

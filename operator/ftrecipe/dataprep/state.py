@@ -56,7 +56,11 @@ def parse_set_slots_payload(text: str) -> dict[str, str]:
 def coerce_slot_value(assistant: Assistant, name: str, value: Any) -> Any:
     """Store values with the slot's type, as Rasa would (so `2,400` on a float slot is 2400.0)."""
     slot = assistant.slots.get(name)
-    if value is None or slot is None or not isinstance(value, str):
+    if value is None or slot is None:
+        return value
+    if slot.type == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
         return value
     if slot.type == "float":
         try:

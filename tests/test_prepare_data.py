@@ -1,0 +1,291 @@
+"""`ftrecipe prepare-data` stage 1 end to end: the example assistant against a scripted OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ftrecipe.dataprep.annotate import derive_commands
+from ftrecipe.dataprep.assistant import load_assistant
+from ftrecipe.dataprep.commands import format_commands
+from ftrecipe.dataprep.e2e import read_e2e_tests
+from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
+from ftrecipe.dataprep.prompt import default_template
+from ftrecipe.dataprep.state import conversation
+from support.llm_server import ChatRequest, LLMServer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "moneybank"
+TESTS = EXAMPLE / "e2e_tests"
+
+
+def oracle_answers() -> dict[str, str]:
+    """What a perfect command generator answers to each prompt of the example suite: the commands its
+    assertions determine (computed by the replay, independently of the pipeline under test)."""
+    assistant = load_assistant(EXAMPLE, exclude=(TESTS.resolve(), (EXAMPLE / "e2e_tests_legacy").resolve()))
+    template = default_template("v2")
+    answers: dict[str, str] = {}
+    for suite in read_e2e_tests([TESTS]):
+        for test in suite.test_cases:
+            replay = conversation(assistant, suite, test)
+            turn = next(replay, None)
+            while turn is not None:
+                commands = derive_commands(turn, assistant, "v2")
+                assert not isinstance(commands, str), f"{test.name}: {commands}"
+                answers[template.render(turn.variables)] = format_commands(commands, "v2")
+                try:
+                    turn = replay.send(commands)
+                except StopIteration:
+                    turn = None
+    return answers
+
+
+@pytest.fixture(scope="module")
+def answers() -> dict[str, str]:
+    return oracle_answers()
+
+
+@pytest.fixture
+def llm_config(tmp_path: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OPENAI_API_KEY", llm_server.api_key or "")
+    path = tmp_path / "llm.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "syntax": "v2",
+                "llm": {"provider": "self-hosted", "model": "gpt-4o", "api_base": llm_server.base_url},
+            }
+        )
+    )
+    return path
+
+
+def options(tmp_path: Path, llm_config: Path, **changes: Any) -> PrepareDataOptions:
+    values: dict[str, Any] = {
+        "e2e_paths": (TESTS,),
+        "assistant": EXAMPLE,
+        "llm_config": llm_config,
+        "out": tmp_path / "out",
+        "cache_dir": tmp_path / "cache",
+        "concurrency": 4,
+    }
+    values.update(changes)
+    return PrepareDataOptions(**values)
+
+
+def read(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+async def test_llm_annotation_of_the_example_suite(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+) -> None:
+    llm_server.script(lambda request: answers[request.prompt])
+    result = await prepare_data(options(tmp_path, llm_config))
+    out = tmp_path / "out"
+    n_tests = sum(len(s.test_cases) for s in read_e2e_tests([TESTS]))
+    assert n_tests >= 20
+    assert result.summary["num_input_e2e_tests"] == n_tests
+    assert result.summary["num_annotated_conversations"] == n_tests
+    assert result.summary["num_user_messages_to_rephrase_across_conversations"] == len(answers)
+    # Exactly one call per annotated turn, each sending the rendered production prompt as one user message.
+    assert len(llm_server.chat_requests) == len(answers)
+    assert {r.prompt for r in llm_server.chat_requests} == set(answers)
+    assert all(len(r.messages) == 1 and r.messages[0]["role"] == "user" for r in llm_server.chat_requests)
+    assert read(out / "1_command_annotations" / "failed_test_cases.yml") == {"failed_test_cases": []}
+    # Every conversation of every file is kept (Rasa's own tool keeps only the last one per file).
+    files = sorted(p.name for p in (out / "1_command_annotations").glob("*.yml"))
+    assert files == [
+        "accounts.yml",
+        "cards.yml",
+        "failed_test_cases.yml",
+        "payees.yml",
+        "repair.yml",
+        "transfers.yml",
+    ]
+    conversations = [
+        c
+        for f in files
+        if f != "failed_test_cases.yml"
+        for c in read(out / "1_command_annotations" / f)["conversations"]
+    ]
+    assert len(conversations) == n_tests
+    first = read(out / "1_command_annotations" / "transfers.yml")["conversations"][0]
+    assert first["original_test_case"].startswith("examples/moneybank/e2e_tests/payments/transfers.yml::")
+    labelled = [s for c in conversations for s in c["steps"] if "llm_commands" in s]
+    assert len(labelled) == len(answers)
+    params = read(out / "params.yaml")
+    assert params["command_generator"]["syntax"] == "v2"
+    assert params["command_generator"]["prompt_template"] == "builtin:command_prompt_v2.jinja2"
+    usage = result.summary["llm_usage"]["purposes"]["annotate"]
+    assert usage["calls"] == len(answers)
+    assert usage["cache_hits"] == 0
+
+
+async def test_same_labels_as_the_assertions_annotator(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+) -> None:
+    llm_server.script(lambda request: answers[request.prompt])
+    await prepare_data(options(tmp_path, llm_config, out=tmp_path / "by-llm"))
+    await prepare_data(options(tmp_path, llm_config, out=tmp_path / "by-assertions", annotator="assertions"))
+    for path in (tmp_path / "by-llm" / "1_command_annotations").glob("*.yml"):
+        assert (
+            path.read_text() == (tmp_path / "by-assertions" / "1_command_annotations" / path.name).read_text()
+        )
+
+
+async def test_a_wrong_answer_fails_only_its_test(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+) -> None:
+    def script(request: ChatRequest) -> str:
+        if '"Transfer 40 to Priya"' in request.prompt:
+            return "start flow check_balance"
+        return answers[request.prompt]
+
+    llm_server.script(script)
+    result = await prepare_data(options(tmp_path, llm_config))
+    (failure,) = read(tmp_path / "out" / "1_command_annotations" / "failed_test_cases.yml")[
+        "failed_test_cases"
+    ]
+    assert failure["test_case"] == "transfer_correct_amount_before_confirming"
+    assert failure["file"] == "examples/moneybank/e2e_tests/payments/transfers.yml"
+    assert failure["turn_index"] == 0
+    assert failure["user_message"] == "Transfer 40 to Priya"
+    assert failure["expected"].splitlines() == [
+        "start flow transfer_money",
+        "set slot recipient Priya",
+        "set slot amount 40",
+    ]
+    assert failure["actual"].startswith("start flow check_balance\n(missing `start flow transfer_money`")
+    assert result.summary["num_annotated_conversations"] == result.summary["num_input_e2e_tests"] - 1
+    # The failing test stopped at its first turn: no calls for its two later turns.
+    assert len(llm_server.chat_requests) == len(answers) - 2
+
+
+async def test_errors_are_retried_and_a_rerun_is_served_from_the_cache(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+) -> None:
+    llm_server.script(lambda request: answers[request.prompt])
+    llm_server.fail_next(1, status=500, retry_after=0.01)
+    llm_server.fail_next(1, status=429, retry_after=0.01)
+    first = await prepare_data(options(tmp_path, llm_config))
+    assert first.summary["num_annotated_conversations"] == first.summary["num_input_e2e_tests"]
+    assert len(llm_server.chat_requests) == len(answers) + 2
+    assert first.summary["llm_usage"]["purposes"]["annotate"]["failures"] == 2
+
+    before = len(llm_server.requests)
+    second = await prepare_data(options(tmp_path, llm_config, out=tmp_path / "again"))
+    assert len(llm_server.requests) == before  # zero calls
+    assert second.summary["llm_usage"]["purposes"]["annotate"]["cache_hits"] == len(answers)
+    for path in (tmp_path / "out" / "1_command_annotations").glob("*.yml"):
+        assert path.read_text() == (tmp_path / "again" / "1_command_annotations" / path.name).read_text()
+
+
+async def test_an_llm_that_stays_down_fails_the_conversations_not_the_run(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    llm_server.answer_with("x")
+    llm_server.fail_next(1000, status=503, retry_after=0.001)
+    result = await prepare_data(options(tmp_path, llm_config, e2e_paths=(TESTS / "accounts.yml",)))
+    failures = read(tmp_path / "out" / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
+    assert len(failures) == result.summary["num_input_e2e_tests"] == 5
+    assert all("LLM call failed" in f["actual"] and "503" in f["actual"] for f in failures)
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ftrecipe.cli.main", "prepare-data", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_offline_with_the_assertions_annotator(tmp_path: Path) -> None:
+    result = run_cli(
+        str(TESTS),
+        str(EXAMPLE / "e2e_tests_legacy"),
+        "--assistant",
+        str(EXAMPLE),
+        "--annotator",
+        "assertions",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = read(tmp_path / "out" / "result_summary.yaml")
+    failures = read(tmp_path / "out" / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
+    # The legacy tests carry no assertions: the offline annotator cannot label them, and says so.
+    assert {f["test_case"] for f in failures} == {
+        "legacy_check_savings_balance",
+        "legacy_transfer_money",
+        "legacy_block_card_cancelled",
+    }
+    assert all("assertions do not determine the commands" in f["actual"] for f in failures)
+    assert summary["num_annotated_conversations"] == summary["num_input_e2e_tests"] - 3
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (lambda d: None, ["--assistant", "{ex}", "nope/"], "nope: no such file or folder of E2E tests"),
+        (
+            lambda d: (d / "bad.yml").write_text(
+                "test_cases:\n  - test_case: a\n    steps:\n      - usr: hi\n"
+            ),
+            ["--assistant", "{ex}", "{d}/bad.yml", "--annotator", "assertions"],
+            "bad.yml:4: unknown step (usr)",
+        ),
+        (
+            lambda d: (d / "t.yml").write_text(
+                "test_cases:\n  - test_case: a\n    steps:\n      - user: hi\n        assertions:\n"
+                "          - flow_started: no_such_flow\n"
+            ),
+            ["--assistant", "{ex}", "{d}/t.yml", "--annotator", "assertions"],
+            "t.yml:4: test 'a': unknown flow 'no_such_flow'",
+        ),
+        (
+            lambda d: (d / "t.yml").write_text(
+                "test_cases:\n  - test_case: a\n    steps:\n      - user: hi\n      - utter: utter_nonexistent\n"
+            ),
+            ["--assistant", "{ex}", "{d}/t.yml", "--annotator", "assertions"],
+            "t.yml:5: test 'a': response 'utter_nonexistent' is not in the domain",
+        ),
+        (
+            lambda d: (d / "p.jinja2").write_text("{% for x in %}"),
+            ["--assistant", "{ex}", "{tests}", "--llm-config", "{d}/llm.yml"],
+            "p.jinja2:1: invalid Jinja2 template",
+        ),
+        (
+            lambda d: None,
+            ["--assistant", "{ex}", "{tests}"],
+            "--annotator llm needs the command generator's LLM",
+        ),
+        (
+            lambda d: None,
+            ["--assistant", "{ex}", "{tests}", "--num-rephrases", "50"],
+            "--num-rephrases must be",
+        ),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path: Path, setup: Any, args: list[str], message: str) -> None:
+    setup(tmp_path)
+    (tmp_path / "llm.yml").write_text("syntax: v2\nprompt_template: p.jinja2\nllm: {model: gpt-4o}\n")
+    filled = [a.format(ex=EXAMPLE, d=tmp_path, tests=TESTS) for a in args]
+    result = run_cli(
+        *filled, "--out", str(tmp_path / "out"), env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "k"}
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert message in line, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing that looks complete
