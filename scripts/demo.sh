@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: runs the furthest stage of the recipe that exists so far.
-# Today: validate the example recipes against the API and build the offline tiny model the
-# laptop recipe trains. It grows into `ftrecipe run examples/<assistant>/recipe.yaml`.
+# Today: validate the example recipes, label the example assistant's E2E tests offline
+# (prepare-data, stage 1) and build the offline tiny model the laptop recipe trains.
+# It grows into `ftrecipe run examples/moneybank/recipe.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -18,9 +19,18 @@ sed 's/r: 16 /r: 0  /' examples/recipes/full.yaml > "$OUT/broken-recipe.yaml"
 
 echo
 echo "== 3. The CRD generated from the models (what 'kubectl apply -f crds/' installs)"
-"$BIN/ftrecipe" crd | grep -E '^\s+(kind|plural|shortNames):|^\s+- ftr$' || true
+"$BIN/ftrecipe" crd | grep -E '^\s+(kind: FinetuneRecipe|plural:|shortNames:)|^\s+- ftr$' || true
 
 echo
-echo "== 4. An offline tiny Llama for laptop runs (no hub download)"
+echo "== 4. prepare-data on the example assistant, offline (labels from the tests' assertions)"
+"$BIN/ftrecipe" prepare-data examples/moneybank/e2e_tests examples/moneybank/e2e_tests_legacy \
+    --assistant examples/moneybank --annotator assertions --out "$OUT/data" 2>&1 | grep -v ': ok$'
+echo "-- $OUT/data/result_summary.yaml"
+cat "$OUT/data/result_summary.yaml"
+echo "-- first conversation of $OUT/data/1_command_annotations/transfers.yml"
+sed -n '2,14p' "$OUT/data/1_command_annotations/transfers.yml"
+
+echo
+echo "== 5. An offline tiny Llama for laptop runs (no hub download)"
 "$BIN/ftrecipe" make-tiny-model "$OUT/tiny-model" --overwrite 2>/dev/null
 ls "$OUT/tiny-model"

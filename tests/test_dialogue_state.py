@@ -376,3 +376,42 @@ def test_generative_assertions_are_ignored(tmp_path: Path, assistant: Assistant)
         "- flow_started: pattern_search\n- generative_response_is_relevant: {threshold: 0.8}",
     )
     assert expectations(turn, assistant).required == (SearchAndReply(),)
+
+
+STUBBED = """
+stub_custom_actions:
+  action_transfer:
+    events:
+      - {event: slot, name: account, value: checking}
+  stubbed::action_transfer:
+    events:
+      - {event: slot, name: account, value: savings}
+test_cases:
+  - test_case: stubbed
+    steps:
+      - user: send 5 to Al
+        assertions:
+          - flow_started: transfer_money
+          - action_executed: action_transfer
+      - user: thanks
+        assertions:
+          - flow_started: pattern_chitchat
+  - test_case: other
+    steps:
+      - user: send 5 to Al
+        assertions:
+          - flow_started: transfer_money
+          - action_executed: action_transfer
+      - user: thanks
+        assertions:
+          - flow_started: pattern_chitchat
+"""
+
+
+@pytest.mark.parametrize(("name", "account"), [("stubbed", "savings"), ("other", "checking")])
+def test_stubbed_actions_set_slots_per_test_stub_first(
+    tmp_path: Path, assistant: Assistant, name: str, account: str
+) -> None:
+    suite = read_test_suite(write(tmp_path / "t.yml", STUBBED))
+    turns = replay_with_derived(assistant, suite, name)
+    assert turns[1][0].slots_before["account"] == account

@@ -20,6 +20,7 @@ from typing import Any
 from ftrecipe.dataprep.assistant import Assistant, Flow, FlowStep
 from ftrecipe.dataprep.commands import CancelFlow, Command, SetSlot, StartFlow
 from ftrecipe.dataprep.e2e import (
+    ActionExecuted,
     BotStep,
     BotUttered,
     FlowCancelled,
@@ -227,6 +228,15 @@ class Replay:
             if isinstance(assertion, FlowCompleted | FlowCancelled):
                 self.end_flow(assertion.flow_id)
 
+    def run_stub(self, suite: TestSuite, test: TestCase, action: str) -> None:
+        """A stubbed custom action's slot events, as Rasa applies them in E2E tests (per-test stub wins)."""
+        stub = suite.stubs.get(f"{test.name}::{action}", suite.stubs.get(action))
+        if not isinstance(stub, Mapping):
+            return
+        for event in stub.get("events") or []:
+            if isinstance(event, Mapping) and event.get("event") == "slot" and "name" in event:
+                self.set_slot(str(event["name"]), event.get("value"))
+
     def ask_from_response(self, response_name: str) -> None:
         """A bot message that asks for a slot makes that slot the one being asked."""
         for flow in self.assistant.flows.values():
@@ -340,6 +350,9 @@ def conversation(
                 turn_index += 1
                 state.history.append(f"USER: {text}")
                 replay.apply_commands(commands or ())
+            for assertion in step.assertions:
+                if isinstance(assertion, ActionExecuted):
+                    replay.run_stub(suite, test, assertion.action)
             replay.apply_assertions(step)
             uttered = [a.utter_name for a in step.assertions if isinstance(a, BotUttered) and a.utter_name]
             if not _bot_steps_follow(test, index):  # explicit bot / utter steps tell the history themselves
