@@ -24,7 +24,7 @@ echo "== 3. The CRD generated from the models (what 'kubectl apply -f crds/' ins
 echo
 echo "== 4. prepare-data on the example assistant, offline (labels from the tests' assertions)"
 "$BIN/ftrecipe" prepare-data examples/moneybank/e2e_tests examples/moneybank/e2e_tests_legacy \
-    --assistant examples/moneybank --annotator assertions --out "$OUT/data" 2>&1 | grep -v ': ok$'
+    --assistant examples/moneybank --annotator assertions --num-rephrases 0 --out "$OUT/data" 2>&1 | grep -v ': ok$'
 echo "-- $OUT/data/result_summary.yaml"
 cat "$OUT/data/result_summary.yaml"
 echo "-- first conversation of $OUT/data/1_command_annotations/transfers.yml"

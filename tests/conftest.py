@@ -6,4 +6,5 @@ pytest_plugins = [
     "support.k8s",
     "support.tiny_model",
     "support.helm",
+    "support.moneybank",
 ]

@@ -144,6 +144,7 @@ async def test_other_syntaxes_end_to_end(tmp_path: Path, syntax: str, expected: 
             assistant=EXAMPLE,
             llm_config=config,
             annotator="assertions",
+            num_rephrases=0,
             out=tmp_path / "out",
         )
     )

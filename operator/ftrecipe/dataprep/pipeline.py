@@ -23,22 +23,44 @@ from ftrecipe.dataprep.annotate import (
     AnnotatedConversation,
     AnnotationResult,
     Annotator,
-    annotate_all,
+    annotate_conversation,
     assertions_labeller,
+    conversation_id,
     conversation_record,
     failure_record,
     llm_labeller,
 )
 from ftrecipe.dataprep.assistant import Assistant, check_test_references, load_assistant
+from ftrecipe.dataprep.augment import (
+    CheckedRephrasing,
+    check_rephrasing,
+    conversation_data_points,
+    transcript,
+)
 from ftrecipe.dataprep.commands import Syntax
 from ftrecipe.dataprep.config import GeneratorConfig, resolve_generator
-from ftrecipe.dataprep.e2e import TestSuite, UserStep, read_e2e_tests
-from ftrecipe.dataprep.llm import LLMClient
-from ftrecipe.dataprep.prompt import load_template
+from ftrecipe.dataprep.coverage import flow_coverage, write_command_histogram, write_flow_coverage_markdown
+from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep, read_e2e_tests
+from ftrecipe.dataprep.llm import LLMClient, LLMSettings
+from ftrecipe.dataprep.prompt import PromptTemplate, load_template
+from ftrecipe.dataprep.rephrase import RephraserConfig, read_rephrase_config, rephrase_conversation
+from ftrecipe.dataprep.split import (
+    DataPoint,
+    SplitResult,
+    ft_data_record,
+    split_tests,
+    training_record,
+    write_e2e_split,
+    write_jsonl,
+)
 from ftrecipe.dataprep.state import is_button_payload
 from ftrecipe.dataprep.yamlfile import InputError
 
 ANNOTATIONS_DIR = "1_command_annotations"
+REPHRASINGS_DIR = "2_rephrasings"
+FT_DATA_FILE = "3_llm_finetune_data/llm_ft_data.jsonl"
+SPLITS_DIR = "4_train_test_split"
+COVERAGE_DIR = "coverage"
 FAILED_TESTS_FILE = "failed_test_cases.yml"
 
 
@@ -86,7 +108,9 @@ def _check_options(options: PrepareDataOptions) -> None:
         raise InputError(f"--concurrency must be at least 1, not {options.concurrency}")
 
 
-def _params(options: PrepareDataOptions, generator: GeneratorConfig, template_source: str) -> dict[str, Any]:
+def _params(
+    options: PrepareDataOptions, generator: GeneratorConfig, template_source: str, rephraser_source: str
+) -> dict[str, Any]:
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     params["e2e_paths"] = [str(p) for p in options.e2e_paths]
     params["command_generator"] = {
@@ -95,43 +119,144 @@ def _params(options: PrepareDataOptions, generator: GeneratorConfig, template_so
         "prompt_template": template_source,
         "llm": generator.llm.model_dump(exclude_none=True) if generator.llm else None,
     }
+    params["rephraser"] = {"source": rephraser_source}
     return params
 
 
 def _summary(
-    suites: Sequence[TestSuite], annotation: AnnotationResult, client: LLMClient | None
+    suites: Sequence[TestSuite],
+    annotation: AnnotationResult,
+    augmented: Sequence[Augmented],
+    points: Sequence[DataPoint],
+    split: SplitResult,
+    train: Sequence[DataPoint],
+    validation: Sequence[DataPoint],
+    clients: Sequence[LLMClient],
 ) -> dict[str, Any]:
     passing = annotation.passing
     user_steps = [step for c in passing for step in c.test.steps if isinstance(step, UserStep)]
+    checked = [r for a in augmented for results in a.checked.values() for r in results]
+    usage: dict[str, Any] = {"models": [], "purposes": {}}
+    for client in clients:
+        report = client.summary()
+        usage["models"].append(f"{report['provider']}/{report['model']}")
+        usage["purposes"].update(report["purposes"])
     return {
+        # Rasa's keys, same meaning.
         "num_input_e2e_tests": sum(len(s.test_cases) for s in suites),
         "num_annotated_conversations": len(passing),
-        "num_failed_conversations": len(annotation.failures),
         "num_user_messages_across_conversations": len(user_steps),
         "num_user_messages_to_rephrase_across_conversations": sum(len(c.turns) for c in passing),
+        "num_passing_rephrased_user_messages": sum(1 for r in checked if r.passed),
+        "num_failing_rephrased_user_messages": sum(1 for r in checked if not r.passed),
+        "num_ft_data_points": len(points),
+        "num_train_data_points": len(train),
+        "num_val_data_points": len(validation),
+        # Ours.
+        "num_failed_conversations": len(annotation.failures),
         "num_button_payload_messages": sum(1 for s in user_steps if is_button_payload(s.text)),
-        "llm_usage": client.summary() if client is not None else {},
+        "num_synthetic_conversations": sum(a.synthetic for a in augmented),
+        "num_train_tests": len(split.train),
+        "num_validation_tests": len(split.validation),
+        "command_types_missing_in_validation": list(split.missing_in_validation),
+        "rephrasing_warnings": [a.warning for a in augmented if a.warning],
+        "llm_usage": usage,
     }
 
 
 def _write_annotations(staging: Path, annotation: AnnotationResult, syntax: Syntax, base: Path) -> None:
     folder = staging / ANNOTATIONS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    by_file: dict[Path, list[AnnotatedConversation]] = {}
-    for conversation in annotation.passing:
-        by_file.setdefault(conversation.suite.path, []).append(conversation)
-    stems: dict[str, Path] = {}
-    for path, conversations in by_file.items():
+    for stem, conversations in _by_file(annotation.passing).items():
+        _dump_yaml(
+            folder / f"{stem}.yml",
+            {"conversations": [conversation_record(c, syntax, base) for c in conversations]},
+        )
+    failures = [failure_record(f, base) for f in annotation.failures]
+    _dump_yaml(folder / FAILED_TESTS_FILE, {"failed_test_cases": failures})
+
+
+def _by_file(conversations: Sequence[AnnotatedConversation]) -> dict[str, list[AnnotatedConversation]]:
+    """Conversations grouped by their test file, keyed by a unique file stem."""
+    grouped: dict[str, list[AnnotatedConversation]] = {}
+    paths: dict[str, Path] = {}
+    for conversation in conversations:
+        path = conversation.suite.path
         stem = path.stem
-        if stem in stems and stems[stem] != path:  # same file name in two folders: keep both
+        if stem in paths and paths[stem] != path:  # same file name in two folders: keep both
             stem = f"{path.parent.name}_{stem}"
-        stems[stem] = path
-        records = [conversation_record(c, syntax, base) for c in conversations]
+        paths[stem] = path
+        grouped.setdefault(stem, []).append(conversation)
+    return grouped
+
+
+def _write_rephrasings(staging: Path, augmented: Sequence[Augmented], syntax: Syntax, base: Path) -> None:
+    folder = staging / REPHRASINGS_DIR
+    by_conversation = {id(a.annotated): a for a in augmented}
+    for stem, conversations in _by_file([a.annotated for a in augmented]).items():
+        records = []
+        for annotated in conversations:
+            record = conversation_record(annotated, syntax, base)
+            checked = by_conversation[id(annotated)].checked
+            user_steps = [i for i, s in enumerate(annotated.test.steps) if isinstance(s, UserStep)]
+            for index, entry in zip(user_steps, (e for e in record["steps"] if "user" in e), strict=True):
+                if "llm_commands" in entry:
+                    results = checked.get(index, [])
+                    entry["passing_rephrasings"] = [r.text for r in results if r.passed]
+                    entry["failing_rephrasings"] = [r.text for r in results if not r.passed]
+            records.append(record)
         _dump_yaml(folder / f"{stem}.yml", {"conversations": records})
-    _dump_yaml(
-        folder / FAILED_TESTS_FILE,
-        {"failed_test_cases": [failure_record(f, base) for f in annotation.failures]},
+
+
+@dataclass(frozen=True)
+class Augmented:
+    """A passing conversation with its checked rephrasings (by step index) and synthetic count."""
+
+    annotated: AnnotatedConversation
+    checked: dict[int, list[CheckedRephrasing]]
+    warning: str | None = None
+    synthetic: int = 0
+
+
+async def _augment_one(
+    annotated: AnnotatedConversation,
+    *,
+    assistant: Assistant,
+    rephraser: RephraserConfig,
+    rephrase_client: LLMClient,
+    validate_client: LLMClient,
+    template: PromptTemplate,
+    syntax: Syntax,
+    n: int,
+    prompt_variables: dict[str, Any],
+    base: Path,
+) -> Augmented:
+    turns = annotated.turns
+    outcome = await rephrase_conversation(
+        rephrase_client,
+        rephraser,
+        test_case_name=annotated.test.name,
+        transcript="\n".join(transcript(assistant, annotated)),
+        user_messages=[t.text for t in turns],
+        number_of_rephrasings=n,
     )
+    warning = None
+    candidates: list[list[str]] = outcome.candidates or [[] for _ in turns]
+    if outcome.candidates is None:
+        warning = f"{conversation_id(annotated.test, base)}: {outcome.warning or 'no rephrasings'}"
+    jobs = [
+        check_rephrasing(
+            validate_client, assistant, template, syntax, annotated, turn, text, prompt_variables
+        )
+        for turn, texts in zip(turns, candidates, strict=True)
+        for text in texts
+    ]
+    results = iter(await asyncio.gather(*jobs))
+    checked = {
+        turn.step_index: [next(results) for _ in texts] for turn, texts in zip(turns, candidates, strict=True)
+    }
+    passing = {i: [r for r in rs if r.passed] for i, rs in checked.items()}
+    synthetic = max((len(p) for p in passing.values()), default=0)
+    return Augmented(annotated, checked, warning, synthetic)
 
 
 def publish(staging: Path, out: Path) -> None:
@@ -143,6 +268,12 @@ def publish(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _llm_client(settings: LLMSettings, options: PrepareDataOptions) -> LLMClient:
+    return LLMClient(
+        settings, concurrency=options.concurrency, cache_dir=options.cache_dir or default_cache_dir()
+    )
+
+
 async def prepare_data(
     options: PrepareDataOptions, log: Callable[[str], None] = lambda line: None
 ) -> PrepareDataResult:
@@ -150,6 +281,7 @@ async def prepare_data(
     started = time.monotonic()
     generator = resolve_generator(options.llm_config, options.config, options.endpoints)
     template = load_template(generator.prompt_template, generator.syntax)
+    rephraser = read_rephrase_config(options.rephrase_config)
     e2e_roots = tuple(p.resolve() for p in options.e2e_paths)
     assistant: Assistant = load_assistant(options.assistant, exclude=e2e_roots)
     suites = read_e2e_tests(options.e2e_paths)
@@ -158,55 +290,136 @@ async def prepare_data(
     log(
         f"read {len(assistant.flows)} flows, {len(assistant.slots)} slots, {n_tests} tests in {len(suites)} files"
     )
-
-    client: LLMClient | None = None
-    if options.annotator == "llm":
-        if generator.llm is None:
-            raise InputError(
-                "--annotator llm needs the command generator's LLM: pass --llm-config FILE, or --config with "
-                "an LLM command generator (and --endpoints for model groups)"
-            )
-        client = LLMClient(
-            generator.llm, concurrency=options.concurrency, cache_dir=options.cache_dir or default_cache_dir()
+    if generator.llm is None and (options.annotator == "llm" or options.num_rephrases > 0):
+        why = (
+            "--annotator llm" if options.annotator == "llm" else "--num-rephrases > 0 (to check rephrasings)"
         )
-        label = llm_labeller(client, assistant, generator.syntax)
-    else:
-        label = assertions_labeller(assistant, generator.syntax)
+        raise InputError(
+            f"{why} needs the command generator's LLM: pass --llm-config FILE, or --config with an LLM command "
+            "generator (and --endpoints for model groups); offline, use --annotator assertions --num-rephrases 0"
+        )
 
-    done = 0
-
-    def progress(conversation: AnnotatedConversation) -> None:
-        nonlocal done
-        done += 1
-        state = "ok" if conversation.passed else "FAILED"
-        log(f"annotate [{done}/{n_tests}] {conversation.test.name}: {state}")
-
+    clients: list[LLMClient] = []
+    generator_client = _llm_client(generator.llm, options) if generator.llm is not None else None
+    if generator_client is not None:
+        clients.append(generator_client)
+    base = Path.cwd()
     # Fixed per run, so a template that shows the date renders identically on every turn (and caches).
     fixed = {"current_datetime": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
     try:
-        annotation = await annotate_all(assistant, suites, template, generator.syntax, label, fixed, progress)
+        # Stages 1 and 2 per conversation, all conversations at once: a conversation's rephrasings are
+        # asked for as soon as it is labelled, so the LLM is never idle between stages.
+        if options.annotator == "llm":
+            assert generator_client is not None
+            label = llm_labeller(generator_client, assistant, generator.syntax)
+        else:
+            label = assertions_labeller(assistant, generator.syntax)
+        rephrasing = options.num_rephrases > 0 and generator_client is not None
+        rephrase_client = generator_client
+        if rephrasing and rephraser.llm is not None and rephraser.llm != generator.llm:
+            rephrase_client = _llm_client(rephraser.llm, options)
+            clients.append(rephrase_client)
+        done = 0
+
+        async def one(suite: TestSuite, test: TestCase) -> tuple[AnnotatedConversation, Augmented | None]:
+            nonlocal done
+            annotated = await annotate_conversation(
+                assistant, suite, test, template, generator.syntax, label, fixed
+            )
+            done += 1
+            log(f"annotate [{done}/{n_tests}] {test.name}: {'ok' if annotated.passed else 'FAILED'}")
+            if not annotated.passed:
+                return annotated, None
+            if not rephrasing:
+                return annotated, Augmented(annotated, {})
+            assert rephrase_client is not None and generator_client is not None
+            augmented = await _augment_one(
+                annotated,
+                assistant=assistant,
+                rephraser=rephraser,
+                rephrase_client=rephrase_client,
+                validate_client=generator_client,
+                template=template,
+                syntax=generator.syntax,
+                n=options.num_rephrases,
+                prompt_variables=fixed,
+                base=base,
+            )
+            return annotated, augmented
+
+        results = await asyncio.gather(*(one(suite, test) for suite in suites for test in suite.test_cases))
+        annotation = AnnotationResult([annotated for annotated, _ in results])
+        augmented = [item for _, item in results if item is not None]
+        log(f"{len(annotation.passing)} of {n_tests} tests annotated, {len(annotation.failures)} failed")
+        if rephrasing:
+            checked = [r for a in augmented for rs in a.checked.values() for r in rs]
+            kept = sum(1 for r in checked if r.passed)
+            log(f"rephrasings: {kept} passed, {len(checked) - kept} failed")
     finally:
-        if client is not None:
+        for client in clients:
             await client.aclose()
+
+    # Stage 3: data points of every original and synthetic conversation.
+    points_by_test: dict[str, list[DataPoint]] = {}
+    for item in augmented:
+        passing = {i: [r for r in rs if r.passed] for i, rs in item.checked.items()}
+        points = conversation_data_points(
+            assistant, item.annotated, passing, template, generator.syntax, fixed, base
+        )
+        points_by_test[conversation_id(item.annotated.test, base)] = points
+    all_points = [p for points in points_by_test.values() for p in points]
+
+    # Stage 4: split by test case so every command type is trained.
+    types = {
+        test: sorted({t for p in points for t in p.command_types}) for test, points in points_by_test.items()
+    }
+    split = split_tests(types, options.train_frac, options.seed)
+    train = [p for test in split.train for p in points_by_test[test]]
+    validation = [p for test in split.validation for p in points_by_test[test]]
 
     out = options.out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
     try:
-        base = Path.cwd()
         _write_annotations(staging, annotation, generator.syntax, base)
-        summary = _summary(suites, annotation, client)
+        _write_rephrasings(staging, augmented, generator.syntax, base)
+        write_jsonl(staging / FT_DATA_FILE, (ft_data_record(p) for p in all_points))
+        splits = staging / SPLITS_DIR
+        write_jsonl(
+            splits / "ft_splits" / "train.jsonl", (training_record(p, options.output_format) for p in train)
+        )
+        write_jsonl(
+            splits / "ft_splits" / "val.jsonl",
+            (training_record(p, options.output_format) for p in validation),
+        )
+        passing_suites = [s for s in suites if any(c.suite is s for c in annotation.passing)]
+        write_e2e_split(
+            passing_suites,
+            split.train,
+            splits / "e2e_tests" / "train.yaml",
+            splits / "e2e_tests" / "validation.yaml",
+            base,
+        )
+        (staging / COVERAGE_DIR).mkdir(parents=True, exist_ok=True)
+        write_command_histogram(train, validation, staging / COVERAGE_DIR / "commands.png")
+        write_flow_coverage_markdown(
+            flow_coverage(assistant, [c.test for c in annotation.passing]),
+            staging / COVERAGE_DIR / "flows.md",
+        )
+        summary = _summary(suites, annotation, augmented, all_points, split, train, validation, clients)
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
-        _dump_yaml(staging / "params.yaml", _params(options, generator, template.source))
+        _dump_yaml(staging / "params.yaml", _params(options, generator, template.source, rephraser.source))
         _dump_yaml(staging / "result_summary.yaml", summary)
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(
-        f"{summary['num_annotated_conversations']} of {n_tests} tests annotated, "
-        f"{summary['num_failed_conversations']} failed (see {out / ANNOTATIONS_DIR / FAILED_TESTS_FILE})"
+        f"{len(all_points)} data points: {len(train)} train, {len(validation)} validation; "
+        f"failed tests in {out / ANNOTATIONS_DIR / FAILED_TESTS_FILE}"
     )
+    for missing in split.missing_in_validation:
+        log(f"warning: command type {missing!r} appears in train but not in validation")
     return PrepareDataResult(out, annotation, summary)
 
 

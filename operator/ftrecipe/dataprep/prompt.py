@@ -7,6 +7,7 @@ filter. Our own defaults (one per command syntax) live in `templates/`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,12 +38,17 @@ class PromptTemplate:
 
     def render(self, variables: Mapping[str, Any]) -> str:
         try:
-            template = _ENVIRONMENT.from_string(self.text)
-            return template.render({"current_datetime": _now(), **variables})
+            return _compiled(self.text).render({"current_datetime": _now(), **variables})
         except jinja2.TemplateError as error:
             line = getattr(error, "lineno", None)
             at = f":{line}" if line else ""
             raise InputError(f"{self.source}{at}: the prompt template failed: {error}") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(text: str) -> jinja2.Template:
+    """Compiling is most of a render's cost; a run renders the same template thousands of times."""
+    return _ENVIRONMENT.from_string(text)
 
 
 def _now() -> str:

@@ -215,14 +215,16 @@ class Replay:
             elif isinstance(command, CancelFlow) and self.state.current_flow:
                 self.end_flow(self.state.current_flow)
 
-    def apply_assertions(self, step: UserStep) -> None:
-        """What the passing test says happened is the truth, whatever the labels were."""
+    def apply_assertions(self, step: UserStep, commanded: Sequence[Command] = ()) -> None:
+        """What the passing test says happened is the truth, except for slots this turn's own commands set:
+        a rephrased message that says "Annie" keeps "Annie" in its synthetic conversation."""
+        own = {c.name for c in commanded if isinstance(c, SetSlot)}
         for assertion in step.assertions:
             if isinstance(assertion, FlowStarted) and len(assertion.flow_ids) == 1:
                 self.start_flow(assertion.flow_ids[0])
             elif isinstance(assertion, SlotWasSet):
                 for check in assertion.slots:
-                    if check.has_value:
+                    if check.has_value and check.name not in own:
                         self.set_slot(check.name, check.value)
         for assertion in step.assertions:
             if isinstance(assertion, FlowCompleted | FlowCancelled):
@@ -318,11 +320,11 @@ def conversation(
     suite: TestSuite,
     test: TestCase,
     user_texts: Mapping[int, str] | None = None,
-) -> Generator[Turn, Sequence[Command], None]:
+) -> Generator[Turn, Sequence[Command], list[str]]:
     """Replay `test`; yield each user turn for the command generator and receive its commands.
 
     `user_texts` replaces the text of user steps (by step index): rephrased and synthetic conversations
-    replay with their own messages in the history.
+    replay with their own messages in the history. Returns the whole transcript (`USER:` / `AI:` lines).
     """
     replay = Replay(assistant, suite.fixture_slots(test))
     state = replay.state
@@ -330,6 +332,7 @@ def conversation(
     for index, step in enumerate(test.steps):
         if isinstance(step, UserStep):
             text = (user_texts or {}).get(index, step.text)
+            commanded: Sequence[Command] = ()
             if is_button_payload(step.text):
                 for name, value in parse_set_slots_payload(step.text).items():
                     replay.set_slot(name, value)
@@ -350,10 +353,11 @@ def conversation(
                 turn_index += 1
                 state.history.append(f"USER: {text}")
                 replay.apply_commands(commands or ())
+                commanded = commands or ()
             for assertion in step.assertions:
                 if isinstance(assertion, ActionExecuted):
                     replay.run_stub(suite, test, assertion.action)
-            replay.apply_assertions(step)
+            replay.apply_assertions(step, commanded)
             uttered = [a.utter_name for a in step.assertions if isinstance(a, BotUttered) and a.utter_name]
             if not _bot_steps_follow(test, index):  # explicit bot / utter steps tell the history themselves
                 for name in uttered:
@@ -373,3 +377,4 @@ def conversation(
             for check in step.slots:
                 if check.has_value:
                     replay.set_slot(check.name, check.value)
+    return state.history
