@@ -168,3 +168,32 @@ async def test_same_inputs_and_seed_give_byte_identical_outputs(
         if path.is_file() and path.name not in ("result_summary.yaml", "params.yaml"):
             twin = tmp_path / "b" / path.relative_to(tmp_path / "a")
             assert path.read_bytes() == twin.read_bytes(), path
+
+
+async def test_progress_on_a_terminal_and_in_logs(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from ftrecipe.dataprep.progress import LineReporter, RichReporter
+
+    llm_server.script(make_script(answers, annotated_messages()))
+    screen = io.StringIO()
+    with RichReporter(Console(file=screen, force_terminal=True, width=120)) as reporter:
+        await prepare_data(options(tmp_path, llm_config, num_rephrases=2, out=tmp_path / "tty"), reporter)
+    shown = screen.getvalue()
+    n_tests = len(annotated_messages())
+    assert "annotate" in shown
+    assert "rephrase" in shown
+    assert f"{n_tests}/{n_tests}" in shown
+    logs = io.StringIO()
+    await prepare_data(
+        options(tmp_path, llm_config, num_rephrases=2, out=tmp_path / "log"), LineReporter(logs)
+    )
+    lines = logs.getvalue().splitlines()
+    assert sum(line.startswith("annotate [") for line in lines) == n_tests
+    assert sum(line.startswith("rephrase [") for line in lines) == n_tests
+    assert f"annotate [{n_tests}/{n_tests}]" in logs.getvalue()
+    assert "\x1b[" not in logs.getvalue()  # no terminal codes in logs

@@ -60,6 +60,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
     from ftrecipe.dataprep.pipeline import PrepareDataOptions, run_prepare_data
+    from ftrecipe.dataprep.progress import LineReporter, RichReporter
     from ftrecipe.dataprep.yamlfile import InputError
 
     def optional(value: str | None) -> Path | None:
@@ -82,7 +83,11 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
         cache_dir=optional(args.cache_dir),
     )
     try:
-        run_prepare_data(options, log=lambda line: print(line, file=sys.stderr, flush=True))
+        if sys.stderr.isatty():
+            with RichReporter() as reporter:
+                run_prepare_data(options, reporter)
+        else:
+            run_prepare_data(options, LineReporter())
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

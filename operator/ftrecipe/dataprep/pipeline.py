@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from ftrecipe.dataprep.config import GeneratorConfig, resolve_generator
 from ftrecipe.dataprep.coverage import flow_coverage, write_command_histogram, write_flow_coverage_markdown
 from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep, read_e2e_tests
 from ftrecipe.dataprep.llm import LLMClient, LLMSettings
+from ftrecipe.dataprep.progress import Reporter
 from ftrecipe.dataprep.prompt import PromptTemplate, load_template
 from ftrecipe.dataprep.rephrase import RephraserConfig, read_rephrase_config, rephrase_conversation
 from ftrecipe.dataprep.split import (
@@ -274,9 +275,20 @@ def _llm_client(settings: LLMSettings, options: PrepareDataOptions) -> LLMClient
     )
 
 
-async def prepare_data(
-    options: PrepareDataOptions, log: Callable[[str], None] = lambda line: None
-) -> PrepareDataResult:
+class _Silent:
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, stage: str, detail: str) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass
+
+
+async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = None) -> PrepareDataResult:
+    report: Reporter = progress or _Silent()
+    log = report.log
     _check_options(options)
     started = time.monotonic()
     generator = resolve_generator(options.llm_config, options.config, options.endpoints)
@@ -319,16 +331,18 @@ async def prepare_data(
         if rephrasing and rephraser.llm is not None and rephraser.llm != generator.llm:
             rephrase_client = _llm_client(rephraser.llm, options)
             clients.append(rephrase_client)
-        done = 0
+        report.start("annotate", n_tests)
+        if rephrasing:
+            report.start("rephrase", n_tests)
 
         async def one(suite: TestSuite, test: TestCase) -> tuple[AnnotatedConversation, Augmented | None]:
-            nonlocal done
             annotated = await annotate_conversation(
                 assistant, suite, test, template, generator.syntax, label, fixed
             )
-            done += 1
-            log(f"annotate [{done}/{n_tests}] {test.name}: {'ok' if annotated.passed else 'FAILED'}")
+            report.advance("annotate", f"{test.name}: {'ok' if annotated.passed else 'FAILED'}")
             if not annotated.passed:
+                if rephrasing:
+                    report.advance("rephrase", f"{test.name}: skipped (not annotated)")
                 return annotated, None
             if not rephrasing:
                 return annotated, Augmented(annotated, {})
@@ -345,6 +359,8 @@ async def prepare_data(
                 prompt_variables=fixed,
                 base=base,
             )
+            kept = sum(1 for results in augmented.checked.values() for r in results if r.passed)
+            report.advance("rephrase", f"{test.name}: {kept} rephrasings kept")
             return annotated, augmented
 
         results = await asyncio.gather(*(one(suite, test) for suite in suites for test in suite.test_cases))
@@ -423,5 +439,5 @@ async def prepare_data(
     return PrepareDataResult(out, annotation, summary)
 
 
-def run_prepare_data(options: PrepareDataOptions, log: Callable[[str], None]) -> PrepareDataResult:
-    return asyncio.run(prepare_data(options, log))
+def run_prepare_data(options: PrepareDataOptions, progress: Reporter | None = None) -> PrepareDataResult:
+    return asyncio.run(prepare_data(options, progress))
