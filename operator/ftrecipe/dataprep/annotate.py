@@ -275,33 +275,23 @@ async def annotate_conversation(
         turn = next(replay)
     except StopIteration:
         return AnnotatedConversation(suite, test, ())
+
+    def failed(actual: str) -> Failure:
+        expected = _expected_text(turn, assistant, syntax)
+        return Failure(
+            test.name, str(suite.path), turn.turn_index, turn.step_index, turn.text, expected, actual
+        )
+
     while True:
         prompt = template.render({**turn.variables, **(prompt_variables or {})})
         outcome = await label(turn, prompt)
         if isinstance(outcome, str):  # the labeller could not produce commands
-            failure = Failure(
-                test.name,
-                str(suite.path),
-                turn.turn_index,
-                turn.step_index,
-                turn.text,
-                _expected_text(turn, assistant, syntax),
-                outcome,
-            )
-            return AnnotatedConversation(suite, test, tuple(turns), failure)
+            return AnnotatedConversation(suite, test, tuple(turns), failed(outcome))
         commands, raw = outcome
         disagreements = problems(turn, commands, assistant, syntax)
         if disagreements:
             actual = "\n".join(format_command(c, syntax) for c in commands) or "(no commands)"
-            failure = Failure(
-                test.name,
-                str(suite.path),
-                turn.turn_index,
-                turn.step_index,
-                turn.text,
-                _expected_text(turn, assistant, syntax),
-                f"{actual}\n({'; '.join(disagreements)})",
-            )
+            failure = failed(f"{actual}\n({'; '.join(disagreements)})")
             return AnnotatedConversation(suite, test, tuple(turns), failure)
         turns.append(AnnotatedTurn(turn.step_index, turn.text, prompt, tuple(commands), raw))
         try:

@@ -33,7 +33,8 @@ class GeneratorConfig:
     source: str = "defaults"
 
 
-def _llm(mapping: Any, origin: str) -> LLMSettings:
+def llm_settings(mapping: Any, origin: str) -> LLMSettings:
+    """A Rasa `llm` block from a config file, or one InputError line naming the file."""
     if not isinstance(mapping, Mapping):
         raise InputError(f"{origin}: `llm` must be a mapping like {{provider: openai, model: gpt-4o}}")
     try:
@@ -56,7 +57,7 @@ def read_llm_config(path: Path) -> GeneratorConfig:
     return GeneratorConfig(
         syntax=cast(Syntax, syntax),
         prompt_template=(path.parent / str(template)) if template else None,
-        llm=_llm(data["llm"], str(path)) if "llm" in data else None,
+        llm=llm_settings(data["llm"], str(path)) if "llm" in data else None,
         source=str(path),
     )
 
@@ -90,9 +91,11 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
         llm_block = component.get("llm")
         llm = None
         if isinstance(llm_block, Mapping) and "model_group" in llm_block:
-            llm = _llm(_model_group(endpoints, str(llm_block["model_group"]), str(config)), str(endpoints))
+            llm = llm_settings(
+                _model_group(endpoints, str(llm_block["model_group"]), str(config)), str(endpoints)
+            )
         elif llm_block is not None:
-            llm = _llm(llm_block, str(config))
+            llm = llm_settings(llm_block, str(config))
         return GeneratorConfig(
             syntax=GENERATOR_SYNTAX[name],
             prompt_template=(config.parent / str(template)) if template else None,

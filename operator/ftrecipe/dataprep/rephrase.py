@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
+from ftrecipe.dataprep.config import llm_settings
 from ftrecipe.dataprep.llm import LLMClient, LLMError, LLMSettings
 from ftrecipe.dataprep.prompt import PromptTemplate, load_template
 from ftrecipe.dataprep.yamlfile import InputError, load_yaml
@@ -106,14 +107,7 @@ def _template(config: Path, value: Any) -> PromptTemplate:
 
 
 def _llm(config: Path, value: Any) -> LLMSettings | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise InputError(f"{config}: `llm` must be a mapping like {{provider: openai, model: gpt-4o-mini}}")
-    try:
-        return LLMSettings.from_rasa(value)
-    except ValueError as error:
-        raise InputError(f"{config}: {error}") from None
+    return None if value is None else llm_settings(value, str(config))
 
 
 def rephrase_prompt(
