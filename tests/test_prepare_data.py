@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ftrecipe.dataprep.e2e import read_e2e_tests
+from ftrecipe.dataprep.e2e import read_e2e_tests, read_test_suite
 from ftrecipe.dataprep.pipeline import prepare_data
 from support.llm_server import ChatRequest, LLMServer
 from support.moneybank import EXAMPLE, TESTS, options
@@ -103,6 +103,15 @@ async def test_a_wrong_answer_fails_only_its_test(
     ]
     assert failure["actual"].startswith("start flow check_balance\n(missing `start flow transfer_money`")
     assert result.summary["num_annotated_conversations"] == result.summary["num_input_e2e_tests"] - 1
+    split_names = [
+        t.name
+        for side in ("train", "validation")
+        for t in read_test_suite(
+            tmp_path / "out" / "4_train_test_split" / "e2e_tests" / f"{side}.yaml"
+        ).test_cases
+    ]
+    assert "transfer_correct_amount_before_confirming" not in split_names
+    assert len(split_names) == result.summary["num_annotated_conversations"]
     # The failing test stopped at its first turn: no calls for its two later turns.
     assert len(llm_server.chat_requests) == len(answers) - 2
 

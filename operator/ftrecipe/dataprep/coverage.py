@@ -49,6 +49,7 @@ def write_command_histogram(train: Sequence[DataPoint], validation: Sequence[Dat
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     train_counts, validation_counts = command_type_counts(train), command_type_counts(validation)
     extra = sorted((set(train_counts) | set(validation_counts)) - set(COMMAND_TYPES))
@@ -60,8 +61,8 @@ def write_command_histogram(train: Sequence[DataPoint], validation: Sequence[Dat
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for offset, label, counts, color in (
-        (-height / 2, f"train ({len(train)} examples)", train_counts, "#1f77b4"),
-        (height / 2, f"validation ({len(validation)} examples)", validation_counts, "#ff7f0e"),
+        (-height / 2, f"train: {len(train)} examples", train_counts, "#1f77b4"),
+        (height / 2, f"validation: {len(validation)} examples", validation_counts, "#ff7f0e"),
     ):
         bars = axes.barh(
             [row + offset for row in rows], [counts[t] for t in types], height, label=label, color=color
@@ -72,7 +73,8 @@ def write_command_histogram(train: Sequence[DataPoint], validation: Sequence[Dat
     axes.set_xlabel("examples containing the command type")
     axes.set_title("Command types in the fine-tuning data")
     axes.margins(x=0.12)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2, fontsize=8, frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", metadata={"Software": None})

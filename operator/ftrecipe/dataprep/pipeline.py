@@ -415,6 +415,7 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
             splits / "e2e_tests" / "train.yaml",
             splits / "e2e_tests" / "validation.yaml",
             base,
+            validation_ids=split.validation,  # failed tests belong to neither side
         )
         (staging / COVERAGE_DIR).mkdir(parents=True, exist_ok=True)
         write_command_histogram(train, validation, staging / COVERAGE_DIR / "commands.png")
