@@ -245,3 +245,67 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, setup: Any, args: list[str], 
     assert message in line, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing that looks complete
+
+
+def test_cli_publishes_a_bundle_to_s3_and_a_folder(tmp_path: Path, s3_bucket: Any) -> None:
+    import os
+
+    from ftrecipe.storage import bundle_complete, fetch_bundle, read_manifest
+
+    env = {**os.environ, **s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
+    common = [str(TESTS), "--assistant", str(EXAMPLE), "--annotator", "assertions", "--num-rephrases", "0"]
+    remote = f"s3://{s3_bucket.bucket}/recipes/demo/data/"
+    result = run_cli(*common, "--out", remote, env=env)
+    assert result.returncode == 0, result.stderr
+    local = run_cli(*common, "--out", str(tmp_path / "local"), env=env)
+    assert local.returncode == 0, local.stderr
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert bundle_complete(remote)
+        manifest = read_manifest(remote)
+        assert manifest is not None
+        fetched = fetch_bundle(remote, tmp_path / "fetched")
+    assert manifest.producer.startswith("ftrecipe prepare-data")
+    paths = {f.path for f in manifest.files}
+    assert "3_llm_finetune_data/llm_ft_data.jsonl" in paths
+    assert "4_train_test_split/ft_splits/train.jsonl" in paths
+    # The folder output is the same bundle: same files, same contents, same inputs hash.
+    local_manifest = read_manifest(tmp_path / "local")
+    assert local_manifest is not None
+    assert (tmp_path / "local" / "_SUCCESS").exists()
+    assert local_manifest.inputs_hash == fetched.inputs_hash
+    same = {
+        f.path: f.sha256
+        for f in local_manifest.files
+        if not f.path.endswith(("result_summary.yaml", "params.yaml"))
+    }
+    assert same == {f.path: f.sha256 for f in fetched.files if f.path in same}
+    assert (tmp_path / "fetched" / "4_train_test_split" / "ft_splits" / "train.jsonl").read_bytes() == (
+        tmp_path / "local" / "4_train_test_split" / "ft_splits" / "train.jsonl"
+    ).read_bytes()
+
+
+def test_cli_missing_bucket_is_one_line(tmp_path: Path, s3: Any) -> None:
+    import os
+
+    env = {**os.environ, **s3.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
+    result = run_cli(
+        str(TESTS),
+        "--assistant",
+        str(EXAMPLE),
+        "--annotator",
+        "assertions",
+        "--num-rephrases",
+        "0",
+        "--out",
+        "s3://no-such-bucket-ftrecipe/x/",
+        env=env,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: ")
+    assert "no-such-bucket-ftrecipe" in line
+    assert "Traceback" not in result.stderr
+    assert s3.secret_key not in result.stderr

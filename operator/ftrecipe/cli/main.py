@@ -62,6 +62,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     from ftrecipe.dataprep.pipeline import PrepareDataOptions, run_prepare_data
     from ftrecipe.dataprep.progress import LineReporter, RichReporter
     from ftrecipe.dataprep.yamlfile import InputError
+    from ftrecipe.storage import StorageError
 
     def optional(value: str | None) -> Path | None:
         return Path(value) if value else None
@@ -77,7 +78,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
         rephrase_config=optional(args.rephrase_config),
         train_frac=args.train_frac,
         output_format=args.output_format,
-        out=Path(args.out),
+        out=args.out,  # a folder or an s3:// prefix
         seed=args.seed,
         concurrency=args.concurrency,
         cache_dir=optional(args.cache_dir),
@@ -88,7 +89,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
                 run_prepare_data(options, reporter)
         else:
             run_prepare_data(options, LineReporter())
-    except InputError as error:
+    except (InputError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
@@ -129,7 +130,7 @@ def make_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--rephrase-config", help="{prompt_template, llm} of the rephraser")
     prepare.add_argument("--train-frac", type=float, default=0.8, help="share of tests in train, (0, 1]")
     prepare.add_argument("--output-format", choices=["instruction", "conversational"], default="instruction")
-    prepare.add_argument("--out", default="output", help="output folder")
+    prepare.add_argument("--out", default="output", help="output folder or s3://bucket/prefix/")
     prepare.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
     prepare.add_argument("--concurrency", type=int, default=16, help="concurrent LLM requests")
     prepare.add_argument("--cache-dir", help="LLM answer cache (default ~/.cache/ftrecipe/llm)")

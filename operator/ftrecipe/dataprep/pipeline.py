@@ -1,14 +1,17 @@
-"""`ftrecipe prepare-data`: read the assistant and its tests, run the stages, publish the output folder.
+"""`ftrecipe prepare-data`: read the assistant and its tests, run the stages, publish the output bundle.
 
-Every stage writes into a staging folder beside `--out`; only a complete run is moved into place, so a
-crash never leaves an output that looks finished.
+Every stage writes into a local staging folder; only a complete run is published to `--out` (a folder or
+an s3:// prefix) as a bundle: files, then `manifest.json`, then `_SUCCESS`. Readers ignore a prefix
+without `_SUCCESS`, so a crash never leaves an output that looks finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ftrecipe import __version__
 from ftrecipe.dataprep.annotate import (
     AnnotatedConversation,
     AnnotationResult,
@@ -27,6 +31,7 @@ from ftrecipe.dataprep.annotate import (
     assertions_labeller,
     conversation_id,
     conversation_record,
+    display_path,
     failure_record,
     llm_labeller,
 )
@@ -55,7 +60,9 @@ from ftrecipe.dataprep.split import (
     write_jsonl,
 )
 from ftrecipe.dataprep.state import is_button_payload
-from ftrecipe.dataprep.yamlfile import InputError
+from ftrecipe.dataprep.yamlfile import InputError, yaml_files
+from ftrecipe.plan.cache_key import stable_hash
+from ftrecipe.storage import LocalLocation, parse_location, publish_bundle
 
 ANNOTATIONS_DIR = "1_command_annotations"
 REPHRASINGS_DIR = "2_rephrasings"
@@ -77,7 +84,7 @@ class PrepareDataOptions:
     rephrase_config: Path | None = None
     train_frac: float = 0.8
     output_format: Literal["instruction", "conversational"] = "instruction"
-    out: Path = Path("output")
+    out: str | Path = "output"  # a folder or an s3:// prefix
     seed: int = 42
     concurrency: int = 16
     cache_dir: Path | None = None
@@ -85,7 +92,7 @@ class PrepareDataOptions:
 
 @dataclass
 class PrepareDataResult:
-    out: Path
+    out: str
     annotation: AnnotationResult
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -260,13 +267,34 @@ async def _augment_one(
     return Augmented(annotated, checked, warning, synthetic)
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Move a finished staging folder into place; an older output is replaced only after that."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def inputs_hash(
+    options: PrepareDataOptions,
+    generator: GeneratorConfig,
+    template: PromptTemplate,
+    rephraser: RephraserConfig,
+) -> str:
+    """Everything that decides this run's output: input files' contents, templates, LLMs and options."""
+    files: dict[str, str] = {}
+    for root in (options.assistant, *options.e2e_paths):
+        for path in yaml_files(root):
+            files[display_path(path, options.assistant)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return stable_hash(
+        {
+            "files": files,
+            "template": template.text,
+            "rephrase_template": rephraser.template.text,
+            "llm": generator.llm.model_dump(exclude={"timeout"}) if generator.llm else None,
+            "rephraser_llm": rephraser.llm.model_dump(exclude={"timeout"}) if rephraser.llm else None,
+            "syntax": generator.syntax,
+            "options": {
+                "annotator": options.annotator,
+                "num_rephrases": options.num_rephrases,
+                "train_frac": options.train_frac,
+                "output_format": options.output_format,
+                "seed": options.seed,
+            },
+        }
+    )
 
 
 def _llm_client(settings: LLMSettings, options: PrepareDataOptions) -> LLMClient:
@@ -393,9 +421,12 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
     train = [p for test in split.train for p in points_by_test[test]]
     validation = [p for test in split.validation for p in points_by_test[test]]
 
-    out = options.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
+    out = parse_location(options.out)
+    if isinstance(out, LocalLocation):
+        out.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.path.with_name(f".{out.path.name}.staging-{uuid.uuid4().hex[:8]}")
+    else:
+        staging = Path(tempfile.mkdtemp(prefix="ftrecipe-prepare-data-"))
     try:
         _write_annotations(staging, annotation, generator.syntax, base)
         _write_rephrasings(staging, augmented, generator.syntax, base)
@@ -427,17 +458,21 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
         _dump_yaml(staging / "params.yaml", _params(options, generator, template.source, rephraser.source))
         _dump_yaml(staging / "result_summary.yaml", summary)
-        publish(staging, out)
-    except BaseException:
+        publish_bundle(
+            staging,
+            out,
+            producer=f"ftrecipe prepare-data {__version__}",
+            inputs_hash=inputs_hash(options, generator, template, rephraser),
+        )
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(
         f"{len(all_points)} data points: {len(train)} train, {len(validation)} validation; "
-        f"failed tests in {out / ANNOTATIONS_DIR / FAILED_TESTS_FILE}"
+        f"failed tests in {str(options.out).rstrip('/')}/{ANNOTATIONS_DIR}/{FAILED_TESTS_FILE}"
     )
     for missing in split.missing_in_validation:
         log(f"warning: command type {missing!r} appears in train but not in validation")
-    return PrepareDataResult(out, annotation, summary)
+    return PrepareDataResult(str(options.out), annotation, summary)
 
 
 def run_prepare_data(options: PrepareDataOptions, progress: Reporter | None = None) -> PrepareDataResult:

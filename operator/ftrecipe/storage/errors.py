@@ -24,13 +24,13 @@ class StorageError(Exception):
 class AccessDenied(StorageError):
     """The store refused our credentials or this identity may not touch this bucket/key."""
 
-    def __init__(self, uri: str, identity: str, reason: str) -> None:
+    def __init__(
+        self, uri: str, identity: str, reason: str, hint: str = "check the credentials and permissions"
+    ) -> None:
         self.uri = uri
         self.identity = identity
         self.reason = reason
-        super().__init__(
-            f"access denied to {uri} for {identity} ({reason}); check the credentials and the bucket policy"
-        )
+        super().__init__(f"access denied to {uri} for {identity} ({reason}); {hint}")
 
 
 class BucketMissing(StorageError):
