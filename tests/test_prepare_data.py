@@ -159,19 +159,12 @@ def run_cli(
     )
 
 
+# Labels from assertions, no rephrasing: a run that needs no LLM.
+OFFLINE = ("--assistant", str(EXAMPLE), "--annotator", "assertions", "--num-rephrases", "0")
+
+
 def test_cli_offline_with_the_assertions_annotator(tmp_path: Path) -> None:
-    result = run_cli(
-        str(TESTS),
-        str(EXAMPLE / "e2e_tests_legacy"),
-        "--assistant",
-        str(EXAMPLE),
-        "--annotator",
-        "assertions",
-        "--num-rephrases",
-        "0",
-        "--out",
-        str(tmp_path / "out"),
-    )
+    result = run_cli(str(TESTS), str(EXAMPLE / "e2e_tests_legacy"), *OFFLINE, "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     summary = read(tmp_path / "out" / "result_summary.yaml")
     failures = read(tmp_path / "out" / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
@@ -253,7 +246,7 @@ def test_cli_publishes_a_bundle_to_s3_and_a_folder(tmp_path: Path, s3_bucket: An
     from ftrecipe.storage import bundle_complete, fetch_bundle, read_manifest
 
     env = {**os.environ, **s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
-    common = [str(TESTS), "--assistant", str(EXAMPLE), "--annotator", "assertions", "--num-rephrases", "0"]
+    common = [str(TESTS), *OFFLINE]
     remote = f"s3://{s3_bucket.bucket}/recipes/demo/data/"
     result = run_cli(*common, "--out", remote, env=env)
     assert result.returncode == 0, result.stderr
@@ -291,18 +284,7 @@ def test_cli_missing_bucket_is_one_line(tmp_path: Path, s3: Any) -> None:
     import os
 
     env = {**os.environ, **s3.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
-    result = run_cli(
-        str(TESTS),
-        "--assistant",
-        str(EXAMPLE),
-        "--annotator",
-        "assertions",
-        "--num-rephrases",
-        "0",
-        "--out",
-        "s3://no-such-bucket-ftrecipe/x/",
-        env=env,
-    )
+    result = run_cli(str(TESTS), *OFFLINE, "--out", "s3://no-such-bucket-ftrecipe/x/", env=env)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: ")
