@@ -415,3 +415,41 @@ def test_stubbed_actions_set_slots_per_test_stub_first(
     suite = read_test_suite(write(tmp_path / "t.yml", STUBBED))
     turns = replay_with_derived(assistant, suite, name)
     assert turns[1][0].slots_before["account"] == account
+
+
+def test_flows_that_only_link_to_each_other_do_not_spin(tmp_path: Path) -> None:
+    root = tmp_path / "loop"
+    write(
+        root / "flows.yml",
+        """
+flows:
+  ping:
+    description: ping
+    steps:
+      - link: pong
+  pong:
+    description: pong
+    steps:
+      - link: ping
+""",
+    )
+    write(root / "domain.yml", "responses:\n  utter_x:\n    - text: x\n")
+    assistant = load_assistant(root)
+    suite = read_test_suite(
+        write(
+            tmp_path / "t.yml",
+            """
+test_cases:
+  - test_case: loop
+    steps:
+      - user: ping
+        assertions:
+          - flow_started: ping
+      - user: again
+        assertions:
+          - flow_started: pattern_chitchat
+""",
+        )
+    )
+    turns = replay_with_derived(assistant, suite, "loop")
+    assert [t.text for t, _ in turns] == ["ping", "again"]

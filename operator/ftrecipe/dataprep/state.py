@@ -250,7 +250,9 @@ class Replay:
 
     def follow_flows(self) -> None:
         """Where the test is silent: ask the next empty collect slot, finishing flows with none left."""
-        while self.state.stack:
+        budget = 2 * len(self.assistant.flows) + 1  # flows that only link to each other must not spin
+        while self.state.stack and budget > 0:
+            budget -= 1
             flow = self.assistant.flows[self.state.stack[-1]]
             for step in self._collect_steps(flow):
                 assert step.target is not None
