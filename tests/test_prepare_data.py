@@ -291,3 +291,23 @@ def test_cli_missing_bucket_is_one_line(tmp_path: Path, s3: Any) -> None:
     assert "no-such-bucket-ftrecipe" in line
     assert "Traceback" not in result.stderr
     assert s3.secret_key not in result.stderr
+
+
+def test_cli_missing_api_key_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "openai.yml").write_text("llm: {model: gpt-4o}\n")
+    result = run_cli(
+        str(TESTS),
+        "--assistant",
+        str(EXAMPLE),
+        "--llm-config",
+        str(tmp_path / "openai.yml"),
+        "--num-rephrases",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: LLM openai/gpt-4o: OPENAI_API_KEY is not set: provider openai needs an API key"
+    )

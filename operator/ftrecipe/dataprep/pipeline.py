@@ -298,9 +298,12 @@ def inputs_hash(
 
 
 def _llm_client(settings: LLMSettings, options: PrepareDataOptions) -> LLMClient:
-    return LLMClient(
-        settings, concurrency=options.concurrency, cache_dir=options.cache_dir or default_cache_dir()
-    )
+    try:
+        return LLMClient(
+            settings, concurrency=options.concurrency, cache_dir=options.cache_dir or default_cache_dir()
+        )
+    except ValueError as error:  # e.g. the API key variable is not set
+        raise InputError(f"LLM {settings.provider}/{settings.model}: {error}") from None
 
 
 class _Silent:
