@@ -92,6 +92,51 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     except (InputError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as error:  # e.g. an output folder that cannot be written
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    # Imported here: the training stack (torch, transformers, peft) is slow to import.
+    from ftrecipe.training.config import ConfigError, load_train_config
+    from ftrecipe.training.trainer import (
+        EXIT_PREEMPTED,
+        Preempted,
+        TrainError,
+        TrainOptions,
+        run_train,
+        write_termination_log,
+    )
+
+    try:
+        config = load_train_config(Path(args.config) if args.config else None, args.set or [])
+        result = run_train(
+            TrainOptions(
+                data=args.data,
+                base_model=args.base_model,
+                out=args.out,
+                config=config,
+                work_dir=Path(args.work_dir) if args.work_dir else None,
+                adapter_name=args.adapter_name,
+                merge=args.merge,
+            )
+        )
+    except (ConfigError, TrainError) as error:
+        message = f"error: {error}"
+        print(message, file=sys.stderr)
+        write_termination_log(message)
+        return EXIT_USER_ERROR
+    except Preempted as stopped:
+        print(f"preempted: {stopped}", file=sys.stderr)
+        write_termination_log(f"preempted: {stopped}")
+        return EXIT_PREEMPTED
+    except Exception as error:
+        write_termination_log(f"error: {type(error).__name__}: {error}")
+        raise
+    write_termination_log(result.summary())
+    print(result.summary(), file=sys.stderr)
     return 0
 
 
@@ -143,6 +188,28 @@ def make_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same files)")
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     tiny.set_defaults(run=_cmd_make_tiny_model)
+
+    train = commands.add_parser(
+        "train", help="LoRA fine-tune a base model on prepare-data's splits and publish the adapter bundle"
+    )
+    train.add_argument("--data", required=True, help="prepare-data output (folder or s3://) with train.jsonl")
+    train.add_argument(
+        "--base-model", required=True, help="saved model folder, s3:// bundle, or hf:ORG/NAME[@REVISION]"
+    )
+    train.add_argument("--out", required=True, help="folder or s3://bucket/prefix/ for the adapter bundle")
+    train.add_argument("--config", help="YAML/JSON file with the recipe's `training` block")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a training setting, e.g. hyperparameters.epochs=1 (repeatable)",
+    )
+    train.add_argument("--work-dir", help="checkpoints and scratch; a rerun with the same folder resumes")
+    train.add_argument("--adapter-name", help="LoRA name in the model card (default: last part of --out)")
+    train.add_argument(
+        "--merge", action="store_true", help="also write the base model merged with the adapter under merged/"
+    )
+    train.set_defaults(run=_cmd_train)
     return parser
 
 

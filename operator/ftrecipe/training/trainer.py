@@ -1,0 +1,673 @@
+"""`ftrecipe train`: LoRA fine-tuning with transformers' Trainer, resumable, writing a servable bundle.
+
+The flow: resolve the data and base model (local folders, s3:// bundles, or hf:ORG/NAME[@REV]), tokenize
+with the chat template (loss on completion tokens only, too-long examples dropped), wrap the model in a
+peft LoRA adapter once, train with length-grouped batches, evaluate on the validation split every
+`evalEverySteps` and at each epoch end, checkpoint every `checkpointEverySteps` into
+`<work>/checkpoints/step-<N>/`, and publish the adapter bundle with the storage module's atomic protocol.
+
+A rerun with the same work folder resumes from the latest complete checkpoint: a checkpoint folder is
+renamed to `step-<N>` only once the Trainer has written all of it, so a kill mid-save leaves nothing
+that looks complete. SIGTERM (a preempted pod) saves a checkpoint at the next step and exits with
+`EXIT_PREEMPTED`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ftrecipe.plan.cache_key import stable_hash
+from ftrecipe.training.bundle import BundleInfo, write_bundle, write_loss_curve
+from ftrecipe.training.config import TrainConfig
+from ftrecipe.training.data import (
+    Collator,
+    DataError,
+    Splits,
+    TokenizedSplit,
+    dataset_hash,
+    ensure_chat_template,
+    find_splits,
+    tokenize_file,
+)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
+CHECKPOINT_PREFIX = "step-"
+MERGED_DIR = "merged"  # --merge: the full merged model, inside the bundle
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Spec fields that do not change the trained weights: a work folder stays resumable across them.
+_NOT_IN_HASH = {
+    "checkpoint_every_steps",
+    "active_deadline_seconds",
+    "resources",
+    "node_selector",
+    "tolerations",
+    "affinity",
+    "priority_class_name",
+    "gpus",
+    "base_model",
+}
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad input, missing model, no GPU): reported as one line, exit 2."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved."""
+
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def print_event(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    base_model: str
+    out: str
+    config: TrainConfig
+    work_dir: Path | None = None
+    adapter_name: str | None = None
+    merge: bool = False
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int | None
+    train_examples: int
+    dropped_too_long: int
+    final_eval_loss: float | None
+    out: str
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        loss = "n/a" if self.final_eval_loss is None else f"{self.final_eval_loss:.4f}"
+        return (
+            f"trained {self.steps} steps on {self.train_examples} examples "
+            f"({self.dropped_too_long} dropped as too long), eval_loss {loss}; adapter published to {self.out}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where the weights are loaded from, and how the bundle names them."""
+
+    load_from: str  # a local folder or a hub id
+    revision: str | None
+    model_id: str  # what goes into run.json / vllm serve
+    source: str  # what the user passed
+
+
+def _is_s3(text: str) -> bool:
+    return text.startswith("s3://")
+
+
+def _fetch(uri: str, target: Path, what: str) -> Path:
+    from ftrecipe.storage import StorageError, fetch_bundle
+
+    try:
+        manifest = fetch_bundle(uri, target)
+    except StorageError as exc:
+        raise TrainError(f"{what} {uri}: {exc}") from None
+    # A reused work folder may hold an older bundle's files (a val.jsonl, a weight shard): drop them.
+    wanted = {target.joinpath(*item.path.split("/")) for item in manifest.files}
+    for path in sorted(target.rglob("*"), reverse=True):
+        if path.is_file() and path not in wanted:
+            path.unlink()
+    return target
+
+
+def resolve_data(data: str, work_dir: Path) -> Splits:
+    folder = _fetch(data, work_dir / "data", "data") if _is_s3(data) else Path(data)
+    try:
+        return find_splits(folder)
+    except DataError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def resolve_base_model(base_model: str, work_dir: Path) -> BaseModelRef:
+    if base_model.startswith("hf:"):
+        name, _, revision = base_model[3:].partition("@")
+        if not name:
+            raise TrainError(f"--base-model {base_model}: expected hf:ORG/NAME[@REVISION]")
+        return BaseModelRef(name, revision or None, name, base_model)
+    if _is_s3(base_model):
+        folder = _fetch(base_model, work_dir / "base_model", "base model")
+        return BaseModelRef(str(folder), None, base_model, base_model)
+    folder = Path(base_model)
+    if not folder.is_dir():
+        raise TrainError(f"{base_model}: base model folder not found")
+    if not (folder / "config.json").is_file():
+        raise TrainError(f"{base_model}: not a saved model (no config.json); use save_pretrained's output")
+    return BaseModelRef(str(folder.resolve()), None, str(folder.resolve()), base_model)
+
+
+def inputs_hash(config: TrainConfig, base: BaseModelRef, data_hash: str) -> str:
+    dumped = config.model_dump(mode="json", by_alias=True, exclude=_NOT_IN_HASH)
+    return stable_hash(
+        {"training": dumped, "baseModel": base.model_id, "revision": base.revision, "data": data_hash}
+    )
+
+
+def latest_checkpoint(checkpoints: Path) -> tuple[int, Path] | None:
+    """The highest `step-<N>` holding a trainer_state.json (i.e. written completely)."""
+    if not checkpoints.is_dir():
+        return None
+    found: list[tuple[int, Path]] = []
+    for child in checkpoints.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found) if found else None
+
+
+def _prepare_work_dir(work_dir: Path, run_hash: str) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker = work_dir / "run_inputs.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text(encoding="utf-8")).get("inputs_hash")
+        if previous != run_hash and latest_checkpoint(work_dir / "checkpoints") is not None:
+            raise TrainError(
+                f"{work_dir}: holds checkpoints of a run with other data, model or settings; "
+                "use another --work-dir or delete it"
+            )
+    marker.write_text(json.dumps({"inputs_hash": run_hash}) + "\n", encoding="utf-8")
+    checkpoints = work_dir / "checkpoints"
+    if checkpoints.is_dir():  # what a killed save left: Trainer's own name, never renamed to step-N
+        for child in checkpoints.iterdir():
+            if child.name.startswith("checkpoint-"):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _check_quantization(config: TrainConfig) -> None:
+    import torch
+
+    if config.quantization != "none" and not torch.cuda.is_available():
+        raise TrainError(
+            f"quantization {config.quantization} needs a CUDA GPU (bitsandbytes), but CUDA is not available; "
+            "set quantization: none to train in full precision"
+        )
+
+
+def _load_tokenizer(base: BaseModelRef) -> tuple[Any, bool]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.load_from, revision=base.revision)
+    except OSError as exc:
+        raise TrainError(f"base model {base.source}: not found, gated or unreachable: {_line(exc)}") from None
+    added = ensure_chat_template(tokenizer)
+    return tokenizer, added
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def _load_model(config: TrainConfig, base: BaseModelRef) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": base.revision}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["attn_implementation"] = "flash_attention_2" if _has_flash_attention() else "sdpa"
+    else:
+        kwargs["dtype"] = torch.float32
+        kwargs["attn_implementation"] = "sdpa"
+    if config.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if config.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=kwargs["dtype"],
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.load_from, **kwargs)
+    except OSError as exc:
+        raise TrainError(f"base model {base.source}: not found, gated or unreachable: {_line(exc)}") from None
+    if config.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=config.hyperparameters.gradient_checkpointing
+        )
+    return model
+
+
+def _has_flash_attention() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Last name component of every linear layer (what LoRA target_modules match), sorted, once each."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear8bitLt", "Linear4bit"}:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model: Any, config: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    existing = linear_module_names(model)
+    missing = [t for t in config.lora.target_modules if t not in existing]
+    if missing:
+        raise TrainError(
+            f"lora.targetModules {', '.join(missing)} not in the model; its linear modules are: "
+            f"{', '.join(existing)}"
+        )
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        bias=config.lora.bias,
+        target_modules=list(config.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+def _steps_per_epoch(examples: int, config: TrainConfig, world_size: int) -> int:
+    hp = config.hyperparameters
+    batches = math.ceil(examples / (hp.batch_size * world_size))
+    return max(1, math.ceil(batches / hp.gradient_accumulation_steps))
+
+
+def _length_grouping(arguments_class: type) -> dict[str, Any]:
+    """Length-grouped batches (little padding): the option's name changed in transformers 5."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
+def _gpu_memory_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1e9, 3)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill
+    return rows
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows a killed run logged after the checkpoint it resumes from."""
+    rows = [row for row in _read_metrics(path) if int(row.get("step", 0)) <= last_step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def _make_callbacks(
+    metrics_path: Path, checkpoints: Path, emit: Emit, stop_requested: Callable[[], bool]
+) -> list[Any]:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+    class RunCallback(TrainerCallback):
+        """metrics.jsonl, progress events, eval at each epoch end, step-N checkpoints, SIGTERM."""
+
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+            self.first_step: int | None = None
+            self.last_time = time.monotonic()
+            self.last_tokens = 0
+            self.last_eval: float | None = None
+            self.last_train: float | None = None
+            self.evaluated_at = -1
+
+        def on_train_begin(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
+            self.started = self.last_time = time.monotonic()
+            self.first_step = state.global_step
+            self.last_tokens = int(state.num_input_tokens_seen or 0)
+
+        def on_epoch_end(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
+            if state.global_step != self.evaluated_at:  # not twice when evalEverySteps hits the epoch end
+                control.should_evaluate = True
+
+        def on_evaluate(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
+            self.evaluated_at = state.global_step
+
+        def on_step_end(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
+            if stop_requested():
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_save(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
+            if not state.is_world_process_zero:
+                return
+            source = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            target = checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if source.is_dir():
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(source, target)  # atomic: step-N appears only once complete
+
+        def on_log(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            logs: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> None:
+            logs = logs or {}
+            if "loss" not in logs and "eval_loss" not in logs:
+                return  # the end-of-training summary
+            now = time.monotonic()
+            tokens = int(state.num_input_tokens_seen or 0)
+            tokens_per_second = None
+            if "loss" in logs and now > self.last_time:
+                tokens_per_second = round((tokens - self.last_tokens) / (now - self.last_time), 2)
+                self.last_time, self.last_tokens = now, tokens
+            train_loss = logs.get("loss")
+            eval_loss = logs.get("eval_loss")
+            if train_loss is not None:
+                self.last_train = float(train_loss)
+            if eval_loss is not None:
+                self.last_eval = float(eval_loss)
+            row = {
+                "step": state.global_step,
+                "epoch": round(float(logs.get("epoch", state.epoch or 0.0)), 4),
+                "train_loss": train_loss,
+                "eval_loss": eval_loss,
+                "learning_rate": logs.get("learning_rate"),
+                "tokens_per_second": tokens_per_second,
+                "gpu_memory_gb": _gpu_memory_gb(),
+            }
+            if state.is_world_process_zero:
+                with metrics_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                done = state.global_step - (self.first_step or 0)
+                remaining = max(0, state.max_steps - state.global_step)
+                eta = (now - self.started) / done * remaining if done > 0 else None
+                emit(
+                    {
+                        "event": "progress",
+                        "step": state.global_step,
+                        "total_steps": state.max_steps,
+                        "epoch": row["epoch"],
+                        "train_loss": self.last_train,
+                        "eval_loss": self.last_eval,
+                        "eta_seconds": None if eta is None else round(eta, 1),
+                    }
+                )
+
+    return [RunCallback()]
+
+
+def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
+    """Train, write and publish the bundle. TrainError for user errors, Preempted after SIGTERM."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stderr stays readable: progress is in the JSON lines
+    try:
+        with warnings.catch_warnings():
+            # transformers 5 renamed gradient_checkpointing; the old name keeps 4.x working
+            warnings.filterwarnings(
+                "ignore", message=".*gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return _run_train(options, emit)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
+    config = options.config
+    scratch = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / "scratch"
+    fetch_dir = (options.work_dir or scratch) / "inputs"
+    splits = resolve_data(options.data, fetch_dir)
+    base = resolve_base_model(options.base_model, fetch_dir)
+    _check_quantization(config)
+    data_hash = dataset_hash(splits)
+    run_hash = inputs_hash(config, base, data_hash)
+    work_dir = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / run_hash[:12]
+    _prepare_work_dir(work_dir, run_hash)
+    checkpoints = work_dir / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    metrics_path = work_dir / "metrics.jsonl"
+
+    import torch
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    tokenizer, template_added = _load_tokenizer(base)
+    hp = config.hyperparameters
+    train = tokenize_file(tokenizer, splits.train, hp.max_seq_length)
+    val = (
+        tokenize_file(tokenizer, splits.val, hp.max_seq_length)
+        if splits.val is not None
+        else TokenizedSplit()
+    )
+    emit(
+        {
+            "event": "data",
+            "train_examples": len(train.examples),
+            "val_examples": len(val.examples),
+            "dropped_too_long": train.dropped_too_long + val.dropped_too_long,
+            "max_seq_length": hp.max_seq_length,
+        }
+    )
+    if not train.examples:
+        raise TrainError(
+            f"{splits.train}: no training example fits in maxSeqLength {hp.max_seq_length} "
+            f"({train.dropped_too_long} dropped as too long); raise hyperparameters.maxSeqLength"
+        )
+
+    model = _load_model(config, base)
+    model = apply_lora(model, config)  # once: the Trainer gets the PeftModel, never a peft_config
+
+    cuda = torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = _steps_per_epoch(len(train.examples), config, world_size)
+    total_steps = steps_per_epoch * hp.epochs
+    has_val = bool(val.examples)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=hp.epochs,
+        learning_rate=hp.learning_rate,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        warmup_steps=hp.warmup_steps,
+        weight_decay=hp.weight_decay,
+        lr_scheduler_type=hp.scheduler,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=hp.eval_every_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=config.checkpoint_every_steps,
+        logging_strategy="steps",
+        logging_steps=max(1, min(10, hp.eval_every_steps, total_steps // 20)),
+        include_num_input_tokens_seen="non_padding",
+        **_length_grouping(TrainingArguments),
+        remove_unused_columns=False,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        report_to=[],
+        disable_tqdm=True,
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+    stop = {"requested": False}
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop["requested"] = True
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train.examples,
+        eval_dataset=val.examples if has_val else None,
+        data_collator=Collator(int(tokenizer.pad_token_id)),
+        processing_class=tokenizer,
+        callbacks=_make_callbacks(metrics_path, checkpoints, emit, lambda: stop["requested"]),
+    )
+    trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only
+    trainer.remove_callback(ProgressCallback)
+
+    resume = latest_checkpoint(checkpoints)
+    if resume is not None:
+        step, _ = resume
+        print(f"resuming from step {step}", flush=True)
+        _truncate_metrics(metrics_path, step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if stop["requested"]:
+        raise Preempted(
+            f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved, rerun to resume"
+        )
+
+    metrics = _read_metrics(metrics_path)
+    evals = [row["eval_loss"] for row in metrics if row.get("eval_loss") is not None]
+    bundle_dir = work_dir / "bundle"
+    if bundle_dir.exists():
+        shutil.rmtree(bundle_dir)
+    bundle_dir.mkdir()
+    write_loss_curve(metrics, bundle_dir / "loss_curve.png")
+    info = BundleInfo(
+        adapter_name=options.adapter_name or _adapter_name(options.out),
+        base_model_id=base.model_id,
+        base_model_revision=base.revision,
+        base_model_source=base.source,
+        dataset_hash=data_hash,
+        inputs_hash=run_hash,
+        chat_template_added=template_added,
+        train_examples=len(train.examples),
+        val_examples=len(val.examples),
+        dropped_too_long=train.dropped_too_long + val.dropped_too_long,
+        steps=trainer.state.global_step,
+        final_eval_loss=evals[-1] if evals else None,
+    )
+    write_bundle(bundle_dir, trainer.model, tokenizer, config, metrics_path, info)
+    if options.merge:
+        merge_adapter(base, bundle_dir, bundle_dir / MERGED_DIR)
+
+    from ftrecipe.storage import StorageError, publish_bundle
+
+    try:
+        publish_bundle(bundle_dir, options.out, producer="ftrecipe train", inputs_hash=run_hash)
+    except StorageError as exc:
+        raise TrainError(f"publishing to {options.out}: {exc}") from None
+    result = TrainResult(
+        steps=trainer.state.global_step,
+        resumed_from=resume[0] if resume else None,
+        train_examples=len(train.examples),
+        dropped_too_long=info.dropped_too_long,
+        final_eval_loss=info.final_eval_loss,
+        out=options.out,
+        metrics=metrics,
+    )
+    emit({"event": "done", "summary": result.summary(), "steps": result.steps, "out": options.out})
+    return result
+
+
+def merge_adapter(base: BaseModelRef, adapter_dir: Path, target: Path) -> None:
+    """Base weights + adapter in one model (`--merge`), for servers without LoRA support.
+
+    The base is loaded again unquantized (merging into 4/8-bit weights would lose the update), in bf16
+    on a GPU that has it and float32 otherwise, and saved with the adapter's tokenizer.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base.load_from, revision=base.revision, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(target), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(target))
+
+
+def _adapter_name(out: str) -> str:
+    name = out.rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+    return name or "ftrecipe-adapter"
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get("FTRECIPE_TERMINATION_LOG", "/dev/termination-log"))
+
+
+def write_termination_log(message: str) -> None:
+    """Kubernetes shows this file's text as the container's termination message; only if it exists."""
+    path = termination_log_path()
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        path.write_text(" ".join(message.split())[:4000] + "\n", encoding="utf-8")

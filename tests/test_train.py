@@ -1,0 +1,596 @@
+"""`ftrecipe train` on CPU with the tiny model: labels, data handling, training, bundle, resume, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch", reason="training needs the 'train' extra")
+pytest.importorskip("peft", reason="training needs the 'train' extra")
+
+from ftrecipe.api.v1alpha1 import TrainingSpec
+from ftrecipe.cli.main import main
+from ftrecipe.training.config import ConfigError, load_train_config
+from ftrecipe.training.data import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    ensure_chat_template,
+    find_splits,
+    to_messages,
+    tokenize_file,
+    tokenize_messages,
+)
+from ftrecipe.training.tiny_model import EOS_TOKEN
+
+FLOWS = {
+    "transfer_money": "I want to send some money to my friend.",
+    "check_balance": "what is my balance?",
+    "add_contact": "add Mary as a new contact",
+}
+METRIC_KEYS = {
+    "step",
+    "epoch",
+    "train_loss",
+    "eval_loss",
+    "learning_rate",
+    "tokens_per_second",
+    "gpu_memory_gb",
+}
+BUNDLE_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training_config.json",
+    "metrics.jsonl",
+    "loss_curve.png",
+    "run.json",
+    "README.md",
+    "manifest.json",
+    "_SUCCESS",
+}
+# Fast settings for the tiny model: no warm-up, big learning rate, no gradient checkpointing.
+FAST = [
+    "hyperparameters.learningRate=1e-2",
+    "hyperparameters.maxSeqLength=256",
+    "hyperparameters.batchSize=4",
+    "hyperparameters.gradientAccumulationSteps=1",
+    "hyperparameters.warmupSteps=0",
+    "hyperparameters.gradientCheckpointing=false",
+]
+
+
+def _instruction(i: int) -> dict[str, str]:
+    flow = list(FLOWS)[i % len(FLOWS)]
+    return {
+        "prompt": f"Here is what happened previously in the conversation:\nUSER: {FLOWS[flow]}\n"
+        "Based on this information generate a list of actions you want to take.",
+        "completion": f"start flow {flow}",
+    }
+
+
+def _conversational(i: int) -> dict[str, Any]:
+    record = _instruction(i)
+    return {
+        "messages": [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
+    }
+
+
+def _write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _make_data(root: Path, n_train: int = 24, n_val: int = 6) -> Path:
+    """prepare-data's layout; train in the instruction format, val in the conversational one."""
+    splits = root / "4_train_test_split" / "ft_splits"
+    _write_jsonl(splits / "train.jsonl", [_instruction(i) for i in range(n_train)])
+    _write_jsonl(splits / "val.jsonl", [_conversational(i) for i in range(n_val)])
+    return root
+
+
+def _sets(*extra: str) -> list[str]:
+    args: list[str] = []
+    for item in (*FAST, *extra):
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_are_the_recipe_defaults() -> None:
+    config = load_train_config()
+    reference = TrainingSpec.model_validate({"baseModel": {"local": {"path": "m"}}})
+    assert config.base_model is None
+    assert config.model_dump(exclude={"base_model"}) == reference.model_dump(exclude={"base_model"})
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (16, 16, 0.05)
+    hp = config.hyperparameters
+    assert (hp.epochs, hp.learning_rate, hp.batch_size, hp.gradient_accumulation_steps) == (3, 1e-4, 2, 4)
+    assert (hp.max_seq_length, hp.warmup_steps, hp.weight_decay, hp.seed) == (4096, 20, 0.01, 42)
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "training.yaml"
+    path.write_text(
+        "training:\n  lora: {r: 8}\n  hyperparameters: {epochs: 5, scheduler: cosine}\n", encoding="utf-8"
+    )
+    config = load_train_config(
+        path, ["hyperparameters.epochs=1", "hyperparameters.learningRate=1e-2", "lora.targetModules=[q_proj]"]
+    )
+    assert config.lora.r == 8
+    assert config.lora.target_modules == ["q_proj"]
+    assert config.hyperparameters.epochs == 1
+    assert config.hyperparameters.learning_rate == 0.01
+    assert config.hyperparameters.scheduler == "cosine"
+    with pytest.raises(ConfigError, match="unknown field 'epoch'"):
+        load_train_config(None, ["hyperparameters.epoch=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_train_config(None, ["hyperparameters.epochs"])
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def test_labels_mask_the_prompt_exactly(tokenizer: Any) -> None:
+    messages = to_messages(_instruction(0))
+    example = tokenize_messages(tokenizer, messages)
+    assert len(example.input_ids) == len(example.labels)
+    n_prompt = sum(1 for label in example.labels if label == IGNORE_INDEX)
+    # the masked part is exactly the served prompt, generation prompt included
+    served = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(example.input_ids[:n_prompt]) == served
+    assert all(label == IGNORE_INDEX for label in example.labels[:n_prompt])
+    # every other token is labelled with itself, and decodes to the completion + end of turn
+    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+    labelled = [t for t in example.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "start flow transfer_money" + EOS_TOKEN
+
+
+def test_both_formats_tokenize_the_same(tokenizer: Any) -> None:
+    a = tokenize_messages(tokenizer, to_messages(_instruction(1)))
+    b = tokenize_messages(tokenizer, to_messages(_conversational(1)))
+    assert a == b
+
+
+def test_too_long_examples_are_dropped_and_counted(tokenizer: Any, tmp_path: Path) -> None:
+    long = {"prompt": "what is my balance? " * 200, "completion": "start flow check_balance"}
+    path = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0), long, _conversational(2), long])
+    split = tokenize_file(tokenizer, path, max_seq_length=128)
+    assert (split.total, len(split.examples), split.dropped_too_long) == (4, 2, 2)
+    assert all(len(ex["input_ids"]) <= 128 for ex in split.examples)
+    # nothing is ever cut: every kept example still ends with the end of turn
+    assert all(ex["labels"][-1] == tokenizer.convert_tokens_to_ids(EOS_TOKEN) for ex in split.examples)
+
+
+def test_default_chat_template_when_the_model_has_none(tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    bare = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    bare.chat_template = None
+    assert ensure_chat_template(bare) is True
+    example = tokenize_messages(bare, to_messages(_instruction(0)))
+    labelled = [t for t in example.labels if t != IGNORE_INDEX]
+    assert bare.decode(labelled) == "start flow transfer_money" + bare.eos_token
+    bare.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_find_splits_layouts(tmp_path: Path) -> None:
+    nested = _make_data(tmp_path / "nested")
+    assert find_splits(nested).train == nested / "4_train_test_split" / "ft_splits" / "train.jsonl"
+    flat = tmp_path / "flat"
+    _write_jsonl(flat / "train.jsonl", [_instruction(0)])
+    splits = find_splits(flat)
+    assert (splits.train, splits.val) == (flat / "train.jsonl", None)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One CLI run in-process: 4 epochs on 24 examples, eval each epoch and every 5 steps."""
+    root = tmp_path_factory.mktemp("train")
+    data = _make_data(root / "data")
+    termination = root / "termination-log"
+    termination.write_text("", encoding="utf-8")
+    out = root / "out" / "moneybank-lora"
+    stdout = io.StringIO()
+    started = time.monotonic()
+    previous = os.environ.get("FTRECIPE_TERMINATION_LOG")
+    os.environ["FTRECIPE_TERMINATION_LOG"] = str(termination)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--base-model",
+                    str(tiny_model),
+                    "--out",
+                    str(out),
+                    "--work-dir",
+                    str(root / "work"),
+                    *_sets(
+                        "hyperparameters.epochs=4",
+                        "hyperparameters.evalEverySteps=5",
+                        "checkpointEverySteps=1000",
+                    ),
+                ]
+            )
+    finally:
+        if previous is None:
+            os.environ.pop("FTRECIPE_TERMINATION_LOG", None)
+        else:
+            os.environ["FTRECIPE_TERMINATION_LOG"] = previous
+    return {
+        "code": code,
+        "out": out,
+        "stdout": stdout.getvalue(),
+        "termination": termination.read_text(encoding="utf-8"),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_training_lowers_the_validation_loss(trained: dict[str, Any]) -> None:
+    assert trained["code"] == 0
+    evals = [row["eval_loss"] for row in _metrics(trained["out"]) if row["eval_loss"] is not None]
+    assert len(evals) >= 4  # each epoch end at least
+    assert evals[-1] < evals[0] - 0.1, evals
+
+
+def test_metrics_and_progress_lines(trained: dict[str, Any]) -> None:
+    rows = _metrics(trained["out"])
+    assert rows
+    assert all(set(row) == METRIC_KEYS for row in rows)
+    assert all(row["gpu_memory_gb"] is None for row in rows)  # CPU
+    train_rows = [row for row in rows if row["train_loss"] is not None]
+    assert train_rows and all(row["learning_rate"] is not None for row in train_rows)
+    assert all(row["tokens_per_second"] > 0 for row in train_rows)
+    events = [json.loads(line) for line in trained["stdout"].splitlines()]  # every line is JSON
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress
+    assert set(progress[-1]) == {
+        "event",
+        "step",
+        "total_steps",
+        "epoch",
+        "train_loss",
+        "eval_loss",
+        "eta_seconds",
+    }
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == 24
+    steps = [row["step"] for row in rows if row["eval_loss"] is not None]
+    assert len(steps) == len(set(steps)), "evaluated twice at one step"
+
+
+def test_bundle_is_complete_and_published(trained: dict[str, Any]) -> None:
+    from ftrecipe.storage import bundle_complete, read_manifest
+
+    out: Path = trained["out"]
+    names = {p.name for p in out.iterdir()}
+    assert names >= BUNDLE_FILES, BUNDLE_FILES - names
+    assert bundle_complete(out)
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest.producer == "ftrecipe train"
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "chat_template" in tokenizer_config or "chat_template.jinja" in names
+    config = json.loads((out / "training_config.json").read_text(encoding="utf-8"))
+    assert config["training"]["hyperparameters"]["learningRate"] == 0.01
+    assert config["training"]["lora"]["targetModules"][0] == "q_proj"
+    assert {"torch", "transformers", "peft"} <= set(config["versions"])
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["baseModel"]["id"] and len(run["dataset_hash"]) == 64
+    assert (run["train_examples"], run["val_examples"], run["dropped_too_long"]) == (24, 6, 0)
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert "--enable-lora --lora-modules moneybank-lora=" in readme
+    assert "provider: self-hosted" in readme
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert trained["termination"].startswith("trained 24 steps")
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing. is deprecated:FutureWarning")
+def test_adapter_reloads_and_generates(trained: dict[str, Any], tiny_model: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out: Path = trained["out"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, out)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": _instruction(0)["prompt"]}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def _train_process(tiny_model: Path, data: Path, work: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "ftrecipe.cli.main",
+        "train",
+        "--data",
+        str(data),
+        "--base-model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(work),
+        *_sets(
+            "hyperparameters.epochs=2",
+            "hyperparameters.evalEverySteps=1000",
+            "checkpointEverySteps=3",
+            *extra,
+        ),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(process: subprocess.Popen[str], checkpoints: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint: {process.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_the_latest_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    data = _make_data(tmp_path / "data")
+    work, out = tmp_path / "work", tmp_path / "out"
+    first = _train_process(tiny_model, data, work, out)
+    _wait_for_checkpoint(first, work / "checkpoints")
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    assert not (out / "_SUCCESS").exists()
+
+    second = _train_process(tiny_model, data, work, out)
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr[-2000:]
+    resumed = [line for line in stdout.splitlines() if line.startswith("resuming from step ")]
+    assert resumed, stdout
+    step = int(resumed[0].rsplit(" ", 1)[1])
+    assert step > 0 and step % 3 == 0
+    progress = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert progress[-1]["event"] == "done" and progress[-1]["steps"] == 12
+    assert (out / "_SUCCESS").exists()
+    rows = _metrics(out)
+    train_steps = [row["step"] for row in rows if row["train_loss"] is not None]
+    assert train_steps == sorted(set(train_steps)), "metrics of the killed run after its checkpoint kept"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_distinctly(tiny_model: Path, tmp_path: Path) -> None:
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    data = _make_data(tmp_path / "data")
+    work, out = tmp_path / "work", tmp_path / "out"
+    process = _train_process(
+        tiny_model, data, work, out, "checkpointEverySteps=1000", "hyperparameters.epochs=50"
+    )
+    # no periodic checkpoints here: wait for training to run, then preempt
+    deadline = time.monotonic() + 60
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith('{"event": "progress"') or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert "preempted" in stderr
+    assert any(p.name.startswith("step-") for p in (work / "checkpoints").iterdir())
+    assert not (out / "_SUCCESS").exists()
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_error_data_folder_without_train_jsonl(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    termination = tmp_path / "termination-log"
+    termination.write_text("", encoding="utf-8")
+    monkeypatch.setenv("FTRECIPE_TERMINATION_LOG", str(termination))
+    (tmp_path / "empty").mkdir()
+    err = _train_error(
+        capsys,
+        "--data",
+        str(tmp_path / "empty"),
+        "--base-model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert "no train.jsonl" in err
+    assert "no train.jsonl" in termination.read_text(encoding="utf-8")
+
+
+def test_error_base_model_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _make_data(tmp_path / "data")
+    err = _train_error(
+        capsys, "--data", str(data), "--base-model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
+    )
+    assert "base model folder not found" in err
+
+
+def test_error_target_modules_not_in_the_model(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _make_data(tmp_path / "data", n_train=4, n_val=0)
+    err = _train_error(
+        capsys,
+        "--data",
+        str(data),
+        "--base-model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "o"),
+        "--work-dir",
+        str(tmp_path / "w"),
+        *_sets("lora.targetModules=[q_proj, query_key_value]"),
+    )
+    assert "query_key_value not in the model" in err
+    assert "q_proj" in err and "down_proj" in err  # the modules that exist are listed
+
+
+def test_error_quantization_without_gpu(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    data = _make_data(tmp_path / "data", n_train=4, n_val=0)
+    err = _train_error(
+        capsys,
+        "--data",
+        str(data),
+        "--base-model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "o"),
+        *_sets("quantization=4bit", "method=qlora"),
+    )
+    assert "needs a CUDA GPU" in err
+
+
+# --------------------------------------------------------------------------------------------- s3
+
+
+@pytest.mark.slow
+def test_data_base_model_and_out_on_s3(
+    tiny_model: Path, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ftrecipe.storage import bundle_complete, fetch_bundle, publish_bundle
+
+    for key, value in {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}.items():
+        monkeypatch.setenv(key, value)
+    prefix = f"s3://{s3_bucket.bucket}/recipes/demo"
+    publish_bundle(
+        _make_data(tmp_path / "data", n_train=8, n_val=4), f"{prefix}/data/", producer="test", inputs_hash="d"
+    )
+    publish_bundle(tiny_model, f"{prefix}/base/", producer="test", inputs_hash="m")
+    code = main(
+        [
+            "train",
+            "--data",
+            f"{prefix}/data/",
+            "--base-model",
+            f"{prefix}/base/",
+            "--out",
+            f"{prefix}/train/",
+            "--work-dir",
+            str(tmp_path / "work"),
+            *_sets("hyperparameters.epochs=1"),
+        ]
+    )
+    assert code == 0
+    assert bundle_complete(f"{prefix}/train/")
+    manifest = fetch_bundle(f"{prefix}/train/", tmp_path / "fetched")
+    assert {"adapter_model.safetensors", "run.json"} <= {f.path for f in manifest.files}
+    run = json.loads((tmp_path / "fetched" / "run.json").read_text(encoding="utf-8"))
+    assert run["baseModel"]["id"] == f"{prefix}/base/"
+
+
+def test_error_hub_model_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    # read at import time, so the variable alone is too late here; offline: fail fast, no retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _make_data(tmp_path / "data", n_train=4, n_val=0)
+    err = _train_error(
+        capsys,
+        "--data",
+        str(data),
+        "--base-model",
+        "hf:ftrecipe-no-such-org/no-such-model@main",
+        "--out",
+        str(tmp_path / "o"),
+        "--work-dir",
+        str(tmp_path / "w"),
+    )
+    assert "base model hf:ftrecipe-no-such-org/no-such-model@main: not found, gated or unreachable" in err
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing. is deprecated:FutureWarning")
+def test_merge_writes_a_full_model_equal_to_base_plus_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = _make_data(tmp_path / "data", n_train=8, n_val=4)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(
+            [
+                "train",
+                *("--data", str(data), "--base-model", str(tiny_model), "--out", str(out)),
+                *("--work-dir", str(tmp_path / "work"), "--merge"),
+                *_sets("hyperparameters.epochs=1"),
+            ]
+        )
+    assert code == 0
+    assert (out / "merged" / "config.json").is_file() and (out / "merged" / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    merged.eval()
+    adapted.eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
