@@ -1,0 +1,193 @@
+"""What to do next for a recipe: a pure function of (spec, observed Jobs, complete bundles).
+
+The operator's handlers only observe (Jobs by label, bundles in storage) and apply the returned actions;
+`ftrecipe run` applies the same actions with local processes. Level-based: given the same world, the same
+plan, so a restarted operator adopts what exists instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
+from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes
+
+JobState = Literal["pending", "running", "suspended", "succeeded", "failed"]
+MAX_NAME = 63  # Job names become pod label values: at most 63 characters
+PHASE_WORDS: dict[Phase, str] = {"data": "data", "train": "train", "evaluate": "eval"}
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    name: str
+    phase: Phase
+    inputs_hash: str  # the full phase hash the Job was created for (from its label)
+    state: JobState
+    message: str | None = None  # the container's termination message when it failed
+
+
+@dataclass(frozen=True)
+class World:
+    """What the shell saw: this recipe's Jobs, and the phase hashes whose output bundle is complete."""
+
+    jobs: tuple[ObservedJob, ...] = ()
+    complete: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    phase: Phase
+    inputs_hash: str
+    name: str
+    suspended: bool  # created suspended: the recipe is suspended, or Kueue admits it
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SuspendJob:
+    name: str
+
+
+@dataclass(frozen=True)
+class ResumeJob:
+    name: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    phase: Phase
+    name: str
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """The phase's output already exists for these inputs: skip it (reported as `cached`)."""
+
+    phase: Phase
+    inputs_hash: str
+
+
+@dataclass(frozen=True)
+class Done:
+    phase: Phase
+    inputs_hash: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    phase: Phase | None
+    reason: str  # CamelCase
+    message: str
+
+
+@dataclass(frozen=True)
+class Succeed:
+    pass
+
+
+Action = CreateJob | DeleteJob | SuspendJob | ResumeJob | Wait | Reuse | Done | Fail | Succeed
+
+
+def job_name(recipe: str, phase: Phase, inputs_hash: str) -> str:
+    """`<recipe>-<phase>-<hash8>`, shortened (with a digest of the full name) to fit 63 characters."""
+    suffix = f"-{PHASE_WORDS[phase]}-{inputs_hash[:8]}"
+    if len(recipe) + len(suffix) <= MAX_NAME:
+        return f"{recipe}{suffix}"
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:6]
+    head = recipe[: MAX_NAME - len(suffix) - len(digest) - 1].rstrip("-.")
+    return f"{head}-{digest}{suffix}"
+
+
+def local_paths(spec: FinetuneRecipeSpec) -> list[str]:
+    """Fields that name the operator machine's disk: pods cannot see them."""
+    used = []
+    if spec.assistant.source.local is not None:
+        used.append("spec.assistant.source.local")
+    if spec.training.base_model.local is not None:
+        used.append("spec.training.baseModel.local")
+    if spec.output.local is not None:
+        used.append("spec.output.local")
+    return used
+
+
+def phases(spec: FinetuneRecipeSpec) -> tuple[Phase, ...]:
+    return ("data", "train", "evaluate") if spec.evaluation.enabled else ("data", "train")
+
+
+def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: bool = True) -> list[Action]:
+    """The actions that move the recipe forward, in order. The last one says where it stands."""
+    if in_cluster and (fields := local_paths(spec)):
+        return [
+            Fail(
+                None,
+                "LocalPathInCluster",
+                f"{', '.join(fields)} is for `ftrecipe run` on one machine; in a cluster use s3, git, "
+                "configMap or pvc",
+            )
+        ]
+    hashes = phase_hashes(spec)
+    wanted = set(phases(spec))
+    actions: list[Action] = []
+    current: dict[Phase, list[ObservedJob]] = {}
+    for job in world.jobs:
+        if job.phase in wanted and job.inputs_hash == hashes[job.phase]:
+            current.setdefault(job.phase, []).append(job)
+        elif job.state in ("pending", "running", "suspended"):
+            # The spec changed under a Job that is still going: its result would be thrown away.
+            actions.append(DeleteJob(job.name, f"inputs of phase {job.phase} changed"))
+    held = spec.suspend or spec.queue_name is not None
+    for phase in phases(spec):
+        inputs_hash = hashes[phase]
+        jobs = current.get(phase, [])
+        succeeded = any(j.state == "succeeded" for j in jobs)
+        if succeeded:
+            actions.append(Done(phase, inputs_hash))
+            continue
+        if inputs_hash in world.complete:
+            actions.append(Reuse(phase, inputs_hash))
+            continue
+        if not jobs:
+            actions.append(CreateJob(phase, inputs_hash, job_name(recipe, phase, inputs_hash), held))
+            return actions
+        job = jobs[0]
+        if job.state == "failed":
+            actions.append(Fail(phase, "JobFailed", job.message or f"Job {job.name} failed"))
+            return actions
+        if spec.suspend and job.state in ("pending", "running"):
+            actions.append(SuspendJob(job.name))
+        elif job.state == "suspended" and not spec.suspend and spec.queue_name is None:
+            actions.append(ResumeJob(job.name))
+        actions.append(Wait(phase, job.name))
+        return actions
+    actions.append(Succeed())
+    return actions
+
+
+PhaseName = Literal["Pending", "PreparingData", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"]
+_RUNNING: dict[Phase, PhaseName] = {"data": "PreparingData", "train": "Training", "evaluate": "Evaluating"}
+
+
+def recipe_phase(spec: FinetuneRecipeSpec, actions: Sequence[Action]) -> PhaseName:
+    """The status phase the plan implies."""
+    last = actions[-1] if actions else None
+    if isinstance(last, Succeed):
+        return "Succeeded"
+    if isinstance(last, Fail):
+        return "Failed"
+    if spec.suspend:
+        return "Suspended"
+    if isinstance(last, CreateJob | Wait):
+        return _RUNNING[last.phase]
+    return "Pending"
+
+
+def short_hash(inputs_hash: str) -> str:
+    return inputs_hash[:HASH_LENGTH]

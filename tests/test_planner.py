@@ -1,0 +1,159 @@
+"""The phase planner: given the same world, the same plan (so a restarted operator adopts, never duplicates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ftrecipe.api import parse_recipe
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
+from ftrecipe.plan.cache_key import phase_hashes
+from ftrecipe.plan.planner import (
+    CreateJob,
+    DeleteJob,
+    Done,
+    Fail,
+    ObservedJob,
+    ResumeJob,
+    Reuse,
+    Succeed,
+    SuspendJob,
+    Wait,
+    World,
+    job_name,
+    plan,
+    recipe_phase,
+)
+
+MINIMAL = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "minimal.yaml"
+
+
+def spec(**changes: Any) -> FinetuneRecipeSpec:
+    data = yaml.safe_load(MINIMAL.read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = data["spec"]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return parse_recipe(data).spec
+
+
+BASE = spec()
+H = phase_hashes(BASE)
+
+
+def job(phase: str, state: str, inputs_hash: str | None = None, message: str | None = None) -> ObservedJob:
+    h = inputs_hash or H[phase]  # type: ignore[index]
+    return ObservedJob(job_name("minimal", phase, h), phase, h, state, message)  # type: ignore[arg-type]
+
+
+def test_a_new_recipe_starts_data_preparation() -> None:
+    actions = plan("minimal", BASE, World())
+    assert actions == [CreateJob("data", H["data"], f"minimal-data-{H['data'][:8]}", False)]
+    assert recipe_phase(BASE, actions) == "PreparingData"
+
+
+def test_an_existing_job_is_adopted_not_duplicated() -> None:
+    actions = plan("minimal", BASE, World((job("data", "running"),)))
+    assert actions == [Wait("data", job("data", "running").name)]
+
+
+def test_phases_follow_each_other_to_success() -> None:
+    after_data = plan("minimal", BASE, World((job("data", "succeeded"),)))
+    assert after_data == [
+        Done("data", H["data"]),
+        CreateJob("train", H["train"], job("train", "x").name, False),
+    ]
+    assert recipe_phase(BASE, after_data) == "Training"
+    evaluating = plan("minimal", BASE, World((job("data", "succeeded"), job("train", "succeeded"))))
+    assert isinstance(evaluating[-1], CreateJob)
+    assert evaluating[-1].phase == "evaluate"
+    finished = plan(
+        "minimal",
+        BASE,
+        World((job("data", "succeeded"), job("train", "succeeded"), job("evaluate", "succeeded"))),
+    )
+    assert finished[-1] == Succeed()
+    assert recipe_phase(BASE, finished) == "Succeeded"
+
+
+def test_evaluation_disabled_ends_after_training() -> None:
+    no_eval = spec(evaluation={"enabled": False})
+    hashes = phase_hashes(no_eval)
+    jobs = tuple(
+        ObservedJob(job_name("minimal", p, hashes[p]), p, hashes[p], "succeeded")
+        for p in ("data", "train")  # type: ignore[arg-type]
+    )
+    assert plan("minimal", no_eval, World(jobs))[-1] == Succeed()
+
+
+def test_complete_bundles_are_reused() -> None:
+    actions = plan("minimal", BASE, World(complete=frozenset({H["data"]})))
+    assert actions[0] == Reuse("data", H["data"])
+    assert isinstance(actions[1], CreateJob)
+    assert actions[1].phase == "train"
+
+
+def test_a_training_change_keeps_data_and_replaces_the_running_training_job() -> None:
+    changed = spec(training__hyperparameters={"learningRate": 3.0e-4})
+    new = phase_hashes(changed)
+    assert new["data"] == H["data"]
+    world = World((job("data", "succeeded"), job("train", "running")), complete=frozenset({H["data"]}))
+    actions = plan("minimal", changed, world)
+    assert actions == [
+        DeleteJob(job("train", "running").name, "inputs of phase train changed"),
+        Done("data", H["data"]),
+        CreateJob("train", new["train"], job_name("minimal", "train", new["train"]), False),
+    ]
+
+
+def test_a_failed_job_fails_the_recipe_with_its_message() -> None:
+    actions = plan(
+        "minimal",
+        BASE,
+        World((job("data", "succeeded"), job("train", "failed", message="CUDA out of memory"))),
+    )
+    assert actions[-1] == Fail("train", "JobFailed", "CUDA out of memory")
+    assert recipe_phase(BASE, actions) == "Failed"
+
+
+def test_suspend_and_resume() -> None:
+    suspended = spec(suspend=True)
+    assert plan("minimal", suspended, World((job("data", "running"),)))[:1] == [
+        SuspendJob(job("data", "x").name)
+    ]
+    assert (
+        recipe_phase(suspended, plan("minimal", suspended, World((job("data", "suspended"),)))) == "Suspended"
+    )
+    assert plan("minimal", suspended, World())[0] == CreateJob("data", H["data"], job("data", "x").name, True)
+    assert plan("minimal", BASE, World((job("data", "suspended"),)))[0] == ResumeJob(job("data", "x").name)
+
+
+def test_kueue_creates_suspended_and_leaves_admission_to_kueue() -> None:
+    queued = spec(queueName="gpu-queue")
+    assert plan("minimal", queued, World())[0] == CreateJob("data", H["data"], job("data", "x").name, True)
+    assert plan("minimal", queued, World((job("data", "suspended"),))) == [
+        Wait("data", job("data", "x").name)
+    ]
+
+
+def test_local_paths_are_rejected_in_a_cluster_but_fine_locally() -> None:
+    local = spec(output={"local": {"path": "out"}})
+    (failure,) = plan("minimal", local, World())
+    assert isinstance(failure, Fail)
+    assert failure.reason == "LocalPathInCluster"
+    assert "spec.output.local" in failure.message
+    assert isinstance(plan("minimal", local, World(), in_cluster=False)[0], CreateJob)
+
+
+@pytest.mark.parametrize("recipe", ["r", "a" * 40, "b" * 63, "support-assistant-llama31-" + "x" * 60])
+def test_job_names_fit_and_stay_unique(recipe: str) -> None:
+    name = job_name(recipe, "evaluate", "f" * 64)
+    assert len(name) <= 63
+    assert name.endswith("-eval-ffffffff")
+    assert job_name(recipe, "evaluate", "f" * 64) == name
+    assert job_name(recipe + "z", "evaluate", "f" * 64) != name
