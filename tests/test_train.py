@@ -368,9 +368,12 @@ def _train_process(tiny_model: Path, data: Path, work: Path, out: Path, *extra: 
 
 
 def _wait_for_checkpoint(process: subprocess.Popen[str], checkpoints: Path, timeout: float = 60) -> None:
+    """Until a complete (published) `step-<N>` bundle is under `checkpoints`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()):
+        if checkpoints.is_dir() and any(
+            p.name.startswith("step-") and (p / "_SUCCESS").exists() for p in checkpoints.iterdir()
+        ):
             return
         if process.poll() is not None:
             pytest.fail(f"training ended before its first checkpoint: {process.communicate()[1][-2000:]}")
@@ -381,14 +384,18 @@ def _wait_for_checkpoint(process: subprocess.Popen[str], checkpoints: Path, time
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_the_latest_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    """Killed, and its machine gone with the work folder: a rerun resumes from `<out>/checkpoints/`."""
+    import shutil
+
     data = _make_data(tmp_path / "data")
     work, out = tmp_path / "work", tmp_path / "out"
     first = _train_process(tiny_model, data, work, out)
-    _wait_for_checkpoint(first, work / "checkpoints")
+    _wait_for_checkpoint(first, out / "checkpoints")
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert first.returncode == -signal.SIGKILL
     assert not (out / "_SUCCESS").exists()
+    shutil.rmtree(work)  # a new pod: only the durable copies are left
 
     second = _train_process(tiny_model, data, work, out)
     stdout, stderr = second.communicate(timeout=120)
@@ -403,6 +410,17 @@ def test_killed_run_resumes_from_the_latest_checkpoint(tiny_model: Path, tmp_pat
     rows = _metrics(out)
     train_steps = [row["step"] for row in rows if row["train_loss"] is not None]
     assert train_steps == sorted(set(train_steps)), "metrics of the killed run after its checkpoint kept"
+    assert train_steps[0] < step, "the rows before the checkpoint came back with it"
+    # the adapter bundle and the checkpoint bundles beside it are separate
+    from ftrecipe.storage import read_manifest
+
+    manifest = read_manifest(out)
+    assert manifest is not None and not any(f.path.startswith("checkpoints/") for f in manifest.files)
+    complete = sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir() if (p / "_SUCCESS").exists())
+    with_weights = [
+        n for n in complete if (out / "checkpoints" / f"step-{n}" / "trainer_state.json").exists()
+    ]
+    assert with_weights == [9, 12]  # the last two are kept; older ones emptied
 
 
 @pytest.mark.slow
@@ -425,6 +443,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_distinctly(tiny_model: Path, tmp_p
     assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
     assert "preempted" in stderr
     assert any(p.name.startswith("step-") for p in (work / "checkpoints").iterdir())
+    durable = [p for p in (out / "checkpoints").iterdir() if (p / "_SUCCESS").exists()]
+    assert len(durable) == 1 and (durable[0] / "trainer_state.json").is_file()
     assert not (out / "_SUCCESS").exists()
 
 
@@ -486,13 +506,13 @@ def test_error_target_modules_not_in_the_model(
     assert "q_proj" in err and "down_proj" in err  # the modules that exist are listed
 
 
-def test_error_quantization_without_gpu(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_error_quantization_when_bitsandbytes_cannot_run(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torch
+    from ftrecipe.training import trainer
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    reason = "bitsandbytes cannot run on cpu: RuntimeError: no backend"
+    monkeypatch.setattr(trainer, "bitsandbytes_problem", lambda: reason)
     data = _make_data(tmp_path / "data", n_train=4, n_val=0)
     err = _train_error(
         capsys,
@@ -504,7 +524,7 @@ def test_error_quantization_without_gpu(
         str(tmp_path / "o"),
         *_sets("quantization=4bit", "method=qlora"),
     )
-    assert "needs a CUDA GPU" in err
+    assert f"quantization 4bit needs bitsandbytes, but {reason}" in err
 
 
 # --------------------------------------------------------------------------------------------- s3
@@ -545,6 +565,45 @@ def test_data_base_model_and_out_on_s3(
     assert run["baseModel"]["id"] == f"{prefix}/base/"
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing. is deprecated:FutureWarning")
+def test_checkpoints_on_s3_outlive_the_work_folder(
+    tiny_model: Path, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints go to `<out>/checkpoints/step-<N>/` on S3; a rerun on a fresh machine resumes from them."""
+    import shutil
+
+    from ftrecipe.storage import bundle_complete, read_manifest
+
+    for key, value in {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}.items():
+        monkeypatch.setenv(key, value)
+    out = f"s3://{s3_bucket.bucket}/recipes/demo/train/"
+    data = _make_data(tmp_path / "data", n_train=8, n_val=0)
+    argv = [
+        "train",
+        *("--data", str(data), "--base-model", str(tiny_model), "--out", out),
+        *("--work-dir", str(tmp_path / "work")),
+        *_sets("hyperparameters.epochs=3", "checkpointEverySteps=2"),  # 6 steps: checkpoints 2, 4, 6
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    manifest = read_manifest(out)
+    assert manifest is not None and not any(f.path.startswith("checkpoints/") for f in manifest.files)
+    kept = {}
+    for step in (2, 4, 6):
+        checkpoint = read_manifest(f"{out}checkpoints/step-{step}/")
+        assert checkpoint is not None
+        kept[step] = any(f.path == "trainer_state.json" for f in checkpoint.files)
+    assert kept == {2: False, 4: True, 6: True}  # the last two kept, the older one emptied
+
+    shutil.rmtree(tmp_path / "work")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    assert "resuming from step 6" in stdout.getvalue().splitlines()
+    assert bundle_complete(out)
+
+
 def test_error_hub_model_unreachable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -565,7 +624,79 @@ def test_error_hub_model_unreachable(
         "--work-dir",
         str(tmp_path / "w"),
     )
-    assert "base model hf:ftrecipe-no-such-org/no-such-model@main: not found, gated or unreachable" in err
+    assert "base model hf:ftrecipe-no-such-org/no-such-model@main: hub unreachable" in err
+
+
+def _hub_error(kind: str, status: int) -> BaseException:
+    import httpx2
+    from huggingface_hub import errors
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/acme/llm/revision/main")
+    response = httpx2.Response(status, request=request)
+    error: BaseException = getattr(errors, kind)(f"{status} Client Error", response=response)
+    return error
+
+
+def test_hub_errors_are_told_apart() -> None:
+    from huggingface_hub import errors
+
+    from ftrecipe.training.trainer import hub_error_message
+
+    def message(error: BaseException) -> str:
+        wrapped = OSError("transformers' own words")  # from_pretrained raises OSError from the hub error
+        wrapped.__cause__ = error
+        return hub_error_message("hf:acme/llm@main", wrapped)
+
+    gated = "base model hf:acme/llm@main: gated or private: set HF_TOKEN (tokenSecretRef in the recipe)"
+    for error in (
+        _hub_error("GatedRepoError", 403),
+        _hub_error("GatedRepoError", 401),
+        _hub_error("RepositoryNotFoundError", 401),
+        _hub_error("HfHubHTTPError", 403),
+    ):
+        assert message(error) == f"{gated} with access to acme/llm", error
+    assert "not found on the hub" in message(_hub_error("RepositoryNotFoundError", 404))
+    assert "not found on the hub" in message(_hub_error("RemoteEntryNotFoundError", 404))
+    assert "revision not found" in message(_hub_error("RevisionNotFoundError", 404))
+    assert "hub unreachable" in message(errors.LocalEntryNotFoundError("no connection and not cached"))
+    assert "hub unreachable" in message(errors.OfflineModeIsEnabled("offline"))
+    assert "hub unreachable" in message(ConnectionError("connection refused"))
+    assert "not found, gated or unreachable" in hub_error_message("hf:acme/llm", OSError("odd"))
+
+
+# --------------------------------------------------------------------------------------------- launch
+
+
+def test_launch_command_runs_one_process_per_gpu() -> None:
+    from ftrecipe.training.launch import is_main_process, launch_command
+
+    argv = ["train", "--data", "d", "--base-model", "m", "--out", "s3://b/o/", "--set", "lora.r=8"]
+    command = launch_command(argv, 4, {"PATH": "/bin"})
+    assert command == [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"),
+        *("-m", "ftrecipe.cli.main", *argv),
+    ]
+    assert launch_command(argv, 1, {}) is None  # one GPU: in-process
+    assert launch_command(argv, 0, {}) is None  # CPU
+    for launched in ({"WORLD_SIZE": "4"}, {"LOCAL_RANK": "1"}, {"RANK": "0"}):
+        assert launch_command(argv, 4, launched) is None  # already one process per GPU
+    assert is_main_process({}) and is_main_process({"RANK": "0"}) and not is_main_process({"RANK": "2"})
+
+
+def test_train_argv_rebuilds_the_command_line() -> None:
+    from ftrecipe.cli.main import make_parser
+    from ftrecipe.training.launch import train_argv
+
+    argv = [
+        "train",
+        *("--data", "d", "--base-model", "hf:a/b", "--out", "o", "--config", "c.yaml"),
+        *("--set", "lora.r=8", "--set", "hyperparameters.epochs=1", "--work-dir", "w"),
+        *("--adapter-name", "x", "--merge"),
+    ]
+    assert train_argv(make_parser().parse_args(argv)) == argv
+    short = ["train", "--data", "d", "--base-model", "m", "--out", "o"]
+    assert train_argv(make_parser().parse_args(short)) == short
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing. is deprecated:FutureWarning")

@@ -99,19 +99,33 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     # Imported here: the training stack (torch, transformers, peft) is slow to import.
     from ftrecipe.training.config import ConfigError, load_train_config
+    from ftrecipe.training.launch import is_main_process, launch_command, train_argv
     from ftrecipe.training.trainer import (
         EXIT_PREEMPTED,
         Preempted,
         TrainError,
         TrainOptions,
+        run_launched,
         run_train,
+        visible_gpus,
         write_termination_log,
     )
 
+    main_process = is_main_process(os.environ)  # under torchrun, rank 0 alone writes the termination log
+
+    def termination(message: str) -> None:
+        if main_process:
+            write_termination_log(message)
+
     try:
         config = load_train_config(Path(args.config) if args.config else None, args.set or [])
+        command = launch_command(train_argv(args), visible_gpus(), os.environ)
+        if command is not None:  # several GPUs: one process each, under torchrun; the ranks report
+            return run_launched(command)
         result = run_train(
             TrainOptions(
                 data=args.data,
@@ -126,17 +140,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, TrainError) as error:
         message = f"error: {error}"
         print(message, file=sys.stderr)
-        write_termination_log(message)
+        termination(message)
         return EXIT_USER_ERROR
     except Preempted as stopped:
         print(f"preempted: {stopped}", file=sys.stderr)
-        write_termination_log(f"preempted: {stopped}")
+        termination(f"preempted: {stopped}")
         return EXIT_PREEMPTED
     except Exception as error:
-        write_termination_log(f"error: {type(error).__name__}: {error}")
+        termination(f"error: {type(error).__name__}: {error}")
         raise
-    write_termination_log(result.summary())
-    print(result.summary(), file=sys.stderr)
+    if main_process:
+        write_termination_log(result.summary())
+        print(result.summary(), file=sys.stderr)
     return 0
 
 
@@ -204,7 +219,11 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a training setting, e.g. hyperparameters.epochs=1 (repeatable)",
     )
-    train.add_argument("--work-dir", help="checkpoints and scratch; a rerun with the same folder resumes")
+    train.add_argument(
+        "--work-dir",
+        help="local scratch (default under $TMPDIR); checkpoints are kept under OUT/checkpoints/step-N/, "
+        "and a rerun resumes from the latest there",
+    )
     train.add_argument("--adapter-name", help="LoRA name in the model card (default: last part of --out)")
     train.add_argument(
         "--merge", action="store_true", help="also write the base model merged with the adapter under merged/"

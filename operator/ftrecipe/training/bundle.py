@@ -81,6 +81,9 @@ def write_loss_curve(metrics: list[dict[str, Any]], target: Path) -> None:
     plt.close(figure)
 
 
+KEEP_CHECKPOINTS = 2  # durable checkpoints kept under <out>/checkpoints/
+
+
 def model_card(info: BundleInfo, config: TrainConfig) -> str:
     hp = config.hyperparameters
     loss = "n/a" if info.final_eval_loss is None else f"{info.final_eval_loss:.4f}"
@@ -101,6 +104,10 @@ A LoRA adapter for the command generator of a Rasa CALM assistant, trained by `f
 - Result: {info.steps} optimizer steps, final validation loss {loss} (see `metrics.jsonl`, `loss_curve.png`)
 
 The loss was computed on completion tokens only. {template_note}
+
+Training checkpoints (the last {KEEP_CHECKPOINTS}, for resuming after a preemption) may sit beside these files under
+`checkpoints/step-<N>/`, each a bundle of its own: they are not part of this adapter (not in `manifest.json`),
+serving ignores them, and deleting the folder is safe once training has finished.
 
 ## Serve with vLLM
 

@@ -3,19 +3,25 @@
 The flow: resolve the data and base model (local folders, s3:// bundles, or hf:ORG/NAME[@REV]), tokenize
 with the chat template (loss on completion tokens only, too-long examples dropped), wrap the model in a
 peft LoRA adapter once, train with length-grouped batches, evaluate on the validation split every
-`evalEverySteps` and at each epoch end, checkpoint every `checkpointEverySteps` into
-`<work>/checkpoints/step-<N>/`, and publish the adapter bundle with the storage module's atomic protocol.
+`evalEverySteps` and at each epoch end, checkpoint every `checkpointEverySteps`, and publish the adapter
+bundle with the storage module's atomic protocol.
 
-A rerun with the same work folder resumes from the latest complete checkpoint: a checkpoint folder is
-renamed to `step-<N>` only once the Trainer has written all of it, so a kill mid-save leaves nothing
-that looks complete. SIGTERM (a preempted pod) saves a checkpoint at the next step and exits with
-`EXIT_PREEMPTED`.
+Checkpoints must outlive the pod: the Trainer writes one into `<work>/checkpoints/checkpoint-<N>/`, it is
+renamed to `step-<N>` once complete, then published as a bundle of its own to `<out>/checkpoints/step-<N>/`
+(its `_SUCCESS` marks it complete; the last `KEEP_CHECKPOINTS` are kept, older ones are emptied). A rerun
+with the same inputs, on any machine, fetches the latest complete one of this run (same inputs hash) into
+the work folder and resumes from it. The adapter bundle at `<out>` lists only its own files, so the
+checkpoint bundles beside it survive its publication. SIGTERM (a preempted pod) saves and publishes a
+checkpoint at the next step and exits with `EXIT_PREEMPTED`.
+
+Several GPUs: the CLI re-runs itself under torchrun (`launch.launch_command`); only rank 0 publishes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -32,7 +38,7 @@ from types import FrameType
 from typing import Any
 
 from ftrecipe.plan.cache_key import stable_hash
-from ftrecipe.training.bundle import BundleInfo, write_bundle, write_loss_curve
+from ftrecipe.training.bundle import KEEP_CHECKPOINTS, BundleInfo, write_bundle, write_loss_curve
 from ftrecipe.training.config import TrainConfig
 from ftrecipe.training.data import (
     Collator,
@@ -44,9 +50,14 @@ from ftrecipe.training.data import (
     find_splits,
     tokenize_file,
 )
+from ftrecipe.training.launch import is_main_process
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
 CHECKPOINT_PREFIX = "step-"
+CHECKPOINTS_DIR = "checkpoints"  # under the work folder, and under --out (the durable copies)
+CHECKPOINT_METRICS = "ftrecipe-metrics.jsonl"  # metrics.jsonl up to the checkpoint, inside it
+CHECKPOINT_PRODUCER = "ftrecipe train (checkpoint)"
+PRUNED_PRODUCER = "ftrecipe train (checkpoint pruned)"
 MERGED_DIR = "merged"  # --merge: the full merged model, inside the bundle
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Spec fields that do not change the trained weights: a work folder stays resumable across them.
@@ -72,6 +83,10 @@ class Preempted(Exception):
 
 
 Emit = Callable[[dict[str, Any]], None]
+
+
+def _no_event(event: dict[str, Any]) -> None:
+    """Ranks other than 0 report nothing."""
 
 
 def print_event(event: dict[str, Any]) -> None:
@@ -205,14 +220,78 @@ def _prepare_work_dir(work_dir: Path, run_hash: str) -> None:
 # --------------------------------------------------------------------------------------------- model
 
 
-def _check_quantization(config: TrainConfig) -> None:
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot quantize on this machine's device (CUDA if there is one, else CPU), or None.
+
+    Tried for real: a small 4-bit and 8-bit quantization, which is what loading the model does.
+    """
     import torch
 
-    if config.quantization != "none" and not torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its import notes must not break the JSON lines
+            import bitsandbytes.functional as bnb_functional
+
+            sample = torch.randn(64, 64, device=device)
+            bnb_functional.quantize_4bit(sample, quant_type="nf4")
+            bnb_functional.int8_vectorwise_quant(sample.half() if device == "cuda" else sample)
+    except Exception as exc:  # ImportError, RuntimeError "no backend", NotImplementedError...
+        return f"bitsandbytes cannot run on {device}: {type(exc).__name__}: {_line(exc)}"
+    return None
+
+
+def _check_quantization(config: TrainConfig) -> None:
+    if config.quantization == "none":
+        return
+    problem = bitsandbytes_problem()
+    if problem is not None:
         raise TrainError(
-            f"quantization {config.quantization} needs a CUDA GPU (bitsandbytes), but CUDA is not available; "
+            f"quantization {config.quantization} needs bitsandbytes, but {problem}; "
             "set quantization: none to train in full precision"
         )
+
+
+def hub_error_message(source: str, exc: BaseException) -> str:
+    """One line for a base model that could not be loaded, told apart by the hub's answer.
+
+    401/403 (gated or private repositories; the hub answers 401 to anonymous requests for missing ones
+    too), 404 (no such repository, revision or file), no connection at all, or anything else.
+    """
+    from huggingface_hub import errors
+
+    name = source[3:].partition("@")[0] if source.startswith("hf:") else source
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in chain:
+        status = None
+        if isinstance(item, errors.HfHubHTTPError) and item.response is not None:
+            status = item.response.status_code
+        if isinstance(item, errors.GatedRepoError) or status in (401, 403):
+            return (
+                f"base model {source}: gated or private: set HF_TOKEN (tokenSecretRef in the recipe) "
+                f"with access to {name}"
+            )
+    for item in chain:  # a local-cache miss (offline) subclasses the not-found errors: first
+        if isinstance(item, errors.OfflineModeIsEnabled | errors.LocalEntryNotFoundError | ConnectionError):
+            return (
+                f"base model {source}: hub unreachable (no connection, or HF_HUB_OFFLINE set): {_line(item)}"
+            )
+        if type(item).__module__.split(".")[0] in {"httpx", "httpx2", "requests", "urllib3"} and any(
+            word in type(item).__name__ for word in ("Connect", "Timeout", "Network")
+        ):
+            return f"base model {source}: hub unreachable: {_line(item)}"
+    for item in chain:
+        status = None
+        if isinstance(item, errors.HfHubHTTPError) and item.response is not None:
+            status = item.response.status_code
+        if isinstance(item, errors.RevisionNotFoundError):
+            return f"base model {source}: revision not found on the hub: {_line(item)}"
+        if isinstance(item, errors.RepositoryNotFoundError | errors.EntryNotFoundError) or status == 404:
+            return f"base model {source}: not found on the hub (check ORG/NAME): {_line(item)}"
+    return f"base model {source}: not found, gated or unreachable: {_line(exc)}"
 
 
 def _load_tokenizer(base: BaseModelRef) -> tuple[Any, bool]:
@@ -221,7 +300,7 @@ def _load_tokenizer(base: BaseModelRef) -> tuple[Any, bool]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(base.load_from, revision=base.revision)
     except OSError as exc:
-        raise TrainError(f"base model {base.source}: not found, gated or unreachable: {_line(exc)}") from None
+        raise TrainError(hub_error_message(base.source, exc)) from None
     added = ensure_chat_template(tokenizer)
     return tokenizer, added
 
@@ -254,11 +333,12 @@ def _load_model(config: TrainConfig, base: BaseModelRef) -> Any:
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        # bitsandbytes places the weights when loading: this process's GPU, or the CPU backend
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(base.load_from, **kwargs)
     except OSError as exc:
-        raise TrainError(f"base model {base.source}: not found, gated or unreachable: {_line(exc)}") from None
+        raise TrainError(hub_error_message(base.source, exc)) from None
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -353,8 +433,20 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
+def _barrier() -> None:
+    """Wait for every rank (several GPUs); nothing to wait for in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _make_callbacks(
-    metrics_path: Path, checkpoints: Path, emit: Emit, stop_requested: Callable[[], bool]
+    metrics_path: Path,
+    checkpoints: Path,
+    emit: Emit,
+    stop_requested: Callable[[], bool],
+    on_checkpoint: Callable[[int, Path], None],
 ) -> list[Any]:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -380,6 +472,8 @@ def _make_callbacks(
         def on_epoch_end(
             self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
         ) -> None:
+            if args.eval_strategy == "no":  # no validation split
+                return
             if state.global_step != self.evaluated_at:  # not twice when evalEverySteps hits the epoch end
                 control.should_evaluate = True
 
@@ -398,14 +492,18 @@ def _make_callbacks(
         def on_save(
             self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
         ) -> None:
-            if not state.is_world_process_zero:
-                return
-            source = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-            target = checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}"
-            if source.is_dir():
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(source, target)  # atomic: step-N appears only once complete
+            _barrier()  # every rank has written its part (rng state) of checkpoint-N
+            if state.is_world_process_zero:
+                source = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+                target = checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}"
+                if source.is_dir():
+                    if target.exists():
+                        shutil.rmtree(target)
+                    os.replace(source, target)  # atomic: step-N appears only once complete
+                    if metrics_path.is_file():  # the rows so far travel with it (a new pod has none)
+                        shutil.copyfile(metrics_path, target / CHECKPOINT_METRICS)
+                    on_checkpoint(state.global_step, target)
+            _barrier()
 
         def on_log(
             self,
@@ -460,6 +558,101 @@ def _make_callbacks(
     return [RunCallback()]
 
 
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+class DurableCheckpoints:
+    """This run's checkpoint bundles under `<out>/checkpoints/step-<N>/`: list, publish, prune, fetch."""
+
+    def __init__(self, out: str, run_hash: str, keep: int = KEEP_CHECKPOINTS) -> None:
+        from ftrecipe.storage import StorageError, join, parse_location
+
+        try:
+            self.root = join(parse_location(out), CHECKPOINTS_DIR)
+        except StorageError as exc:
+            raise TrainError(f"--out {out}: {exc}") from None
+        self.run_hash = run_hash
+        self.keep = keep
+        self.steps: list[int] = []  # complete, of this run, ascending
+
+    def _location(self, step: int) -> Any:
+        from ftrecipe.storage import join
+
+        return join(self.root, f"{CHECKPOINT_PREFIX}{step}")
+
+    def scan(self) -> list[int]:
+        """The complete checkpoints of this run; TrainError if one of another run is there."""
+        from ftrecipe.storage import StorageError, read_manifest
+        from ftrecipe.storage.listing import list_bundles
+
+        steps = []
+        try:
+            for name in list_bundles(self.root):
+                match = _STEP_DIR.match(name)
+                if not match:
+                    continue
+                step = int(match.group(1))
+                manifest = read_manifest(self._location(step))
+                if manifest is None or not any(f.path == "trainer_state.json" for f in manifest.files):
+                    continue  # being published, or pruned
+                if manifest.inputs_hash != self.run_hash:
+                    raise TrainError(
+                        f"{self._location(step)}: a checkpoint of a run with other data, model or settings; "
+                        f"use another --out or delete {self.root}"
+                    )
+                steps.append(step)
+        except StorageError as exc:
+            raise TrainError(f"checkpoints under {self.root}: {exc}") from None
+        self.steps = sorted(steps)
+        return self.steps
+
+    def fetch(self, step: int, target: Path) -> Path:
+        return _fetch(str(self._location(step)), target, "checkpoint")
+
+    def publish(self, step: int, folder: Path) -> None:
+        """Publish `folder` as step-N, then empty the checkpoints older than the last `keep`."""
+        from ftrecipe.storage import StorageError, publish_bundle
+
+        try:
+            publish_bundle(
+                folder, self._location(step), producer=CHECKPOINT_PRODUCER, inputs_hash=self.run_hash
+            )
+            self.steps = sorted({*self.steps, step})
+            while len(self.steps) > self.keep:
+                old = self.steps.pop(0)
+                # an empty bundle in its place: its files are deleted by the storage layer, nothing resumes from it
+                with tempfile.TemporaryDirectory() as empty:
+                    publish_bundle(
+                        Path(empty), self._location(old), producer=PRUNED_PRODUCER, inputs_hash=self.run_hash
+                    )
+        except StorageError as exc:
+            raise TrainError(f"publishing checkpoint {step} to {self._location(step)}: {exc}") from None
+
+
+class _CheckpointsAreNotStrangers(logging.Filter):
+    """Publishing the adapter to `<out>` sees the checkpoint bundles beside it: they are ours, no warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if str(record.msg).startswith("%d object(s) under") and isinstance(args, tuple) and len(args) == 3:
+            examples = str(args[2]).split(", ")
+            return not all(item.startswith(f"{CHECKPOINTS_DIR}/") for item in examples)
+        return True
+
+
+def _resume_from_durable(durable: DurableCheckpoints, checkpoints: Path) -> tuple[int, Path] | None:
+    """Fetch this run's latest durable checkpoint into `checkpoints/step-<N>` (local ones are scratch)."""
+    steps = durable.scan()
+    keep = f"{CHECKPOINT_PREFIX}{steps[-1]}" if steps else None
+    for child in checkpoints.iterdir():
+        if child.is_dir() and child.name != keep and _STEP_DIR.match(child.name):
+            shutil.rmtree(child, ignore_errors=True)
+    if not steps:
+        return None
+    folder = durable.fetch(steps[-1], checkpoints / f"{CHECKPOINT_PREFIX}{steps[-1]}")
+    return steps[-1], folder
+
+
 def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
     """Train, write and publish the bundle. TrainError for user errors, Preempted after SIGTERM."""
     from transformers.utils import logging as hf_logging
@@ -480,18 +673,30 @@ def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
 
 def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     config = options.config
-    scratch = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / "scratch"
-    fetch_dir = (options.work_dir or scratch) / "inputs"
-    splits = resolve_data(options.data, fetch_dir)
-    base = resolve_base_model(options.base_model, fetch_dir)
-    _check_quantization(config)
-    data_hash = dataset_hash(splits)
-    run_hash = inputs_hash(config, base, data_hash)
-    work_dir = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / run_hash[:12]
-    _prepare_work_dir(work_dir, run_hash)
-    checkpoints = work_dir / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
-    metrics_path = work_dir / "metrics.jsonl"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = is_main_process(os.environ)
+    if not main_process:
+        emit = _no_event  # rank 0 alone reports
+    first: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if world_size > 1:  # under torchrun: rank 0 fetches inputs and the checkpoint, the others then find them
+        from accelerate import PartialState
+
+        first = PartialState().local_main_process_first()
+    with first:
+        scratch = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / "scratch"
+        fetch_dir = (options.work_dir or scratch) / "inputs"
+        splits = resolve_data(options.data, fetch_dir)
+        base = resolve_base_model(options.base_model, fetch_dir)
+        _check_quantization(config)
+        data_hash = dataset_hash(splits)
+        run_hash = inputs_hash(config, base, data_hash)
+        work_dir = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / run_hash[:12]
+        _prepare_work_dir(work_dir, run_hash)
+        checkpoints = work_dir / CHECKPOINTS_DIR
+        checkpoints.mkdir(exist_ok=True)
+        metrics_path = work_dir / "metrics.jsonl"
+        durable = DurableCheckpoints(options.out, run_hash)
+        resume = _resume_from_durable(durable, checkpoints)
 
     import torch
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
@@ -523,7 +728,6 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     model = apply_lora(model, config)  # once: the Trainer gets the PeftModel, never a peft_config
 
     cuda = torch.cuda.is_available()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = _steps_per_epoch(len(train.examples), config, world_size)
     total_steps = steps_per_epoch * hp.epochs
     has_val = bool(val.examples)
@@ -571,17 +775,20 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         eval_dataset=val.examples if has_val else None,
         data_collator=Collator(int(tokenizer.pad_token_id)),
         processing_class=tokenizer,
-        callbacks=_make_callbacks(metrics_path, checkpoints, emit, lambda: stop["requested"]),
+        callbacks=_make_callbacks(
+            metrics_path, checkpoints, emit, lambda: stop["requested"], durable.publish
+        ),
     )
     trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only
     trainer.remove_callback(ProgressCallback)
 
-    resume = latest_checkpoint(checkpoints)
-    if resume is not None:
-        step, _ = resume
+    if main_process and resume is not None:
+        step, folder = resume
         print(f"resuming from step {step}", flush=True)
+        if (folder / CHECKPOINT_METRICS).is_file():  # the rows logged up to it, wherever they were written
+            shutil.copyfile(folder / CHECKPOINT_METRICS, metrics_path)
         _truncate_metrics(metrics_path, step)
-    else:
+    elif main_process:
         metrics_path.unlink(missing_ok=True)
     try:
         trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
@@ -594,6 +801,16 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
 
     metrics = _read_metrics(metrics_path)
     evals = [row["eval_loss"] for row in metrics if row.get("eval_loss") is not None]
+    if not main_process:  # rank 0 writes and publishes the bundle
+        return TrainResult(
+            steps=trainer.state.global_step,
+            resumed_from=resume[0] if resume else None,
+            train_examples=len(train.examples),
+            dropped_too_long=train.dropped_too_long + val.dropped_too_long,
+            final_eval_loss=evals[-1] if evals else None,
+            out=options.out,
+            metrics=metrics,
+        )
     bundle_dir = work_dir / "bundle"
     if bundle_dir.exists():
         shutil.rmtree(bundle_dir)
@@ -619,10 +836,15 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
 
     from ftrecipe.storage import StorageError, publish_bundle
 
+    quiet = _CheckpointsAreNotStrangers()
+    storage_log = logging.getLogger("ftrecipe.storage.bundle")
+    storage_log.addFilter(quiet)
     try:
         publish_bundle(bundle_dir, options.out, producer="ftrecipe train", inputs_hash=run_hash)
     except StorageError as exc:
         raise TrainError(f"publishing to {options.out}: {exc}") from None
+    finally:
+        storage_log.removeFilter(quiet)
     result = TrainResult(
         steps=trainer.state.global_step,
         resumed_from=resume[0] if resume else None,
@@ -658,6 +880,36 @@ def _adapter_name(out: str) -> str:
     name = out.rstrip("/").rsplit("/", 1)[-1]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
     return name or "ftrecipe-adapter"
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_launched(command: list[str]) -> int:
+    """Run `command` (torchrun and its ranks); SIGTERM is passed on, and a preemption exits as one."""
+    import subprocess
+
+    print(f"training on several GPUs: {' '.join(command)}", file=sys.stderr, flush=True)
+    child = subprocess.Popen(command)
+    forwarded = {"sigterm": False}
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        forwarded["sigterm"] = forwarded["sigterm"] or signum == signal.SIGTERM
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forwarded["sigterm"] and code != 0:  # torchrun reports its ranks' exit 143 as a plain failure
+        return EXIT_PREEMPTED
+    return code if code >= 0 else 128 - code
 
 
 def termination_log_path() -> Path:
