@@ -500,3 +500,24 @@ def test_local_publish_refuses_what_it_cannot_publish_faithfully(tmp_path: Path)
         publish_bundle(source, tmp_path / "dst", producer="p", inputs_hash="h")
     with pytest.raises(StorageError, match="not a directory"):
         publish_bundle(tmp_path / "missing", tmp_path / "dst", producer="p", inputs_hash="h")
+
+
+def test_manifest_metadata_round_trips(tmp_path: Path) -> None:
+    from ftrecipe.storage import publish_bundle, read_manifest
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("a")
+    meta = {
+        "baseModel": {"id": "meta-llama/Llama-3.1-8B-Instruct", "revision": None},
+        "dataset_hash": "ab" * 32,
+    }
+    published = publish_bundle(
+        tmp_path / "src", tmp_path / "out", producer="p", inputs_hash="h", metadata=meta
+    )
+    assert published.metadata == meta
+    read = read_manifest(tmp_path / "out")
+    assert read is not None
+    assert read.metadata == meta
+    plain = publish_bundle(tmp_path / "src", tmp_path / "plain", producer="p", inputs_hash="h")
+    assert plain.metadata == {}
+    assert "metadata" not in (tmp_path / "plain" / "manifest.json").read_text()

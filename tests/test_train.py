@@ -301,6 +301,9 @@ def test_bundle_is_complete_and_published(trained: dict[str, Any]) -> None:
     assert bundle_complete(out)
     manifest = read_manifest(out)
     assert manifest is not None and manifest.producer == "ftrecipe train"
+    # The manifest says what the adapter was trained from, without opening any file.
+    assert manifest.metadata["baseModel"]["id"]
+    assert manifest.metadata["dataset_hash"] == json.loads((out / "run.json").read_text())["dataset_hash"]
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert "chat_template" in tokenizer_config or "chat_template.jinja" in names
     config = json.loads((out / "training_config.json").read_text(encoding="utf-8"))

@@ -17,10 +17,10 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ftrecipe import __version__
 from ftrecipe.storage.errors import BundleIncomplete, ChecksumMismatch, StorageError
@@ -69,6 +69,9 @@ class Manifest:
     version: str
     inputs_hash: str
     created: str
+    # What the producer wants readers to know without opening files, e.g. training's base model and
+    # dataset hash. JSON-serialisable; empty for bundles that have nothing to add.
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def total_size(self) -> int:
@@ -76,7 +79,7 @@ class Manifest:
 
     def to_json(self) -> str:
         """The ``manifest.json`` text: files sorted by path, stable key order, UTF-8 names kept readable."""
-        document = {
+        document: dict[str, Any] = {
             "files": [
                 {"path": f.path, "size": f.size, "sha256": f.sha256}
                 for f in sorted(self.files, key=lambda f: f.path)
@@ -86,6 +89,8 @@ class Manifest:
             "inputs_hash": self.inputs_hash,
             "created": self.created,
         }
+        if self.metadata:
+            document["metadata"] = dict(self.metadata)
         return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -112,7 +117,15 @@ class Manifest:
             version=_string(document, "version"),
             inputs_hash=_string(document, "inputs_hash"),
             created=_string(document, "created"),
+            metadata=_metadata(document),
         )
+
+
+def _metadata(document: Mapping[str, object]) -> Mapping[str, Any]:
+    value = document.get("metadata", {})
+    if not isinstance(value, dict):
+        raise StorageError("manifest field 'metadata' is not an object")
+    return value
 
 
 def _string(document: Mapping[str, object], field: str) -> str:
@@ -277,6 +290,7 @@ def publish_bundle(
     producer: str,
     inputs_hash: str,
     settings: S3Settings | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Publish every file under ``source_dir`` to ``destination`` as a complete bundle; returns its manifest.
 
@@ -330,6 +344,7 @@ def publish_bundle(
         version=__version__,
         inputs_hash=inputs_hash,
         created=_created_now(),
+        metadata=dict(metadata or {}),
     )
     manifest_bytes = manifest.to_json().encode("utf-8")
     store.write_bytes(MANIFEST_NAME, manifest_bytes, _JSON)

@@ -137,8 +137,9 @@ def write_bundle(
     config: TrainConfig,
     metrics_path: Path,
     info: BundleInfo,
-) -> None:
-    """Write every bundle file into `bundle_dir` (the loss curve may already be there)."""
+) -> dict[str, Any]:
+    """Write every bundle file into `bundle_dir` (the loss curve may already be there); returns run.json's
+    content, which also goes into the bundle manifest's `metadata` (base model, dataset hash)."""
     model.save_pretrained(str(bundle_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(bundle_dir))
     if metrics_path.is_file():
@@ -164,3 +165,4 @@ def write_bundle(
     }
     (bundle_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     (bundle_dir / "README.md").write_text(model_card(info, config), encoding="utf-8")
+    return run

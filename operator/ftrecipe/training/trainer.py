@@ -830,7 +830,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         steps=trainer.state.global_step,
         final_eval_loss=evals[-1] if evals else None,
     )
-    write_bundle(bundle_dir, trainer.model, tokenizer, config, metrics_path, info)
+    run_metadata = write_bundle(bundle_dir, trainer.model, tokenizer, config, metrics_path, info)
     if options.merge:
         merge_adapter(base, bundle_dir, bundle_dir / MERGED_DIR)
 
@@ -840,7 +840,9 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     storage_log = logging.getLogger("ftrecipe.storage.bundle")
     storage_log.addFilter(quiet)
     try:
-        publish_bundle(bundle_dir, options.out, producer="ftrecipe train", inputs_hash=run_hash)
+        publish_bundle(
+            bundle_dir, options.out, producer="ftrecipe train", inputs_hash=run_hash, metadata=run_metadata
+        )
     except StorageError as exc:
         raise TrainError(f"publishing to {options.out}: {exc}") from None
     finally:
