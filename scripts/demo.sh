@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo: runs the furthest stage of the recipe that exists so far.
-# Today: validate the example recipes, label the example assistant's E2E tests offline
-# (prepare-data, stage 1) and build the offline tiny model the laptop recipe trains.
+# Today: validate the example recipes, prepare data from the example assistant's E2E tests offline,
+# build the offline tiny model and train a LoRA adapter on it (CPU, a few seconds).
 # It grows into `ftrecipe run examples/moneybank/recipe.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,3 +34,18 @@ echo
 echo "== 5. An offline tiny Llama for laptop runs (no hub download)"
 "$BIN/ftrecipe" make-tiny-model "$OUT/tiny-model" --overwrite 2>/dev/null
 ls "$OUT/tiny-model"
+
+echo
+echo "== 6. Train a LoRA adapter on prepared data (two test files, to stay fast on a laptop CPU)"
+"$BIN/ftrecipe" prepare-data examples/moneybank/e2e_tests/accounts.yml examples/moneybank/e2e_tests/payments/payees.yml \
+    --assistant examples/moneybank --annotator assertions --num-rephrases 0 --out "$OUT/small-data" >/dev/null 2>&1
+rm -rf "$OUT/work"
+"$BIN/ftrecipe" train --data "$OUT/small-data" --base-model "$OUT/tiny-model" --out "$OUT/adapter" \
+    --work-dir "$OUT/work" --set hyperparameters.epochs=4 --set hyperparameters.learningRate=0.01 \
+    --set hyperparameters.batchSize=4 --set hyperparameters.gradientAccumulationSteps=1 \
+    --set hyperparameters.warmupSteps=0 --set hyperparameters.gradientCheckpointing=false --set gpus=0 \
+    2>/dev/null | grep -v '"event": "progress"' || true
+echo "-- validation loss per evaluation:"
+python3 -c "import json,sys; print([round(json.loads(l)['eval_loss'], 3) for l in open(sys.argv[1]) if json.loads(l)['eval_loss'] is not None])" "$OUT/adapter/metrics.jsonl"
+echo "-- the adapter bundle ($OUT/adapter):"
+ls "$OUT/adapter"
