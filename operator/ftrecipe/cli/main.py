@@ -155,6 +155,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
+    import os
+
+    from ftrecipe.controller.inputs import SPEC_ENV, FetchError, fetch_inputs, load_spec
+
+    text = args.spec_json if args.spec_json is not None else os.environ.get(SPEC_ENV, "")
+    if not text.strip():
+        print(
+            f"error: {SPEC_ENV} is not set (the Job passes the recipe spec there) and no --spec-json",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
+    try:
+        written = fetch_inputs(load_spec(text), args.phase, Path(args.into))
+    except FetchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for line in written:
+        print(line, file=sys.stderr)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftrecipe",
@@ -229,6 +251,16 @@ def make_parser() -> argparse.ArgumentParser:
         "--merge", action="store_true", help="also write the base model merged with the adapter under merged/"
     )
     train.set_defaults(run=_cmd_train)
+
+    fetch = commands.add_parser(
+        "fetch-inputs", help="write what a phase's Job reads (assistant files, LLM and training configs)"
+    )
+    fetch.add_argument(
+        "--phase", required=True, choices=["data", "train", "evaluate"], help="the Job's phase"
+    )
+    fetch.add_argument("--into", required=True, help="folder to write into (the Job's /workspace/inputs)")
+    fetch.add_argument("--spec-json", help="the recipe spec as JSON (default: $FTRECIPE_SPEC)")
+    fetch.set_defaults(run=_cmd_fetch_inputs)
     return parser
 
 

@@ -1,0 +1,342 @@
+"""`ftrecipe fetch-inputs`: what a phase's Job needs on local disk before its main container starts.
+
+The init container of a Job gets the recipe spec as JSON (env ``FTRECIPE_SPEC``: Secret *references*
+only, never values) and writes under ``--into``:
+
+* data: ``assistant/`` (the assistant's files from S3, git, a mounted ConfigMap or a mounted PVC),
+  ``llm.yml`` (``--llm-config`` of prepare-data) and, when the recipe sets a rephraser, ``rephrase.yml``;
+* train: ``training.yml`` (``--config`` of train); the data and the base model are read by train itself.
+
+The same functions that write the files also say what the Job's command line refers to (see
+`ftrecipe.controller.manifests`), so the two cannot drift apart. Credentials only ever come from the
+environment (secretKeyRefs) or a mounted Secret: never from the command line, never into a file we keep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import ValidationError
+
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, GitSource, LLMSpec, PvcPath
+from ftrecipe.plan.cache_key import Phase
+from ftrecipe.storage import S3Location, S3Settings, StorageError, parse_location
+from ftrecipe.storage.s3 import S3Store
+
+SPEC_ENV: Final = "FTRECIPE_SPEC"
+WORKSPACE: Final = "/workspace"
+INPUTS_DIR: Final = f"{WORKSPACE}/inputs"
+# Where the Job mounts a ConfigMap / PVC source, and a git ssh Secret; overridable for tests.
+CONFIGMAP_ROOT: Final = f"{WORKSPACE}/configmap"
+PVC_ROOT: Final = f"{WORKSPACE}/pvc"
+GIT_SSH_DIR: Final = f"{WORKSPACE}/git-ssh"
+CONFIGMAP_ROOT_ENV: Final = "FTRECIPE_CONFIGMAP_ROOT"
+PVC_ROOT_ENV: Final = "FTRECIPE_PVC_ROOT"
+GIT_SSH_DIR_ENV: Final = "FTRECIPE_GIT_SSH_DIR"
+
+ASSISTANT_DIR: Final = "assistant"
+LLM_CONFIG: Final = "llm.yml"
+REPHRASE_CONFIG: Final = "rephrase.yml"
+TRAINING_CONFIG: Final = "training.yml"
+
+# A credential helper that answers from the environment, so a token is never on a command line.
+_GIT_CREDENTIAL_HELPER: Final = (
+    '!f() { test "$1" = get && printf \'username=%s\\npassword=%s\\n\' "$GIT_USERNAME" "$GIT_PASSWORD"; }; f'
+)
+_GIT_TIMEOUT: Final = 1800.0
+
+
+class FetchError(Exception):
+    """An input that cannot be fetched; the message is one line for the user (no credentials)."""
+
+
+# --------------------------------------------------------------------------------------------- spec
+
+
+def load_spec(text: str) -> FinetuneRecipeSpec:
+    """The spec from its JSON form (``FTRECIPE_SPEC``), or one FetchError line."""
+    try:
+        return FinetuneRecipeSpec.model_validate_json(text)
+    except ValidationError as error:
+        first = error.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "spec"
+        raise FetchError(f"{SPEC_ENV} is not a valid FinetuneRecipe spec: {where}: {first['msg']}") from None
+
+
+def spec_json(spec: FinetuneRecipeSpec) -> str:
+    """The compact, deterministic JSON form the Job carries in ``FTRECIPE_SPEC``."""
+    return spec.model_dump_json(by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def _rasa_llm(llm: LLMSpec) -> dict[str, Any]:
+    """An LLMSpec as a Rasa `llm` block (what `ftrecipe.dataprep.llm.LLMSettings.from_rasa` reads)."""
+    block: dict[str, Any] = {"provider": llm.provider, "model": llm.model}
+    if llm.api_base is not None:
+        block["api_base"] = llm.api_base
+    if llm.api_version is not None:
+        block["api_version"] = llm.api_version
+    block["temperature"] = llm.temperature
+    if llm.max_tokens is not None:
+        block["max_tokens"] = llm.max_tokens
+    block["timeout"] = llm.timeout_seconds
+    return block
+
+
+def _in_assistant(relative: str) -> str:
+    """A path inside the assistant folder, relative to the config files next to it."""
+    return str(PurePosixPath(ASSISTANT_DIR) / relative)
+
+
+def llm_config(spec: FinetuneRecipeSpec) -> dict[str, Any]:
+    """The `--llm-config` file of prepare-data: {syntax, prompt_template, llm}."""
+    generator = spec.command_generator
+    config: dict[str, Any] = {"syntax": generator.syntax}
+    if generator.prompt_template is not None:
+        config["prompt_template"] = _in_assistant(generator.prompt_template)
+    if generator.llm is not None:
+        config["llm"] = _rasa_llm(generator.llm)
+    return config
+
+
+def rephrase_config(spec: FinetuneRecipeSpec) -> dict[str, Any] | None:
+    """The `--rephrase-config` file, or None: without it the pipeline uses the generator's LLM and our prompt."""
+    rephraser = spec.data_preparation.rephraser
+    config: dict[str, Any] = {}
+    if rephraser.prompt_template is not None:
+        config["prompt_template"] = _in_assistant(rephraser.prompt_template)
+    if rephraser.llm is not None:
+        config["llm"] = _rasa_llm(rephraser.llm)
+    return config or None
+
+
+def training_config(spec: FinetuneRecipeSpec) -> dict[str, Any]:
+    """The `--config` file of train: the recipe's training block; `--base-model` says where the model is."""
+    block = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
+    block.pop("baseModel", None)
+    return block
+
+
+# --------------------------------------------------------------------------------------------- fetch
+
+
+def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _inside(root: Path, relative: str, what: str) -> Path:
+    """``root/relative``, refusing paths that climb out of ``root``."""
+    target = (root / relative).resolve()
+    if target != root.resolve() and root.resolve() not in target.parents:
+        raise FetchError(f"{what} {relative!r} points outside {root}")
+    return target
+
+
+def _copy_folder(source: Path, target: Path, what: str) -> None:
+    if not source.is_dir():
+        raise FetchError(f"{what}: {source} is not a folder")
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git"))
+
+
+def _fetch_s3(uri: str, target: Path, environ: Mapping[str, str]) -> int:
+    location = parse_location(uri)
+    if not isinstance(location, S3Location):
+        raise FetchError(f"{uri}: not an s3:// URI")
+    store = S3Store(location, S3Settings.from_env(environ))
+    files = {name: size for name, size in store.list_files().items() if not name.endswith("/")}
+    if not files:
+        raise FetchError(
+            f"no files under {location.uri}/ (at {store.endpoint}): check the assistant's s3.uri"
+        )
+    target.mkdir(parents=True)
+    for name in sorted(files):
+        path = _inside(target, name, "S3 key")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not store.download(name, path):
+            raise FetchError(f"{store.uri(name)} disappeared while it was being downloaded; retry")
+    return len(files)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without user name or password, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _git_env(environ: Mapping[str, str], scratch: Path) -> tuple[dict[str, str], list[str]]:
+    """Environment and `-c` options for git: credentials from env (https) or a mounted key (ssh)."""
+    env = dict(environ)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    options = ["-c", "advice.detachedHead=false"]
+    if environ.get("GIT_USERNAME") or environ.get("GIT_PASSWORD"):
+        options += ["-c", "credential.helper=", "-c", f"credential.helper={_GIT_CREDENTIAL_HELPER}"]
+    ssh_dir = Path(environ.get(GIT_SSH_DIR_ENV) or GIT_SSH_DIR)
+    key = ssh_dir / "ssh-privatekey"
+    if key.is_file():
+        # A mounted Secret is group-readable under fsGroup; ssh wants a key only its owner can read.
+        private = scratch / "ssh-key"
+        private.write_bytes(key.read_bytes())
+        private.chmod(0o600)
+        known_hosts = ssh_dir / "known_hosts"
+        checking = (
+            f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes"
+            if known_hosts.is_file()
+            else f"-o UserKnownHostsFile={scratch / 'known_hosts'} -o StrictHostKeyChecking=accept-new"
+        )
+        env["GIT_SSH_COMMAND"] = f"ssh -i {private} -o IdentitiesOnly=yes {checking}"
+    return env, options
+
+
+def _run_git(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -> str | None:
+    """Run git; None on success, else the last line of its error output (credentials masked)."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        return "git is not installed in this image"
+    except subprocess.TimeoutExpired:
+        return f"timed out after {_GIT_TIMEOUT:g}s"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    message = lines[-1] if lines else f"exit code {done.returncode}"
+    for secret in (env.get("GIT_PASSWORD"), env.get("GIT_USERNAME")):
+        if secret:
+            message = message.replace(secret, "***")
+    return message
+
+
+def _fetch_git(source: GitSource, target: Path, environ: Mapping[str, str]) -> None:
+    where = f"git clone of {_safe_url(source.url)} at {source.revision}"
+    with tempfile.TemporaryDirectory(prefix="ftrecipe-git-", dir=target.parent) as scratch_name:
+        scratch = Path(scratch_name)
+        env, options = _git_env(environ, scratch)
+        checkout = scratch / "checkout"
+        # A branch or tag: one shallow clone. A commit SHA cannot be named by --branch: clone, then check out.
+        failed = _run_git(
+            [
+                *options,
+                "clone",
+                "--quiet",
+                "--depth",
+                "1",
+                "--branch",
+                source.revision,
+                "--",
+                source.url,
+                str(checkout),
+            ],
+            env,
+        )
+        if failed is not None:
+            shutil.rmtree(checkout, ignore_errors=True)
+            failed = _run_git(
+                [*options, "clone", "--quiet", "--no-checkout", "--", source.url, str(checkout)], env
+            )
+            if failed is None:
+                failed = _run_git(
+                    [*options, "checkout", "--quiet", "--detach", source.revision], env, checkout
+                )
+        if failed is not None:
+            raise FetchError(f"{where} failed: {failed}")
+        folder = _inside(checkout, source.path, "git path")
+        if not folder.is_dir():
+            raise FetchError(f"{where}: no folder {source.path!r} in the repository")
+        _copy_folder(folder, target, where)
+
+
+def _fetch_config_map(target: Path, root: Path) -> int:
+    """Copy a mounted ConfigMap's keys (skipping the kubelet's `..data` bookkeeping entries)."""
+    names = sorted(p.name for p in root.iterdir() if not p.name.startswith("..")) if root.is_dir() else []
+    files = [name for name in names if (root / name).is_file()]
+    if not files:
+        raise FetchError(
+            f"the ConfigMap mounted at {root} has no keys: check assistant.source.configMap.name"
+        )
+    target.mkdir(parents=True)
+    for name in files:
+        shutil.copyfile(root / name, target / name)
+    return len(files)
+
+
+def _fetch_pvc(source: PvcPath, target: Path, root: Path) -> None:
+    folder = _inside(root, source.path, "pvc path")
+    if not folder.is_dir():
+        raise FetchError(
+            f"no folder {source.path!r} on PersistentVolumeClaim {source.claim_name} (mounted at {root})"
+        )
+    _copy_folder(folder, target, f"PersistentVolumeClaim {source.claim_name}")
+
+
+def fetch_assistant(spec: FinetuneRecipeSpec, target: Path, environ: Mapping[str, str]) -> str:
+    """Materialise the assistant's files in ``target`` (replaced if there); returns a line saying from where."""
+    source = spec.assistant.source
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.s3 is not None:
+        count = _fetch_s3(source.s3.uri, target, environ)
+        return f"{count} file(s) from {source.s3.uri}"
+    if source.git is not None:
+        _fetch_git(source.git, target, environ)
+        return f"{_safe_url(source.git.url)} at {source.git.revision}, folder {source.git.path}"
+    if source.config_map is not None:
+        count = _fetch_config_map(target, Path(environ.get(CONFIGMAP_ROOT_ENV) or CONFIGMAP_ROOT))
+        return f"{count} key(s) of ConfigMap {source.config_map.name}"
+    if source.pvc is not None:
+        _fetch_pvc(source.pvc, target, Path(environ.get(PVC_ROOT_ENV) or PVC_ROOT))
+        return f"PersistentVolumeClaim {source.pvc.claim_name}, folder {source.pvc.path}"
+    raise FetchError(
+        "assistant.source.local is for `ftrecipe run` on one machine; in a cluster use s3, git, configMap or pvc"
+    )
+
+
+def fetch_inputs(
+    spec: FinetuneRecipeSpec, phase: Phase, into: Path, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Write what ``phase``'s main container reads under ``into``; returns one line per thing written."""
+    env = os.environ if environ is None else environ
+    into.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    try:
+        if phase == "data":
+            origin = fetch_assistant(spec, into / ASSISTANT_DIR, env)
+            written.append(f"{into / ASSISTANT_DIR}: {origin}")
+            _write_yaml(into / LLM_CONFIG, llm_config(spec))
+            written.append(str(into / LLM_CONFIG))
+            rephrase = rephrase_config(spec)
+            if rephrase is not None:
+                _write_yaml(into / REPHRASE_CONFIG, rephrase)
+                written.append(str(into / REPHRASE_CONFIG))
+        elif phase == "train":
+            _write_yaml(into / TRAINING_CONFIG, training_config(spec))
+            written.append(str(into / TRAINING_CONFIG))
+    except StorageError as error:
+        raise FetchError(str(error)) from None
+    except OSError as error:
+        raise FetchError(f"{error.filename or into}: {error.strerror or error}") from None
+    return written

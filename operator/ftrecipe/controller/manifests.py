@@ -1,0 +1,464 @@
+"""batch/v1 Job manifests for the planner's `CreateJob` actions: pure functions, no Kubernetes client.
+
+Same inputs, same manifest (byte for byte once serialised), so a restarted operator that rebuilds a Job
+sees no difference. Secrets reach pods only as ``valueFrom.secretKeyRef`` (or a mounted Secret for a git
+ssh key): the spec, which the init container gets as JSON, holds references only.
+
+Decisions worth knowing:
+
+* Exit code 2 is ftrecipe's "user error" (a bad recipe, a missing file): the Job fails at once instead of
+  retrying; a pod disrupted by preemption or a drain (``DisruptionTarget``) does not use up a retry.
+* API keys: ``commandGenerator.llm.apiKeySecretRef`` becomes ``OPENAI_API_KEY`` (``AZURE_API_KEY`` for
+  azure), the variable `ftrecipe.dataprep.llm` reads. The rephraser's key is added under its own
+  provider's variable; when both LLMs need the *same* variable from *different* Secret keys, one process
+  cannot have both, so that recipe is refused with a ValueError.
+* S3: the data Job's init container talks to the assistant's store (``assistant.source.s3``), its main
+  container to ``output.s3``. The train container has one set of AWS variables, from ``output.s3``; a
+  ``baseModel.s3`` on another endpoint or with other credentials is refused.
+* Git: https credentials as ``GIT_USERNAME``/``GIT_PASSWORD`` (keys ``username``/``password``), ssh
+  credentials as a Secret volume (``ssh-privatekey``, optional ``known_hosts``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ftrecipe import __version__
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, ResourceRequirements, S3Location, SecretKeyRef
+from ftrecipe.controller import inputs
+from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes, phase_prefix
+from ftrecipe.plan.planner import CreateJob
+
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_RECIPE: Final = "ftrecipe.dev/recipe"
+LABEL_PHASE: Final = "ftrecipe.dev/phase"
+LABEL_INPUTS_HASH: Final = "ftrecipe.dev/inputs-hash"
+LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+ANNOTATION_INPUTS_HASH: Final = "ftrecipe.dev/inputs-hash"
+ANNOTATION_RECIPE: Final = "ftrecipe.dev/recipe"
+APP: Final = "ftrecipe"
+MANAGER: Final = "ftrecipe-operator"
+MAX_LABEL: Final = 63
+
+EXIT_USER_ERROR: Final = 2  # ftrecipe's one-line "fix your input" exit code: never worth a retry
+BACKOFF_LIMIT: Final[dict[Phase, int]] = {"data": 2, "train": 3, "evaluate": 2}
+DEFAULT_DEADLINE_SECONDS: Final = 6 * 3600
+TTL_SECONDS_AFTER_FINISHED: Final = 7 * 24 * 3600
+NON_ROOT_ID: Final = 65532  # the distroless "nonroot" user
+
+MAIN_CONTAINER: Final[dict[Phase, str]] = {"data": "prepare-data", "train": "train", "evaluate": "evaluate"}
+INIT_CONTAINER: Final = "fetch-inputs"
+CACHE_DIR: Final = f"{inputs.WORKSPACE}/cache"
+WORK_DIR: Final = f"{inputs.WORKSPACE}/work"
+ASSISTANT_PATH: Final = f"{inputs.INPUTS_DIR}/{inputs.ASSISTANT_DIR}"
+
+# Data preparation is CPU and network bound; these keep an unset recipe schedulable and Kueue-countable.
+DEFAULT_DATA_RESOURCES: Final[dict[str, dict[str, str]]] = {
+    "requests": {"cpu": "1", "memory": "2Gi"},
+    "limits": {"memory": "4Gi"},
+}
+INIT_RESOURCES: Final[dict[str, dict[str, str]]] = {
+    "requests": {"cpu": "100m", "memory": "256Mi"},
+    "limits": {"memory": "1Gi"},
+}
+
+
+@dataclass(frozen=True)
+class Images:
+    """Default images, overridden per recipe by ``spec.images``."""
+
+    operator: str = f"ghcr.io/ftrecipe/ftrecipe:{__version__}"
+    trainer: str = f"ghcr.io/ftrecipe/ftrecipe-trainer:{__version__}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Images:
+        """The operator's settings: ``FTRECIPE_OPERATOR_IMAGE`` and ``FTRECIPE_TRAINER_IMAGE``."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            operator=env.get("FTRECIPE_OPERATOR_IMAGE") or defaults.operator,
+            trainer=env.get("FTRECIPE_TRAINER_IMAGE") or defaults.trainer,
+        )
+
+
+DEFAULT_IMAGES: Final = Images()
+
+
+# --------------------------------------------------------------------------------------------- labels
+
+
+def label_value(text: str) -> str:
+    """``text`` as a label value: at most 63 characters, shortened with a digest of the whole when longer."""
+    if len(text) <= MAX_LABEL:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{text[: MAX_LABEL - len(digest) - 1].rstrip('-._')}-{digest}"
+
+
+def job_labels(recipe_name: str, phase: Phase, inputs_hash: str) -> dict[str, str]:
+    """The labels the operator selects its Jobs by."""
+    return {
+        LABEL_NAME: APP,
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_RECIPE: label_value(recipe_name),
+        LABEL_PHASE: phase,
+        LABEL_INPUTS_HASH: inputs_hash[:HASH_LENGTH],
+    }
+
+
+# --------------------------------------------------------------------------------------------- env
+
+
+def _value(name: str, value: str) -> dict[str, Any]:
+    return {"name": name, "value": value}
+
+
+def _secret(name: str, secret: str, key: str, *, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+BASE_ENV: Final = (
+    _value("HOME", "/tmp"),
+    _value("XDG_CACHE_HOME", "/tmp/.cache"),
+    _value("HF_HOME", f"{inputs.WORKSPACE}/hf"),
+    _value("PYTHONUNBUFFERED", "1"),
+)
+
+
+def _s3_env(location: S3Location) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if location.endpoint is not None:
+        env.append(_value("AWS_ENDPOINT_URL", location.endpoint))
+    if location.region is not None:
+        env.append(_value("AWS_REGION", location.region))
+    if location.force_path_style:
+        env.append(_value("FTRECIPE_S3_ADDRESSING_STYLE", "path"))
+    if location.credentials_secret_ref is not None:
+        secret = location.credentials_secret_ref.name
+        env.append(_secret("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"))
+        env.append(_secret("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"))
+    return env
+
+
+def _output_s3(spec: FinetuneRecipeSpec) -> S3Location:
+    if spec.output.s3 is None:
+        raise ValueError("spec.output.local is for `ftrecipe run` on one machine; in a cluster use output.s3")
+    return spec.output.s3
+
+
+def _llm_key_env(spec: FinetuneRecipeSpec) -> list[dict[str, Any]]:
+    """API keys of the annotating LLM and the rephraser, each under the variable its provider reads."""
+    chosen: dict[str, SecretKeyRef] = {}
+    for llm in (spec.command_generator.llm, spec.data_preparation.rephraser.llm):
+        if llm is None or llm.api_key_secret_ref is None:
+            continue
+        variable = "AZURE_API_KEY" if llm.provider == "azure" else "OPENAI_API_KEY"
+        earlier = chosen.setdefault(variable, llm.api_key_secret_ref)
+        if earlier != llm.api_key_secret_ref:
+            raise ValueError(
+                f"commandGenerator.llm and dataPreparation.rephraser.llm both need {variable} but from "
+                f"different Secret keys ({earlier.name}/{earlier.key}, {llm.api_key_secret_ref.name}/"
+                f"{llm.api_key_secret_ref.key}); one Job has one {variable}: use the same Secret key"
+            )
+    return [_secret(variable, ref.name, ref.key) for variable, ref in sorted(chosen.items())]
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def _resources(requirements: ResourceRequirements | None) -> dict[str, dict[str, str]]:
+    if requirements is None:
+        return {}
+    dumped: dict[str, dict[str, str]] = {}
+    for part in ("requests", "limits"):
+        values = getattr(requirements, part)
+        if values:
+            dumped[part] = {name: str(value) for name, value in sorted(values.items())}
+    return dumped
+
+
+def _container(name: str, image: str, args: list[str], env: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["ftrecipe"],
+        "args": args,
+        "env": [*(dict(entry) for entry in BASE_ENV), *env],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "workspace", "mountPath": inputs.WORKSPACE},
+        ],
+    }
+
+
+def _fetch_inputs_container(
+    spec: FinetuneRecipeSpec, phase: Phase, image: str, volumes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The init container: `ftrecipe fetch-inputs` with the spec (references only) and the source's access."""
+    env = [_value(inputs.SPEC_ENV, inputs.spec_json(spec))]
+    mounts: list[dict[str, Any]] = []
+    source = spec.assistant.source
+    if phase == "data":
+        if source.local is not None:
+            raise ValueError(
+                "spec.assistant.source.local is for `ftrecipe run` on one machine; in a cluster use s3, git, "
+                "configMap or pvc"
+            )
+        if source.s3 is not None:
+            env += _s3_env(source.s3)
+        if source.git is not None and source.git.credentials_secret_ref is not None:
+            secret = source.git.credentials_secret_ref.name
+            if source.git.url.startswith(("https://", "http://")):
+                env += [
+                    _secret("GIT_USERNAME", secret, "username"),
+                    _secret("GIT_PASSWORD", secret, "password"),
+                ]
+            else:
+                volumes.append(
+                    {
+                        "name": "git-ssh",
+                        "secret": {"secretName": secret, "defaultMode": 0o440, "optional": False},
+                    }
+                )
+                mounts.append({"name": "git-ssh", "mountPath": inputs.GIT_SSH_DIR, "readOnly": True})
+        if source.config_map is not None:
+            volumes.append({"name": "assistant-configmap", "configMap": {"name": source.config_map.name}})
+            mounts.append(
+                {"name": "assistant-configmap", "mountPath": inputs.CONFIGMAP_ROOT, "readOnly": True}
+            )
+        if source.pvc is not None:
+            volumes.append(
+                {
+                    "name": "assistant-pvc",
+                    "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True},
+                }
+            )
+            mounts.append({"name": "assistant-pvc", "mountPath": inputs.PVC_ROOT, "readOnly": True})
+    container = _container(
+        INIT_CONTAINER, image, ["fetch-inputs", "--phase", phase, "--into", inputs.INPUTS_DIR], env
+    )
+    container["volumeMounts"] += mounts
+    container["resources"] = {part: dict(values) for part, values in INIT_RESOURCES.items()}
+    return container
+
+
+def data_args(spec: FinetuneRecipeSpec, output_prefix: str) -> list[str]:
+    """prepare-data's command line, reading what `fetch-inputs --phase data` wrote."""
+    prep = spec.data_preparation
+    args = ["prepare-data"]
+    args += [f"{ASSISTANT_PATH}/{path.strip('/')}" for path in spec.assistant.e2e_tests]
+    args += ["--assistant", ASSISTANT_PATH, "--llm-config", f"{inputs.INPUTS_DIR}/{inputs.LLM_CONFIG}"]
+    if inputs.rephrase_config(spec) is not None:
+        args += ["--rephrase-config", f"{inputs.INPUTS_DIR}/{inputs.REPHRASE_CONFIG}"]
+    args += [
+        "--annotator",
+        prep.annotator,
+        "--num-rephrases",
+        str(prep.num_rephrases),
+        "--train-frac",
+        repr(prep.train_fraction),
+        "--output-format",
+        prep.output_format,
+        "--seed",
+        str(prep.seed),
+        "--concurrency",
+        str(prep.concurrency),
+        "--cache-dir",
+        CACHE_DIR,
+        "--out",
+        output_prefix,
+    ]
+    return args
+
+
+def _same_store(base: S3Location, output: S3Location) -> bool:
+    """True when the base model's bucket can be read with the output store's settings and credentials."""
+    access = (base.endpoint, base.region, base.force_path_style, base.credentials_secret_ref)
+    if access == (None, None, False, None):
+        return True
+    return access == (output.endpoint, output.region, output.force_path_style, output.credentials_secret_ref)
+
+
+def base_model_arg(spec: FinetuneRecipeSpec) -> str:
+    """`--base-model` of train: hf:ID[@REV], an s3:// URI, or the mounted PVC folder."""
+    base = spec.training.base_model
+    if base.hugging_face is not None:
+        revision = f"@{base.hugging_face.revision}" if base.hugging_face.revision else ""
+        return f"hf:{base.hugging_face.id}{revision}"
+    if base.s3 is not None:
+        if not _same_store(base.s3, _output_s3(spec)):
+            raise ValueError(
+                "training.baseModel.s3 must be on the output store (same endpoint, region, path style and "
+                "credentials as output.s3, or leave those empty): the training pod has one set of AWS settings"
+            )
+        return base.s3.uri
+    if base.pvc is not None:
+        return posixpath.normpath(f"{inputs.PVC_ROOT}/{base.pvc.path}")
+    raise ValueError(
+        "spec.training.baseModel.local is for `ftrecipe run` on one machine; in a cluster use huggingFace, "
+        "s3 or pvc"
+    )
+
+
+def train_args(spec: FinetuneRecipeSpec, output_prefix: str, data_prefix: str) -> list[str]:
+    """train's command line: data and base model are read by train itself, settings from training.yml."""
+    return [
+        "train",
+        "--data",
+        data_prefix,
+        "--base-model",
+        base_model_arg(spec),
+        "--out",
+        output_prefix,
+        "--config",
+        f"{inputs.INPUTS_DIR}/{inputs.TRAINING_CONFIG}",
+        "--work-dir",
+        WORK_DIR,
+    ]
+
+
+# --------------------------------------------------------------------------------------------- the Job
+
+
+def build_job(
+    recipe_name: str,
+    namespace: str,
+    spec: FinetuneRecipeSpec,
+    action: CreateJob,
+    *,
+    output_prefix: str,
+    images: Images = DEFAULT_IMAGES,
+    data_prefix: str | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job for ``action``. ``output_prefix`` is where this phase publishes its bundle;
+    ``data_prefix`` (train only) where the data bundle is, by default the data phase's content-addressed
+    prefix under ``output.s3.uri``. Raises ValueError for recipes a cluster cannot run."""
+    phase = action.phase
+    if phase == "evaluate":
+        raise NotImplementedError(
+            "the evaluate phase has no command yet (`ftrecipe evaluate` comes with the evaluation issue); "
+            "set spec.evaluation.enabled: false until then"
+        )
+    output = _output_s3(spec)
+    labels = job_labels(recipe_name, phase, action.inputs_hash)
+    if spec.queue_name is not None:
+        labels[LABEL_QUEUE] = spec.queue_name
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "workspace", "emptyDir": {}},
+    ]
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NON_ROOT_ID,
+            "runAsGroup": NON_ROOT_ID,
+            "fsGroup": NON_ROOT_ID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if phase == "data":
+        image = spec.images.operator or images.operator
+        init = _fetch_inputs_container(spec, phase, image, volumes)
+        main = _container(
+            MAIN_CONTAINER[phase],
+            image,
+            data_args(spec, output_prefix),
+            [*_s3_env(output), *_llm_key_env(spec)],
+        )
+        main["resources"] = _resources(spec.data_preparation.resources) or {
+            part: dict(values) for part, values in DEFAULT_DATA_RESOURCES.items()
+        }
+        deadline = DEFAULT_DEADLINE_SECONDS
+    else:
+        training = spec.training
+        if data_prefix is None:
+            data_prefix = phase_prefix(output.uri, recipe_name, "data", phase_hashes(spec)["data"])
+        image = spec.images.trainer or images.trainer
+        init = _fetch_inputs_container(spec, phase, spec.images.operator or images.operator, volumes)
+        env = _s3_env(output)
+        base = training.base_model
+        if base.hugging_face is not None and base.hugging_face.token_secret_ref is not None:
+            ref = base.hugging_face.token_secret_ref
+            env.append(_secret("HF_TOKEN", ref.name, ref.key))
+        main = _container(MAIN_CONTAINER[phase], image, train_args(spec, output_prefix, data_prefix), env)
+        resources = _resources(training.resources)
+        if training.gpus > 0:
+            resources.setdefault("limits", {})["nvidia.com/gpu"] = str(training.gpus)
+        if resources:
+            main["resources"] = resources
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        main["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        if base.pvc is not None:
+            volumes.append(
+                {
+                    "name": "base-model",
+                    "persistentVolumeClaim": {"claimName": base.pvc.claim_name, "readOnly": True},
+                }
+            )
+            main["volumeMounts"].append(
+                {"name": "base-model", "mountPath": inputs.PVC_ROOT, "readOnly": True}
+            )
+        if training.node_selector:
+            pod["nodeSelector"] = dict(sorted(training.node_selector.items()))
+        if training.tolerations:
+            pod["tolerations"] = [
+                t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in training.tolerations
+            ]
+        if training.affinity:
+            pod["affinity"] = copy.deepcopy(training.affinity)
+        if training.priority_class_name is not None:
+            pod["priorityClassName"] = training.priority_class_name
+        deadline = training.active_deadline_seconds
+    pod["initContainers"] = [init]
+    pod["containers"] = [main]
+    pod["volumes"] = volumes
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": action.name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_INPUTS_HASH: action.inputs_hash, ANNOTATION_RECIPE: recipe_name},
+        },
+        "spec": {
+            "suspend": action.suspended,
+            "backoffLimit": BACKOFF_LIMIT[phase],
+            "activeDeadlineSeconds": deadline,
+            "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"operator": "In", "values": [EXIT_USER_ERROR]},
+                    },
+                ]
+            },
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+        },
+    }
