@@ -177,6 +177,46 @@ def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    # Imported here: kopf and the kubernetes client are only needed by the operator.
+    import kopf
+    import kubernetes.config
+
+    from ftrecipe.controller.handlers import OperatorSettings, register
+    from ftrecipe.controller.manifests import Images
+
+    if not args.all_namespaces and not args.namespace:
+        print("error: pass --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return EXIT_USER_ERROR
+    # The handlers use the `kubernetes` client's default configuration: in the pod, or from kubeconfig.
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    is_complete = None
+    if args.reuse_bundles:
+        from ftrecipe.storage.bundle import bundle_complete
+
+        def is_complete(prefix: str) -> bool:
+            return bundle_complete(prefix)
+
+    settings = OperatorSettings(
+        images=Images.from_env(),
+        is_complete=is_complete,
+        resync_seconds=args.resync_seconds if args.resync_seconds > 0 else None,
+    )
+    registry = kopf.OperatorRegistry()
+    register(registry, settings=settings)
+    kopf.run(
+        registry=registry,
+        clusterwide=args.all_namespaces,
+        namespaces=[] if args.all_namespaces else args.namespace,
+        standalone=args.standalone,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftrecipe",
@@ -261,6 +301,31 @@ def make_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--into", required=True, help="folder to write into (the Job's /workspace/inputs)")
     fetch.add_argument("--spec-json", help="the recipe spec as JSON (default: $FTRECIPE_SPEC)")
     fetch.set_defaults(run=_cmd_fetch_inputs)
+
+    operator = commands.add_parser(
+        "operator", help="run the Kubernetes operator: FinetuneRecipes become Jobs (data, train, evaluate)"
+    )
+    scope = operator.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", action="append", metavar="NS", help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    operator.add_argument(
+        "--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    operator.add_argument(
+        "--standalone", action="store_true", help="no peering with other operator instances"
+    )
+    operator.add_argument(
+        "--reuse-bundles",
+        action="store_true",
+        help="skip a phase whose bundle is already complete in S3 (credentials from the environment)",
+    )
+    operator.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="re-plan unfinished recipes this often even without events (0: never)",
+    )
+    operator.set_defaults(run=_cmd_operator)
     return parser
 
 

@@ -1,0 +1,334 @@
+"""The kopf shell around the pure planner: observe a recipe's Jobs, plan, apply the actions, write status.
+
+Handlers (added to a registry by `register`, never at import):
+
+* ``reconcile`` on FinetuneRecipe create, update and resume: parse the recipe, list its Jobs by label, ask
+  which phase bundles already exist (S3 output only, when ``OperatorSettings.is_complete`` is given), run
+  `plan`, apply its actions (create/delete/suspend/resume Jobs), then write `compute_status` through
+  ``patch.status`` and post Events on phase changes. Level-based: a restarted operator re-plans from what
+  exists, and a Job that already exists (409) is simply adopted.
+* ``job_event`` on our Jobs (label ``app.kubernetes.io/managed-by=ftrecipe-operator``): a Job changed, so its
+  recipe must be re-planned. It writes ``<job>=<state>`` into the recipe's ``ftrecipe.dev/last-job-event``
+  annotation, which kopf sees as an update of the recipe. That keeps every reconcile of one recipe in
+  kopf's single per-object worker (no two reconciles race on the same status), unlike a second handler
+  calling the reconcile directly.
+* ``resync`` (a timer, when ``OperatorSettings.resync_seconds`` is set): touches the
+  ``ftrecipe.dev/resync`` annotation of recipes that are not finished, the same way, as a safety net for
+  missed watch events and for bundles that appear in storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from ftrecipe.api import GROUP, PLURAL, VERSION, RecipeError, parse_recipe
+from ftrecipe.api.v1alpha1 import Condition, FinetuneRecipeSpec, FinetuneRecipeStatus
+from ftrecipe.controller.manifests import (
+    ANNOTATION_RECIPE,
+    DEFAULT_IMAGES,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    Images,
+    build_job,
+)
+from ftrecipe.controller.observe import job_state, list_recipe_jobs
+from ftrecipe.plan.cache_key import Phase, phase_hashes, phase_prefix
+from ftrecipe.plan.planner import (
+    Action,
+    CreateJob,
+    DeleteJob,
+    Fail,
+    ResumeJob,
+    SuspendJob,
+    World,
+    phases,
+    plan,
+)
+from ftrecipe.plan.status import compute_status
+
+ANNOTATION_LAST_JOB_EVENT: Final = "ftrecipe.dev/last-job-event"
+ANNOTATION_RESYNC: Final = "ftrecipe.dev/resync"
+FINISHED: Final = ("Succeeded", "Failed")
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """ftrecipe's own operator settings (kopf's are separate)."""
+
+    images: Images = DEFAULT_IMAGES
+    # Whether the bundle at an output prefix is complete (e.g. `storage.bundle_complete`): asked for phases
+    # without a succeeded Job, for S3 output only. None: never reuse earlier runs' bundles.
+    is_complete: Callable[[str], bool] | None = None
+    # How often unfinished recipes are re-planned even without events; None: never.
+    resync_seconds: float | None = 60.0
+    # Delay before kopf retries a reconcile that hit an API error.
+    retry_delay: float = 5.0
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch from `old` to `new`: changed keys, and None for keys that went away."""
+    out: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                out[key] = nested
+        elif value != before:
+            out[key] = value
+    return out
+
+
+def _dump(status: FinetuneRecipeStatus) -> dict[str, Any]:
+    return status.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _previous_status(body: kopf.Body) -> tuple[FinetuneRecipeStatus | None, dict[str, Any]]:
+    raw = dict(body.get("status") or {})
+    try:
+        previous = FinetuneRecipeStatus.model_validate(raw)
+    except ValidationError:
+        return None, raw
+    return previous, _dump(previous)
+
+
+def _one_line(error: RecipeError) -> str:
+    return "; ".join(error.lines) or str(error)
+
+
+def _output_root(spec: FinetuneRecipeSpec) -> str | None:
+    return spec.output.s3.uri if spec.output.s3 is not None else None
+
+
+def _prefixes(spec: FinetuneRecipeSpec, recipe: str) -> dict[Phase, str]:
+    root = _output_root(spec) or "(local output)"
+    return {phase: phase_prefix(root, recipe, phase, h) for phase, h in phase_hashes(spec).items()}
+
+
+def _invalid_status(
+    message: str, generation: int, previous: FinetuneRecipeStatus | None
+) -> FinetuneRecipeStatus:
+    now = _now()
+    before = {c.type: c for c in (previous.conditions or [])} if previous is not None else {}
+    ready = before.get("Ready")
+    since = ready.last_transition_time if ready is not None and ready.status == "False" else now
+    return FinetuneRecipeStatus(
+        phase="Failed",
+        observed_generation=generation,
+        started_at=previous.started_at if previous is not None else None,
+        completed_at=(previous.completed_at if previous is not None else None) or now,
+        message=message,
+        conditions=[
+            Condition(
+                type="Ready",
+                status="False",
+                reason="InvalidRecipe",
+                message=message,
+                last_transition_time=since,
+                observed_generation=generation,
+            )
+        ],
+    )
+
+
+async def _complete_hashes(
+    spec: FinetuneRecipeSpec, recipe: str, world: World, settings: OperatorSettings
+) -> frozenset[str]:
+    """Hashes of phases (without a succeeded Job) whose bundle is already complete in S3."""
+    root = _output_root(spec)
+    if settings.is_complete is None or root is None:
+        return frozenset()
+    done = {(j.phase, j.inputs_hash) for j in world.jobs if j.state == "succeeded"}
+    complete: set[str] = set()
+    for phase, inputs_hash in phase_hashes(spec).items():
+        if phase not in phases(spec) or (phase, inputs_hash) in done:
+            continue
+        prefix = phase_prefix(root, recipe, phase, inputs_hash)
+        try:
+            if await asyncio.to_thread(settings.is_complete, prefix):
+                complete.add(inputs_hash)
+        except Exception as error:  # storage trouble must not stop the recipe: run the phase instead
+            _LOG.warning("cannot tell whether %s is complete: %s", prefix, error)
+    return frozenset(complete)
+
+
+# --------------------------------------------------------------------------------------------- Kubernetes
+
+
+def _create_job(namespace: str, job: dict[str, Any]) -> bool:
+    """Create the Job; False when it already exists (a restarted operator adopts it)."""
+    try:
+        kubernetes.client.BatchV1Api().create_namespaced_job(namespace, job)  # type: ignore[arg-type]
+    except ApiException as error:
+        if error.status == 409:
+            return False
+        raise
+    return True
+
+
+def _delete_job(namespace: str, name: str) -> None:
+    try:
+        kubernetes.client.BatchV1Api().delete_namespaced_job(name, namespace, propagation_policy="Background")
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def _suspend_job(namespace: str, name: str, suspend: bool) -> None:
+    kubernetes.client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+
+def _annotate_recipe(namespace: str, name: str, key: str, value: str) -> None:
+    try:
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"annotations": {key: value}}}
+        )
+    except ApiException as error:
+        if error.status != 404:  # the recipe is gone (its Jobs are being garbage-collected)
+            raise
+
+
+async def _apply(
+    actions: Sequence[Action],
+    body: kopf.Body,
+    spec: FinetuneRecipeSpec,
+    settings: OperatorSettings,
+) -> list[Action]:
+    """Apply the Job actions in order; returns the actions as they turned out (a Job that cannot be built
+    becomes a `Fail`, and nothing after it runs)."""
+    name = body.meta.name or ""
+    namespace = body.meta.namespace or ""
+    prefixes = _prefixes(spec, name)
+    applied: list[Action] = []
+    for action in actions:
+        if isinstance(action, CreateJob):
+            try:
+                job = build_job(
+                    name,
+                    namespace,
+                    spec,
+                    action,
+                    output_prefix=prefixes[action.phase],
+                    images=settings.images,
+                )
+            except NotImplementedError as error:
+                applied.append(Fail(action.phase, "EvaluationNotAvailable", str(error)))
+                return applied
+            except ValueError as error:
+                applied.append(Fail(action.phase, "InvalidForCluster", str(error)))
+                return applied
+            kopf.adopt(job, owner=body)
+            if await asyncio.to_thread(_create_job, namespace, job):
+                kopf.info(body, reason="JobCreated", message=f"created Job {action.name} ({action.phase})")
+        elif isinstance(action, DeleteJob):
+            await asyncio.to_thread(_delete_job, namespace, action.name)
+            kopf.info(body, reason="JobDeleted", message=f"deleted Job {action.name}: {action.reason}")
+        elif isinstance(action, SuspendJob | ResumeJob):
+            await asyncio.to_thread(_suspend_job, namespace, action.name, isinstance(action, SuspendJob))
+        applied.append(action)
+    return applied
+
+
+def _post_transition(body: kopf.Body, before: str | None, status: FinetuneRecipeStatus, last: Action) -> None:
+    if status.phase == before or status.phase is None:
+        return
+    if isinstance(last, Fail):
+        kopf.warn(body, reason=last.reason, message=last.message)
+    elif status.phase == "Failed":
+        kopf.warn(body, reason="Failed", message=status.message or "")
+    else:
+        kopf.info(body, reason=status.phase, message=status.message or "")
+
+
+async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
+    """Observe, plan, apply, write status: one level-based pass for one recipe."""
+    name = body.meta.name or ""
+    namespace = body.meta.namespace or ""
+    generation = int(body.meta.get("generation") or 0)
+    previous, old = _previous_status(body)
+    before = previous.phase if previous is not None else None
+    try:
+        recipe = parse_recipe(
+            {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": dict(body.get("spec") or {}),
+            },
+            f"{namespace}/{name}",
+        )
+    except RecipeError as error:
+        message = _one_line(error)
+        status = _invalid_status(message, generation, previous)
+        patch.status.update(merge_patch(old, _dump(status)))
+        if before != "Failed":
+            kopf.warn(body, reason="InvalidRecipe", message=message)
+        return
+    spec = recipe.spec
+    try:
+        jobs = await list_recipe_jobs(namespace, name)
+        world = World(jobs=jobs)
+        world = World(jobs=jobs, complete=await _complete_hashes(spec, name, world, settings))
+        actions = await _apply(plan(name, spec, world), body, spec, settings)
+    except ApiException as error:
+        raise kopf.TemporaryError(
+            f"Kubernetes API error {error.status}: {error.reason}", delay=settings.retry_delay
+        ) from error
+    status = compute_status(
+        spec, generation, actions, prefixes=_prefixes(spec, name), now=_now(), previous=previous
+    )
+    patch.status.update(merge_patch(old, _dump(status)))
+    if actions:
+        _post_transition(body, before, status, actions[-1])
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | None = None) -> None:
+    """Add ftrecipe's handlers to `registry` (a fresh one per operator, so tests never share handlers)."""
+    chosen = settings or OperatorSettings()
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-resume")
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-create")
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-update")
+    async def reconcile_handler(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        await reconcile(body, patch, chosen)
+
+    @kopf.on.event(
+        "batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id="job-event"
+    )
+    async def job_event(body: kopf.Body, **kwargs: Any) -> None:
+        recipe = body.meta.annotations.get(ANNOTATION_RECIPE)
+        namespace = body.meta.namespace
+        if not recipe or not namespace:
+            return
+        state = "deleted" if kwargs.get("type") == "DELETED" else job_state(body)
+        value = f"{body.meta.name}={state}"
+        await asyncio.to_thread(_annotate_recipe, namespace, recipe, ANNOTATION_LAST_JOB_EVENT, value)
+
+    if chosen.resync_seconds is not None:
+
+        @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync", interval=chosen.resync_seconds)
+        def resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+            if (body.get("status") or {}).get("phase") in FINISHED:
+                return
+            patch.metadata.annotations[ANNOTATION_RESYNC] = _now().isoformat()

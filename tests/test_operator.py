@@ -1,0 +1,288 @@
+"""The kopf operator against the emulated Kubernetes API: Jobs created, adopted, replaced; status and Events."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import kopf
+import pytest
+import yaml
+
+from ftrecipe.api import parse_recipe
+from ftrecipe.cli.main import main
+from ftrecipe.controller.handlers import ANNOTATION_RESYNC, OperatorSettings, register
+from ftrecipe.controller.manifests import LABEL_PHASE, LABEL_QUEUE, LABEL_RECIPE, Images
+from ftrecipe.plan.cache_key import Phase, phase_hashes
+from ftrecipe.plan.planner import job_name
+from support.k8s import CRD_GROUP, CRD_PLURAL, CRD_RESOURCE, CRD_VERSION, K8s
+
+Body = dict[str, Any]
+NS = "ml"
+JOBS = "batch/v1/jobs"
+IMAGES = Images(operator="registry.test/ftrecipe:test", trainer="registry.test/ftrecipe-trainer:test")
+MINIMAL = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "minimal.yaml"
+
+
+def manifest(name: str = "minimal", **spec: Any) -> Body:
+    body = cast(Body, yaml.safe_load(MINIMAL.read_text()))
+    body["metadata"] = {"name": name}
+    body["spec"]["evaluation"] = {"enabled": False}
+    body["spec"].update(copy.deepcopy(spec))
+    return body
+
+
+def expected_job(body: Body, phase: Phase) -> str:
+    spec = parse_recipe(body).spec
+    return job_name(body["metadata"]["name"], phase, phase_hashes(spec)[phase])
+
+
+def handlers(**overrides: Any) -> Callable[[kopf.OperatorRegistry], None]:
+    options: dict[str, Any] = {"images": IMAGES, "resync_seconds": None, "retry_delay": 0.5, **overrides}
+    settings = OperatorSettings(**options)
+    return lambda registry: register(registry, settings=settings)
+
+
+@pytest.fixture
+def operator(k8s: K8s) -> Iterator[Any]:
+    with k8s.run_operator(handlers(), namespaces=[NS], posting=True, watching=[CRD_RESOURCE, JOBS]) as run:
+        yield run
+    assert not run.errors, run.messages()
+
+
+def apply(k8s: K8s, body: Body) -> Body:
+    return cast(
+        Body, k8s.custom.create_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NS, CRD_PLURAL, body)
+    )
+
+
+def patch_spec(k8s: K8s, name: str, spec: Body) -> None:
+    k8s.custom.patch_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NS, CRD_PLURAL, name, {"spec": spec})
+
+
+def status(k8s: K8s, name: str = "minimal") -> Body:
+    body = k8s.get(CRD_RESOURCE, name, NS) or {}
+    return cast(Body, body.get("status") or {})
+
+
+def wait_status(k8s: K8s, where: Callable[[Body], bool], message: str, name: str = "minimal") -> Body:
+    def probe() -> Body | None:
+        st = status(k8s, name)
+        return st if where(st) else None
+
+    found = k8s.wait_for(probe, message=message)
+    assert found is not None
+    return found
+
+
+def wait_phase(k8s: K8s, phase: str, name: str = "minimal") -> Body:
+    return wait_status(k8s, lambda st: st.get("phase") == phase, f"phase {phase}", name)
+
+
+def condition(st: Body, kind: str) -> Body:
+    return next(c for c in st.get("conditions", []) if c["type"] == kind)
+
+
+def wait_job(k8s: K8s, name: str) -> Body:
+    return k8s.wait_for_object(JOBS, name, NS)
+
+
+def job_names(k8s: K8s) -> list[str]:
+    return sorted(j["metadata"]["name"] for j in k8s.list(JOBS, NS))
+
+
+def test_full_lifecycle(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    owner = apply(k8s, body)
+    data_name = expected_job(body, "data")
+    data = wait_job(k8s, data_name)
+
+    meta = data["metadata"]
+    assert meta["labels"][LABEL_RECIPE] == "minimal" and meta["labels"][LABEL_PHASE] == "data"
+    (ref,) = meta["ownerReferences"]
+    assert (ref["uid"], ref["kind"], ref["controller"]) == (owner["metadata"]["uid"], "FinetuneRecipe", True)
+    pod = data["spec"]["template"]["spec"]
+    assert {c["image"] for c in pod["containers"] + pod["initContainers"]} == {IMAGES.operator}
+    for container in pod["containers"] + pod["initContainers"]:
+        for env in container["env"]:
+            assert "value" in env or set(env["valueFrom"]) == {"secretKeyRef"}, env
+    assert data["spec"]["suspend"] is False
+
+    st = wait_phase(k8s, "PreparingData")
+    assert condition(st, "DataPrepared")["status"] == "Unknown"
+    assert st["dataPreparation"]["jobName"] == data_name
+
+    k8s.set_job_status(data_name, NS, "succeeded")
+    train_name = expected_job(body, "train")
+    train = wait_job(k8s, train_name)
+    limits = train["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert train["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGES.trainer
+    st = wait_phase(k8s, "Training")
+    assert condition(st, "DataPrepared")["status"] == "True"
+    assert st["dataPreparation"]["datasetURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/data-")
+
+    k8s.set_job_status(train_name, NS, "succeeded")
+    st = wait_phase(k8s, "Succeeded")
+    assert condition(st, "Ready")["status"] == "True"
+    assert st["training"]["adapterURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/train-")
+    assert st["completedAt"] and st["observedGeneration"] == 1
+    assert job_names(k8s) == sorted([data_name, train_name])
+    k8s.wait_for(
+        lambda: {e["reason"] for e in k8s.events(NS)} >= {"JobCreated", "Training", "Succeeded"},
+        message="Events JobCreated, Training and Succeeded",
+    )
+
+
+def test_failed_train_job_fails_the_recipe(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    apply(k8s, body)
+    k8s.set_job_status(wait_job(k8s, expected_job(body, "data"))["metadata"]["name"], NS, "succeeded")
+    train_name = expected_job(body, "train")
+    wait_job(k8s, train_name)
+    k8s.set_job_status(train_name, NS, "failed", message="CUDA out of memory")
+    st = wait_phase(k8s, "Failed")
+    assert "CUDA out of memory" in st["message"]
+    ready = condition(st, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "JobFailed")
+    assert condition(st, "Trained")["status"] == "False"
+    k8s.wait_for(
+        lambda: any(e["reason"] == "JobFailed" and e["type"] == "Warning" for e in k8s.events(NS)),
+        message="a JobFailed warning Event",
+    )
+
+
+def test_restart_adopts_the_running_job(k8s: K8s) -> None:
+    body = manifest()
+    data_name = expected_job(body, "data")
+    with k8s.run_operator(handlers(), namespaces=[NS], watching=[CRD_RESOURCE]) as first:
+        apply(k8s, body)
+        wait_job(k8s, data_name)
+        wait_phase(k8s, "PreparingData")
+    k8s.set_job_status(data_name, NS, "running")
+    with k8s.run_operator(handlers(), namespaces=[NS], watching=[CRD_RESOURCE]) as second:
+        k8s.wait_for(
+            lambda: any("reconcile-resume" in m and "succeeded" in m for m in second.messages()),
+            message="the resume handler to run",
+        )
+        assert job_names(k8s) == [data_name]
+        assert status(k8s)["phase"] == "PreparingData"
+    assert not first.errors and not second.errors, second.messages()
+
+
+def test_training_change_keeps_data_and_replaces_train_job(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    apply(k8s, body)
+    data_name = expected_job(body, "data")
+    wait_job(k8s, data_name)
+    k8s.set_job_status(data_name, NS, "succeeded")
+    old_train = expected_job(body, "train")
+    wait_job(k8s, old_train)
+    k8s.set_job_status(old_train, NS, "running")
+
+    patch_spec(k8s, "minimal", {"training": {"hyperparameters": {"epochs": 5}}})
+    changed = copy.deepcopy(body)
+    changed["spec"]["training"]["hyperparameters"] = {"epochs": 5}
+    new_train = expected_job(changed, "train")
+    assert new_train != old_train and expected_job(changed, "data") == data_name
+    wait_job(k8s, new_train)
+    k8s.wait_for(lambda: k8s.get(JOBS, old_train, NS) is None, message="the old train Job deleted")
+    assert job_names(k8s) == sorted([data_name, new_train])
+    st = wait_status(k8s, lambda s: s.get("observedGeneration") == 2, "observedGeneration 2")
+    assert st["phase"] == "Training" and st["training"]["jobName"] == new_train
+    assert condition(st, "DataPrepared")["status"] == "True"
+
+
+def test_suspend_suspends_the_running_job(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    apply(k8s, body)
+    data_name = expected_job(body, "data")
+    wait_job(k8s, data_name)
+    k8s.set_job_status(data_name, NS, "running")
+    patch_spec(k8s, "minimal", {"suspend": True})
+    k8s.wait_for_object(JOBS, data_name, NS, where=lambda j: j["spec"].get("suspend") is True)
+    wait_phase(k8s, "Suspended")
+    patch_spec(k8s, "minimal", {"suspend": False})
+    k8s.wait_for_object(JOBS, data_name, NS, where=lambda j: j["spec"].get("suspend") is False)
+    wait_phase(k8s, "PreparingData")
+    assert job_names(k8s) == [data_name]
+
+
+def test_kueue_queue_creates_suspended_labelled_jobs(k8s: K8s, operator: Any) -> None:
+    body = manifest(queueName="gpu-queue")
+    apply(k8s, body)
+    job = wait_job(k8s, expected_job(body, "data"))
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][LABEL_QUEUE] == "gpu-queue"
+    assert job["spec"]["template"]["metadata"]["labels"][LABEL_QUEUE] == "gpu-queue"
+    wait_phase(k8s, "PreparingData")
+
+
+def test_local_output_fails_without_jobs(k8s: K8s, operator: Any) -> None:
+    body = manifest(output={"local": {"path": "/tmp/out"}})
+    apply(k8s, body)
+    st = wait_phase(k8s, "Failed")
+    assert condition(st, "Ready")["reason"] == "LocalPathInCluster"
+    assert "spec.output.local" in st["message"]
+    assert job_names(k8s) == []
+
+
+def test_evaluation_enabled_fails_clearly_after_training(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    body["spec"]["evaluation"] = {"enabled": True}
+    apply(k8s, body)
+    for phase in ("data", "train"):
+        name = expected_job(body, phase)
+        wait_job(k8s, name)
+        k8s.set_job_status(name, NS, "succeeded")
+    st = wait_phase(k8s, "Failed")
+    assert condition(st, "Ready")["reason"] == "EvaluationNotAvailable"
+    assert "evaluation.enabled: false" in st["message"]
+
+
+def test_complete_bundle_is_reused(k8s: K8s) -> None:
+    body = manifest()
+    spec = parse_recipe(body).spec
+    data_hash = phase_hashes(spec)["data"]
+    asked: list[str] = []
+
+    def is_complete(prefix: str) -> bool:
+        asked.append(prefix)
+        return f"/data-{data_hash[:12]}/" in prefix
+
+    with k8s.run_operator(handlers(is_complete=is_complete), namespaces=[NS]) as run:
+        apply(k8s, body)
+        wait_job(k8s, expected_job(body, "train"))
+        st = wait_phase(k8s, "Training")
+        assert st["dataPreparation"]["cached"] is True
+        assert condition(st, "DataPrepared")["reason"] == "Cached"
+        assert job_names(k8s) == [expected_job(body, "train")]
+    assert not run.errors, run.messages()
+    assert asked
+
+
+def test_resync_timer_touches_unfinished_recipes(k8s: K8s) -> None:
+    body = manifest()
+    with k8s.run_operator(handlers(resync_seconds=0.2), namespaces=[NS]) as run:
+        apply(k8s, body)
+        wait_job(k8s, expected_job(body, "data"))
+        k8s.wait_for_object(
+            CRD_RESOURCE,
+            "minimal",
+            NS,
+            where=lambda b: ANNOTATION_RESYNC in b["metadata"].get("annotations", {}),
+        )
+        assert job_names(k8s) == [expected_job(body, "data")]
+    assert not run.errors, run.messages()
+
+
+def test_operator_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["operator", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--namespace", "--all-namespaces", "--liveness", "--standalone"):
+        assert option in out
+    assert main(["operator"]) == 2
