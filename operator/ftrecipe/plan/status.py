@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ftrecipe.api.v1alpha1 import (
     Condition,
@@ -108,9 +108,15 @@ def compute_status(
         completed_at=(previous.completed_at or now) if finished else None,
         message=message,
         conditions=conditions,
-        data_preparation=_data_status(facts.get("data"), prefixes, previous.data_preparation, now),
-        training=_training_status(facts.get("train"), prefixes, previous.training, now),
-        evaluation=_evaluation_status(facts.get("evaluate"), prefixes, previous.evaluation, now)
+        data_preparation=_phase_status(
+            "data", facts.get("data"), prefixes, previous.data_preparation, DataPreparationStatus(), now
+        ),
+        training=_phase_status(
+            "train", facts.get("train"), prefixes, previous.training, TrainingStatus(), now
+        ),
+        evaluation=_phase_status(
+            "evaluate", facts.get("evaluate"), prefixes, previous.evaluation, EvaluationStatus(), now
+        )
         if "evaluate" in phases(spec)
         else None,
     )
@@ -124,69 +130,32 @@ def _progress_message(actions: Sequence[Action], spec: FinetuneRecipeSpec) -> st
     return "planning"
 
 
-def _times(
-    fact: Action | None, previous_started: datetime | None, previous_completed: datetime | None, now: datetime
-) -> tuple[datetime | None, datetime | None]:
+PhaseStatus = TypeVar("PhaseStatus", DataPreparationStatus, TrainingStatus, EvaluationStatus)
+# The status field that says where each phase's output is.
+_URI_FIELD: dict[Phase, str] = {"data": "dataset_uri", "train": "adapter_uri", "evaluate": "report_uri"}
+
+
+def _phase_status(
+    phase: Phase,
+    fact: Action | None,
+    prefixes: Mapping[Phase, str],
+    previous: PhaseStatus | None,
+    empty: PhaseStatus,
+    now: datetime,
+) -> PhaseStatus | None:
+    """One phase's facts: its Job, times, whether it was reused, and where its output is once done."""
     if fact is None:
-        return previous_started, previous_completed
-    started = previous_started or now
-    completed = (previous_completed or now) if isinstance(fact, Done | Reuse | Fail) else None
-    return started, completed
-
-
-def _job_name(fact: Action | None, previous: str | None) -> str | None:
-    return fact.name if isinstance(fact, CreateJob | Wait) else previous
-
-
-def _data_status(
-    fact: Action | None, prefixes: Mapping[Phase, str], previous: DataPreparationStatus | None, now: datetime
-) -> DataPreparationStatus | None:
-    if fact is None and previous is None:
-        return None
-    previous = previous or DataPreparationStatus()
-    started, completed = _times(fact, previous.started_at, previous.completed_at, now)
-    return previous.model_copy(
+        return previous
+    before = previous or empty
+    started = before.started_at or now
+    completed = (before.completed_at or now) if isinstance(fact, Done | Reuse | Fail) else None
+    uri_field = _URI_FIELD[phase]
+    return before.model_copy(
         update={
-            "job_name": _job_name(fact, previous.job_name),
+            "job_name": fact.name if isinstance(fact, CreateJob | Wait) else before.job_name,
             "started_at": started,
             "completed_at": completed,
-            "cached": isinstance(fact, Reuse) if fact is not None else previous.cached,
-            "dataset_uri": prefixes["data"] if isinstance(fact, Done | Reuse) else previous.dataset_uri,
-        }
-    )
-
-
-def _training_status(
-    fact: Action | None, prefixes: Mapping[Phase, str], previous: TrainingStatus | None, now: datetime
-) -> TrainingStatus | None:
-    if fact is None and previous is None:
-        return None
-    previous = previous or TrainingStatus()
-    started, completed = _times(fact, previous.started_at, previous.completed_at, now)
-    return previous.model_copy(
-        update={
-            "job_name": _job_name(fact, previous.job_name),
-            "started_at": started,
-            "completed_at": completed,
-            "cached": isinstance(fact, Reuse) if fact is not None else previous.cached,
-            "adapter_uri": prefixes["train"] if isinstance(fact, Done | Reuse) else previous.adapter_uri,
-        }
-    )
-
-
-def _evaluation_status(
-    fact: Action | None, prefixes: Mapping[Phase, str], previous: EvaluationStatus | None, now: datetime
-) -> EvaluationStatus | None:
-    if fact is None and previous is None:
-        return None
-    previous = previous or EvaluationStatus()
-    started, completed = _times(fact, previous.started_at, previous.completed_at, now)
-    return previous.model_copy(
-        update={
-            "job_name": _job_name(fact, previous.job_name),
-            "started_at": started,
-            "completed_at": completed,
-            "cached": isinstance(fact, Reuse) if fact is not None else previous.cached,
-            "report_uri": prefixes["evaluate"] if isinstance(fact, Done | Reuse) else previous.report_uri,
+            "cached": isinstance(fact, Reuse),
+            uri_field: prefixes[phase] if isinstance(fact, Done | Reuse) else getattr(before, uri_field),
         }
     )
