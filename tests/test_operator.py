@@ -275,7 +275,9 @@ def test_resync_timer_touches_unfinished_recipes(k8s: K8s) -> None:
             where=lambda b: ANNOTATION_RESYNC in b["metadata"].get("annotations", {}),
         )
         assert job_names(k8s) == [expected_job(body, "data")]
-    assert not run.errors, run.messages()
+        # Checked while running: with a 0.2 s timer a PATCH is nearly always in flight when the operator
+        # stops, and kopf logs its cancelled request as an error during shutdown.
+        assert not run.errors, run.messages()
 
 
 def test_operator_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
