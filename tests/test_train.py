@@ -20,6 +20,7 @@ pytest.importorskip("peft", reason="training needs the 'train' extra")
 
 from ftrecipe.api.v1alpha1 import TrainingSpec
 from ftrecipe.cli.main import main
+from ftrecipe.termination import decode
 from ftrecipe.training.config import ConfigError, load_train_config
 from ftrecipe.training.data import (
     DEFAULT_CHAT_TEMPLATE,
@@ -317,7 +318,10 @@ def test_bundle_is_complete_and_published(trained: dict[str, Any]) -> None:
     assert "--enable-lora --lora-modules moneybank-lora=" in readme
     assert "provider: self-hosted" in readme
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert trained["termination"].startswith("trained 24 steps")
+    report = decode(trained["termination"])
+    assert report is not None and report.ok and report.message.startswith("trained 24 steps")
+    final_eval = [row["eval_loss"] for row in _metrics(trained["out"]) if row["eval_loss"] is not None][-1]
+    assert report.figures["step"] == 24 and report.figures["eval_loss"] == pytest.approx(final_eval)
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing. is deprecated:FutureWarning")

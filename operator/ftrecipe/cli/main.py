@@ -14,6 +14,15 @@ from ftrecipe.api.crd import render_crd_yaml
 EXIT_USER_ERROR = 2
 
 
+def _user_error(message: str) -> int:
+    """One line on stderr and in the termination message; the "fix your input" exit code."""
+    from ftrecipe.termination import PhaseReport, write_report
+
+    print(message, file=sys.stderr)
+    write_report(PhaseReport(ok=False, message=message))
+    return EXIT_USER_ERROR
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     text = render_crd_yaml()
     if args.out is None:
@@ -63,6 +72,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     from ftrecipe.dataprep.progress import LineReporter, RichReporter
     from ftrecipe.dataprep.yamlfile import InputError
     from ftrecipe.storage import StorageError
+    from ftrecipe.termination import PhaseReport, write_report
 
     def optional(value: str | None) -> Path | None:
         return Path(value) if value else None
@@ -86,20 +96,27 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     try:
         if sys.stderr.isatty():
             with RichReporter() as reporter:
-                run_prepare_data(options, reporter)
+                result = run_prepare_data(options, reporter)
         else:
-            run_prepare_data(options, LineReporter())
+            result = run_prepare_data(options, LineReporter())
     except (InputError, StorageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error(f"error: {error}")
     except OSError as error:  # e.g. an output folder that cannot be written
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error(f"error: {error.filename or ''}: {error.strerror or error}")
+    except Exception as error:
+        write_report(PhaseReport(ok=False, message=f"error: {type(error).__name__}: {error}"))
+        raise
+    figures = {key: value for key, value in result.summary.items() if isinstance(value, int | float)}
+    purposes = result.summary.get("llm_usage", {}).get("purposes", {})
+    figures["llm_calls"] = sum(int(usage.get("calls", 0)) for usage in purposes.values())
+    write_report(PhaseReport(ok=True, message=f"data published to {result.out}", figures=figures))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
+
+    from ftrecipe.termination import PhaseReport, write_report
 
     # Imported here: the training stack (torch, transformers, peft) is slow to import.
     from ftrecipe.training.config import ConfigError, load_train_config
@@ -112,14 +129,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_launched,
         run_train,
         visible_gpus,
-        write_termination_log,
     )
 
     main_process = is_main_process(os.environ)  # under torchrun, rank 0 alone writes the termination log
 
     def termination(message: str) -> None:
         if main_process:
-            write_termination_log(message)
+            write_report(PhaseReport(ok=False, message=message))
 
     try:
         config = load_train_config(Path(args.config) if args.config else None, args.set or [])
@@ -150,7 +166,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         termination(f"error: {type(error).__name__}: {error}")
         raise
     if main_process:
-        write_termination_log(result.summary())
+        write_report(PhaseReport(ok=True, message=result.summary(), figures=result.figures()))
         print(result.summary(), file=sys.stderr)
     return 0
 

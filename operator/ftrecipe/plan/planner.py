@@ -14,6 +14,7 @@ from typing import Literal
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes
+from ftrecipe.termination import PhaseReport
 
 JobState = Literal["pending", "running", "suspended", "succeeded", "failed"]
 MAX_NAME = 63  # Job names become pod label values: at most 63 characters
@@ -27,6 +28,7 @@ class ObservedJob:
     inputs_hash: str  # the full phase hash the Job was created for (from its label)
     state: JobState
     message: str | None = None  # the container's termination message when it failed
+    report: PhaseReport | None = None  # what the finished phase container reported (figures, one line)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,21 @@ class TrainResult:
     out: str
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
+    def figures(self) -> dict[str, Any]:
+        """What the operator shows in status.training (via the termination message)."""
+        losses = [m["train_loss"] for m in self.metrics if m.get("train_loss") is not None]
+        last_train = losses[-1] if losses else None
+        return {
+            "step": self.steps,
+            "total_steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "train_examples": self.train_examples,
+            "dropped_too_long": self.dropped_too_long,
+            "train_loss": last_train,
+            "eval_loss": self.final_eval_loss,
+            "adapter_uri": self.out,
+        }
+
     def summary(self) -> str:
         loss = "n/a" if self.final_eval_loss is None else f"{self.final_eval_loss:.4f}"
         return (
@@ -912,16 +927,3 @@ def run_launched(command: list[str]) -> int:
     if forwarded["sigterm"] and code != 0:  # torchrun reports its ranks' exit 143 as a plain failure
         return EXIT_PREEMPTED
     return code if code >= 0 else 128 - code
-
-
-def termination_log_path() -> Path:
-    return Path(os.environ.get("FTRECIPE_TERMINATION_LOG", "/dev/termination-log"))
-
-
-def write_termination_log(message: str) -> None:
-    """Kubernetes shows this file's text as the container's termination message; only if it exists."""
-    path = termination_log_path()
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError):
-        path.write_text(" ".join(message.split())[:4000] + "\n", encoding="utf-8")
