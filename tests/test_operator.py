@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -10,13 +13,17 @@ from typing import Any, cast
 import kopf
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from ftrecipe.api import parse_recipe
 from ftrecipe.cli.main import main
 from ftrecipe.controller.handlers import ANNOTATION_RESYNC, OperatorSettings, register
 from ftrecipe.controller.manifests import LABEL_PHASE, LABEL_QUEUE, LABEL_RECIPE, Images
+from ftrecipe.controller.metrics import OperatorMetrics, serve
+from ftrecipe.controller.observe import ReportCache
 from ftrecipe.plan.cache_key import Phase, phase_hashes
 from ftrecipe.plan.planner import job_name
+from ftrecipe.termination import PhaseReport, encode
 from support.k8s import CRD_GROUP, CRD_PLURAL, CRD_RESOURCE, CRD_VERSION, K8s
 
 Body = dict[str, Any]
@@ -40,7 +47,14 @@ def expected_job(body: Body, phase: Phase) -> str:
 
 
 def handlers(**overrides: Any) -> Callable[[kopf.OperatorRegistry], None]:
-    options: dict[str, Any] = {"images": IMAGES, "resync_seconds": None, "retry_delay": 0.5, **overrides}
+    options: dict[str, Any] = {
+        "images": IMAGES,
+        "resync_seconds": None,
+        "progress_seconds": None,
+        "retry_delay": 0.5,
+        "reports": ReportCache(),
+        **overrides,
+    }
     settings = OperatorSettings(**options)
     return lambda registry: register(registry, settings=settings)
 
@@ -285,6 +299,214 @@ def test_operator_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["operator", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--namespace", "--all-namespaces", "--liveness", "--standalone"):
+    for option in (
+        "--namespace",
+        "--all-namespaces",
+        "--liveness",
+        "--standalone",
+        "--peering",
+        "--metrics-port",
+        "--log-format",
+        "--watch-timeout-seconds",
+    ):
         assert option in out
     assert main(["operator"]) == 2
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def report(ok: bool, message: str, **figures: Any) -> str:
+    return encode(PhaseReport(ok=ok, message=message, figures=figures))
+
+
+DATA_FIGURES = {
+    "num_input_e2e_tests": 35,
+    "num_annotated_conversations": 34,
+    "num_ft_data_points": 120,
+    "num_train_data_points": 96,
+    "num_val_data_points": 24,
+    "llm_calls": 310,
+    "wall_time_seconds": 41.5,  # not a status field: ignored
+}
+
+
+def progress_line(step: int, total: int, loss: float, eta: int) -> str:
+    event = {"event": "progress", "step": step, "total_steps": total, "epoch": step / 40}
+    return json.dumps(event | {"train_loss": loss, "eval_loss": None, "eta_seconds": eta})
+
+
+def finish(k8s: K8s, job: str, container: str, message: str, state: str = "succeeded", **pod: Any) -> None:
+    """The kubelet writes the pod's final status, then the Job controller the Job's (that order)."""
+    k8s.set_job_pod(
+        job,
+        NS,
+        "Succeeded" if state == "succeeded" else "Failed",
+        container=container,
+        message=message,
+        **pod,
+    )
+    k8s.set_job_status(job, NS, state, message=pod.get("reason") or "")
+
+
+def test_phase_reports_and_training_progress_fill_the_status(k8s: K8s) -> None:
+    metrics = OperatorMetrics()
+    body = manifest()
+    with k8s.run_operator(
+        handlers(metrics=metrics, progress_seconds=0.2), namespaces=[NS], watching=[CRD_RESOURCE]
+    ) as run:
+        apply(k8s, body)
+        data_name = expected_job(body, "data")
+        wait_job(k8s, data_name)
+        finish(k8s, data_name, "prepare-data", report(True, "data published", **DATA_FIGURES))
+        st = wait_phase(k8s, "Training")
+        assert st["dataPreparation"]["summary"] == {
+            "numInputE2eTests": 35,
+            "numAnnotatedConversations": 34,
+            "numFtDataPoints": 120,
+            "numTrainDataPoints": 96,
+            "numValDataPoints": 24,
+            "llmCalls": 310,
+        }
+
+        train_name = expected_job(body, "train")
+        wait_job(k8s, train_name)
+        log = "\n".join(
+            [
+                "loading model",
+                progress_line(10, 120, 1.9, 600),
+                "a warning",
+                progress_line(30, 120, 1.25, 450),
+            ]
+        )
+        k8s.set_job_pod(train_name, NS, "Running", container="train", log=log + "\n")
+        k8s.set_job_status(train_name, NS, "running")
+        st = wait_status(k8s, lambda s: (s.get("training") or {}).get("step") == 30, "training step 30")
+        assert (
+            st["training"].items()
+            >= {"totalSteps": 120, "trainLoss": 1.25, "epoch": 0.75, "etaSeconds": 450}.items()
+        )
+        assert (
+            st["message"] == f"training running (Job {train_name}): step 30/120, train loss 1.25, ETA 7m30s"
+        )
+        patches = metrics.status_patches._value.get()
+        time.sleep(1.0)  # five timer ticks without new progress: no new status patch
+        assert metrics.status_patches._value.get() == patches
+
+        figures = {"step": 120, "total_steps": 120, "train_loss": 0.4, "eval_loss": 0.52, "adapter_uri": "x"}
+        finish(k8s, train_name, "train", report(True, "trained 120 steps", **figures))
+        st = wait_phase(k8s, "Succeeded")
+        training = st["training"]
+        assert (training["step"], training["trainLoss"], training["evalLoss"], training["etaSeconds"]) == (
+            120,
+            0.4,
+            0.52,
+            0,
+        )
+        assert st["training"]["adapterURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/train-")
+        k8s.wait_for(
+            lambda: metrics.recipes.labels("Succeeded")._value.get() == 1, message="the gauge to count it"
+        )
+    assert not run.errors, run.messages()
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'ftrecipe_jobs_created_total{phase="data"} 1.0' in scraped
+    assert 'ftrecipe_jobs_created_total{phase="train"} 1.0' in scraped
+    assert 'ftrecipe_phase_duration_seconds_count{phase="data"} 1.0' in scraped
+    assert 'ftrecipe_recipes{phase="Training"} 0.0' in scraped
+
+
+def test_failure_reason_comes_from_the_termination_message(k8s: K8s) -> None:
+    metrics = OperatorMetrics()
+    body = manifest()
+    with k8s.run_operator(handlers(metrics=metrics), namespaces=[NS], watching=[CRD_RESOURCE]) as run:
+        apply(k8s, body)
+        data_name = expected_job(body, "data")
+        wait_job(k8s, data_name)
+        finish(k8s, data_name, "prepare-data", report(True, "data published"))
+        train_name = expected_job(body, "train")
+        wait_job(k8s, train_name)
+        why = "error: training.lora.targetModules: q_proj is not in the model; it has: wq, wk"
+        finish(
+            k8s,
+            train_name,
+            "train",
+            report(False, why),
+            state="failed",
+            exit_code=2,
+            reason="BackoffLimitExceeded",
+        )
+        st = wait_phase(k8s, "Failed")
+        assert st["message"] == why
+        assert (
+            condition(st, "Trained").items()
+            >= {"status": "False", "reason": "JobFailed", "message": why}.items()
+        )
+    assert not run.errors, run.messages()
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'ftrecipe_job_failures_total{phase="train",reason="BackoffLimitExceeded"} 1.0' in scraped
+    assert 'ftrecipe_phase_failures_total{phase="train",reason="JobFailed"} 1.0' in scraped
+
+
+def test_a_killed_container_without_a_report_is_named_with_its_reason(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    apply(k8s, body)
+    data_name = expected_job(body, "data")
+    wait_job(k8s, data_name)
+    finish(k8s, data_name, "prepare-data", "", state="failed", exit_code=137, reason="OOMKilled")
+    st = wait_phase(k8s, "Failed")
+    assert st["message"] == "container prepare-data ended with OOMKilled (exit code 137)"
+
+
+def reconciles(run: Any) -> int:
+    return sum("reconcile-update" in m and "succeeded" in m for m in run.messages())
+
+
+def test_jobs_removed_by_their_ttl_do_not_run_again(k8s: K8s) -> None:
+    body = manifest()
+    with k8s.run_operator(handlers(), namespaces=[NS], watching=[CRD_RESOURCE, JOBS]) as run:
+        apply(k8s, body)
+        names = []
+        for phase, container in (("data", "prepare-data"), ("train", "train")):
+            name = expected_job(body, phase)
+            names.append(name)
+            wait_job(k8s, name)
+            finish(k8s, name, container, report(True, f"{phase} done", step=5, total_steps=5))
+        wait_phase(k8s, "Succeeded")
+        before = reconciles(run)
+        for name in names:  # what ttlSecondsAfterFinished does a week later
+            k8s.delete(JOBS, name, NS)
+        k8s.wait_for(lambda: reconciles(run) >= before + 2, message="a reconcile per deleted Job")
+        assert job_names(k8s) == []
+        st = status(k8s)
+        assert st["phase"] == "Succeeded" and condition(st, "Ready")["status"] == "True"
+        assert st["training"]["step"] == 5 and st["dataPreparation"]["cached"] is False
+    assert not run.errors, run.messages()
+
+
+def test_deleting_the_recipe_takes_its_jobs_and_nothing_comes_back(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    apply(k8s, body)
+    data_name = expected_job(body, "data")
+    wait_job(k8s, data_name)
+    wait_phase(k8s, "PreparingData")
+    k8s.delete(CRD_RESOURCE, "minimal", NS)
+    k8s.wait_for(
+        lambda: k8s.get(CRD_RESOURCE, "minimal", NS) is None, message="the recipe gone (no finalizer)"
+    )
+    k8s.wait_for(lambda: job_names(k8s) == [], message="its Jobs garbage-collected by ownerReferences")
+    time.sleep(0.5)
+    assert job_names(k8s) == []
+
+
+def test_metrics_are_served_over_http() -> None:
+    metrics = OperatorMetrics()
+    metrics.recipe_seen("ml/a", "Training")
+    metrics.recipe_seen("ml/b", "Training")
+    metrics.recipe_seen("ml/a", "Succeeded")
+    metrics.recipe_seen("ml/b", None)  # deleted
+    port = serve(metrics, 0, "127.0.0.1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'ftrecipe_recipes{phase="Training"} 0.0' in text
+    assert 'ftrecipe_recipes{phase="Succeeded"} 1.0' in text
+    assert "# TYPE ftrecipe_phase_duration_seconds histogram" in text

@@ -25,8 +25,10 @@ from ftrecipe.plan.planner import (
     World,
     job_name,
     plan,
+    quality_gate,
     recipe_phase,
 )
+from ftrecipe.termination import PhaseReport
 
 MINIMAL = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "minimal.yaml"
 
@@ -157,3 +159,91 @@ def test_job_names_fit_and_stay_unique(recipe: str) -> None:
     assert name.endswith("-eval-ffffffff")
     assert job_name(recipe, "evaluate", "f" * 64) == name
     assert job_name(recipe + "z", "evaluate", "f" * 64) != name
+
+
+# --------------------------------------------------------------------------------------------- gate, memory
+
+
+def evaluated(accuracy: float | None, **per_command: float) -> ObservedJob:
+    figures: dict[str, Any] = {"per_command_f1": per_command}
+    if accuracy is not None:
+        figures["command_accuracy"] = accuracy
+    finished = job("evaluate", "succeeded")
+    return ObservedJob(
+        finished.name, "evaluate", finished.inputs_hash, "succeeded", report=PhaseReport(True, "", figures)
+    )
+
+
+@pytest.mark.parametrize(
+    ("minimum", "accuracy", "outcome"),
+    [
+        (0.0, 0.1, "pass"),  # 0 disables the gate
+        (0.8, 0.8, "pass"),  # the bound itself passes
+        (0.8, 0.95, "pass"),
+        (0.8, 0.79, "fail"),
+        (0.8, None, "fail"),  # no figure: no pass
+    ],
+)
+def test_quality_gate(minimum: float, accuracy: float | None, outcome: str) -> None:
+    gated = spec(evaluation={"minCommandAccuracy": minimum})
+    hashes = phase_hashes(gated)
+    assert hashes == H  # the threshold is not an input of any phase: changing it re-runs nothing
+    world = World(
+        (job("data", "succeeded"), job("train", "succeeded"), evaluated(accuracy, **{"start flow": 0.9}))
+    )
+    actions = plan("minimal", gated, world)
+    if outcome == "pass":
+        assert actions[-1] == Succeed()
+        return
+    last = actions[-1]
+    assert isinstance(last, Fail) and (last.phase, last.reason) == ("evaluate", "QualityGateNotMet")
+    assert recipe_phase(gated, actions) == "Failed"
+    if accuracy is not None:
+        assert last.message == (
+            "command accuracy 0.790 is below spec.evaluation.minCommandAccuracy 0.8; lowest F1: start flow 0.90"
+        )
+
+
+def test_gate_message_names_the_weakest_commands() -> None:
+    failed = quality_gate(
+        0.9,
+        PhaseReport(
+            True,
+            "",
+            {
+                "command_accuracy": 0.5,
+                "per_command_f1": {"set slot": 0.2, "clarify": 0.0, "start flow": 0.8, "cancel flow": 0.95},
+            },
+        ),
+    )
+    assert failed is not None
+    assert failed.message.endswith("lowest F1: clarify 0.00, set slot 0.20, start flow 0.80")
+
+
+def test_a_complete_evaluation_bundle_is_rerun_when_a_gate_needs_its_figures() -> None:
+    gated = spec(evaluation={"minCommandAccuracy": 0.5})
+    world = World((job("data", "succeeded"), job("train", "succeeded")), complete=frozenset({H["evaluate"]}))
+    assert plan("minimal", gated, world)[-1] == CreateJob(
+        "evaluate", H["evaluate"], job("evaluate", "x").name, False
+    )
+    assert plan("minimal", BASE, world)[-2:] == [Reuse("evaluate", H["evaluate"]), Succeed()]
+
+
+def test_phases_the_status_remembers_are_not_run_again() -> None:
+    remembered = PhaseReport(True, "", {})
+    world = World(finished={H["data"]: remembered, H["train"]: remembered})
+    actions = plan("minimal", BASE, world)
+    assert actions == [
+        Done("data", H["data"], remembered),
+        Done("train", H["train"], remembered),
+        CreateJob("evaluate", H["evaluate"], job("evaluate", "x").name, False),
+    ]
+    failed = plan("minimal", BASE, World(finished={H["data"]: remembered}, failed={H["train"]: "OOM"}))
+    assert failed[-1] == Fail("train", "JobFailed", "OOM")
+    # A Job seen for that hash is the fresher fact.
+    running = plan(
+        "minimal",
+        BASE,
+        World((job("train", "running"),), finished={H["data"]: remembered}, failed={H["train"]: "OOM"}),
+    )
+    assert running[-1] == Wait("train", job("train", "x").name)

@@ -9,10 +9,11 @@ import yaml
 
 from ftrecipe.api import parse_recipe
 from ftrecipe.api.crd import custom_resource_definition
-from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, TrainingStatus
 from ftrecipe.plan.cache_key import phase_hashes, phase_prefix
 from ftrecipe.plan.planner import ObservedJob, World, job_name, plan
-from ftrecipe.plan.status import compute_status
+from ftrecipe.plan.status import compute_status, progress_update, remembered, training_message
+from ftrecipe.termination import PhaseReport
 from support.crd_schema import api_server_violations
 
 MINIMAL = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "minimal.yaml"
@@ -116,3 +117,96 @@ def test_status_is_valid_for_the_crd() -> None:
     status = status_for(world)
     document = {**manifest(), "status": status.model_dump(by_alias=True, exclude_none=True, mode="json")}
     assert api_server_violations(custom_resource_definition(), document) == []
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def reported(phase: str, **figures: object) -> ObservedJob:
+    plain = job(phase, "succeeded")
+    return ObservedJob(
+        plain.name, plain.phase, plain.inputs_hash, "succeeded", report=PhaseReport(True, "", figures)
+    )
+
+
+def test_reported_figures_fill_the_phase_sections() -> None:
+    world = World(
+        (
+            reported(
+                "data", num_ft_data_points=120, num_val_data_points=24, llm_calls=7, rephrasing_warnings=3
+            ),
+            reported("train", step=96, total_steps=96, train_loss=0.41, eval_loss=float("nan")),
+            reported("evaluate", command_accuracy=0.875, per_command_f1={"start flow": 1.0, "set slot": 0.5}),
+        )
+    )
+    status = status_for(world)
+    assert status.phase == "Succeeded"
+    assert status.data_preparation is not None and status.data_preparation.summary is not None
+    assert status.data_preparation.summary.model_dump(exclude_none=True) == {
+        "num_ft_data_points": 120,
+        "num_val_data_points": 24,
+        "llm_calls": 7,
+    }
+    training = status.training
+    assert training is not None
+    assert (training.step, training.total_steps, training.train_loss, training.eval_loss) == (
+        96,
+        96,
+        0.41,
+        None,
+    )
+    assert status.evaluation is not None
+    assert status.evaluation.command_accuracy == 0.875
+    assert status.evaluation.per_command == {"start flow": 1.0, "set slot": 0.5}
+    # What the API server will store: valid against the CRD's status schema.
+    dumped = {
+        "apiVersion": "ftrecipe.dev/v1alpha1",
+        "kind": "FinetuneRecipe",
+        "metadata": {"name": "minimal"},
+        "spec": manifest()["spec"],
+        "status": status.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+    assert api_server_violations(custom_resource_definition(), dumped) == []
+
+
+def test_the_status_remembers_finished_and_failed_phases() -> None:
+    finished = status_for(
+        World(
+            (job("data", "succeeded"), job("train", "succeeded"), reported("evaluate", command_accuracy=0.9))
+        )
+    )
+    done, failed = remembered("minimal", SPEC, finished, PREFIXES)
+    assert set(done) == set(H.values()) and failed == {}
+    assert done[H["evaluate"]].figures["command_accuracy"] == 0.9
+    running = status_for(World((job("data", "succeeded"), job("train", "running"))))
+    broken = status_for(
+        World((job("data", "succeeded"), job("train", "failed", "OOMKilled"))), previous=running
+    )
+    done, failed = remembered("minimal", SPEC, broken, PREFIXES)
+    assert set(done) == {H["data"]} and failed == {H["train"]: "OOMKilled"}
+    # A training change: data is still remembered (same hash), the failed training is not.
+    data = manifest()
+    data["spec"]["training"]["gpus"] = 2
+    other = parse_recipe(data).spec
+    hashes = phase_hashes(other)
+    prefixes = {p: phase_prefix("s3://ml-artifacts/ftrecipe", "minimal", p, hashes[p]) for p in hashes}
+    assert remembered("minimal", other, broken, prefixes) == ({H["data"]: done[H["data"]]}, {})
+
+
+def test_training_progress_line_and_message() -> None:
+    training = progress_update(
+        TrainingStatus(job_name="j", step=3),
+        {
+            "step": 40,
+            "total_steps": 120,
+            "epoch": 1.0,
+            "train_loss": 0.5123,
+            "eval_loss": None,
+            "eta_seconds": 5400,
+        },
+    )
+    assert (training.step, training.total_steps, training.epoch, training.eta_seconds) == (40, 120, 1.0, 5400)
+    assert training_message("training running (Job j)", training) == (
+        "training running (Job j): step 40/120, train loss 0.5123, ETA 1h30m"
+    )
+    assert progress_update(training, {"train_loss": float("inf"), "step": -1}) == training

@@ -569,6 +569,8 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         init=False,
     )
     _schemas: dict[kmock.resource, Json] = attrs.field(factory=dict, init=False)
+    # What `GET pods/NAME/log` returns, by (namespace, pod, container): the kubelet's side of logs.
+    pod_logs: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
     _validators: dict[kmock.resource, jsonschema.Draft4Validator] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -944,7 +946,22 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         assert resource is not None and request.name is not None
         async with self._lock:
             obj = self._require(resource, self._namespace_of(resource, request.namespace), request.name)
+            if request.subresource == "log" and resource.plural == "pods":
+                return self._pod_log(obj.raw, request.params)
             return copy.deepcopy(obj.raw)
+
+    def _pod_log(self, pod: Body, params: Mapping[str, str]) -> bytes:
+        """``GET pods/NAME/log`` as the kubelet answers it: plain text, ``container`` and ``tailLines``."""
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = params.get("container") or (containers[0] if len(containers) == 1 else None)
+        if container is None:
+            raise ApiError(400, "a container name must be specified for a pod with several containers")
+        meta = pod["metadata"]
+        text = self.pod_logs.get((meta.get("namespace") or "", meta["name"], container), "")
+        lines = text.splitlines(keepends=True)
+        if params.get("tailLines"):
+            lines = lines[-int(params["tailLines"]) :] if int(params["tailLines"]) > 0 else []
+        return "".join(lines).encode()
 
     def _matcher(self, request: kmock.Request) -> Predicate:
         resource = request.resource
@@ -1373,6 +1390,72 @@ class KubeCluster:
         elif state != "running":
             raise ValueError(f"state must be running, succeeded or failed; got {state!r}")
         return self.patch("batch/v1/jobs", name, {"status": status}, namespace, subresource="status")
+
+    def set_job_pod(
+        self,
+        job_name: str,
+        namespace: str,
+        phase: str,
+        *,
+        container: str,
+        message: str = "",
+        exit_code: int | None = None,
+        reason: str | None = None,
+        log: str | None = None,
+        suffix: str = "a1b2c",
+    ) -> Body:
+        """Play the Job controller and the kubelet for one pod of Job `job_name`: create it (labelled like
+        Kubernetes 1.27+ does) or update its status. ``phase`` Running, Succeeded or Failed; a finished
+        container gets ``message`` as its termination message; ``log`` becomes its log text."""
+        name = f"{job_name}-{suffix}"
+        now = _now()
+        if phase == "Running":
+            state: Body = {"running": {"startedAt": now}}
+        elif phase in ("Succeeded", "Failed"):
+            code = exit_code if exit_code is not None else (0 if phase == "Succeeded" else 1)
+            terminated = {
+                "exitCode": code,
+                "reason": reason or ("Completed" if code == 0 else "Error"),
+                "startedAt": now,
+                "finishedAt": now,
+            }
+            if message:
+                terminated["message"] = message
+            state = {"terminated": terminated}
+        else:
+            raise ValueError(f"phase must be Running, Succeeded or Failed; got {phase!r}")
+        status = {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": container,
+                    "ready": phase == "Running",
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": state,
+                }
+            ],
+        }
+        if self.get("v1/pods", name, namespace) is None:
+            self.create(
+                "v1/pods",
+                {
+                    "metadata": {
+                        "name": name,
+                        "labels": {"batch.kubernetes.io/job-name": job_name, "job-name": job_name},
+                    },
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": container, "image": "x"}]},
+                },
+                namespace,
+            )
+        if log is not None:
+
+            async def store(e: FakeKubernetes) -> None:
+                e.pod_logs[(namespace, name, container)] = log
+
+            self._locked(store)
+        return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
 
     def ensure_namespace(self, name: str) -> None:
         if self.get("v1/namespaces", name) is None:

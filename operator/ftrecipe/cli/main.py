@@ -195,15 +195,22 @@ def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
 
 def _cmd_operator(args: argparse.Namespace) -> int:
     # Imported here: kopf and the kubernetes client are only needed by the operator.
+    import random
+
     import kopf
     import kubernetes.config
 
     from ftrecipe.controller.handlers import OperatorSettings, register
     from ftrecipe.controller.manifests import Images
+    from ftrecipe.controller.metrics import OperatorMetrics, serve
 
     if not args.all_namespaces and not args.namespace:
-        print("error: pass --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error("error: pass --namespace NS (repeatable) or --all-namespaces")
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+        log_refkey="object" if args.log_format == "json" else None,
+    )
     # The handlers use the `kubernetes` client's default configuration: in the pod, or from kubeconfig.
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
@@ -216,18 +223,34 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         def is_complete(prefix: str) -> bool:
             return bundle_complete(prefix)
 
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        serve(metrics, args.metrics_port)
     settings = OperatorSettings(
         images=Images.from_env(),
         is_complete=is_complete,
         resync_seconds=args.resync_seconds if args.resync_seconds > 0 else None,
+        progress_seconds=args.progress_seconds if args.progress_seconds > 0 else None,
+        metrics=metrics,
     )
     registry = kopf.OperatorRegistry()
     register(registry, settings=settings)
+    kopf_settings = kopf.OperatorSettings()
+    # Without it a silent watch (no events for a long time) can hang on a dead connection forever.
+    kopf_settings.watching.server_timeout = args.watch_timeout_seconds
+    kopf_settings.watching.client_timeout = args.watch_timeout_seconds + 30
+    standalone = args.peering is None
+    # Replicas with equal priorities all freeze (kopf's rule): a random one makes one active, the rest
+    # standby, unless --priority pins it.
+    priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
     kopf.run(
         registry=registry,
+        settings=kopf_settings,
         clusterwide=args.all_namespaces,
         namespaces=[] if args.all_namespaces else args.namespace,
-        standalone=args.standalone,
+        standalone=standalone,
+        peering_name=args.peering,
+        priority=priority,
         liveness_endpoint=args.liveness,
     )
     return 0
@@ -327,8 +350,36 @@ def make_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
+    peering = operator.add_mutually_exclusive_group()
+    peering.add_argument(
+        "--standalone", action="store_true", help="no peering with other operator instances (the default)"
+    )
+    peering.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="coordinate replicas through kopf's (Cluster)KopfPeering NAME: one is active, the rest standby",
+    )
     operator.add_argument(
-        "--standalone", action="store_true", help="no peering with other operator instances"
+        "--priority", type=int, help="peering priority (default: random, so replicas never tie)"
+    )
+    operator.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port at /metrics"
+    )
+    operator.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON objects"
+    )
+    operator.add_argument("--verbose", action="store_true", help="debug logging")
+    operator.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=10.0,
+        help="copy the trainer's progress into the status at most this often (0: never)",
+    )
+    operator.add_argument(
+        "--watch-timeout-seconds",
+        type=int,
+        default=300,
+        help="restart each watch request after this long, so a silently dropped connection recovers",
     )
     operator.add_argument(
         "--reuse-bundles",

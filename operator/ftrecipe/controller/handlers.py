@@ -15,6 +15,14 @@ Handlers (added to a registry by `register`, never at import):
 * ``resync`` (a timer, when ``OperatorSettings.resync_seconds`` is set): touches the
   ``ftrecipe.dev/resync`` annotation of recipes that are not finished, the same way, as a safety net for
   missed watch events and for bundles that appear in storage.
+* ``training-progress`` (a timer, every ``OperatorSettings.progress_seconds``): while a recipe is
+  ``Training``, reads the last progress line from the training pod's log and patches ``status.training``
+  (step, losses, ETA) and the message: at most one status patch per interval, none when nothing moved.
+* ``recipe-metrics`` (an event handler): keeps the ``ftrecipe_recipes{phase}`` gauge.
+
+What the Jobs did comes from their pods' termination messages (`ftrecipe.termination`), and what
+finished before stays known through the recipe's own status (`ftrecipe.plan.status.remembered`), so
+Jobs deleted by their TTL are not run again.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from ftrecipe.controller.manifests import (
     Images,
     build_job,
 )
-from ftrecipe.controller.observe import job_state, list_recipe_jobs
+from ftrecipe.controller.metrics import OperatorMetrics
+from ftrecipe.controller.observe import REPORTS, ReportCache, job_state, list_recipe_jobs, training_progress
 from ftrecipe.plan.cache_key import Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import (
     Action,
@@ -54,7 +63,7 @@ from ftrecipe.plan.planner import (
     phases,
     plan,
 )
-from ftrecipe.plan.status import compute_status
+from ftrecipe.plan.status import compute_status, progress_update, remembered, training_message
 
 ANNOTATION_LAST_JOB_EVENT: Final = "ftrecipe.dev/last-job-event"
 ANNOTATION_RESYNC: Final = "ftrecipe.dev/resync"
@@ -74,6 +83,10 @@ class OperatorSettings:
     resync_seconds: float | None = 60.0
     # Delay before kopf retries a reconcile that hit an API error.
     retry_delay: float = 5.0
+    # How often a Training recipe's status takes the trainer's latest progress line; None: never.
+    progress_seconds: float | None = 10.0
+    metrics: OperatorMetrics | None = None
+    reports: ReportCache = REPORTS
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -238,6 +251,8 @@ async def _apply(
             kopf.adopt(job, owner=body)
             if await asyncio.to_thread(_create_job, namespace, job):
                 kopf.info(body, reason="JobCreated", message=f"created Job {action.name} ({action.phase})")
+                if settings.metrics is not None:
+                    settings.metrics.jobs_created.labels(action.phase).inc()
         elif isinstance(action, DeleteJob):
             await asyncio.to_thread(_delete_job, namespace, action.name)
             kopf.info(body, reason="JobDeleted", message=f"deleted Job {action.name}: {action.reason}")
@@ -283,21 +298,69 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
             kopf.warn(body, reason="InvalidRecipe", message=message)
         return
     spec = recipe.spec
+    metrics = settings.metrics
+    if metrics is not None:
+        metrics.reconciles.inc()
+    prefixes = _prefixes(spec, name)
+    finished, failed = remembered(name, spec, previous, prefixes)
     try:
-        jobs = await list_recipe_jobs(namespace, name)
-        world = World(jobs=jobs)
-        world = World(jobs=jobs, complete=await _complete_hashes(spec, name, world, settings))
+        jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
+        world = World(jobs=jobs, finished=finished, failed=failed)
+        world = World(
+            jobs=jobs,
+            complete=await _complete_hashes(spec, name, world, settings),
+            finished=finished,
+            failed=failed,
+        )
         actions = await _apply(plan(name, spec, world), body, spec, settings)
     except ApiException as error:
+        if metrics is not None:
+            metrics.api_errors.labels("reconcile").inc()
         raise kopf.TemporaryError(
             f"Kubernetes API error {error.status}: {error.reason}", delay=settings.retry_delay
         ) from error
-    status = compute_status(
-        spec, generation, actions, prefixes=_prefixes(spec, name), now=_now(), previous=previous
-    )
-    patch.status.update(merge_patch(old, _dump(status)))
+    status = compute_status(spec, generation, actions, prefixes=prefixes, now=_now(), previous=previous)
+    changes = merge_patch(old, _dump(status))
+    patch.status.update(changes)
+    if metrics is not None:
+        if changes:
+            metrics.status_patches.inc()
+        metrics.transitions(previous, status)
+        last = actions[-1] if actions else None
+        if isinstance(last, Fail) and last.reason == "JobFailed" and before != "Failed":
+            job = next((j for j in jobs if j.phase == last.phase and j.state == "failed"), None)
+            reason = (job.failure_reason if job is not None else None) or "Unknown"
+            metrics.job_failures.labels(last.phase or "recipe", reason).inc()
     if actions:
         _post_transition(body, before, status, actions[-1])
+
+
+async def report_training_progress(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
+    """While Training: the trainer's latest progress line into status.training and the message."""
+    raw = body.get("status") or {}
+    if raw.get("phase") != "Training":
+        return
+    previous, old = _previous_status(body)
+    if previous is None or previous.training is None or not previous.training.job_name:
+        return
+    job = previous.training.job_name
+    try:
+        progress = await training_progress(body.meta.namespace or "", job)
+    except ApiException as error:  # a pod that just went away, a log not there yet: try next time
+        if settings.metrics is not None:
+            settings.metrics.api_errors.labels("read_pod_log").inc()
+        _LOG.debug("no training progress for %s: %s", job, error)
+        return
+    if progress is None:
+        return
+    training = progress_update(previous.training, progress)
+    message = training_message(f"training running (Job {job})", training)
+    updated = previous.model_copy(update={"training": training, "message": message})
+    changes = merge_patch(old, _dump(updated))
+    if changes:
+        patch.status.update(changes)
+        if settings.metrics is not None:
+            settings.metrics.status_patches.inc()
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -324,6 +387,30 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
         state = "deleted" if kwargs.get("type") == "DELETED" else job_state(body)
         value = f"{body.meta.name}={state}"
         await asyncio.to_thread(_annotate_recipe, namespace, recipe, ANNOTATION_LAST_JOB_EVENT, value)
+
+    if chosen.progress_seconds is not None:
+
+        @kopf.timer(
+            GROUP,
+            VERSION,
+            PLURAL,
+            registry=registry,
+            id="training-progress",
+            interval=chosen.progress_seconds,
+        )
+        async def training_progress_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+            await report_training_progress(body, patch, chosen)
+
+    if chosen.metrics is not None:
+        metrics = chosen.metrics
+
+        @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="recipe-metrics")
+        def recipe_metrics(body: kopf.Body, **kwargs: Any) -> None:
+            key = f"{body.meta.namespace}/{body.meta.name}"
+            deleted = kwargs.get("type") == "DELETED"
+            metrics.recipe_seen(
+                key, None if deleted else (body.get("status") or {}).get("phase") or "Pending"
+            )
 
     if chosen.resync_seconds is not None:
 

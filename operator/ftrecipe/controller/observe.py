@@ -2,16 +2,23 @@
 
 `observed_job` is pure (a Job as a plain dict, e.g. from a watch or a list); `list_recipe_jobs` lists a
 recipe's Jobs by label with the synchronous `kubernetes` client, run in a worker thread so the operator's
-event loop never blocks. The failure message comes from the Job's ``Failed`` condition; reading the pod's
-termination message (more precise) can come later.
+event loop never blocks.
+
+A finished phase's result comes from its pod: the main container's termination message carries the
+`PhaseReport` the phase command wrote (figures, and the one-line reason of a failure). Without one (a
+crash, an OOM kill) the container's termination reason and exit code stand in, then the Job's ``Failed``
+condition. A finished Job's pods never change again, so reports are cached by Job uid: a reconcile of a
+finished recipe lists no pods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from dataclasses import replace
+from typing import Any, Final, cast
 
 import kubernetes.client
 
@@ -21,11 +28,15 @@ from ftrecipe.controller.manifests import (
     LABEL_MANAGED_BY,
     LABEL_PHASE,
     LABEL_RECIPE,
+    MAIN_CONTAINER,
     MANAGER,
     label_value,
 )
 from ftrecipe.plan.cache_key import PHASES, Phase
 from ftrecipe.plan.planner import JobState, ObservedJob
+from ftrecipe.termination import PhaseReport, decode
+
+JOB_NAME_LABEL: Final = "batch.kubernetes.io/job-name"  # set on a Job's pods by Kubernetes 1.27+
 
 
 def _condition(job: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -72,7 +83,93 @@ def observed_job(job: Mapping[str, Any]) -> ObservedJob | None:
         inputs_hash=inputs_hash,
         state=job_state(job),
         message=failure_message(job),
+        failure_reason=(_condition(job, "Failed") or {}).get("reason"),
     )
+
+
+def _terminated(pod: Mapping[str, Any], container: str) -> Mapping[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == container:
+            terminated = (status.get("state") or {}).get("terminated")
+            return cast(Mapping[str, Any], terminated) if terminated else None
+    return None
+
+
+def _init_failure(pod: Mapping[str, Any]) -> str | None:
+    """The init container's (fetch-inputs) report or reason when it failed: then the main one never ran."""
+    for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated") or {}
+        if terminated.get("exitCode", 0) != 0:
+            report = decode(terminated.get("message"))
+            name = status.get("name", "init")
+            if report is not None and report.message:
+                return f"{name}: {report.message}"
+            return f"{name}: {terminated.get('reason') or 'Error'} (exit code {terminated.get('exitCode')})"
+    return None
+
+
+def pod_report(pod: Mapping[str, Any], phase: Phase) -> PhaseReport | None:
+    """What a finished pod of ``phase`` says: its main container's report, else a report made from the
+    termination reason and exit code; None while it runs."""
+    if (init := _init_failure(pod)) is not None:
+        return PhaseReport(ok=False, message=init)
+    terminated = _terminated(pod, MAIN_CONTAINER[phase])
+    if terminated is None:
+        return None
+    code = terminated.get("exitCode")
+    report = decode(terminated.get("message"))
+    if report is not None and not (report.ok and code != 0):  # a success report from a crashed container
+        return report
+    if code == 0:
+        return PhaseReport(ok=True, message="")
+    reason = terminated.get("reason") or "Error"
+    return PhaseReport(
+        ok=False, message=f"container {MAIN_CONTAINER[phase]} ended with {reason} (exit code {code})"
+    )
+
+
+def _finished_at(pod: Mapping[str, Any]) -> str:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    times = [((s.get("state") or {}).get("terminated") or {}).get("finishedAt") or "" for s in statuses]
+    return max(times, default="")
+
+
+def job_report(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> PhaseReport | None:
+    """The report of a finished Job: from a succeeded pod when it succeeded, else from the last failed one."""
+    reports = []
+    for pod in sorted(pods, key=_finished_at):
+        report = pod_report(pod, job.phase)
+        if report is not None:
+            reports.append(report)
+    if job.state == "succeeded":
+        return next((r for r in reversed(reports) if r.ok), None)
+    return next((r for r in reversed(reports) if not r.ok), None)
+
+
+def with_report(job: ObservedJob, report: PhaseReport | None) -> ObservedJob:
+    """The Job with its report; a failure's message becomes the report's one line, when there is one."""
+    if report is None:
+        return job
+    message = report.message if job.state == "failed" and not report.ok and report.message else job.message
+    return replace(job, report=report, message=message)
+
+
+PROGRESS_FIELDS: Final = ("step", "total_steps", "epoch", "train_loss", "eval_loss", "eta_seconds")
+
+
+def latest_progress(log: str) -> dict[str, Any] | None:
+    """The last ``{"event": "progress", …}`` line of a trainer's log, reduced to the status fields."""
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        if not line.startswith("{") or '"progress"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "progress":
+            return {key: event.get(key) for key in PROGRESS_FIELDS}
+    return None
 
 
 def recipe_selector(recipe_name: str) -> str:
@@ -104,7 +201,86 @@ def _list_jobs_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
     return list(data.get("items") or [])
 
 
-async def list_recipe_jobs(namespace: str, recipe_name: str) -> tuple[ObservedJob, ...]:
-    """This recipe's Jobs, listed by label selector (the sync client, in a worker thread)."""
+def _list_pods_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
+    response: Any = kubernetes.client.CoreV1Api().list_namespaced_pod(
+        namespace, label_selector=selector, _preload_content=False
+    )
+    return list(json.loads(response.data).get("items") or [])
+
+
+class ReportCache:
+    """Reports of finished Jobs by Job uid (bounded): a finished Job's pods never change."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._reports: OrderedDict[str, PhaseReport | None] = OrderedDict()
+
+    def get(self, uid: str) -> tuple[bool, PhaseReport | None]:
+        if uid not in self._reports:
+            return False, None
+        self._reports.move_to_end(uid)
+        return True, self._reports[uid]
+
+    def put(self, uid: str, report: PhaseReport | None) -> None:
+        self._reports[uid] = report
+        self._reports.move_to_end(uid)
+        while len(self._reports) > self._size:
+            self._reports.popitem(last=False)
+
+
+REPORTS: Final = ReportCache()
+
+
+async def list_recipe_jobs(
+    namespace: str, recipe_name: str, *, reports: ReportCache = REPORTS
+) -> tuple[ObservedJob, ...]:
+    """This recipe's Jobs, listed by label selector, finished ones with their pod's report (the sync
+    client, in worker threads)."""
     items = await asyncio.to_thread(_list_jobs_sync, namespace, recipe_selector(recipe_name))
-    return recipe_jobs(recipe_name, items)
+    uids = {(j.get("metadata") or {}).get("name"): (j.get("metadata") or {}).get("uid") or "" for j in items}
+    observed = []
+    for job in recipe_jobs(recipe_name, items):
+        if job.state in ("succeeded", "failed"):
+            uid = uids.get(job.name, "")
+            known, report = reports.get(uid)
+            if not known:
+                pods = await asyncio.to_thread(_list_pods_sync, namespace, f"{JOB_NAME_LABEL}={job.name}")
+                report = job_report(job, pods)
+                if uid and (report is not None or not pods):
+                    # No pods left (garbage-collected) will not change either; a pod without a
+                    # report yet might (its status is written after the Job's), so ask again.
+                    reports.put(uid, report)
+            job = with_report(job, report)
+        observed.append(job)
+    return tuple(observed)
+
+
+def _running_pod_log_sync(namespace: str, job_name: str, container: str, tail_lines: int) -> str | None:
+    core = kubernetes.client.CoreV1Api()
+    response: Any = core.list_namespaced_pod(
+        namespace, label_selector=f"{JOB_NAME_LABEL}={job_name}", _preload_content=False
+    )
+    pods = [
+        p
+        for p in json.loads(response.data).get("items") or []
+        if (p.get("status") or {}).get("phase") == "Running"
+    ]
+    if not pods:
+        return None
+    newest = max(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    log: Any = core.read_namespaced_pod_log(
+        newest["metadata"]["name"],
+        namespace,
+        container=container,
+        tail_lines=tail_lines,
+        _preload_content=False,
+    )
+    return bytes(log.data).decode("utf-8", errors="replace")
+
+
+async def training_progress(namespace: str, job_name: str, *, tail_lines: int = 40) -> dict[str, Any] | None:
+    """The running training pod's latest progress line (the trainer prints one per logging step)."""
+    log = await asyncio.to_thread(
+        _running_pod_log_sync, namespace, job_name, MAIN_CONTAINER["train"], tail_lines
+    )
+    return latest_progress(log) if log is not None else None

@@ -8,8 +8,8 @@ plan, so a restarted operator adopts what exists instead of duplicating it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
@@ -29,14 +29,20 @@ class ObservedJob:
     state: JobState
     message: str | None = None  # the container's termination message when it failed
     report: PhaseReport | None = None  # what the finished phase container reported (figures, one line)
+    failure_reason: str | None = None  # the Job controller's reason, e.g. BackoffLimitExceeded
 
 
 @dataclass(frozen=True)
 class World:
-    """What the shell saw: this recipe's Jobs, and the phase hashes whose output bundle is complete."""
+    """What the shell saw: this recipe's Jobs, the phase hashes whose output bundle is complete, and what
+    the recipe's own status remembers (its Jobs may be gone: `ttlSecondsAfterFinished` deletes them)."""
 
     jobs: tuple[ObservedJob, ...] = ()
     complete: frozenset[str] = frozenset()
+    # Phase hashes the status records as finished, with the figures it kept.
+    finished: Mapping[str, PhaseReport] = field(default_factory=dict)
+    # Phase hashes whose Job the status records as failed: the one-line reason.
+    failed: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,14 @@ class Reuse:
 
     phase: Phase
     inputs_hash: str
+    report: PhaseReport | None = None
 
 
 @dataclass(frozen=True)
 class Done:
     phase: Phase
     inputs_hash: str
+    report: PhaseReport | None = None  # None: the figures are already in the status (or unknown)
 
 
 @dataclass(frozen=True)
@@ -146,15 +154,28 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
             # The spec changed under a Job that is still going: its result would be thrown away.
             actions.append(DeleteJob(job.name, f"inputs of phase {job.phase} changed"))
     held = spec.suspend or spec.queue_name is not None
+    gate = spec.evaluation.min_command_accuracy
     for phase in phases(spec):
         inputs_hash = hashes[phase]
         jobs = current.get(phase, [])
-        succeeded = any(j.state == "succeeded" for j in jobs)
-        if succeeded:
-            actions.append(Done(phase, inputs_hash))
-            continue
-        if inputs_hash in world.complete:
-            actions.append(Reuse(phase, inputs_hash))
+        succeeded = next((j for j in jobs if j.state == "succeeded"), None)
+        finished: Done | Reuse | None = None
+        if succeeded is not None:
+            finished = Done(phase, inputs_hash, succeeded.report)
+        elif inputs_hash in world.finished and not jobs:
+            finished = Done(phase, inputs_hash, world.finished[inputs_hash])
+        elif inputs_hash in world.failed and not jobs:
+            actions.append(Fail(phase, "JobFailed", world.failed[inputs_hash]))
+            return actions
+        elif inputs_hash in world.complete and not (phase == "evaluate" and gate > 0):
+            # An evaluation run elsewhere reported its figures there, not to us: with a quality gate to
+            # check, it runs again here rather than pass (or fail) the gate on figures we cannot see.
+            finished = Reuse(phase, inputs_hash)
+        if finished is not None:
+            actions.append(finished)
+            if phase == "evaluate" and gate > 0 and (failed := quality_gate(gate, finished.report)):
+                actions.append(failed)
+                return actions
             continue
         if not jobs:
             actions.append(CreateJob(phase, inputs_hash, job_name(recipe, phase, inputs_hash), held))
@@ -171,6 +192,30 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
         return actions
     actions.append(Succeed())
     return actions
+
+
+def quality_gate(minimum: float, report: PhaseReport | None) -> Fail | None:
+    """A `Fail` when the evaluation's command accuracy is below ``minimum`` or was not reported."""
+    figures = report.figures if report is not None else {}
+    accuracy = figures.get("command_accuracy")
+    if not isinstance(accuracy, int | float):
+        return Fail(
+            "evaluate",
+            "QualityGateNotMet",
+            f"evaluation reported no command accuracy; spec.evaluation.minCommandAccuracy is {minimum:g}",
+        )
+    if accuracy >= minimum:
+        return None
+    per_command = figures.get("per_command_f1")
+    worst = ""
+    if isinstance(per_command, Mapping) and per_command:
+        lowest = sorted(per_command.items(), key=lambda item: (item[1], item[0]))[:3]
+        worst = "; lowest F1: " + ", ".join(f"{name} {value:.2f}" for name, value in lowest)
+    return Fail(
+        "evaluate",
+        "QualityGateNotMet",
+        f"command accuracy {accuracy:.3f} is below spec.evaluation.minCommandAccuracy {minimum:g}{worst}",
+    )
 
 
 PhaseName = Literal["Pending", "PreparingData", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"]

@@ -6,20 +6,34 @@ Pure: the kopf shell and `ftrecipe run` both write what this returns. Conditions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 from ftrecipe.api.v1alpha1 import (
     Condition,
     DataPreparationStatus,
+    DataSummary,
     EvaluationStatus,
     FinetuneRecipeSpec,
     FinetuneRecipeStatus,
     TrainingStatus,
 )
-from ftrecipe.plan.cache_key import Phase
-from ftrecipe.plan.planner import Action, CreateJob, Done, Fail, Reuse, Succeed, Wait, phases, recipe_phase
+from ftrecipe.plan.cache_key import Phase, phase_hashes
+from ftrecipe.plan.planner import (
+    Action,
+    CreateJob,
+    Done,
+    Fail,
+    Reuse,
+    Succeed,
+    Wait,
+    job_name,
+    phases,
+    recipe_phase,
+)
+from ftrecipe.termination import PhaseReport
 
 CONDITION_OF: dict[Phase, str] = {"data": "DataPrepared", "train": "Trained", "evaluate": "Evaluated"}
 _HUMAN: dict[Phase, str] = {"data": "data preparation", "train": "training", "evaluate": "evaluation"}
@@ -99,7 +113,11 @@ def compute_status(
         ready = _condition("Ready", "False", phase, f"recipe is {phase}", generation, now, before)
     conditions.append(ready)
 
-    message = ready.message if phase in ("Succeeded", "Failed") else _progress_message(actions, spec)
+    message = (
+        ready.message
+        if phase in ("Succeeded", "Failed")
+        else _progress_message(actions, spec, previous.training)
+    )
     finished = phase in ("Succeeded", "Failed")
     return FinetuneRecipeStatus(
         phase=phase,
@@ -122,17 +140,89 @@ def compute_status(
     )
 
 
-def _progress_message(actions: Sequence[Action], spec: FinetuneRecipeSpec) -> str:
+def _progress_message(
+    actions: Sequence[Action], spec: FinetuneRecipeSpec, training: TrainingStatus | None
+) -> str:
     last = actions[-1] if actions else None
     if isinstance(last, CreateJob | Wait):
         verb = "suspended" if spec.suspend else "running"
-        return f"{_HUMAN[last.phase]} {verb} (Job {last.name})"
+        line = f"{_HUMAN[last.phase]} {verb} (Job {last.name})"
+        if last.phase == "train" and training is not None and training.job_name == last.name:
+            line = training_message(line, training)
+        return line
     return "planning"
+
+
+def training_message(head: str, training: TrainingStatus) -> str:
+    """``head`` plus the training figures known so far: step, losses, time left."""
+    parts = []
+    if training.step is not None:
+        parts.append(f"step {training.step}/{training.total_steps or '?'}")
+    if training.train_loss is not None:
+        parts.append(f"train loss {training.train_loss:.4g}")
+    if training.eval_loss is not None:
+        parts.append(f"eval loss {training.eval_loss:.4g}")
+    if training.eta_seconds is not None:
+        minutes, seconds = divmod(training.eta_seconds, 60)
+        parts.append(
+            f"ETA {minutes}m{seconds:02d}s" if minutes < 60 else f"ETA {minutes // 60}h{minutes % 60:02d}m"
+        )
+    return f"{head}: {', '.join(parts)}" if parts else head
+
+
+def progress_update(training: TrainingStatus, progress: Mapping[str, Any]) -> TrainingStatus:
+    """``training`` with a trainer progress line's figures (fields it does not carry stay)."""
+    update: dict[str, Any] = {}
+    for name in ("step", "total_steps", "eta_seconds"):
+        value = progress.get(name)
+        if _finite(value) and value >= 0:
+            update[name] = int(value)
+    for name in ("epoch", "train_loss", "eval_loss"):
+        value = progress.get(name)
+        if _finite(value) and (name != "epoch" or value >= 0):
+            update[name] = float(value)
+    return training.model_copy(update=update)
 
 
 PhaseStatus = TypeVar("PhaseStatus", DataPreparationStatus, TrainingStatus, EvaluationStatus)
 # The status field that says where each phase's output is.
 _URI_FIELD: dict[Phase, str] = {"data": "dataset_uri", "train": "adapter_uri", "evaluate": "report_uri"}
+
+
+def _finite(value: Any) -> TypeGuard[float]:
+    """A number JSON can carry (NaN and infinities cannot go into a Kubernetes object)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _figures_update(phase: Phase, report: PhaseReport | None) -> dict[str, Any]:
+    """Status fields from what a finished phase reported (unknown figures are left as they were)."""
+    if report is None or not report.ok:
+        return {}
+    figures = report.figures
+    if phase == "data":
+        known = {
+            name: figures[name] for name in DataSummary.model_fields if isinstance(figures.get(name), int)
+        }
+        return {"summary": DataSummary(**known)} if known else {}
+    if phase == "train":
+        update: dict[str, Any] = {
+            name: figures[name]
+            for name in ("step", "total_steps", "train_loss", "eval_loss")
+            if _finite(figures.get(name))
+        }
+        if "step" in update:
+            update |= {"eta_seconds": 0, "last_checkpoint": None}
+        return update
+    update = {}
+    accuracy = figures.get("command_accuracy")
+    if _finite(accuracy) and 0 <= accuracy <= 1:
+        update["command_accuracy"] = float(accuracy)
+    per_command = figures.get("per_command_f1")
+    if isinstance(per_command, Mapping):
+        update["per_command"] = {
+            str(name): float(value) for name, value in per_command.items() if _finite(value)
+        }
+    return update
 
 
 def _phase_status(
@@ -143,19 +233,66 @@ def _phase_status(
     empty: PhaseStatus,
     now: datetime,
 ) -> PhaseStatus | None:
-    """One phase's facts: its Job, times, whether it was reused, and where its output is once done."""
+    """One phase's facts: its Job, times, whether it was reused, where its output is once done, and the
+    figures it reported."""
     if fact is None:
         return previous
     before = previous or empty
     started = before.started_at or now
     completed = (before.completed_at or now) if isinstance(fact, Done | Reuse | Fail) else None
     uri_field = _URI_FIELD[phase]
-    return before.model_copy(
-        update={
-            "job_name": fact.name if isinstance(fact, CreateJob | Wait) else before.job_name,
-            "started_at": started,
-            "completed_at": completed,
-            "cached": isinstance(fact, Reuse),
-            uri_field: prefixes[phase] if isinstance(fact, Done | Reuse) else getattr(before, uri_field),
-        }
-    )
+    update: dict[str, Any] = {
+        "job_name": fact.name if isinstance(fact, CreateJob | Wait) else before.job_name,
+        "started_at": started,
+        "completed_at": completed,
+        "cached": isinstance(fact, Reuse),
+        uri_field: prefixes[phase] if isinstance(fact, Done | Reuse) else getattr(before, uri_field),
+    }
+    if isinstance(fact, Done | Reuse):
+        update |= _figures_update(phase, fact.report)
+    return before.model_copy(update=update)
+
+
+def remembered(
+    recipe: str,
+    spec: FinetuneRecipeSpec,
+    previous: FinetuneRecipeStatus | None,
+    prefixes: Mapping[Phase, str],
+) -> tuple[dict[str, PhaseReport], dict[str, str]]:
+    """What the recipe's status says about the current phase hashes: (finished, failed), for `World`.
+
+    Finished Jobs are deleted after `ttlSecondsAfterFinished`; without this memory the next event would
+    run those phases again. A phase counts as finished when the status shows its output at this hash's
+    prefix with a `True` condition; as failed when its condition is `JobFailed` for this hash's Job. The
+    figures kept in the status come back as the report, so a quality gate can be checked again.
+    """
+    finished: dict[str, PhaseReport] = {}
+    failed: dict[str, str] = {}
+    if previous is None:
+        return finished, failed
+    conditions = {c.type: c for c in previous.conditions or []}
+    sections: dict[Phase, DataPreparationStatus | TrainingStatus | EvaluationStatus | None] = {
+        "data": previous.data_preparation,
+        "train": previous.training,
+        "evaluate": previous.evaluation,
+    }
+    for phase, inputs_hash in phase_hashes(spec).items():
+        section = sections[phase]
+        condition = conditions.get(CONDITION_OF[phase])
+        if section is None or condition is None:
+            continue
+        if condition.status == "True" and getattr(section, _URI_FIELD[phase]) == prefixes[phase]:
+            figures: dict[str, Any] = {}
+            if isinstance(section, EvaluationStatus):
+                figures = {
+                    "command_accuracy": section.command_accuracy,
+                    "per_command_f1": section.per_command,
+                }
+            finished[inputs_hash] = PhaseReport(ok=True, message="", figures=figures)
+        elif (
+            condition.status == "False"
+            and condition.reason == "JobFailed"
+            and section.job_name == job_name(recipe, phase, inputs_hash)
+        ):
+            failed[inputs_hash] = condition.message
+    return finished, failed
