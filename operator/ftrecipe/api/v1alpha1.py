@@ -763,7 +763,8 @@ class EvaluationStatus(ApiModel):
         Field(description="Share of validation turns answered with exactly the right commands.", ge=0, le=1),
     ] = None
     per_command: Annotated[
-        dict[str, float] | None, Field(description="Accuracy by command type, e.g. {start flow: 0.97}.")
+        dict[str, float] | None,
+        Field(description="F1 by command type on the validation turns, e.g. {start flow: 0.97}."),
     ] = None
     report_uri: Annotated[
         str | None, Field(alias="reportURI", description="Where the evaluation report is.")
