@@ -40,6 +40,7 @@ from ftrecipe.storage import (
     S3Settings,
     StorageError,
     bundle_complete,
+    delete_bundle,
     fetch_bundle,
     join,
     parse_location,
@@ -271,6 +272,18 @@ def test_publish_and_fetch_round_trip(target: Target, tmp_path: Path) -> None:
 
     assert fetched == manifest
     assert read_tree(tmp_path / "dst") == SAMPLE  # byte equality, and no manifest/marker/temp files
+
+
+def test_delete_bundle_removes_what_its_manifest_listed(target: Target, tmp_path: Path) -> None:
+    source = make_tree(tmp_path / "src", SAMPLE)
+    publish_bundle(source, target.uri, producer="trainer", inputs_hash="h")
+    target.overwrite("not-ours.txt", b"someone else's")
+
+    assert delete_bundle(target.uri) == len(SAMPLE)
+
+    assert not bundle_complete(target.uri)
+    assert target.names() == {"not-ours.txt"}  # only what no manifest listed is left
+    assert delete_bundle(target.uri) == 0  # idempotent
 
 
 def test_corrupted_object_is_detected(target: Target, tmp_path: Path) -> None:

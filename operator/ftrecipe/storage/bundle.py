@@ -12,6 +12,7 @@ The same protocol runs on S3 and on local directories (each file written atomica
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -360,6 +361,28 @@ def publish_bundle(
         store.uri(),
     )
     return manifest
+
+
+def delete_bundle(location: str | Path | Location, settings: S3Settings | None = None) -> int:
+    """Delete a bundle: ``_SUCCESS`` first (from then on nobody takes it for complete), then the files its
+    manifest lists, then the manifest. Objects no manifest listed are left alone, as in `publish_bundle`.
+    Returns how many files were deleted; a missing bundle is not an error (deleting is idempotent)."""
+    store = _open_store(parse_location(location), settings)
+    listed = _previous_paths(store)
+    store.delete(SUCCESS_NAME)
+    existing = store.list_files()
+    deleted = 0
+    for relative in sorted(listed & existing.keys()):
+        store.delete(relative)
+        deleted += 1
+    store.delete(MANIFEST_NAME)
+    store.sync()
+    if isinstance(store, LocalStore):
+        with contextlib.suppress(OSError):  # not empty: someone else's files stay, and so does the folder
+            store.root.rmdir()
+    if deleted:
+        log.info("deleted the bundle at %s (%d file(s))", store.uri(), deleted)
+    return deleted
 
 
 def _fetch_file(store: _Store, item: ManifestFile, target: Path) -> bool:

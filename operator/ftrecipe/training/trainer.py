@@ -57,7 +57,6 @@ CHECKPOINT_PREFIX = "step-"
 CHECKPOINTS_DIR = "checkpoints"  # under the work folder, and under --out (the durable copies)
 CHECKPOINT_METRICS = "ftrecipe-metrics.jsonl"  # metrics.jsonl up to the checkpoint, inside it
 CHECKPOINT_PRODUCER = "ftrecipe train (checkpoint)"
-PRUNED_PRODUCER = "ftrecipe train (checkpoint pruned)"
 MERGED_DIR = "merged"  # --merge: the full merged model, inside the bundle
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Spec fields that do not change the trained weights: a work folder stays resumable across them.
@@ -155,7 +154,8 @@ def _is_s3(text: str) -> bool:
     return text.startswith("s3://")
 
 
-def _fetch(uri: str, target: Path, what: str) -> Path:
+def fetch_input(uri: str, target: Path, what: str) -> Path:
+    """The complete bundle at `uri` in `target` (verified); TrainError naming `what` and the URI."""
     from ftrecipe.storage import StorageError, fetch_bundle
 
     try:
@@ -171,7 +171,7 @@ def _fetch(uri: str, target: Path, what: str) -> Path:
 
 
 def resolve_data(data: str, work_dir: Path) -> Splits:
-    folder = _fetch(data, work_dir / "data", "data") if _is_s3(data) else Path(data)
+    folder = fetch_input(data, work_dir / "data", "data") if _is_s3(data) else Path(data)
     try:
         return find_splits(folder)
     except DataError as exc:
@@ -185,7 +185,7 @@ def resolve_base_model(base_model: str, work_dir: Path) -> BaseModelRef:
             raise TrainError(f"--base-model {base_model}: expected hf:ORG/NAME[@REVISION]")
         return BaseModelRef(name, revision or None, name, base_model)
     if _is_s3(base_model):
-        folder = _fetch(base_model, work_dir / "base_model", "base model")
+        folder = fetch_input(base_model, work_dir / "base_model", "base model")
         return BaseModelRef(str(folder), None, base_model, base_model)
     folder = Path(base_model)
     if not folder.is_dir():
@@ -309,7 +309,7 @@ def hub_error_message(source: str, exc: BaseException) -> str:
     return f"base model {source}: not found, gated or unreachable: {_line(exc)}"
 
 
-def _load_tokenizer(base: BaseModelRef) -> tuple[Any, bool]:
+def load_tokenizer(base: BaseModelRef) -> tuple[Any, bool]:
     from transformers import AutoTokenizer
 
     try:
@@ -324,7 +324,7 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400]
 
 
-def _load_model(config: TrainConfig, base: BaseModelRef) -> Any:
+def load_model(config: TrainConfig, base: BaseModelRef) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -622,11 +622,11 @@ class DurableCheckpoints:
         return self.steps
 
     def fetch(self, step: int, target: Path) -> Path:
-        return _fetch(str(self._location(step)), target, "checkpoint")
+        return fetch_input(str(self._location(step)), target, "checkpoint")
 
     def publish(self, step: int, folder: Path) -> None:
-        """Publish `folder` as step-N, then empty the checkpoints older than the last `keep`."""
-        from ftrecipe.storage import StorageError, publish_bundle
+        """Publish `folder` as step-N, then delete the checkpoints older than the last `keep`."""
+        from ftrecipe.storage import StorageError, delete_bundle, publish_bundle
 
         try:
             publish_bundle(
@@ -634,12 +634,7 @@ class DurableCheckpoints:
             )
             self.steps = sorted({*self.steps, step})
             while len(self.steps) > self.keep:
-                old = self.steps.pop(0)
-                # an empty bundle in its place: its files are deleted by the storage layer, nothing resumes from it
-                with tempfile.TemporaryDirectory() as empty:
-                    publish_bundle(
-                        Path(empty), self._location(old), producer=PRUNED_PRODUCER, inputs_hash=self.run_hash
-                    )
+                delete_bundle(self._location(self.steps.pop(0)))
         except StorageError as exc:
             raise TrainError(f"publishing checkpoint {step} to {self._location(step)}: {exc}") from None
 
@@ -716,7 +711,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     import torch
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
-    tokenizer, template_added = _load_tokenizer(base)
+    tokenizer, template_added = load_tokenizer(base)
     hp = config.hyperparameters
     train = tokenize_file(tokenizer, splits.train, hp.max_seq_length)
     val = (
@@ -739,7 +734,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
             f"({train.dropped_too_long} dropped as too long); raise hyperparameters.maxSeqLength"
         )
 
-    model = _load_model(config, base)
+    model = load_model(config, base)
     model = apply_lora(model, config)  # once: the Trainer gets the PeftModel, never a peft_config
 
     cuda = torch.cuda.is_available()
