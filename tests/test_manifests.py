@@ -135,7 +135,7 @@ ALL_SOURCES: dict[str, dict[str, Any]] = {
 def every_job() -> Iterator[tuple[str, dict[str, Any]]]:
     for name in ("full", "minimal"):
         recipe_name, spec = recipe(name)
-        for phase in ("data", "train"):
+        for phase in ("data", "train", "evaluate"):
             yield f"{name}-{phase}", job_for(recipe_name, spec, phase)
     recipe_name, spec = recipe("minimal")
     for label, source in ALL_SOURCES.items():
@@ -176,9 +176,10 @@ def test_secrets_only_as_references(which: str) -> None:
     for volume in pod["volumes"]:
         assert "secret" not in volume or volume["name"] == "git-ssh"
     # The spec the init container gets carries references (name, key), nothing else.
-    spec_env = env_of(pod["initContainers"][0])[inputs.SPEC_ENV]["value"]
-    for path, ref in refs(json.loads(spec_env)):
-        assert set(ref) <= {"name", "key"}, path
+    for init in pod.get("initContainers", []):
+        spec_env = env_of(init)[inputs.SPEC_ENV]["value"]
+        for path, ref in refs(json.loads(spec_env)):
+            assert set(ref) <= {"name", "key"}, path
 
 
 def test_secret_references_become_secret_key_refs() -> None:
@@ -332,10 +333,31 @@ def test_command_lines() -> None:
     assert pvc_args[pvc_args.index("--base-model") + 1] == "/workspace/pvc/llama"
 
 
-def test_evaluate_is_not_implemented_yet() -> None:
+def test_evaluate_job_scores_the_adapter_on_a_gpu() -> None:
     name, spec = recipe("full")
-    with pytest.raises(NotImplementedError, match="evaluate"):
-        job_for(name, spec, "evaluate")
+    job = job_for(name, spec, "evaluate")
+    hashes = phase_hashes(spec)
+    assert spec.output.s3 is not None
+    root = spec.output.s3.uri
+    pod = job["spec"]["template"]["spec"]
+    assert "initContainers" not in pod  # evaluate reads everything itself
+    main = main_container(job)
+    args = main["args"]
+    assert args[0] == "evaluate"
+    assert args[args.index("--data") + 1] == phase_prefix(root, name, "data", hashes["data"])
+    assert args[args.index("--adapter") + 1] == phase_prefix(root, name, "train", hashes["train"])
+    assert args[args.index("--out") + 1] == phase_prefix(root, name, "evaluate", hashes["evaluate"])
+    train_args = main_container(job_for(name, spec, "train"))["args"]
+    assert args[args.index("--base-model") + 1] == train_args[train_args.index("--base-model") + 1]
+    assert args[args.index("--syntax") + 1] == spec.command_generator.syntax
+    assert args[args.index("--max-new-tokens") + 1] == str(spec.evaluation.max_new_tokens)
+    assert main["image"] == "ghcr.io/example-org/ftrecipe-trainer:0.1.0"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["tolerations"] == job_for(name, spec, "train")["spec"]["template"]["spec"]["tolerations"]
+    assert job["spec"]["backoffLimit"] == 2
+    assert {"HF_TOKEN", "AWS_ACCESS_KEY_ID"} <= set(env_of(main))
+    multi = with_changes(spec, {"training": {"gpus": 4}})
+    assert main_container(job_for(name, multi, "evaluate"))["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def test_refused_recipes() -> None:

@@ -243,17 +243,49 @@ def test_local_output_fails_without_jobs(k8s: K8s, operator: Any) -> None:
     assert job_names(k8s) == []
 
 
-def test_evaluation_enabled_fails_clearly_after_training(k8s: K8s, operator: Any) -> None:
+@pytest.mark.parametrize(("accuracy", "outcome"), [(0.91, "Succeeded"), (0.62, "Failed")])
+def test_evaluation_and_the_quality_gate(k8s: K8s, operator: Any, accuracy: float, outcome: str) -> None:
     body = manifest()
-    body["spec"]["evaluation"] = {"enabled": True}
+    body["spec"]["evaluation"] = {"enabled": True, "minCommandAccuracy": 0.8}
     apply(k8s, body)
-    for phase in ("data", "train"):
+    for phase, container in (("data", "prepare-data"), ("train", "train")):
         name = expected_job(body, phase)
         wait_job(k8s, name)
-        k8s.set_job_status(name, NS, "succeeded")
-    st = wait_phase(k8s, "Failed")
-    assert condition(st, "Ready")["reason"] == "EvaluationNotAvailable"
-    assert "evaluation.enabled: false" in st["message"]
+        finish(k8s, name, container, report(True, f"{phase} done"))
+    eval_name = expected_job(body, "evaluate")
+    job = wait_job(k8s, eval_name)
+    main_container = job["spec"]["template"]["spec"]["containers"][0]
+    assert main_container["args"][0] == "evaluate" and main_container["image"] == IMAGES.trainer
+    st = wait_phase(k8s, "Evaluating")
+    assert condition(st, "Evaluated")["status"] == "Unknown"
+    per_command = {"start flow": 0.97, "set slot": 0.55, "cancel flow": 0.8}
+    figures = {"command_accuracy": accuracy, "per_command_f1": per_command, "num_turns": 40}
+    finish(k8s, eval_name, "evaluate", report(True, "scored 40 turns", **figures))
+    st = wait_phase(k8s, outcome)
+    assert st["evaluation"]["commandAccuracy"] == accuracy
+    assert st["evaluation"]["perCommand"] == per_command
+    assert st["evaluation"]["reportURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/evaluate-")
+    ready = condition(st, "Ready")
+    if outcome == "Succeeded":
+        assert (ready["status"], condition(st, "Evaluated")["status"]) == ("True", "True")
+        return
+    assert (ready["status"], ready["reason"]) == ("False", "QualityGateNotMet")
+    assert st["message"] == (
+        "command accuracy 0.620 is below spec.evaluation.minCommandAccuracy 0.8; "
+        "lowest F1: set slot 0.55, cancel flow 0.80, start flow 0.97"
+    )
+    k8s.wait_for(
+        lambda: any(e["reason"] == "QualityGateNotMet" and e["type"] == "Warning" for e in k8s.events(NS)),
+        message="a QualityGateNotMet warning Event",
+    )
+    # A week later the Jobs are gone (their TTL); lowering the bar re-checks the remembered figures and
+    # nothing runs again.
+    for name in job_names(k8s):
+        k8s.delete(JOBS, name, NS)
+    patch_spec(k8s, "minimal", {"evaluation": {"minCommandAccuracy": 0.6}})
+    st = wait_phase(k8s, "Succeeded")
+    assert st["evaluation"]["commandAccuracy"] == accuracy
+    assert job_names(k8s) == []
 
 
 def test_complete_bundle_is_reused(k8s: K8s) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ftrecipe import __version__
 from ftrecipe.api import RecipeError, load_recipe
@@ -235,6 +236,13 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     )
     registry = kopf.OperatorRegistry()
     register(registry, settings=settings)
+
+    # A registry of our own has none of kopf's default login handlers: log in as the `kubernetes`
+    # client does (the pod's service account, else kubeconfig).
+    @kopf.on.login(registry=registry, id="kubernetes-client")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
     kopf_settings = kopf.OperatorSettings()
     # Without it a silent watch (no events for a long time) can hang on a dead connection forever.
     kopf_settings.watching.server_timeout = args.watch_timeout_seconds

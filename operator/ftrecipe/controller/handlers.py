@@ -242,9 +242,6 @@ async def _apply(
                     output_prefix=prefixes[action.phase],
                     images=settings.images,
                 )
-            except NotImplementedError as error:
-                applied.append(Fail(action.phase, "EvaluationNotAvailable", str(error)))
-                return applied
             except ValueError as error:
                 applied.append(Fail(action.phase, "InvalidForCluster", str(error)))
                 return applied

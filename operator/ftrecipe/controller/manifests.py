@@ -260,14 +260,30 @@ def _fetch_inputs_container(
     return container
 
 
-def data_args(spec: FinetuneRecipeSpec, output_prefix: str) -> list[str]:
-    """prepare-data's command line, reading what `fetch-inputs --phase data` wrote."""
+@dataclass(frozen=True)
+class CommandPaths:
+    """Where a phase command reads its inputs and keeps its scratch: the Job's fixed layout (`JOB_PATHS`,
+    what `fetch-inputs` writes), or the folders of a local `ftrecipe run`."""
+
+    assistant: str  # the assistant's files (flows, domain, E2E tests)
+    inputs: str  # llm.yml, rephrase.yml and training.yml, as `ftrecipe.controller.inputs` writes them
+    cache: str  # prepare-data's LLM answer cache
+    work: str  # train's local scratch (checkpoints before they are published)
+
+
+JOB_PATHS: Final = CommandPaths(
+    assistant=ASSISTANT_PATH, inputs=inputs.INPUTS_DIR, cache=CACHE_DIR, work=WORK_DIR
+)
+
+
+def data_args(spec: FinetuneRecipeSpec, output_prefix: str, paths: CommandPaths) -> list[str]:
+    """prepare-data's command line, reading what `fetch-inputs --phase data` wrote (or a local run's files)."""
     prep = spec.data_preparation
     args = ["prepare-data"]
-    args += [f"{ASSISTANT_PATH}/{path.strip('/')}" for path in spec.assistant.e2e_tests]
-    args += ["--assistant", ASSISTANT_PATH, "--llm-config", f"{inputs.INPUTS_DIR}/{inputs.LLM_CONFIG}"]
+    args += [f"{paths.assistant}/{path.strip('/')}" for path in spec.assistant.e2e_tests]
+    args += ["--assistant", paths.assistant, "--llm-config", f"{paths.inputs}/{inputs.LLM_CONFIG}"]
     if inputs.rephrase_config(spec) is not None:
-        args += ["--rephrase-config", f"{inputs.INPUTS_DIR}/{inputs.REPHRASE_CONFIG}"]
+        args += ["--rephrase-config", f"{paths.inputs}/{inputs.REPHRASE_CONFIG}"]
     args += [
         "--annotator",
         prep.annotator,
@@ -282,7 +298,7 @@ def data_args(spec: FinetuneRecipeSpec, output_prefix: str) -> list[str]:
         "--concurrency",
         str(prep.concurrency),
         "--cache-dir",
-        CACHE_DIR,
+        paths.cache,
         "--out",
         output_prefix,
     ]
@@ -318,20 +334,45 @@ def base_model_arg(spec: FinetuneRecipeSpec) -> str:
     )
 
 
-def train_args(spec: FinetuneRecipeSpec, output_prefix: str, data_prefix: str) -> list[str]:
-    """train's command line: data and base model are read by train itself, settings from training.yml."""
+def train_args(
+    spec: FinetuneRecipeSpec, output_prefix: str, data_prefix: str, base_model: str, paths: CommandPaths
+) -> list[str]:
+    """train's command line: data and base model (`base_model_arg` in a Job) are read by train itself,
+    settings from training.yml."""
     return [
         "train",
         "--data",
         data_prefix,
         "--base-model",
-        base_model_arg(spec),
+        base_model,
         "--out",
         output_prefix,
         "--config",
-        f"{inputs.INPUTS_DIR}/{inputs.TRAINING_CONFIG}",
+        f"{paths.inputs}/{inputs.TRAINING_CONFIG}",
         "--work-dir",
-        WORK_DIR,
+        paths.work,
+    ]
+
+
+def evaluate_args(
+    spec: FinetuneRecipeSpec, output_prefix: str, data_prefix: str, adapter_prefix: str, base_model: str
+) -> list[str]:
+    """evaluate's command line: the adapter on the base model it was trained on, scored on the data
+    bundle's validation split."""
+    return [
+        "evaluate",
+        "--data",
+        data_prefix,
+        "--base-model",
+        base_model,
+        "--adapter",
+        adapter_prefix,
+        "--out",
+        output_prefix,
+        "--syntax",
+        spec.command_generator.syntax,
+        "--max-new-tokens",
+        str(spec.evaluation.max_new_tokens),
     ]
 
 
@@ -352,11 +393,6 @@ def build_job(
     ``data_prefix`` (train only) where the data bundle is, by default the data phase's content-addressed
     prefix under ``output.s3.uri``. Raises ValueError for recipes a cluster cannot run."""
     phase = action.phase
-    if phase == "evaluate":
-        raise NotImplementedError(
-            "the evaluate phase has no command yet (`ftrecipe evaluate` comes with the evaluation issue); "
-            "set spec.evaluation.enabled: false until then"
-        )
     output = _output_s3(spec)
     labels = job_labels(recipe_name, phase, action.inputs_hash)
     if spec.queue_name is not None:
@@ -383,7 +419,7 @@ def build_job(
         main = _container(
             MAIN_CONTAINER[phase],
             image,
-            data_args(spec, output_prefix),
+            data_args(spec, output_prefix, JOB_PATHS),
             [*_s3_env(output), *_llm_key_env(spec)],
         )
         main["resources"] = _resources(spec.data_preparation.resources) or {
@@ -391,20 +427,32 @@ def build_job(
         }
         deadline = DEFAULT_DEADLINE_SECONDS
     else:
+        # Training, and evaluation (the adapter on the same base model, on the same kind of node).
         training = spec.training
+        hashes = phase_hashes(spec)
         if data_prefix is None:
-            data_prefix = phase_prefix(output.uri, recipe_name, "data", phase_hashes(spec)["data"])
+            data_prefix = phase_prefix(output.uri, recipe_name, "data", hashes["data"])
         image = spec.images.trainer or images.trainer
-        init = _fetch_inputs_container(spec, phase, spec.images.operator or images.operator, volumes)
         env = _s3_env(output)
         base = training.base_model
         if base.hugging_face is not None and base.hugging_face.token_secret_ref is not None:
             ref = base.hugging_face.token_secret_ref
             env.append(_secret("HF_TOKEN", ref.name, ref.key))
-        main = _container(MAIN_CONTAINER[phase], image, train_args(spec, output_prefix, data_prefix), env)
+        if phase == "train":
+            init = _fetch_inputs_container(spec, phase, spec.images.operator or images.operator, volumes)
+            args = train_args(spec, output_prefix, data_prefix, base_model_arg(spec), JOB_PATHS)
+            gpus = training.gpus
+            deadline = training.active_deadline_seconds
+        else:
+            init = None  # evaluate reads its data, base model and adapter itself: nothing to fetch first
+            adapter_prefix = phase_prefix(output.uri, recipe_name, "train", hashes["train"])
+            args = evaluate_args(spec, output_prefix, data_prefix, adapter_prefix, base_model_arg(spec))
+            gpus = min(training.gpus, 1)  # one process generates; more GPUs would sit idle
+            deadline = DEFAULT_DEADLINE_SECONDS
+        main = _container(MAIN_CONTAINER[phase], image, args, env)
         resources = _resources(training.resources)
-        if training.gpus > 0:
-            resources.setdefault("limits", {})["nvidia.com/gpu"] = str(training.gpus)
+        if gpus > 0:
+            resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
         if resources:
             main["resources"] = resources
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
@@ -429,8 +477,8 @@ def build_job(
             pod["affinity"] = copy.deepcopy(training.affinity)
         if training.priority_class_name is not None:
             pod["priorityClassName"] = training.priority_class_name
-        deadline = training.active_deadline_seconds
-    pod["initContainers"] = [init]
+    if init is not None:
+        pod["initContainers"] = [init]
     pod["containers"] = [main]
     pod["volumes"] = volumes
     return {

@@ -61,11 +61,16 @@ def _condition(
     )
 
 
-def _phase_facts(actions: Sequence[Action]) -> dict[Phase, Action]:
+def _phase_facts(actions: Sequence[Action], *, results_first: bool = False) -> dict[Phase, Action]:
+    """The last action about each phase; with ``results_first``, a Done/Reuse wins over a later Fail (a
+    failed quality gate: the evaluation's output and figures are still there to show)."""
     facts: dict[Phase, Action] = {}
     for action in actions:
         if isinstance(action, Done | Reuse | CreateJob | Wait) or (isinstance(action, Fail) and action.phase):
-            facts[action.phase] = action  # type: ignore[index]
+            phase: Phase = action.phase  # type: ignore[assignment]
+            if results_first and isinstance(facts.get(phase), Done | Reuse):
+                continue
+            facts[phase] = action
     return facts
 
 
@@ -83,6 +88,7 @@ def compute_status(
     before = {c.type: c for c in previous.conditions or []}
     phase = recipe_phase(spec, actions)
     facts = _phase_facts(actions)
+    results = _phase_facts(actions, results_first=True)
     last = actions[-1] if actions else None
     conditions: list[Condition] = []
     for name in phases(spec):
@@ -127,13 +133,13 @@ def compute_status(
         message=message,
         conditions=conditions,
         data_preparation=_phase_status(
-            "data", facts.get("data"), prefixes, previous.data_preparation, DataPreparationStatus(), now
+            "data", results.get("data"), prefixes, previous.data_preparation, DataPreparationStatus(), now
         ),
         training=_phase_status(
-            "train", facts.get("train"), prefixes, previous.training, TrainingStatus(), now
+            "train", results.get("train"), prefixes, previous.training, TrainingStatus(), now
         ),
         evaluation=_phase_status(
-            "evaluate", facts.get("evaluate"), prefixes, previous.evaluation, EvaluationStatus(), now
+            "evaluate", results.get("evaluate"), prefixes, previous.evaluation, EvaluationStatus(), now
         )
         if "evaluate" in phases(spec)
         else None,
@@ -263,7 +269,7 @@ def remembered(
 
     Finished Jobs are deleted after `ttlSecondsAfterFinished`; without this memory the next event would
     run those phases again. A phase counts as finished when the status shows its output at this hash's
-    prefix with a `True` condition; as failed when its condition is `JobFailed` for this hash's Job. The
+    prefix; as failed when its condition is `JobFailed` for this hash's Job. The
     figures kept in the status come back as the report, so a quality gate can be checked again.
     """
     finished: dict[str, PhaseReport] = {}
@@ -281,7 +287,9 @@ def remembered(
         condition = conditions.get(CONDITION_OF[phase])
         if section is None or condition is None:
             continue
-        if condition.status == "True" and getattr(section, _URI_FIELD[phase]) == prefixes[phase]:
+        # The output URI is written only when the phase finished (or was reused) for this hash; a failed
+        # quality gate leaves it too (the evaluation finished, its figures just fell short).
+        if getattr(section, _URI_FIELD[phase]) == prefixes[phase]:
             figures: dict[str, Any] = {}
             if isinstance(section, EvaluationStatus):
                 figures = {
