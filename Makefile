@@ -37,6 +37,28 @@ pytest: $(STAMP)
 # Regenerate the CRD from the API models (tests fail when crds/ is stale).
 crds: $(STAMP)
 	$(BIN)/ftrecipe crd --out crds/finetunerecipes.ftrecipe.dev.yaml
+	$(MAKE) --no-print-directory chart-crds
 
 clean:
 	rm -rf $(VENV) .cache output .pytest_cache .mypy_cache .ruff_cache
+
+# Container images (images/README.md). Built from the repository root; the tag is the package version.
+.PHONY: image-operator image-trainer chart-crds
+DOCKER ?= docker
+IMAGE_REGISTRY ?= ghcr.io/ftrecipe
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+FLASH_ATTN ?= false
+IMAGE_ARGS = --build-arg VERSION=$(IMAGE_TAG) \
+	--build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) \
+	--build-arg CREATED=$(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+
+image-operator:
+	$(DOCKER) build -f images/operator/Dockerfile $(IMAGE_ARGS) -t $(IMAGE_REGISTRY)/ftrecipe:$(IMAGE_TAG) .
+
+image-trainer:
+	$(DOCKER) build -f images/trainer/Dockerfile $(IMAGE_ARGS) --build-arg FLASH_ATTN=$(FLASH_ATTN) \
+		-t $(IMAGE_REGISTRY)/ftrecipe-trainer:$(IMAGE_TAG) .
+
+# The Helm chart's copy of the CRD (`make crds` refreshes it; tests/test_chart.py fails when they differ).
+chart-crds:
+	cp crds/finetunerecipes.ftrecipe.dev.yaml charts/ftrecipe-operator/files/crds/finetunerecipes.ftrecipe.dev.yaml

@@ -542,3 +542,32 @@ def test_metrics_are_served_over_http() -> None:
     assert 'ftrecipe_recipes{phase="Training"} 0.0' in text
     assert 'ftrecipe_recipes{phase="Succeeded"} 1.0' in text
     assert "# TYPE ftrecipe_phase_duration_seconds histogram" in text
+
+
+def test_two_replicas_with_peering_one_active_one_standby(k8s: K8s) -> None:
+    """The Deployment's replicas: the higher priority one works, the other pauses, then takes over."""
+    k8s.ensure_namespace(NS)
+    k8s.create("kopf.dev/v1/kopfpeerings", {"metadata": {"name": "ftrecipe"}}, NS)
+    body = manifest()
+    data_name = expected_job(body, "data")
+    options = {"namespaces": [NS], "watching": [CRD_RESOURCE], "peering": "ftrecipe"}
+    with k8s.run_operator(handlers(), priority=100, **options) as standby:
+        with k8s.run_operator(handlers(), priority=200, **options) as active:
+            k8s.wait_for(
+                lambda: any("Pausing operations in favour of" in m for m in standby.messages()),
+                message="the lower priority replica to pause",
+            )
+            apply(k8s, body)
+            wait_job(k8s, data_name)
+            wait_phase(k8s, "PreparingData")
+            assert job_names(k8s) == [data_name]
+            assert not any("reconcile" in m for m in standby.messages()), [m for m in standby.messages() if "reconcile" in m]
+        # The active replica stopped (a rollout, a node drain): the standby takes over and carries on.
+        k8s.wait_for(
+            lambda: any("Resuming operations" in m for m in standby.messages()),
+            message="the standby replica to resume",
+        )
+        k8s.set_job_status(data_name, NS, "succeeded")
+        wait_job(k8s, expected_job(body, "train"))
+        assert job_names(k8s) == sorted([data_name, expected_job(body, "train")])
+    assert not active.errors and not standby.errors, standby.messages()

@@ -213,6 +213,26 @@ CRD_SINGULAR: Final = CRD.singular
 CRD_SHORT_NAMES: Final = CRD.short_names
 CRD_API_VERSION: Final = CRD.api_version
 CRD_RESOURCE: Final = CRD.resource  # "ftrecipe.dev/v1alpha1/finetunerecipes"
+# kopf's peering resources (charts/ftrecipe-operator installs them): kopf patches their `status` directly.
+KOPF_PEERINGS: Final = (
+    CrdInfo(
+        group="kopf.dev",
+        version="v1",
+        kind="KopfPeering",
+        plural="kopfpeerings",
+        singular="kopfpeering",
+        status_subresource=False,
+    ),
+    CrdInfo(
+        group="kopf.dev",
+        version="v1",
+        kind="ClusterKopfPeering",
+        plural="clusterkopfpeerings",
+        singular="clusterkopfpeering",
+        namespaced=False,
+        status_subresource=False,
+    ),
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1106,7 +1126,9 @@ class KubeCluster:
     request history); mutate it only via these helpers while the server runs.
     """
 
-    def __init__(self, *, crds: Sequence[CrdInfo] = (CRD,), namespaces: Sequence[str] = ("default",)) -> None:
+    def __init__(
+        self, *, crds: Sequence[CrdInfo] = (CRD, *KOPF_PEERINGS), namespaces: Sequence[str] = ("default",)
+    ) -> None:
         self.crds = tuple(crds)
         self.initial_namespaces = tuple(namespaces)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1644,12 +1666,18 @@ class OperatorRun:
 
 
 class _ListHandler(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]) -> None:
+    """Keeps the kopf records of one operator: those logged in its thread (kopf logs from its event loop,
+    also for handlers it runs in executors), so operators running side by side have separate records."""
+
+    def __init__(self, records: list[logging.LogRecord], run: OperatorRun) -> None:
         super().__init__(logging.DEBUG)
         self.records = records
+        self.run = run
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        thread = self.run.thread
+        if thread is None or thread.ident is None or record.thread == thread.ident:
+            self.records.append(record)
 
 
 @contextlib.contextmanager
@@ -1666,6 +1694,8 @@ def run_operator(
     stop_timeout: float = 15.0,
     watching: Iterable[ResourceSpec] = (),
     log_level: int = logging.INFO,
+    peering: str | None = None,
+    priority: int = 0,
 ) -> Iterator[OperatorRun]:
     """Run ``kopf.operator`` against `cluster` in its own thread and event loop; always stop it.
 
@@ -1677,6 +1707,7 @@ def run_operator(
     `watching`: resources to wait for kopf's watch requests on before yielding (e.g. ``CRD_RESOURCE``),
     for tests that assert that nothing happens. `posting`: post k8s Events (``kopf.info()`` & co.).
     kopf's log records at `log_level`+ are kept in ``.records`` (and reach pytest's log capture).
+    `peering`: the (Cluster)KopfPeering to coordinate through, with `priority` (default: standalone).
     Exceptions that end the operator re-raise on exit.
     """
     namespaces = [namespaces] if isinstance(namespaces, str) else list(namespaces)
@@ -1692,7 +1723,7 @@ def run_operator(
         ready = threading.Event()
         started = threading.Event()
         kopf_logger = logging.getLogger("kopf")
-        capture = _ListHandler(run.records)
+        capture = _ListHandler(run.records, run)
         previous_level = kopf_logger.level
         kopf_logger.addHandler(capture)
         kopf_logger.setLevel(log_level)
@@ -1708,7 +1739,9 @@ def run_operator(
                 settings=run.settings,
                 clusterwide=clusterwide,
                 namespaces=[] if clusterwide else namespaces,
-                standalone=True,
+                standalone=peering is None,
+                peering_name=peering,
+                priority=priority,
                 stop_flag=stop,
                 ready_flag=ready,
                 memo=memo,

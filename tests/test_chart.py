@@ -1,0 +1,869 @@
+"""The Helm chart (charts/ftrecipe-operator), rendered and linted by the real helm binary: valid Kubernetes
+objects for 1.29 and later, a strict values schema, exactly the RBAC rules the operator needs, the CRD
+equal to crds/, and the GitOps health checks (Argo CD Lua, Flux CEL) executed against every phase."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from lupa import lua51
+
+import ftrecipe
+from ftrecipe.api import load_recipe
+from ftrecipe.api.crd import render_crd_yaml
+from ftrecipe.cli.main import make_parser
+from ftrecipe.controller.manifests import DEFAULT_IMAGES, NON_ROOT_ID
+from support.crd_schema import api_server_violations
+from support.helm import run_helm
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "ftrecipe-operator"
+ALL_OPTIONS = CHART / "ci" / "all-options-values.yaml"
+HEALTH_LUA = CHART / "argocd" / "health.lua"
+CRD_COPY = CHART / "files" / "crds" / "finetunerecipes.ftrecipe.dev.yaml"
+CRD_SOURCE = ROOT / "crds" / "finetunerecipes.ftrecipe.dev.yaml"
+GITOPS = ROOT / "examples" / "gitops"
+NAMESPACE = "ftrecipe-system"
+K8S_VERSIONS = ("1.29", "1.33", kubernetes_validate.latest_version())
+HEALTH_KEY = "resource.customizations.health.ftrecipe.dev_FinetuneRecipe"
+# Kinds whose schema kubernetes-validate does not have (it knows built-in kinds only):
+# - ServiceMonitor (Prometheus Operator CRD): not validated here;
+# - the kopf peering objects: validated against the kopf CRDs the chart itself renders.
+NOT_IN_KUBERNETES_VALIDATE = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
+
+Manifest = dict[str, Any]
+Render = Callable[..., list[Manifest]]
+
+# Value sets rendered by most tests: the defaults, every option on (a namespace list), and every option on
+# while watching all namespaces.
+RENDERS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "all-options": ("-f", str(ALL_OPTIONS)),
+    "all-options-all-namespaces": (
+        "-f",
+        str(ALL_OPTIONS),
+        "--set",
+        "watch.allNamespaces=true",
+        "--set-json",
+        "watch.namespaces=[]",
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def render(helm: Path, helm_env: dict[str, str]) -> Render:
+    """`helm template` of the chart (release `ftrecipe` in `ftrecipe-system`) as a list of objects."""
+    cache: dict[tuple[str, ...], list[Manifest]] = {}
+
+    def rendered(*args: str) -> list[Manifest]:
+        if args not in cache:
+            out = run_helm(helm, helm_env, "template", "ftrecipe", CHART, "--namespace", NAMESPACE, *args)
+            cache[args] = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+        return cache[args]
+
+    return rendered
+
+
+def one(objects: list[Manifest], kind: str, name: str | None = None) -> Manifest:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def kinds(objects: list[Manifest]) -> list[str]:
+    return sorted(o["kind"] for o in objects)
+
+
+def container(objects: list[Manifest]) -> Manifest:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    found: Manifest = pod["containers"][0]
+    return found
+
+
+def env_of(objects: list[Manifest]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container(objects)["env"]}
+
+
+# ------------------------------------------------------------------------------------------ chart metadata
+
+
+def test_app_version_is_the_package_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"], "Chart.yaml appVersion must follow pyproject.toml"
+    assert chart["appVersion"] == ftrecipe.__version__
+
+
+@pytest.mark.parametrize("values", sorted(RENDERS))
+def test_helm_lint_strict(helm: Path, helm_env: dict[str, str], values: str) -> None:
+    out = run_helm(helm, helm_env, "lint", "--strict", CHART, "--namespace", NAMESPACE, *RENDERS[values])
+    assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
+
+
+def test_default_render_objects(render: Render) -> None:
+    assert kinds(render()) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+
+
+def test_all_options_render_objects(render: Render) -> None:
+    objects = render(*RENDERS["all-options"])
+    assert kinds(objects) == sorted(
+        [
+            "ServiceAccount",
+            *["CustomResourceDefinition"] * 3,  # FinetuneRecipe + kopf's two peering CRDs
+            "ClusterRole",
+            "ClusterRoleBinding",
+            *["Role", "RoleBinding", "KopfPeering"] * 2,  # one of each per watched namespace
+            "Service",
+            "Deployment",
+            "ServiceMonitor",
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------ validity
+
+
+@pytest.mark.parametrize("values", sorted(RENDERS))
+def test_every_object_is_valid_kubernetes(render: Render, values: str) -> None:
+    objects = render(*RENDERS[values])
+    crds = {o["spec"]["names"]["kind"]: o for o in objects if o["kind"] == "CustomResourceDefinition"}
+    checked = 0
+    for obj in objects:
+        if obj["kind"] in NOT_IN_KUBERNETES_VALIDATE:
+            if obj["kind"] in crds:
+                # The API server handles apiVersion, kind and metadata itself; the schema covers the rest.
+                body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+                assert api_server_violations(crds[obj["kind"]], body) == [], obj["metadata"]
+            continue
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= 6
+
+
+def test_namespaced_objects_have_a_namespace(render: Render) -> None:
+    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    for values in RENDERS.values():
+        for obj in render(*values):
+            if obj["kind"] not in cluster_scoped:
+                assert obj["metadata"].get("namespace"), f"{obj['kind']} {obj['metadata']['name']}"
+
+
+# ------------------------------------------------------------------------------------------ values schema
+
+
+def test_values_and_ci_values_match_the_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    for path in (CHART / "values.yaml", ALL_OPTIONS):
+        jsonschema.Draft7Validator(schema).validate(yaml.safe_load(path.read_text()))
+
+
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(node, dict) and node:
+        return [leaf for key, value in node.items() for leaf in _leaves(value, (*path, key))]
+    return [path]
+
+
+def test_schema_closes_every_object_and_covers_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    free_form = {"global", "podLabels", "podAnnotations", "nodeSelector", "affinity", "annotations", "labels"}
+
+    def walk(node: Manifest, name: str) -> None:
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{name}: additionalProperties must be false"
+            for key, sub in node["properties"].items():
+                walk(sub, key)
+        elif node.get("type") == "object" and name not in free_form and name not in {"requests", "limits"}:
+            assert name == "valueFrom", f"{name}: free-form object not expected"
+
+    walk(schema, "(root)")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for leaf in _leaves(values):
+        node = schema
+        for key in leaf:
+            if "properties" not in node:  # a free-form map or a pass-through Kubernetes object
+                break
+            assert key in node["properties"], f"{'.'.join(leaf)} is not in values.schema.json"
+            node = node["properties"][key]
+
+
+def test_values_yaml_documents_every_value() -> None:
+    """Every value has a `# --` comment block right above it, or sits inside a value that has one;
+    section keys (whose children are indented below them) need none."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented: list[int] = []  # indents of the enclosing documented keys
+    missing = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match[1]), match[2], match[3].strip()
+        documented = [level for level in documented if level < indent]
+        comments = []
+        above = number - 1
+        while above >= 0 and lines[above].lstrip().startswith("#"):
+            comments.append(lines[above].strip())
+            above -= 1
+        if any(comment.startswith("# --") for comment in comments):
+            documented.append(indent)
+            continue
+        following = next((n for n in lines[number + 1 :] if n.strip()), "")
+        is_section = rest == "" and len(following) - len(following.lstrip()) > indent
+        if not (documented or is_section):
+            missing.append(key)
+    assert missing == [], f"values without a `# --` comment: {missing}"
+
+
+WRONG_VALUES = {
+    "unknown top-level key": ("--set", "replicas=2"),
+    "unknown nested key": ("--set", "image.name=x"),
+    "replicaCount zero": ("--set", "replicaCount=0"),
+    "log format": ("--set", "operator.logFormat=xml"),
+    "pull policy": ("--set", "image.pullPolicy=Sometimes"),
+    "short digest": ("--set", "image.digest=sha256:abc"),
+    "namespace name": ("--set", "watch.allNamespaces=false", "--set", "watch.namespaces[0]=ML_Team"),
+    "metrics port": ("--set", "metrics.port=70000"),
+    "resync negative": ("--set", "operator.resyncSeconds=-1"),
+    "crds.keep type": ("--set-string", "crds.keep=yes"),
+    "scrape interval": ("--set", "metrics.serviceMonitor.interval=often"),
+}
+
+
+@pytest.mark.parametrize("args", WRONG_VALUES.values(), ids=WRONG_VALUES.keys())
+def test_schema_rejects_wrong_values(helm: Path, helm_env: dict[str, str], args: tuple[str, ...]) -> None:
+    for command in ("template", "lint"):
+        out = run_helm(
+            helm,
+            helm_env,
+            command,
+            *(["ftrecipe"] if command == "template" else []),
+            CHART,
+            *args,
+            check=False,
+        )
+        assert out.returncode != 0, f"helm {command} accepted {args}"
+        assert "values don't meet the specifications of the schema" in out.stdout + out.stderr
+
+
+INVALID_COMBINATIONS = {
+    "replicas without peering": (("--set", "replicaCount=2"), "peering.enabled is false"),
+    "no namespaces": (("--set", "watch.allNamespaces=false"), "list the namespaces to watch"),
+    "namespaces with all": (("--set", "watch.namespaces={ml}"), "watch.allNamespaces is true"),
+    "credentials without reuse": (
+        ("--set", "reuseBundles.credentialsSecret=s3"),
+        "only to reuse bundles",
+    ),
+    "servicemonitor without service": (
+        ("--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"),
+        "needs metrics.service.enabled",
+    ),
+    "same ports": (("--set", "metrics.port=8080"), "must differ"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), INVALID_COMBINATIONS.values(), ids=INVALID_COMBINATIONS.keys())
+def test_invalid_combinations_fail_with_a_message(
+    helm: Path, helm_env: dict[str, str], args: tuple[str, ...], message: str
+) -> None:
+    out = run_helm(helm, helm_env, "template", "ftrecipe", CHART, *args, check=False)
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ CRDs
+
+
+def test_chart_crd_copy_equals_crds_dir() -> None:
+    assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), (
+        "charts/ftrecipe-operator/files/crds/ differs from crds/: run `make chart-crds`"
+    )
+    assert CRD_COPY.read_text() == render_crd_yaml(), "the CRD is stale: run `make crds chart-crds`"
+
+
+def _without_chart_metadata(crd: Manifest) -> Manifest:
+    crd = json.loads(json.dumps(crd))
+    crd["metadata"].pop("annotations", None)
+    crd["metadata"]["labels"] = {
+        key: value
+        for key, value in crd["metadata"]["labels"].items()
+        if key == "app.kubernetes.io/name" or not key.startswith(("app.kubernetes.io/", "helm.sh/"))
+    }
+    return crd
+
+
+def test_rendered_crd_equals_crds_dir(render: Render) -> None:
+    rendered = one(render(), "CustomResourceDefinition", "finetunerecipes.ftrecipe.dev")
+    assert _without_chart_metadata(rendered) == yaml.safe_load(CRD_SOURCE.read_text())
+    assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert rendered["metadata"]["labels"]["app.kubernetes.io/instance"] == "ftrecipe"
+
+
+def test_crd_switches(render: Render) -> None:
+    assert "CustomResourceDefinition" not in kinds(render("--set", "crds.install=false"))
+    assert "CustomResourceDefinition" not in kinds(
+        render("-f", str(ALL_OPTIONS), "--set", "crds.install=false")
+    )
+    unkept = [
+        o
+        for o in render("-f", str(ALL_OPTIONS), "--set", "crds.keep=false")
+        if o["kind"] == "CustomResourceDefinition"
+    ]
+    assert len(unkept) == 3
+    assert all("annotations" not in crd["metadata"] for crd in unkept)
+    kept = [o for o in render(*RENDERS["all-options"]) if o["kind"] == "CustomResourceDefinition"]
+    assert {c["metadata"]["name"] for c in kept} == {
+        "finetunerecipes.ftrecipe.dev",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
+    assert all(c["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} for c in kept)
+
+
+# ------------------------------------------------------------------------------------------ RBAC
+
+RECIPES = {
+    "apiGroups": ["ftrecipe.dev"],
+    "resources": ["finetunerecipes"],
+    "verbs": ["get", "list", "watch", "patch"],
+}
+RECIPE_STATUS = {"apiGroups": ["ftrecipe.dev"], "resources": ["finetunerecipes/status"], "verbs": ["patch"]}
+JOBS = {
+    "apiGroups": ["batch"],
+    "resources": ["jobs"],
+    "verbs": ["create", "get", "list", "watch", "delete", "patch"],
+}
+PODS = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}
+POD_LOGS = {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}
+EVENTS = {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}
+CRDS = {
+    "apiGroups": ["apiextensions.k8s.io"],
+    "resources": ["customresourcedefinitions"],
+    "verbs": ["list", "watch"],
+}
+NAMESPACES = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+CLUSTER_PEERING = {
+    "apiGroups": ["kopf.dev"],
+    "resources": ["clusterkopfpeerings"],
+    "verbs": ["list", "watch", "patch"],
+}
+PEERING = {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "verbs": ["list", "watch", "patch"]}
+NAMESPACED_RULES = [RECIPES, RECIPE_STATUS, JOBS, PODS, POD_LOGS, EVENTS]
+
+
+def rbac(objects: list[Manifest]) -> dict[tuple[str, str, str], list[Manifest]]:
+    """(kind, namespace, name) -> rules of every Role and ClusterRole."""
+    return {
+        (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o["rules"]
+        for o in objects
+        if o["kind"] in ("Role", "ClusterRole")
+    }
+
+
+def bindings(objects: list[Manifest]) -> dict[tuple[str, str, str], Manifest]:
+    return {
+        (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): {
+            "roleRef": o["roleRef"],
+            "subjects": o["subjects"],
+        }
+        for o in objects
+        if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
+    }
+
+
+def test_rbac_all_namespaces_standalone(render: Render) -> None:
+    objects = render()
+    assert rbac(objects) == {("ClusterRole", "", "ftrecipe-ftrecipe-operator"): [*NAMESPACED_RULES, CRDS]}
+    subject = [{"kind": "ServiceAccount", "name": "ftrecipe-ftrecipe-operator", "namespace": NAMESPACE}]
+    assert bindings(objects) == {
+        ("ClusterRoleBinding", "", "ftrecipe-ftrecipe-operator"): {
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "ftrecipe-ftrecipe-operator",
+            },
+            "subjects": subject,
+        }
+    }
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == "ftrecipe-ftrecipe-operator"
+
+
+def test_rbac_all_namespaces_with_peering(render: Render) -> None:
+    objects = render(*RENDERS["all-options-all-namespaces"])
+    assert rbac(objects) == {("ClusterRole", "", "ftrecipe"): [*NAMESPACED_RULES, CRDS, CLUSTER_PEERING]}
+    assert list(bindings(objects)) == [("ClusterRoleBinding", "", "ftrecipe")]
+
+
+def test_rbac_namespace_list_with_peering(render: Render) -> None:
+    objects = render(*RENDERS["all-options"])
+    assert rbac(objects) == {
+        ("ClusterRole", "", "ftrecipe-discovery"): [CRDS, NAMESPACES],
+        ("Role", "ml-team-a", "ftrecipe"): [*NAMESPACED_RULES, PEERING],
+        ("Role", "ml-team-b", "ftrecipe"): [*NAMESPACED_RULES, PEERING],
+    }
+    subject = [{"kind": "ServiceAccount", "name": "ftrecipe-operator", "namespace": NAMESPACE}]
+    found = bindings(objects)
+    assert set(found) == {
+        ("ClusterRoleBinding", "", "ftrecipe-discovery"),
+        ("RoleBinding", "ml-team-a", "ftrecipe"),
+        ("RoleBinding", "ml-team-b", "ftrecipe"),
+    }
+    for (kind, _, name), binding in found.items():
+        assert binding["subjects"] == subject
+        assert binding["roleRef"]["name"] == name
+        assert binding["roleRef"]["kind"] == kind.removesuffix("Binding")
+
+
+def test_rbac_namespace_list_standalone(render: Render) -> None:
+    objects = render("--set", "watch.allNamespaces=false", "--set", "watch.namespaces={ml}")
+    assert rbac(objects) == {
+        ("ClusterRole", "", "ftrecipe-ftrecipe-operator-discovery"): [CRDS, NAMESPACES],
+        ("Role", "ml", "ftrecipe-ftrecipe-operator"): NAMESPACED_RULES,
+    }
+
+
+def test_rbac_never_grants_secrets_configmaps_or_wildcards(render: Render) -> None:
+    for values in RENDERS.values():
+        for rules in rbac(render(*values)).values():
+            for rule in rules:
+                assert not {"secrets", "configmaps", "*"} & set(rule["resources"])
+                assert "*" not in rule["verbs"] and "*" not in rule["apiGroups"]
+                assert not {"update", "deletecollection", "escalate", "bind", "impersonate"} & set(
+                    rule["verbs"]
+                )
+
+
+def test_rbac_off(render: Render) -> None:
+    objects = render("--set", "rbac.create=false", "--set", "serviceAccount.create=false")
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ServiceAccount"} & set(
+        kinds(objects)
+    )
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
+
+
+# ------------------------------------------------------------------------------------------ Deployment
+
+
+def test_default_deployment(render: Render) -> None:
+    objects = render()
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    main = container(objects)
+    assert main["image"] == DEFAULT_IMAGES.operator == f"ghcr.io/ftrecipe/ftrecipe:{ftrecipe.__version__}"
+    assert main["command"] == ["ftrecipe", "operator"]
+    assert main["args"] == [
+        "--all-namespaces",
+        "--liveness",
+        "http://0.0.0.0:8080/healthz",
+        "--metrics-port",
+        "9090",
+        "--log-format",
+        "json",
+        "--standalone",
+        "--resync-seconds",
+        "60",
+    ]
+    # The Jobs' default images are the operator's own defaults (manifests.Images), set explicitly.
+    env = env_of(objects)
+    assert env["FTRECIPE_OPERATOR_IMAGE"] == DEFAULT_IMAGES.operator
+    assert env["FTRECIPE_TRAINER_IMAGE"] == DEFAULT_IMAGES.trainer
+    assert env["HOME"] == "/tmp"
+    assert "envFrom" not in main
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"health": 8080, "metrics": 9090}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_all_options_deployment(render: Render) -> None:
+    objects = render(*RENDERS["all-options"])
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    main = container(objects)
+    digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    assert main["image"] == f"registry.example.com/ml/ftrecipe@{digest}"
+    assert main["imagePullPolicy"] == "Always"
+    assert main["args"] == [
+        "--namespace",
+        "ml-team-a",
+        "--namespace",
+        "ml-team-b",
+        "--liveness",
+        "http://0.0.0.0:8081/healthz",
+        "--metrics-port",
+        "9191",
+        "--log-format",
+        "text",
+        "--peering",
+        "ftrecipe-ha",
+        "--reuse-bundles",
+        "--resync-seconds",
+        "30",
+    ]
+    env = env_of(objects)
+    assert env["FTRECIPE_OPERATOR_IMAGE"] == "registry.example.com/ml/ftrecipe:0.1.0-rc1"
+    assert env["FTRECIPE_TRAINER_IMAGE"] == "registry.example.com/ml/ftrecipe-trainer:0.1.0-rc1-flash"
+    assert env["AWS_REGION"] == "eu-west-1"
+    assert main["envFrom"] == [{"secretRef": {"name": "operator-s3"}}]
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"health": 8081, "metrics": 9191}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ftrecipe-operator"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert "podAntiAffinity" in pod["affinity"]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "ml"
+    sa = one(objects, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/ftrecipe-operator"
+    }
+
+
+@pytest.mark.parametrize("values", sorted(RENDERS))
+def test_operator_command_line_parses(render: Render, values: str) -> None:
+    """The rendered command is one `ftrecipe operator` accepts (the chart follows the CLI's flags)."""
+    main = container(render(*RENDERS[values]))
+    assert main["command"][0] == "ftrecipe"
+    args = make_parser().parse_args([*main["command"][1:], *main["args"]])
+    assert args.command == "operator"
+    assert args.metrics_port == int(main["ports"][1]["containerPort"])
+    assert args.liveness == f"http://0.0.0.0:{main['ports'][0]['containerPort']}/healthz"
+    assert args.all_namespaces == (values != "all-options")
+    assert (args.peering is None) == (values == "default") == args.standalone
+
+
+def test_tag_defaults_to_app_version_and_digest_wins(render: Render) -> None:
+    assert container(render("--set", "image.tag=9.9.9"))["image"] == "ghcr.io/ftrecipe/ftrecipe:9.9.9"
+    digest = "sha256:" + "a" * 64
+    assert (
+        container(render("--set", f"image.digest={digest}"))["image"] == f"ghcr.io/ftrecipe/ftrecipe@{digest}"
+    )
+    # The data-preparation Jobs follow the operator image unless set.
+    assert (
+        env_of(render("--set", "image.tag=9.9.9"))["FTRECIPE_OPERATOR_IMAGE"]
+        == "ghcr.io/ftrecipe/ftrecipe:9.9.9"
+    )
+
+
+@pytest.mark.parametrize("values", sorted(RENDERS))
+def test_restricted_security_context(render: Render, values: str) -> None:
+    objects = render(*RENDERS[values])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": NON_ROOT_ID,
+        "runAsGroup": NON_ROOT_ID,
+        "fsGroup": NON_ROOT_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container(objects)["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert {"name": "tmp", "mountPath": "/tmp"} in container(objects)["volumeMounts"]
+    assert "resources" in container(objects)
+
+
+def test_peering_with_one_replica(render: Render) -> None:
+    objects = render("--set", "peering.enabled=true")
+    args = container(objects)["args"]
+    assert "--standalone" not in args
+    assert args[args.index("--peering") + 1] == "ftrecipe-ftrecipe-operator"
+    peering = one(objects, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "ftrecipe-ftrecipe-operator"
+
+
+def test_peering_objects_are_post_install_hooks(render: Render) -> None:
+    cluster = one(render(*RENDERS["all-options-all-namespaces"]), "ClusterKopfPeering")
+    namespaced = [o for o in render(*RENDERS["all-options"]) if o["kind"] == "KopfPeering"]
+    assert [p["metadata"]["namespace"] for p in namespaced] == ["ml-team-a", "ml-team-b"]
+    for peering in [cluster, *namespaced]:
+        assert peering["apiVersion"] == "kopf.dev/v1"
+        assert peering["metadata"]["name"] == "ftrecipe-ha"
+        annotations = peering["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    assert "KopfPeering" not in kinds(render())
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_service_and_service_monitor(render: Render) -> None:
+    objects = render(*RENDERS["all-options"])
+    service = one(objects, "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9191, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert "ServiceMonitor" not in kinds(render())
+    assert "Service" not in kinds(render("--set", "metrics.service.enabled=false"))
+
+
+# ------------------------------------------------------------------------------------------ NOTES.txt
+
+
+def test_notes_tell_how_to_apply_the_example(helm: Path, helm_env: dict[str, str], tmp_path: Path) -> None:
+    # `helm template` does not render NOTES.txt and `helm install --dry-run` needs a cluster, so the test
+    # renders a copy of the chart in which NOTES.txt is a named template shown through a ConfigMap.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}\n' + notes + "{{- end }}\n")
+    (chart / "templates" / "notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "notes" . | toJson }}\n'
+    )
+    for args, target in (((), "my-namespace"), (("-f", str(ALL_OPTIONS)), "ml-team-a")):
+        out = run_helm(
+            helm,
+            helm_env,
+            "template",
+            "ftrecipe",
+            chart,
+            "-n",
+            NAMESPACE,
+            "--show-only",
+            "templates/notes.yaml",
+            *args,
+        )
+        text = yaml.safe_load(out.stdout)["data"]["notes"]
+        assert f"kubectl -n {target} apply -f examples/recipes/minimal.yaml" in text
+        assert f"kubectl -n {target} get finetunerecipes --watch" in text
+    assert (ROOT / "examples" / "recipes" / "minimal.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------------------ Argo CD health
+
+
+def recipe(status: Manifest | None, *, generation: int = 3, suspend: bool = False) -> Manifest:
+    obj: Manifest = {
+        "apiVersion": "ftrecipe.dev/v1alpha1",
+        "kind": "FinetuneRecipe",
+        "metadata": {"name": "minimal", "namespace": "ml", "generation": generation},
+        "spec": {"suspend": suspend},
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def status(phase: str, *, observed: int = 3, message: str | None = None) -> Manifest:
+    ready = "True" if phase == "Succeeded" else "False"
+    out: Manifest = {
+        "phase": phase,
+        "observedGeneration": observed,
+        "conditions": [{"type": "Ready", "status": ready, "reason": phase, "observedGeneration": observed}],
+    }
+    if message is not None:
+        out["message"] = message
+    return out
+
+
+# (recipe, Argo CD health status, Flux verdict)
+HEALTH_CASES: dict[str, tuple[Manifest, str, str]] = {
+    "no status": (recipe(None), "Progressing", "inProgress"),
+    "empty status": (recipe({}), "Progressing", "inProgress"),
+    "Pending": (recipe(status("Pending")), "Progressing", "inProgress"),
+    "PreparingData": (
+        recipe(status("PreparingData", message="labelling 40 tests")),
+        "Progressing",
+        "inProgress",
+    ),
+    "Training": (recipe(status("Training", message="step 120/900")), "Progressing", "inProgress"),
+    "Evaluating": (recipe(status("Evaluating")), "Progressing", "inProgress"),
+    "Succeeded": (recipe(status("Succeeded", message="adapter ready")), "Healthy", "current"),
+    "Failed": (recipe(status("Failed", message="train Job failed: CUDA OOM")), "Degraded", "failed"),
+    "Suspended": (recipe(status("Suspended"), suspend=True), "Suspended", "inProgress"),
+    "spec.suspend observed before the phase": (
+        recipe(status("Training"), suspend=True),
+        "Suspended",
+        "inProgress",
+    ),
+    "Succeeded stays healthy when suspended": (
+        recipe(status("Succeeded"), suspend=True),
+        "Healthy",
+        "current",
+    ),
+    "Succeeded for an older generation": (
+        recipe(status("Succeeded", observed=2)),
+        "Progressing",
+        "inProgress",
+    ),
+    "Failed for an older generation": (recipe(status("Failed", observed=2)), "Progressing", "inProgress"),
+    "no observedGeneration": (recipe({"phase": "Succeeded"}), "Progressing", "inProgress"),
+    "unknown phase": (recipe(status("Exploding")), "Unknown", "inProgress"),
+}
+
+
+def _to_lua(runtime: Any, value: Any) -> Any:
+    if isinstance(value, dict):
+        return runtime.table_from({k: _to_lua(runtime, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return runtime.table_from([_to_lua(runtime, v) for v in value])
+    return value
+
+
+def argocd_health(obj: Manifest) -> dict[str, str]:
+    """Run health.lua the way Argo CD does: `obj` is a global, the script returns {status, message}."""
+    runtime = lua51.LuaRuntime(unpack_returned_tuples=True)
+    runtime.globals().obj = _to_lua(runtime, obj)
+    result = runtime.execute(HEALTH_LUA.read_text())
+    return dict(result.items())
+
+
+@pytest.mark.parametrize(("obj", "expected", "_flux"), HEALTH_CASES.values(), ids=HEALTH_CASES.keys())
+def test_argocd_health_check(obj: Manifest, expected: str, _flux: str) -> None:
+    health = argocd_health(obj)
+    assert health["status"] == expected
+    assert set(health) == {"status", "message"} and health["message"]
+    current = (obj.get("status") or {}).get("observedGeneration") == obj["metadata"]["generation"]
+    if current and obj["status"].get("message") and expected != "Unknown":
+        assert health["message"] == obj["status"]["message"]
+
+
+def test_every_phase_has_a_health_case() -> None:
+    phases = {"Pending", "PreparingData", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"}
+    assert phases <= set(HEALTH_CASES)
+    crd = yaml.safe_load(CRD_SOURCE.read_text())
+    status_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert "observedGeneration" in status_schema["properties"]
+    assert "phase" in status_schema["properties"]
+
+
+def _yaml_blocks(markdown: str) -> list[Any]:
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", markdown, flags=re.DOTALL)]
+
+
+def test_health_check_is_embedded_verbatim() -> None:
+    lua = HEALTH_LUA.read_text()
+    docs = [b for b in _yaml_blocks((ROOT / "docs" / "install.md").read_text()) if isinstance(b, dict)]
+    embedded = [b["data"][HEALTH_KEY] for b in docs if HEALTH_KEY in (b.get("data") or {})]
+    assert embedded == [lua], "docs/install.md must embed charts/ftrecipe-operator/argocd/health.lua verbatim"
+    example = yaml.safe_load((GITOPS / "argocd" / "argocd-cm-health.yaml").read_text())
+    assert example["data"][HEALTH_KEY] == lua
+    assert "argocd/health.lua" in (CHART / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ Flux health
+
+
+def flux_expressions() -> Manifest:
+    docs = list(yaml.safe_load_all((GITOPS / "flux" / "kustomizations.yaml").read_text()))
+    recipes = next(d for d in docs if d["metadata"]["name"] == "ftrecipe-recipes")
+    (check,) = recipes["spec"]["healthCheckExprs"]
+    assert (check["apiVersion"], check["kind"]) == ("ftrecipe.dev/v1alpha1", "FinetuneRecipe")
+    return check
+
+
+def flux_verdicts(obj: Manifest) -> set[str]:
+    """Which of Flux's CEL health expressions hold for `obj` (the object's fields are the variables); an
+    expression that cannot be evaluated (e.g. no status yet) counts as not holding, as Flux waits then."""
+    environment = celpy.Environment()
+    variables = {key: celpy.json_to_cel(value) for key, value in obj.items()}
+    held = set()
+    for verdict in ("inProgress", "failed", "current"):
+        program = environment.program(environment.compile(flux_expressions()[verdict]))
+        try:
+            result = program.evaluate(variables)
+        except celpy.CELEvalError:
+            continue
+        if isinstance(result, celpy.celtypes.BoolType) and bool(result):
+            held.add(verdict)
+    return held
+
+
+def test_docs_show_the_tested_flux_expressions() -> None:
+    docs = _yaml_blocks((ROOT / "docs" / "install.md").read_text())
+    shown = [b["healthCheckExprs"] for b in docs if isinstance(b, dict) and "healthCheckExprs" in b]
+    assert shown == [[flux_expressions()]]
+
+
+@pytest.mark.parametrize(("obj", "_argocd", "expected"), HEALTH_CASES.values(), ids=HEALTH_CASES.keys())
+def test_flux_health_expressions(obj: Manifest, _argocd: str, expected: str) -> None:
+    verdicts = flux_verdicts(obj)
+    if "status" in obj:
+        assert verdicts == {expected}
+    else:  # Flux cannot evaluate expressions on an absent status and keeps waiting: in progress
+        assert verdicts <= {"inProgress"}
+
+
+# ------------------------------------------------------------------------------------------ GitOps examples
+
+
+def test_gitops_recipe_is_valid() -> None:
+    recipes = sorted((GITOPS / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        loaded = load_recipe(path)
+        assert loaded.metadata.namespace == "ml"
+    crd = yaml.safe_load(CRD_SOURCE.read_text())
+    for path in recipes:
+        assert api_server_violations(crd, yaml.safe_load(path.read_text())) == []
+
+
+def test_gitops_examples_point_at_this_repository_layout() -> None:
+    operator_app = yaml.safe_load((GITOPS / "argocd" / "ftrecipe-operator.yaml").read_text())
+    assert (ROOT / operator_app["spec"]["source"]["path"]) == CHART
+    recipes_app = yaml.safe_load((GITOPS / "argocd" / "recipes.yaml").read_text())
+    assert (ROOT / recipes_app["spec"]["source"]["path"]).is_dir()
+    assert (
+        recipes_app["spec"]["destination"]["namespace"]
+        in operator_app["spec"]["source"]["helm"]["valuesObject"]["watch"]["namespaces"]
+    )
+    flux = list(yaml.safe_load_all((GITOPS / "flux" / "kustomizations.yaml").read_text()))
+    for kustomization in (d for d in flux if d["kind"] == "Kustomization"):
+        assert (ROOT / kustomization["spec"]["path"]).is_dir(), kustomization["spec"]["path"]
+    release = yaml.safe_load((GITOPS / "flux" / "operator" / "helmrelease.yaml").read_text())
+    assert (ROOT / release["spec"]["chart"]["spec"]["chart"]).resolve() == CHART
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for values in (release["spec"]["values"], operator_app["spec"]["source"]["helm"]["valuesObject"]):
+        merged = {**yaml.safe_load((CHART / "values.yaml").read_text()), **values}
+        merged["operator"] = {
+            **yaml.safe_load((CHART / "values.yaml").read_text())["operator"],
+            **values.get("operator", {}),
+        }
+        jsonschema.Draft7Validator(schema).validate(merged)
+
+
+def test_gitops_builtin_objects_are_valid() -> None:
+    builtin = 0
+    for path in sorted(GITOPS.rglob("*.yaml")):
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj["apiVersion"] == "v1":  # Namespace, ConfigMap; Argo CD and Flux kinds have no schema here
+                kubernetes_validate.validate(obj, K8S_VERSIONS[0], strict=True)
+                builtin += 1
+    assert builtin == 2
