@@ -3,6 +3,7 @@ through a kubeconfig, with its health endpoint, Prometheus metrics and JSON logs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,8 +15,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from support.k8s import CRD_RESOURCE, K8s
 from test_operator import JOBS, NS, apply, expected_job, manifest
@@ -47,8 +46,11 @@ def wait_until(probe: Any, what: str, process: subprocess.Popen[str], timeout: f
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def operator_process(k8s: K8s, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, int, Path]]:
+@contextlib.contextmanager
+def operator_process(
+    k8s: K8s, tmp_path: Path, *options: str
+) -> Iterator[tuple[subprocess.Popen[str], int, int, Path]]:
+    """`ftrecipe operator --namespace ml …` as a process, stopped with SIGTERM at the end."""
     k8s.ensure_namespace(NS)
     metrics_port, health_port = free_port(), free_port()
     log = tmp_path / "operator.log"
@@ -62,9 +64,8 @@ def operator_process(k8s: K8s, tmp_path: Path) -> Iterator[tuple[subprocess.Pope
         "--namespace", NS,
         "--liveness", f"http://127.0.0.1:{health_port}/healthz",
         "--metrics-port", str(metrics_port),
-        "--log-format", "json",
-        "--standalone",
         "--resync-seconds", "0",
+        *options,
     ]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -80,10 +81,14 @@ def operator_process(k8s: K8s, tmp_path: Path) -> Iterator[tuple[subprocess.Pope
                 process.wait()
 
 
-def test_the_operator_process_serves_health_metrics_and_json_logs(
-    k8s: K8s, operator_process: tuple[subprocess.Popen[str], int, int, Path]
+def test_the_operator_process_serves_health_metrics_and_json_logs(k8s: K8s, tmp_path: Path) -> None:
+    with operator_process(k8s, tmp_path, "--log-format", "json", "--standalone") as running:
+        check_health_metrics_and_logs(k8s, *running)
+
+
+def check_health_metrics_and_logs(
+    k8s: K8s, process: subprocess.Popen[str], metrics_port: int, health_port: int, log: Path
 ) -> None:
-    process, metrics_port, health_port, log = operator_process
     wait_until(lambda: get(f"http://127.0.0.1:{health_port}/healthz"), "the health endpoint", process)
     body = manifest()
     apply(k8s, body)
@@ -114,3 +119,27 @@ def test_the_operator_process_serves_health_metrics_and_json_logs(
     records = [json.loads(line) for line in lines]  # every line is a JSON object
     assert any(r.get("object", {}).get("name") == "minimal" for r in records), lines[-5:]
     assert all({"message", "severity"} <= r.keys() for r in records), records[:3]
+
+
+def test_a_replica_with_peering_creates_its_peering_object(k8s: K8s, tmp_path: Path) -> None:
+    peerings = "kopf.dev/v1/kopfpeerings"
+    with operator_process(k8s, tmp_path, "--peering", "ftrecipe", "--priority", "10") as (process, *_, log):
+        body = manifest()
+        apply(k8s, body)
+        wait_until(lambda: k8s.get(JOBS, expected_job(body, "data"), NS), "the data Job", process)
+        assert k8s.get(peerings, "ftrecipe", NS) is not None
+        assert "created KopfPeering ml/ftrecipe" in log.read_text()
+        wait_until(
+            lambda: any(
+                p.get("priority") == 10
+                for p in ((k8s.get(peerings, "ftrecipe", NS) or {}).get("status") or {}).values()
+            ),
+            "the replica's keep-alive in the peering object",
+            process,
+        )
+    # A second start finds it there: no error, it serves, and stops cleanly.
+    with operator_process(k8s, tmp_path, "--peering", "ftrecipe") as (process, _, health_port, log):
+        wait_until(lambda: get(f"http://127.0.0.1:{health_port}/healthz"), "the health endpoint", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
+        assert "created KopfPeering" not in log.read_text()

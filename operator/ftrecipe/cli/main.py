@@ -172,6 +172,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ftrecipe.evaluation.errors import EvalError
+    from ftrecipe.evaluation.run import EXIT_BELOW_GATE, EvaluateOptions, accuracy_gate, run_evaluate
+    from ftrecipe.termination import PhaseReport, write_report
+
+    minimum = args.min_command_accuracy
+    if minimum is not None and not 0 <= minimum <= 1:
+        return _user_error(f"error: --min-command-accuracy must be between 0 and 1, not {minimum:g}")
+    options = EvaluateOptions(
+        data=args.data,
+        out=args.out,
+        base_model=args.base_model,
+        adapter=args.adapter,
+        endpoint=args.endpoint,
+        model=args.model,
+        syntax=args.syntax,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        api_key_env=args.api_key_env,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+    )
+    try:
+        result = run_evaluate(options)
+    except EvalError as error:
+        return _user_error(f"error: {error}")
+    except Exception as error:
+        write_report(PhaseReport(ok=False, message=f"error: {type(error).__name__}: {error}"))
+        raise
+    below = accuracy_gate(result.scores.command_accuracy, minimum)
+    write_report(PhaseReport(ok=below is None, message=below or result.summary(), figures=result.figures()))
+    print(result.summary(), file=sys.stderr)
+    if below is not None:
+        print(f"error: {below}", file=sys.stderr)
+        return EXIT_BELOW_GATE
+    return 0
+
+
 def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
     import os
 
@@ -248,6 +286,16 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     kopf_settings.watching.server_timeout = args.watch_timeout_seconds
     kopf_settings.watching.client_timeout = args.watch_timeout_seconds + 30
     standalone = args.peering is None
+    if not standalone:
+        from ftrecipe.controller.peering import PeeringError, ensure_peering
+
+        try:
+            for created in ensure_peering(
+                args.peering, namespaces=args.namespace or [], clusterwide=args.all_namespaces
+            ):
+                print(f"created {created}", file=sys.stderr)
+        except PeeringError as error:
+            return _user_error(f"error: {error}")
     # Replicas with equal priorities all freeze (kopf's rule): a random one makes one active, the rest
     # standby, unless --priority pins it.
     priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
@@ -338,6 +386,51 @@ def make_parser() -> argparse.ArgumentParser:
         "--merge", action="store_true", help="also write the base model merged with the adapter under merged/"
     )
     train.set_defaults(run=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a model's commands on the validation split (base + adapter, or an OpenAI-compatible endpoint)",
+    )
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="prepare-data output or its ft_splits folder (folder or s3://) with val.jsonl",
+    )
+    evaluate.add_argument("--out", required=True, help="folder or s3://bucket/prefix/ for the report bundle")
+    evaluate.add_argument("--base-model", help="saved model folder, s3:// bundle, or hf:ORG/NAME[@REVISION]")
+    evaluate.add_argument(
+        "--adapter", help="`ftrecipe train`'s adapter bundle (folder or s3://) to load on it"
+    )
+    evaluate.add_argument(
+        "--endpoint", metavar="URL", help="an OpenAI-compatible server instead, e.g. http://host:8000/v1"
+    )
+    evaluate.add_argument("--model", help="the model (or LoRA) name to ask at --endpoint")
+    evaluate.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the endpoint's key (default OPENAI_API_KEY; unset: no key)",
+    )
+    evaluate.add_argument(
+        "--syntax",
+        choices=["v1", "v2", "v3"],
+        help="command syntax of the data (default: prepare-data's params.yaml, else v2)",
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)"
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per generation batch (local model)"
+    )
+    evaluate.add_argument("--concurrency", type=int, default=8, help="requests in flight (--endpoint)")
+    evaluate.add_argument(
+        "--min-command-accuracy",
+        type=float,
+        metavar="X",
+        help="exit with code 3 after publishing the report when command accuracy is below X (0-1)",
+    )
+    evaluate.add_argument("--work-dir", help="local scratch for fetched inputs (default: a temporary folder)")
+    evaluate.set_defaults(run=_cmd_evaluate)
 
     fetch = commands.add_parser(
         "fetch-inputs", help="write what a phase's Job reads (assistant files, LLM and training configs)"

@@ -158,6 +158,11 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The prompt of a record (every message but the answer) as the model sees it in training and serving."""
+    return _ids(tokenizer, _render(tokenizer, messages[:-1], generation_prompt=True))
+
+
 def tokenize_messages(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Example:
     """input_ids = prompt (with the generation prompt) + completion; labels mask the prompt with -100."""
     prompt_text = _render(tokenizer, messages[:-1], generation_prompt=True)
