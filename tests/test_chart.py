@@ -38,9 +38,8 @@ NAMESPACE = "ftrecipe-system"
 K8S_VERSIONS = ("1.29", "1.33", kubernetes_validate.latest_version())
 HEALTH_KEY = "resource.customizations.health.ftrecipe.dev_FinetuneRecipe"
 # Kinds whose schema kubernetes-validate does not have (it knows built-in kinds only):
-# - ServiceMonitor (Prometheus Operator CRD): not validated here;
-# - the kopf peering objects: validated against the kopf CRDs the chart itself renders.
-NOT_IN_KUBERNETES_VALIDATE = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
+# - ServiceMonitor (Prometheus Operator CRD): not validated here.
+NOT_IN_KUBERNETES_VALIDATE = {"ServiceMonitor"}
 
 Manifest = dict[str, Any]
 Render = Callable[..., list[Manifest]]
@@ -131,7 +130,7 @@ def test_all_options_render_objects(render: Render) -> None:
             *["CustomResourceDefinition"] * 3,  # FinetuneRecipe + kopf's two peering CRDs
             "ClusterRole",
             "ClusterRoleBinding",
-            *["Role", "RoleBinding", "KopfPeering"] * 2,  # one of each per watched namespace
+            *["Role", "RoleBinding"] * 2,  # one of each per watched namespace
             "Service",
             "Deployment",
             "ServiceMonitor",
@@ -161,7 +160,7 @@ def test_every_object_is_valid_kubernetes(render: Render, values: str) -> None:
 
 
 def test_namespaced_objects_have_a_namespace(render: Render) -> None:
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
     for values in RENDERS.values():
         for obj in render(*values):
             if obj["kind"] not in cluster_scoped:
@@ -364,9 +363,13 @@ NAMESPACES = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", 
 CLUSTER_PEERING = {
     "apiGroups": ["kopf.dev"],
     "resources": ["clusterkopfpeerings"],
-    "verbs": ["list", "watch", "patch"],
+    "verbs": ["list", "watch", "patch", "create"],
 }
-PEERING = {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "verbs": ["list", "watch", "patch"]}
+PEERING = {
+    "apiGroups": ["kopf.dev"],
+    "resources": ["kopfpeerings"],
+    "verbs": ["list", "watch", "patch", "create"],
+}
 NAMESPACED_RULES = [RECIPES, RECIPE_STATUS, JOBS, PODS, POD_LOGS, EVENTS]
 
 
@@ -594,21 +597,8 @@ def test_peering_with_one_replica(render: Render) -> None:
     args = container(objects)["args"]
     assert "--standalone" not in args
     assert args[args.index("--peering") + 1] == "ftrecipe-ftrecipe-operator"
-    peering = one(objects, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "ftrecipe-ftrecipe-operator"
-
-
-def test_peering_objects_are_post_install_hooks(render: Render) -> None:
-    cluster = one(render(*RENDERS["all-options-all-namespaces"]), "ClusterKopfPeering")
-    namespaced = [o for o in render(*RENDERS["all-options"]) if o["kind"] == "KopfPeering"]
-    assert [p["metadata"]["namespace"] for p in namespaced] == ["ml-team-a", "ml-team-b"]
-    for peering in [cluster, *namespaced]:
-        assert peering["apiVersion"] == "kopf.dev/v1"
-        assert peering["metadata"]["name"] == "ftrecipe-ha"
-        annotations = peering["metadata"]["annotations"]
-        assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
-        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
-    assert "KopfPeering" not in kinds(render())
+    # The operator creates its peering object (tests/test_operator_process.py); the chart ships none.
+    assert not {"ClusterKopfPeering", "KopfPeering"} & set(kinds(objects))
 
 
 # ------------------------------------------------------------------------------------------ metrics
