@@ -484,15 +484,17 @@ def normalize_commands(
     *,
     flows: Collection[str] | None = None,
     slots: Collection[str] | None = None,
+    empty_as_cannot_handle: bool = True,
 ) -> list[Command]:
     """Apply Rasa's post-parse rules; ``parse_commands`` uses it, and so can annotated commands.
 
     Unknown flows/slots are dropped only when ``flows``/``slots`` are given; duplicates are removed
-    (first kept); an empty result becomes ``[CannotHandle()]``.
+    (first kept); an empty result becomes ``[CannotHandle()]`` as in Rasa, unless
+    ``empty_as_cannot_handle`` is False (scoring tells "nothing parsed" from an explicit cannot handle).
     """
     kept = (_normalize_one(command, flows, slots) for command in commands)
     unique = _dedupe(command for command in kept if command is not None)
-    return unique or [CannotHandle()]
+    return unique or ([CannotHandle()] if empty_as_cannot_handle else [])
 
 
 def parse_commands(
@@ -501,8 +503,10 @@ def parse_commands(
     *,
     flows: Collection[str] | None = None,
     slots: Collection[str] | None = None,
+    empty_as_cannot_handle: bool = True,
 ) -> list[Command]:
-    """Parse an LLM completion the way Rasa does; prose lines are ignored, nothing parsed ⇒ CannotHandle."""
+    """Parse an LLM completion the way Rasa does; prose lines are ignored, nothing parsed ⇒ CannotHandle
+    (or ``[]`` with ``empty_as_cannot_handle=False``)."""
     _check_syntax(syntax)
     raw = _parse_v1(text) if syntax == "v1" else _parse_compact(text)
-    return normalize_commands(raw, flows=flows, slots=slots)
+    return normalize_commands(raw, flows=flows, slots=slots, empty_as_cannot_handle=empty_as_cannot_handle)

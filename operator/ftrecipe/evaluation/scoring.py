@@ -31,12 +31,10 @@ from ftrecipe.dataprep.commands import (
     COMMAND_TYPES,
     Command,
     SetSlot,
-    StartFlow,
     Syntax,
     command_type,
     commands_equal,
     fold_for_syntax,
-    format_command,
     parse_commands,
 )
 
@@ -50,11 +48,6 @@ SCORED_TYPES: Final[tuple[str, ...]] = tuple(
 NOTHING: Final = "(none)"
 """The confusion table's row and column for a command with no counterpart in the turn."""
 
-# The parser maps "nothing parsed" and an explicit `cannot handle` to the same [CannotHandle()]. A start
-# of this flow, appended on a line of its own, always survives parsing: the answer parsed to nothing
-# exactly when the probe is all that comes back.
-_PROBE: Final = StartFlow("ftrecipe_evaluation_parse_probe")
-
 
 @dataclass(frozen=True)
 class ParsedAnswer:
@@ -66,9 +59,8 @@ class ParsedAnswer:
 
 def parse_answer(text: str, syntax: Syntax) -> ParsedAnswer:
     """Parse a completion with the recipe syntax, telling "nothing parsed" apart from `cannot handle`."""
-    parsed = parse_commands(f"{text}\n{format_command(_PROBE, syntax)}", syntax)
-    commands = fold_for_syntax((command for command in parsed if command != _PROBE), syntax)
-    return ParsedAnswer(tuple(commands), parse_failure=not commands)
+    parsed = parse_commands(text, syntax, empty_as_cannot_handle=False)
+    return ParsedAnswer(tuple(fold_for_syntax(parsed, syntax)), parse_failure=not parsed)
 
 
 @dataclass(frozen=True)
