@@ -109,6 +109,9 @@ def job_names(k8s: K8s) -> list[str]:
 
 def test_full_lifecycle(k8s: K8s, operator: Any) -> None:
     body = manifest()
+    body["spec"]["evaluation"] = {"enabled": True}
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    body["spec"]["training"]["tolerations"] = [toleration]
     owner = apply(k8s, body)
     data_name = expected_job(body, "data")
     data = wait_job(k8s, data_name)
@@ -119,6 +122,8 @@ def test_full_lifecycle(k8s: K8s, operator: Any) -> None:
     assert (ref["uid"], ref["kind"], ref["controller"]) == (owner["metadata"]["uid"], "FinetuneRecipe", True)
     pod = data["spec"]["template"]["spec"]
     assert {c["image"] for c in pod["containers"] + pod["initContainers"]} == {IMAGES.operator}
+    assert pod["initContainers"][0]["args"][:3] == ["fetch-inputs", "--phase", "data"]
+    assert pod["containers"][0]["args"][0] == "prepare-data"
     for container in pod["containers"] + pod["initContainers"]:
         for env in container["env"]:
             assert "value" in env or set(env["valueFrom"]) == {"secretKeyRef"}, env
@@ -128,25 +133,36 @@ def test_full_lifecycle(k8s: K8s, operator: Any) -> None:
     assert condition(st, "DataPrepared")["status"] == "Unknown"
     assert st["dataPreparation"]["jobName"] == data_name
 
-    k8s.set_job_status(data_name, NS, "succeeded")
+    finish(k8s, data_name, "prepare-data", report(True, "data published", num_ft_data_points=40))
     train_name = expected_job(body, "train")
     train = wait_job(k8s, train_name)
-    limits = train["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    train_pod = train["spec"]["template"]["spec"]
+    limits = train_pod["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
-    assert train["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGES.trainer
+    assert train_pod["containers"][0]["image"] == IMAGES.trainer
+    assert train_pod["tolerations"] == [toleration]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in train_pod["volumes"]
     st = wait_phase(k8s, "Training")
     assert condition(st, "DataPrepared")["status"] == "True"
     assert st["dataPreparation"]["datasetURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/data-")
+    assert st["dataPreparation"]["summary"] == {"numFtDataPoints": 40}
 
-    k8s.set_job_status(train_name, NS, "succeeded")
+    finish(k8s, train_name, "train", report(True, "trained", step=30, total_steps=30, eval_loss=0.7))
+    eval_name = expected_job(body, "evaluate")
+    wait_job(k8s, eval_name)
+    st = wait_phase(k8s, "Evaluating")
+    assert st["training"]["adapterURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/train-")
+    finish(k8s, eval_name, "evaluate", report(True, "scored", command_accuracy=0.9, per_command_f1={}))
     st = wait_phase(k8s, "Succeeded")
     assert condition(st, "Ready")["status"] == "True"
-    assert st["training"]["adapterURI"].startswith("s3://ml-artifacts/ftrecipe/minimal/train-")
+    assert st["evaluation"]["commandAccuracy"] == 0.9
     assert st["completedAt"] and st["observedGeneration"] == 1
-    assert job_names(k8s) == sorted([data_name, train_name])
+    assert job_names(k8s) == sorted([data_name, train_name, eval_name])
     k8s.wait_for(
-        lambda: {e["reason"] for e in k8s.events(NS)} >= {"JobCreated", "Training", "Succeeded"},
-        message="Events JobCreated, Training and Succeeded",
+        lambda: (
+            {e["reason"] for e in k8s.events(NS)} >= {"JobCreated", "Training", "Evaluating", "Succeeded"}
+        ),
+        message="Events JobCreated, Training, Evaluating and Succeeded",
     )
 
 
@@ -561,7 +577,9 @@ def test_two_replicas_with_peering_one_active_one_standby(k8s: K8s) -> None:
             wait_job(k8s, data_name)
             wait_phase(k8s, "PreparingData")
             assert job_names(k8s) == [data_name]
-            assert not any("reconcile" in m for m in standby.messages()), [m for m in standby.messages() if "reconcile" in m]
+            assert not any("reconcile" in m for m in standby.messages()), [
+                m for m in standby.messages() if "reconcile" in m
+            ]
         # The active replica stopped (a rollout, a node drain): the standby takes over and carries on.
         k8s.wait_for(
             lambda: any("Resuming operations" in m for m in standby.messages()),
