@@ -31,6 +31,7 @@ from ftrecipe.training.data import (
     tokenize_file,
     tokenize_messages,
 )
+from ftrecipe.training.launch import launch_command
 from ftrecipe.training.tiny_model import EOS_TOKEN
 
 FLOWS = {
@@ -732,3 +733,32 @@ def test_merge_writes_a_full_model_equal_to_base_plus_adapter(tiny_model: Path, 
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
+def test_data_parallel_processes_under_torchrun(tiny_model: Path, tmp_path: Path) -> None:
+    """The multi-GPU path on CPU: two ranks (gloo instead of NCCL) under torchrun, as `ftrecipe train`
+    launches them on a pod with two GPUs; the batches are split, rank 0 alone publishes and reports."""
+    data = _make_data(tmp_path / "data", n_train=16, n_val=4)
+    out = tmp_path / "out"
+    command = launch_command(
+        ["train", "--data", str(data), "--base-model", str(tiny_model), "--out", str(out),
+         "--work-dir", str(tmp_path / "work"), *_sets("hyperparameters.epochs=1")],
+        visible_gpus=2,
+        env={},
+    )  # fmt: skip
+    assert command is not None
+    termination = tmp_path / "termination-log"
+    termination.write_text("", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FTRECIPE_TERMINATION_LOG": str(termination)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events].count("done") == 1  # rank 0 only
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress[-1]["total_steps"] == 2  # 16 examples / (batch 4 × 2 ranks)
+    assert "find_unused_parameters=True" not in done.stderr
+    from ftrecipe.storage import bundle_complete
+
+    assert bundle_complete(out)
+    report = decode(termination.read_text(encoding="utf-8"))
+    assert report is not None and report.ok and report.figures["step"] == 2

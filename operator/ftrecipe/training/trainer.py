@@ -764,6 +764,9 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         include_num_input_tokens_seen="non_padding",
         **_length_grouping(TrainingArguments),
         remove_unused_columns=False,
+        # Every LoRA weight takes part in every step: without this, Trainer asks DDP to search the graph
+        # for unused parameters on each step when gradient checkpointing is off (a slower backward).
+        ddp_find_unused_parameters=False,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         fp16=cuda and not torch.cuda.is_bf16_supported(),
         use_cpu=not cuda,
