@@ -18,21 +18,12 @@ pytest.importorskip("peft", reason="the local-model path needs the 'train' extra
 
 from ftrecipe.cli.main import main
 from ftrecipe.termination import decode
+from test_evaluate import FIGURE_KEYS
 
 # peft asks transformers 5 for a deprecated name when it builds or loads an adapter
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing. is deprecated:FutureWarning")
 
 MAX_NEW_TOKENS = 12
-FIGURE_KEYS = {
-    "command_accuracy",
-    "num_turns",
-    "parse_failure_rate",
-    "latency_p50_seconds",
-    "latency_p95_seconds",
-    "tokens_per_second",
-    "per_command_f1",
-    "report_uri",
-}
 COMPLETIONS = [
     "start flow transfer_money",
     "set slot amount 50",
