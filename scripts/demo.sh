@@ -1,51 +1,52 @@
 #!/usr/bin/env bash
-# The README's demo: runs the furthest stage of the recipe that exists so far.
-# Today: validate the example recipes, prepare data from the example assistant's E2E tests offline,
-# build the offline tiny model and train a LoRA adapter on it (CPU, a few seconds).
-# It grows into `ftrecipe run examples/moneybank/recipe.yaml`.
+# The README's demo: the example recipe (examples/moneybank/recipe.yaml) end to end on this machine,
+# offline: prepare data from the MoneyBank assistant's E2E tests, train a LoRA adapter on an offline tiny
+# Llama, evaluate it on held-out conversations. Everything lands under output/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=output/demo
+RECIPE=examples/moneybank/recipe.yaml
+WORK="$OUT/run"
 mkdir -p "$OUT"
+rm -rf "$OUT/adapter" "$OUT/data" "$OUT/small-data" "$OUT/work"  # what earlier versions of the demo left
 
-echo "== 1. The FinetuneRecipe API: example recipes checked offline (same rules as the CRD)"
-"$BIN/ftrecipe" validate examples/recipes/*.yaml
+echo "== 1. The recipe, checked offline against the API (the same rules as the CRD)"
+"$BIN/ftrecipe" validate "$RECIPE" examples/recipes/*.yaml
 
 echo
 echo "== 2. A broken recipe gets one clear line, not a traceback"
-sed 's/r: 16 /r: 0  /' examples/recipes/full.yaml > "$OUT/broken-recipe.yaml"
-"$BIN/ftrecipe" validate "$OUT/broken-recipe.yaml" || true
+sed 's/numRephrases: 0 /numRephrases: 3 /' "$RECIPE" > "$OUT/broken-recipe.yaml"
+"$BIN/ftrecipe" run "$OUT/broken-recipe.yaml" --dry-run || true
 
 echo
-echo "== 3. The CRD generated from the models (what 'kubectl apply -f crds/' installs)"
-"$BIN/ftrecipe" crd | grep -E '^\s+(kind: FinetuneRecipe|plural:|shortNames:)|^\s+- ftr$' || true
-
-echo
-echo "== 4. prepare-data on the example assistant, offline (labels from the tests' assertions)"
-"$BIN/ftrecipe" prepare-data examples/moneybank/e2e_tests examples/moneybank/e2e_tests_legacy \
-    --assistant examples/moneybank --annotator assertions --num-rephrases 0 --out "$OUT/data" 2>&1 | grep -v ': ok$'
-echo "-- $OUT/data/result_summary.yaml"
-cat "$OUT/data/result_summary.yaml"
-echo "-- first conversation of $OUT/data/1_command_annotations/transfers.yml"
-sed -n '2,14p' "$OUT/data/1_command_annotations/transfers.yml"
-
-echo
-echo "== 5. An offline tiny Llama for laptop runs (no hub download)"
-"$BIN/ftrecipe" make-tiny-model "$OUT/tiny-model" --overwrite 2>/dev/null
+echo "== 3. The base model: an offline tiny Llama (random weights, real tokenizer and chat template)"
+test -f "$OUT/tiny-model/config.json" || "$BIN/ftrecipe" make-tiny-model "$OUT/tiny-model" --overwrite
 ls "$OUT/tiny-model"
 
 echo
-echo "== 6. Train a LoRA adapter on prepared data (two test files, to stay fast on a laptop CPU)"
-"$BIN/ftrecipe" prepare-data examples/moneybank/e2e_tests/accounts.yml examples/moneybank/e2e_tests/payments/payees.yml \
-    --assistant examples/moneybank --annotator assertions --num-rephrases 0 --out "$OUT/small-data" >/dev/null 2>&1
-rm -rf "$OUT/work"
-"$BIN/ftrecipe" train --data "$OUT/small-data" --base-model "$OUT/tiny-model" --out "$OUT/adapter" \
-    --work-dir "$OUT/work" --set hyperparameters.epochs=4 --set hyperparameters.learningRate=0.01 \
-    --set hyperparameters.batchSize=4 --set hyperparameters.gradientAccumulationSteps=1 \
-    --set hyperparameters.warmupSteps=0 --set hyperparameters.gradientCheckpointing=false --set gpus=0 \
-    2>/dev/null | grep -v '"event": "progress"' || true
-echo "-- validation loss per evaluation:"
-python3 -c "import json,sys; print([round(json.loads(l)['eval_loss'], 3) for l in open(sys.argv[1]) if json.loads(l)['eval_loss'] is not None])" "$OUT/adapter/metrics.jsonl"
-echo "-- the adapter bundle ($OUT/adapter):"
-ls "$OUT/adapter"
+echo "== 4. The plan, with the commands the cluster's Jobs would run"
+"$BIN/ftrecipe" run "$RECIPE" --workdir "$WORK" --from-phase data --dry-run
+
+echo
+echo "== 5. ftrecipe run: prepare data, train, evaluate (--from-phase data: even if an earlier demo did)"
+"$BIN/ftrecipe" run "$RECIPE" --workdir "$WORK" --from-phase data
+
+echo
+echo "== 6. The same command again: every phase's output exists, so every phase is reused"
+start=$(date +%s%N)
+"$BIN/ftrecipe" run "$RECIPE" --workdir "$WORK" | grep -E 'cached|^result'
+echo "($(( ($(date +%s%N) - start) / 1000000 )) ms)"
+
+echo
+echo "== 7. The status, as the operator would write it on the FinetuneRecipe ($WORK/status.yaml)"
+"$BIN/python" - "$WORK/status.yaml" <<'PY'
+import sys
+
+import yaml
+
+status = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+print(f"phase: {status['phase']}, message: {status['message']}")
+for condition in status["conditions"]:
+    print(f"  {condition['type']:<13}{condition['status']:<6}{condition['reason']}: {condition['message']}")
+PY

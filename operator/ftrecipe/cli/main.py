@@ -232,6 +232,19 @@ def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    # Imported here: the planner, storage and rich are not needed by the other commands.
+    from ftrecipe.local.runner import PHASE_ALIASES, RunOptions, run_recipe
+
+    options = RunOptions(
+        recipe=Path(args.file),
+        workdir=Path(args.workdir) if args.workdir else None,
+        from_phase=PHASE_ALIASES[args.from_phase] if args.from_phase else None,
+        dry_run=args.dry_run,
+    )
+    return run_recipe(options)
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     # Imported here: kopf and the kubernetes client are only needed by the operator.
     import random
@@ -441,6 +454,26 @@ def make_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--into", required=True, help="folder to write into (the Job's /workspace/inputs)")
     fetch.add_argument("--spec-json", help="the recipe spec as JSON (default: $FTRECIPE_SPEC)")
     fetch.set_defaults(run=_cmd_fetch_inputs)
+
+    local_run = commands.add_parser(
+        "run",
+        help="run a FinetuneRecipe on this machine: each phase a local process, the status in WORKDIR/status.yaml",
+    )
+    local_run.add_argument(
+        "file", metavar="FILE", help="the FinetuneRecipe manifest (the file you would kubectl apply)"
+    )
+    local_run.add_argument(
+        "--workdir", metavar="DIR", help="status, logs and scratch (default: .ftrecipe/NAME/ next to FILE)"
+    )
+    local_run.add_argument(
+        "--from-phase",
+        choices=["data", "prepare-data", "train", "evaluate"],
+        help="run this phase and the later ones again even when their output exists",
+    )
+    local_run.add_argument(
+        "--dry-run", action="store_true", help="print the plan and the commands; run nothing"
+    )
+    local_run.set_defaults(run=_cmd_run)
 
     operator = commands.add_parser(
         "operator", help="run the Kubernetes operator: FinetuneRecipes become Jobs (data, train, evaluate)"
