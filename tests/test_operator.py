@@ -310,15 +310,16 @@ def test_complete_bundle_is_reused(k8s: K8s) -> None:
     data_hash = phase_hashes(spec)["data"]
     asked: list[str] = []
 
-    def is_complete(prefix: str) -> bool:
+    def read_bundle(prefix: str) -> dict[str, Any] | None:
         asked.append(prefix)
-        return f"/data-{data_hash[:12]}/" in prefix
+        return {"num_ft_data_points": 77} if f"/data-{data_hash[:12]}/" in prefix else None
 
-    with k8s.run_operator(handlers(is_complete=is_complete), namespaces=[NS]) as run:
+    with k8s.run_operator(handlers(read_bundle=read_bundle), namespaces=[NS]) as run:
         apply(k8s, body)
         wait_job(k8s, expected_job(body, "train"))
         st = wait_phase(k8s, "Training")
         assert st["dataPreparation"]["cached"] is True
+        assert st["dataPreparation"]["summary"] == {"numFtDataPoints": 77}  # from the bundle's manifest
         assert condition(st, "DataPrepared")["reason"] == "Cached"
         assert job_names(k8s) == [expected_job(body, "train")]
     assert not run.errors, run.messages()

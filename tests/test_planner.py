@@ -227,6 +227,12 @@ def test_a_complete_evaluation_bundle_is_rerun_when_a_gate_needs_its_figures() -
         "evaluate", H["evaluate"], job("evaluate", "x").name, False
     )
     assert plan("minimal", BASE, world)[-2:] == [Reuse("evaluate", H["evaluate"]), Succeed()]
+    # With the figures from the bundle's manifest, the gate is checked on them and nothing runs.
+    figures = PhaseReport(True, "", {"command_accuracy": 0.4})
+    known = World(world.jobs, complete=world.complete, reports={H["evaluate"]: figures})
+    actions = plan("minimal", gated, known)
+    assert actions[-2] == Reuse("evaluate", H["evaluate"], figures)
+    assert isinstance(actions[-1], Fail) and actions[-1].reason == "QualityGateNotMet"
 
 
 def test_phases_the_status_remembers_are_not_run_again() -> None:

@@ -162,6 +162,18 @@ def test_example_recipe_end_to_end_then_cached(tmp_path: Path, tiny_model: Path)
     assert {c["reason"] for kind, c in conditions(again).items() if kind != "Ready"} == {"Cached"}
     assert again["evaluation"]["commandAccuracy"] == status["evaluation"]["commandAccuracy"]
 
+    # A quality gate above the figures: checked on the cached evaluation's figures, nothing runs again.
+    accuracy = status["evaluation"]["commandAccuracy"]
+    assert accuracy < 1.0  # a random model
+    gated = yaml.safe_load(recipe.read_text())
+    gated["spec"]["evaluation"]["minCommandAccuracy"] = (accuracy + 1.0) / 2
+    recipe.write_text(yaml.safe_dump(gated))
+    third = ftrecipe("run", str(recipe), "--workdir", str(workdir))
+    assert third.returncode != 0 and third.stdout.count("cached: ") == 3, third.stdout + third.stderr
+    failed = read_status(workdir)
+    assert failed["phase"] == "Failed" and conditions(failed)["Ready"]["reason"] == "QualityGateNotMet"
+    assert "below spec.evaluation.minCommandAccuracy" in failed["message"]
+
     forced = ftrecipe("run", str(recipe), "--workdir", str(workdir), "--from-phase", "train", "--dry-run")
     assert forced.returncode == 0, forced.stderr
     assert "prepare-data cached: " in forced.stdout

@@ -82,6 +82,12 @@ def decode(text: str | None) -> PhaseReport | None:
     return PhaseReport(ok=False, message=_one_line(text)[:MAX_BYTES])
 
 
+def report_from_metadata(metadata: Mapping[str, Any], where: str) -> PhaseReport:
+    """A complete bundle's manifest metadata as the report of the phase that published it (the phase
+    commands put their headline figures there)."""
+    return PhaseReport(ok=True, message=f"complete bundle at {where}", figures=dict(metadata))
+
+
 def termination_log_path() -> Path:
     return Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
 

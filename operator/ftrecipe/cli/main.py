@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,19 +268,20 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-    is_complete = None
+    read_bundle = None
     if args.reuse_bundles:
-        from ftrecipe.storage.bundle import bundle_complete
+        from ftrecipe.storage import read_manifest
 
-        def is_complete(prefix: str) -> bool:
-            return bundle_complete(prefix)
+        def read_bundle(prefix: str) -> Mapping[str, Any] | None:
+            manifest = read_manifest(prefix)
+            return None if manifest is None else manifest.metadata
 
     metrics = OperatorMetrics()
     if args.metrics_port:
         serve(metrics, args.metrics_port)
     settings = OperatorSettings(
         images=Images.from_env(),
-        is_complete=is_complete,
+        read_bundle=read_bundle,
         resync_seconds=args.resync_seconds if args.resync_seconds > 0 else None,
         progress_seconds=args.progress_seconds if args.progress_seconds > 0 else None,
         metrics=metrics,

@@ -3,7 +3,7 @@
 Handlers (added to a registry by `register`, never at import):
 
 * ``reconcile`` on FinetuneRecipe create, update and resume: parse the recipe, list its Jobs by label, ask
-  which phase bundles already exist (S3 output only, when ``OperatorSettings.is_complete`` is given), run
+  which phase bundles already exist (S3 output only, when ``OperatorSettings.read_bundle`` is given), run
   `plan`, apply its actions (create/delete/suspend/resume Jobs), then write `compute_status` through
   ``patch.status`` and post Events on phase changes. Level-based: a restarted operator re-plans from what
   exists, and a Job that already exists (409) is simply adopted.
@@ -64,6 +64,7 @@ from ftrecipe.plan.planner import (
     plan,
 )
 from ftrecipe.plan.status import compute_status, progress_update, remembered, training_message
+from ftrecipe.termination import PhaseReport, report_from_metadata
 
 ANNOTATION_LAST_JOB_EVENT: Final = "ftrecipe.dev/last-job-event"
 ANNOTATION_RESYNC: Final = "ftrecipe.dev/resync"
@@ -76,9 +77,10 @@ class OperatorSettings:
     """ftrecipe's own operator settings (kopf's are separate)."""
 
     images: Images = DEFAULT_IMAGES
-    # Whether the bundle at an output prefix is complete (e.g. `storage.bundle_complete`): asked for phases
-    # without a succeeded Job, for S3 output only. None: never reuse earlier runs' bundles.
-    is_complete: Callable[[str], bool] | None = None
+    # The manifest metadata of the complete bundle at an output prefix, None when there is none (e.g. from
+    # `storage.read_manifest`): asked for phases without a succeeded Job, for S3 output only. None: never
+    # reuse earlier runs' bundles.
+    read_bundle: Callable[[str], Mapping[str, Any] | None] | None = None
     # How often unfinished recipes are re-planned even without events; None: never.
     resync_seconds: float | None = 60.0
     # Delay before kopf retries a reconcile that hit an API error.
@@ -162,25 +164,30 @@ def _invalid_status(
     )
 
 
-async def _complete_hashes(
+async def _complete_bundles(
     spec: FinetuneRecipeSpec, recipe: str, world: World, settings: OperatorSettings
-) -> frozenset[str]:
-    """Hashes of phases (without a succeeded Job) whose bundle is already complete in S3."""
+) -> tuple[frozenset[str], dict[str, PhaseReport]]:
+    """Hashes of phases (without a succeeded Job) whose bundle is already complete in S3, with the
+    figures their manifests carry."""
     root = _output_root(spec)
-    if settings.is_complete is None or root is None:
-        return frozenset()
+    if settings.read_bundle is None or root is None:
+        return frozenset(), {}
     done = {(j.phase, j.inputs_hash) for j in world.jobs if j.state == "succeeded"}
     complete: set[str] = set()
+    reports: dict[str, PhaseReport] = {}
     for phase, inputs_hash in phase_hashes(spec).items():
         if phase not in phases(spec) or (phase, inputs_hash) in done:
             continue
         prefix = phase_prefix(root, recipe, phase, inputs_hash)
         try:
-            if await asyncio.to_thread(settings.is_complete, prefix):
-                complete.add(inputs_hash)
+            metadata = await asyncio.to_thread(settings.read_bundle, prefix)
         except Exception as error:  # storage trouble must not stop the recipe: run the phase instead
             _LOG.warning("cannot tell whether %s is complete: %s", prefix, error)
-    return frozenset(complete)
+            continue
+        if metadata is not None:
+            complete.add(inputs_hash)
+            reports[inputs_hash] = report_from_metadata(metadata, prefix)
+    return frozenset(complete), reports
 
 
 # --------------------------------------------------------------------------------------------- Kubernetes
@@ -302,13 +309,8 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
     finished, failed = remembered(name, spec, previous, prefixes)
     try:
         jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
-        world = World(jobs=jobs, finished=finished, failed=failed)
-        world = World(
-            jobs=jobs,
-            complete=await _complete_hashes(spec, name, world, settings),
-            finished=finished,
-            failed=failed,
-        )
+        complete, reports = await _complete_bundles(spec, name, World(jobs=jobs), settings)
+        world = World(jobs=jobs, complete=complete, finished=finished, failed=failed, reports=reports)
         actions = await _apply(plan(name, spec, world), body, spec, settings)
     except ApiException as error:
         if metrics is not None:

@@ -278,6 +278,7 @@ def run_evaluate(options: EvaluateOptions) -> EvalResult:
         )
         metadata = {
             "command_accuracy": document["command_accuracy"],
+            "per_command_f1": scores.per_command_f1,
             "num_turns": scores.num_turns,
             "model": identity,
             "syntax": syntax.syntax,

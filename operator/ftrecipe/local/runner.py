@@ -31,7 +31,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -74,8 +74,8 @@ from ftrecipe.plan.planner import (
     plan,
 )
 from ftrecipe.plan.status import compute_status, progress_update, training_message
-from ftrecipe.storage import S3Settings, StorageError, bundle_complete, join, parse_location
-from ftrecipe.termination import TERMINATION_LOG_ENV, PhaseReport, decode
+from ftrecipe.storage import S3Settings, StorageError, join, parse_location, read_manifest
+from ftrecipe.termination import TERMINATION_LOG_ENV, PhaseReport, decode, report_from_metadata
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -174,19 +174,23 @@ def carry_over(
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def complete_hashes(local: LocalRecipe, forced: frozenset[Phase]) -> frozenset[str]:
-    """The planner's hashes of the phases whose bundle is complete (forced phases never count)."""
+def complete_bundles(local: LocalRecipe, forced: frozenset[Phase], jobs: Sequence[ObservedJob] = ()) -> World:
+    """The planner's world: ``jobs``, and the phases whose bundle is complete (forced phases never count)
+    with the figures their manifests carry (an evaluation's accuracy, for the quality gate)."""
     complete: set[str] = set()
+    reports: dict[str, PhaseReport] = {}
     for phase in phases(local.spec):
         if phase in forced:
             continue
         settings = S3Settings.from_env({**os.environ, **local.env[phase]}) if local.spec.output.s3 else None
         try:
-            if bundle_complete(local.prefixes[phase], settings):
-                complete.add(local.hashes[phase])
+            manifest = read_manifest(local.prefixes[phase], settings)
         except StorageError as error:
             raise LocalRunError(f"{local.prefixes[phase]}: {error}") from None
-    return frozenset(complete)
+        if manifest is not None:
+            complete.add(local.hashes[phase])
+            reports[local.hashes[phase]] = report_from_metadata(manifest.metadata, local.prefixes[phase])
+    return World(jobs=tuple(jobs), complete=frozenset(complete), reports=reports)
 
 
 def command_paths(local: LocalRecipe, phase: Phase) -> CommandPaths:
@@ -420,7 +424,7 @@ class Runner:
         shown: set[Phase] = set()
         code = EXIT_OK
         while True:
-            world = World(jobs=tuple(jobs), complete=complete_hashes(local, self.forced))
+            world = complete_bundles(local, self.forced, jobs)
             actions = self.actions = plan(local.name, local.spec, world, in_cluster=False)
             last = actions[-1]
             for action in actions:
@@ -549,11 +553,11 @@ def dry_run(local: LocalRecipe, forced: frozenset[Phase], out: TextIO) -> int:
 
     print(f"ftrecipe run {local.name} ({local.file}): dry run, nothing runs", file=out)
     print(f"{'work folder':<13}{local.workdir} (status in {local.status_file.name})", file=out)
-    complete = complete_hashes(local, forced)
+    world = complete_bundles(local, forced)
     jobs: list[ObservedJob] = []
     shown: set[Phase] = set()
     while True:
-        actions = plan(local.name, local.spec, World(jobs=tuple(jobs), complete=complete), in_cluster=False)
+        actions = plan(local.name, local.spec, replace(world, jobs=tuple(jobs)), in_cluster=False)
         for action in actions:
             if isinstance(action, Reuse) and action.phase not in shown:
                 shown.add(action.phase)

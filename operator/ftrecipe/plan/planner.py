@@ -43,6 +43,8 @@ class World:
     finished: Mapping[str, PhaseReport] = field(default_factory=dict)
     # Phase hashes whose Job the status records as failed: the one-line reason.
     failed: Mapping[str, str] = field(default_factory=dict)
+    # The figures of complete bundles (from their manifests), where the shell could read them.
+    reports: Mapping[str, PhaseReport] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,12 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
         elif inputs_hash in world.failed and not jobs:
             actions.append(Fail(phase, "JobFailed", world.failed[inputs_hash]))
             return actions
-        elif inputs_hash in world.complete and not (phase == "evaluate" and gate > 0):
-            # An evaluation run elsewhere reported its figures there, not to us: with a quality gate to
-            # check, it runs again here rather than pass (or fail) the gate on figures we cannot see.
-            finished = Reuse(phase, inputs_hash)
+        elif inputs_hash in world.complete and not (
+            phase == "evaluate" and gate > 0 and not _has_accuracy(world.reports.get(inputs_hash))
+        ):
+            # With a quality gate to check, an evaluation whose figures we cannot see runs again here
+            # rather than pass (or fail) the gate blindly.
+            finished = Reuse(phase, inputs_hash, world.reports.get(inputs_hash))
         if finished is not None:
             actions.append(finished)
             if phase == "evaluate" and gate > 0 and (failed := quality_gate(gate, finished.report)):
@@ -192,6 +196,10 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
         return actions
     actions.append(Succeed())
     return actions
+
+
+def _has_accuracy(report: PhaseReport | None) -> bool:
+    return report is not None and isinstance(report.figures.get("command_accuracy"), int | float)
 
 
 def quality_gate(minimum: float, report: PhaseReport | None) -> Fail | None:
