@@ -351,6 +351,7 @@ def test_evaluate_job_scores_the_adapter_on_a_gpu() -> None:
     assert args[args.index("--base-model") + 1] == train_args[train_args.index("--base-model") + 1]
     assert args[args.index("--syntax") + 1] == spec.command_generator.syntax
     assert args[args.index("--max-new-tokens") + 1] == str(spec.evaluation.max_new_tokens)
+    assert args[args.index("--work-dir") + 1] == "/workspace/work"  # the scratch volume, not /tmp
     assert main["image"] == "ghcr.io/example-org/ftrecipe-trainer:0.1.0"
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["tolerations"] == job_for(name, spec, "train")["spec"]["template"]["spec"]["tolerations"]

@@ -355,10 +355,16 @@ def train_args(
 
 
 def evaluate_args(
-    spec: FinetuneRecipeSpec, output_prefix: str, data_prefix: str, adapter_prefix: str, base_model: str
+    spec: FinetuneRecipeSpec,
+    output_prefix: str,
+    data_prefix: str,
+    adapter_prefix: str,
+    base_model: str,
+    work_dir: str | None = None,
 ) -> list[str]:
     """evaluate's command line: the adapter on the base model it was trained on, scored on the data
-    bundle's validation split."""
+    bundle's validation split. ``work_dir``: where fetched inputs go (a Job's scratch volume, not /tmp)."""
+    scratch = ["--work-dir", work_dir] if work_dir is not None else []
     return [
         "evaluate",
         "--data",
@@ -373,6 +379,7 @@ def evaluate_args(
         spec.command_generator.syntax,
         "--max-new-tokens",
         str(spec.evaluation.max_new_tokens),
+        *scratch,
     ]
 
 
@@ -446,7 +453,9 @@ def build_job(
         else:
             init = None  # evaluate reads its data, base model and adapter itself: nothing to fetch first
             adapter_prefix = phase_prefix(output.uri, recipe_name, "train", hashes["train"])
-            args = evaluate_args(spec, output_prefix, data_prefix, adapter_prefix, base_model_arg(spec))
+            args = evaluate_args(
+                spec, output_prefix, data_prefix, adapter_prefix, base_model_arg(spec), JOB_PATHS.work
+            )
             gpus = min(training.gpus, 1)  # one process generates; more GPUs would sit idle
             deadline = DEFAULT_DEADLINE_SECONDS
         main = _container(MAIN_CONTAINER[phase], image, args, env)
