@@ -412,8 +412,16 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
             )
 
     if chosen.resync_seconds is not None:
-
-        @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync", interval=chosen.resync_seconds)
+        # The initial delay: a new recipe was just reconciled, it needs no resync yet.
+        @kopf.timer(
+            GROUP,
+            VERSION,
+            PLURAL,
+            registry=registry,
+            id="resync",
+            interval=chosen.resync_seconds,
+            initial_delay=chosen.resync_seconds,
+        )
         def resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
             if (body.get("status") or {}).get("phase") in FINISHED:
                 return

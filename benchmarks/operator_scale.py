@@ -1,0 +1,443 @@
+"""The operator at scale: N FinetuneRecipes applied at once, driven through a full lifecycle.
+
+`ftrecipe operator` runs as its own process (as the Deployment runs it, with its default settings:
+resync every 60 s, training progress every 10 s, standalone) against the kmock-based Kubernetes emulator
+(`support.k8s.KubeCluster`, in this process) through a kubeconfig. This script plays the user and the
+Job controller with the emulator's direct helpers (no HTTP, so every request the emulator records is the
+operator's): it creates N recipes (`examples/recipes/minimal.yaml`, renamed), waits until every data Job
+exists, then finishes every Job of a phase the way the kubelet and the Job controller would (a pod whose
+container ends with the phase's report as its termination message, then the Job's Complete condition),
+phase after phase, until every recipe is `Succeeded`. Evaluation is enabled (`--no-evaluation` skips it).
+
+Per N: time until every data Job exists, time of the whole lifecycle, the operator's API requests per
+recipe (by verb and resource), status patches per recipe, the operator's CPU seconds, and its RSS (idle
+before the recipes, after the data Jobs, at the end, and the peak, VmHWM). The operator's log is kept
+beside the JSON file (`<json stem>-<N>.log`).
+
+    .venv/bin/python benchmarks/operator_scale.py [--recipes 200 500] [--no-evaluation]
+        [--json output/benchmarks/operator_scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import OUTPUT, ROOT, machine, rss_mib, table, write_json
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+import yaml
+
+from ftrecipe.controller.manifests import LABEL_PHASE, LABEL_RECIPE, MAIN_CONTAINER
+from ftrecipe.plan.cache_key import Phase
+from ftrecipe.termination import PhaseReport, encode
+from support.k8s import CRD_PLURAL, CRD_RESOURCE, KubeCluster
+
+Body = dict[str, Any]
+NS = "ml"
+JOBS = "batch/v1/jobs"
+MINIMAL = ROOT / "examples" / "recipes" / "minimal.yaml"
+REPORTS: dict[Phase, PhaseReport] = {
+    "data": PhaseReport(
+        ok=True,
+        message="data published",
+        figures={"num_input_e2e_tests": 35, "num_ft_data_points": 120, "llm_calls": 310},
+    ),
+    "train": PhaseReport(
+        ok=True, message="trained", figures={"step": 30, "total_steps": 30, "eval_loss": 0.7}
+    ),
+    "evaluate": PhaseReport(
+        ok=True, message="scored", figures={"command_accuracy": 0.9, "per_command_f1": {"start flow": 0.95}}
+    ),
+}
+
+
+def scale_the_emulator(cluster: KubeCluster) -> None:
+    """Make the emulator itself cheap enough for hundreds of recipes; what the operator sees is unchanged.
+
+    Measured without these, the emulator (in this process) and not the operator set every figure:
+    20 recipes' lifecycle took 270 s, 90 % of it in kmock matching each request against its whole
+    request history (quadratic), and at 200 recipes the CEL and OpenAPI validation of every recipe write
+    (celpy, about 10 ms each) and the scans of all stored objects per LIST took most of what was left.
+
+    * request matching: `request in view` is decided by the request alone for the views the emulator's
+      reactions use (the root, filters on it, priority markers); other views keep kmock's answer;
+    * validation off: schema pruning and defaulting stay, the OpenAPI/CEL checks of custom resources go
+      (the operator's writes are valid; tests/test_operator.py runs them with validation on);
+    * LIST compares the resource's plural before kmock's (slow) resource equality.
+    """
+    from kmock._internal import dsl, rendering
+
+    from support.k8s import FakeKubernetes
+
+    cluster.emulator.validation = False
+    original = dsl.View.__contains__
+    if getattr(original, "fast", False):
+        return
+
+    def member(view: Any, request: Any) -> bool | None:
+        kind = type(view)
+        if kind is dsl.Filter:
+            return member(view._source, request) if view.criteria(request) else False
+        if kind is dsl.Priority:
+            return member(view._source, request)
+        if isinstance(view, dsl.Root):
+            requests = view._requests
+            return bool(requests) and (requests[-1] is request or any(r is request for r in requests))
+        return None
+
+    def contains(view: Any, item: Any) -> bool:
+        if isinstance(item, rendering.Request):
+            found = member(view, item)
+            if found is not None:
+                return found
+        return bool(original(view, item))
+
+    def snapshot(self: Any, resource: Any, matches: Callable[[Body], bool]) -> list[Body]:
+        plural = resource.plural
+        bodies = [
+            obj.raw
+            for (res, _, _), obj in self.objects.items()
+            if res.plural == plural and res == resource and not obj.deleted and matches(obj.raw)
+        ]
+        bodies.sort(key=lambda b: (b["metadata"].get("namespace") or "", b["metadata"]["name"]))
+        return [copy.deepcopy(body) for body in bodies]
+
+    contains.fast = True  # type: ignore[attr-defined]
+    dsl.View.__contains__ = contains  # type: ignore[method-assign]
+    FakeKubernetes._snapshot = snapshot  # type: ignore[method-assign]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", type=int, nargs="+", default=[200, 500])
+    parser.add_argument("--no-evaluation", action="store_true", help="recipes with evaluation.enabled false")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for each milestone")
+    parser.add_argument("--json", type=Path, default=OUTPUT / "operator_scale.json")
+    return parser.parse_args(argv)
+
+
+def recipe(name: str, evaluation: bool) -> dict[str, Any]:
+    body = cast(dict[str, Any], yaml.safe_load(MINIMAL.read_text(encoding="utf-8")))
+    body["metadata"] = {"name": name}
+    body["spec"]["evaluation"] = {"enabled": evaluation}
+    return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every `interval` seconds, keeping the maximum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            with contextlib.suppress(OSError, RuntimeError):
+                self.peak = max(self.peak, rss_mib(self.pid))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+@contextlib.contextmanager
+def operator_process(cluster: KubeCluster, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    kubeconfig = cluster.kubeconfig(work / "kubeconfig")
+    metrics_port, health_port = free_port(), free_port()
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FTRECIPE_OPERATOR_IMAGE": "registry.test/op:1"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    argv = [sys.executable, "-m", "ftrecipe.cli.main", "operator", "--namespace", NS, "--standalone"]
+    argv += ["--liveness", f"http://127.0.0.1:{health_port}/healthz", "--metrics-port", str(metrics_port)]
+    with (work / "operator.log").open("wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+    try:
+        yield process, metrics_port, health_port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_until(probe: Callable[[], Any], what: str, process: subprocess.Popen[bytes], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the operator exited with {process.returncode} while waiting for {what}")
+        with contextlib.suppress(OSError):
+            found = probe()
+            if found:
+                return found
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def census(cluster: KubeCluster) -> tuple[dict[str, dict[str, str]], collections.Counter[str]]:
+    """Jobs by phase (recipe → Job name) and recipes by status phase, read in place (no copies: the
+    emulator's own helpers deep-copy every object, which at this scale would cost more than polling)."""
+
+    async def read(emulator: Any) -> tuple[dict[str, dict[str, str]], collections.Counter[str]]:
+        jobs: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        phases: collections.Counter[str] = collections.Counter()
+        for (resource, namespace, name), obj in emulator.objects.items():
+            if namespace != NS or obj.deleted:
+                continue
+            if resource.plural == "jobs":
+                labels = obj.raw["metadata"].get("labels") or {}
+                jobs[labels.get(LABEL_PHASE, "?")][labels.get(LABEL_RECIPE, "?")] = name
+            elif resource.plural == CRD_PLURAL:
+                phases[(obj.raw.get("status") or {}).get("phase") or "-"] += 1
+        return jobs, phases
+
+    return cluster._locked(read)  # the helpers' own lock: consistent with the emulator's writes
+
+
+def jobs_of(cluster: KubeCluster, phase: str, n: int) -> dict[str, str] | None:
+    found = census(cluster)[0].get(phase, {})
+    return found if len(found) == n else None
+
+
+def finish(cluster: KubeCluster, phase: Phase, jobs: dict[str, str]) -> None:
+    """The kubelet writes each pod's final status (with the report), then the Job controller the Job's."""
+    message = encode(REPORTS[phase])
+    for job in jobs.values():
+        cluster.set_job_pod(job, NS, "Succeeded", container=MAIN_CONTAINER[phase], message=message)
+        cluster.set_job_status(job, NS, "succeeded")
+
+
+def recipe_patches(cluster: KubeCluster, first: int) -> dict[str, int]:
+    """What the operator's patches of the recipe object itself (not its status) change: the annotation
+    keys, or other top-level fields, each patch sets."""
+    counts: collections.Counter[str] = collections.Counter()
+    for request in cluster.requests()[first:]:
+        if request.resource is None or request.resource.plural != CRD_PLURAL or request.subresource:
+            continue
+        if request.action is None or request.action.value != "UPDATE" or not isinstance(request.data, dict):
+            continue
+        annotations = (request.data.get("metadata") or {}).get("annotations") or {}
+        others = [key for key in request.data if key != "metadata"]
+        others += [f"metadata.{key}" for key in request.data.get("metadata") or {} if key != "annotations"]
+        counts[" + ".join(sorted(annotations) + sorted(others)) or "(empty)"] += 1
+    return dict(counts.most_common())
+
+
+def request_counts(cluster: KubeCluster, first: int) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for request in cluster.requests()[first:]:
+        resource = request.resource.plural if request.resource is not None else "-"
+        sub = f"/{request.subresource}" if request.subresource else ""
+        action = request.action.value if request.action is not None else request.method
+        counts[f"{action} {resource}{sub}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[str, Any]:
+    phases: list[Phase] = ["data", "train", "evaluate"] if evaluation else ["data", "train"]
+    with tempfile.TemporaryDirectory(prefix="ftrecipe-bench-operator-") as tmp, KubeCluster() as cluster:
+        cluster.ensure_namespace(NS)
+        scale_the_emulator(cluster)
+        with operator_process(cluster, Path(tmp)) as (process, metrics_port, health_port):
+            wait_until(lambda: get(f"http://127.0.0.1:{health_port}/healthz"), "health", process, 60)
+            wait_until(
+                lambda: cluster.watching(CRD_RESOURCE, NS) and cluster.watching(JOBS, NS),
+                "the operator's watches",
+                process,
+                60,
+            )
+            time.sleep(1.0)  # settle: imports done, watches open
+            sampler = RssSampler(process.pid)
+            sampler.start()
+            rss_idle = rss_mib(process.pid)
+            cpu_idle = cpu_seconds(process.pid)
+            first_request = len(cluster.requests())
+            bodies = [recipe(f"recipe-{i:04d}", evaluation) for i in range(n)]
+            started = time.monotonic()
+            for body in bodies:
+                cluster.create(CRD_RESOURCE, copy.deepcopy(body), NS)
+            applied_s = time.monotonic() - started
+            data_jobs = wait_until(
+                lambda: jobs_of(cluster, "data", n),
+                f"{n} data Jobs",
+                process,
+                timeout,
+            )
+            data_jobs_s = time.monotonic() - started
+            wait_until(
+                lambda: census(cluster)[1]["PreparingData"] == n, "phase PreparingData", process, timeout
+            )
+            requests_to_data = len(cluster.requests()) - first_request
+            rss_data = rss_mib(process.pid)
+            milestones = {"all data Jobs exist": round(data_jobs_s, 3)}
+            jobs: dict[str, str] = data_jobs
+            for index, phase in enumerate(phases):
+                finish(cluster, phase, jobs)
+                if index + 1 < len(phases):
+                    following = phases[index + 1]
+                    jobs = wait_until(
+                        functools.partial(jobs_of, cluster, following, n),
+                        f"{n} {following} Jobs",
+                        process,
+                        timeout,
+                    )
+                    milestones[f"all {following} Jobs exist"] = round(time.monotonic() - started, 3)
+            wait_until(
+                lambda: census(cluster)[1]["Succeeded"] == n, "every recipe Succeeded", process, timeout
+            )
+            lifecycle_s = time.monotonic() - started
+            milestones["all recipes Succeeded"] = round(lifecycle_s, 3)
+            time.sleep(2.0)  # anything still in flight (Events, the last patches) lands
+            counts = request_counts(cluster, first_request)
+            patches = recipe_patches(cluster, first_request)
+            scraped = get(f"http://127.0.0.1:{metrics_port}/metrics")
+            rss_end = rss_mib(process.pid)
+            sampler.stop()
+            peak = max(sampler.peak, rss_end)
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            hwm = next(
+                int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")
+            )
+            cpu = cpu_seconds(process.pid) - cpu_idle
+        log = (Path(tmp) / "operator.log").read_text(errors="replace")
+        log_copy.parent.mkdir(parents=True, exist_ok=True)
+        log_copy.write_text(log)
+        errors = [line for line in log.splitlines() if "[ERROR" in line or "Traceback" in line]
+        history = [len(cluster.history(CRD_RESOURCE, body["metadata"]["name"], NS)) for body in bodies]
+    total = sum(counts.values())
+    status_patches = counts.get(f"UPDATE {CRD_PLURAL}/status", 0)
+    return {
+        "recipes": n,
+        "evaluation": evaluation,
+        "apply_s": round(applied_s, 3),
+        "milestones_s": milestones,
+        "data_jobs_s": round(data_jobs_s, 3),
+        "lifecycle_s": round(lifecycle_s, 3),
+        "requests_total": total,
+        "requests_per_recipe": round(total / n, 2),
+        "requests_to_data_jobs_per_recipe": round(requests_to_data / n, 2),
+        "requests_by_kind": counts,
+        "status_patches_per_recipe": round(status_patches / n, 2),
+        "recipe_patches_by_change": patches,
+        "status_patches_metric": metric(scraped, "ftrecipe_status_patches_total"),
+        "reconciles_metric": metric(scraped, "ftrecipe_reconciles_total"),
+        "recipe_versions_per_recipe": round(sum(history) / n, 2),
+        "operator_cpu_s": round(cpu, 2),
+        "operator_cpu_ms_per_recipe": round(1000 * cpu / n, 1),
+        "rss_idle_mib": round(rss_idle, 1),
+        "rss_after_data_jobs_mib": round(rss_data, 1),
+        "rss_end_mib": round(rss_end, 1),
+        "rss_peak_mib": round(max(peak, hwm), 1),
+        "rss_growth_per_recipe_kib": round(1024 * (max(peak, hwm) - rss_idle) / n, 1),
+        "operator_errors": errors[:10],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine()
+    results = []
+    for n in args.recipes:
+        print(f"{n} recipes, evaluation {'off' if args.no_evaluation else 'on'} ...", flush=True)
+        log = args.json.with_name(f"{args.json.stem}-{n}.log")
+        result = run_scale(n, not args.no_evaluation, args.timeout, log)
+        results.append(result)
+        print(
+            f"  data Jobs after {result['data_jobs_s']:.2f} s, all Succeeded after {result['lifecycle_s']:.2f} s, "
+            f"{result['requests_per_recipe']:.1f} requests per recipe, peak RSS {result['rss_peak_mib']:.0f} MiB"
+        )
+    print()
+    print(
+        table(
+            [
+                "recipes",
+                "all data Jobs (s)",
+                "all Succeeded (s)",
+                "requests / recipe",
+                "status patches / recipe",
+                "operator CPU (ms / recipe)",
+                "RSS idle → peak (MiB)",
+            ],
+            [
+                [
+                    r["recipes"],
+                    r["data_jobs_s"],
+                    r["lifecycle_s"],
+                    r["requests_per_recipe"],
+                    r["status_patches_per_recipe"],
+                    r["operator_cpu_ms_per_recipe"],
+                    f"{r['rss_idle_mib']:.0f} → {r['rss_peak_mib']:.0f}",
+                ]
+                for r in results
+            ],
+        )
+    )
+    kinds = sorted({k for r in results for k in r["requests_by_kind"]})
+    print("\nrequests per recipe by kind:")
+    print(
+        table(
+            ["request", *(str(r["recipes"]) for r in results)],
+            [
+                [k, *(round(r["requests_by_kind"].get(k, 0) / r["recipes"], 2) for r in results)]
+                for k in kinds
+            ],
+        )
+    )
+    write_json(
+        args.json,
+        {
+            "benchmark": "operator_scale",
+            "machine": info,
+            "params": {"recipes": args.recipes, "evaluation": not args.no_evaluation},
+            "runs": results,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
