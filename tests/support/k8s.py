@@ -747,7 +747,15 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         else:
             self.objects[key] = body
         await self._emit(resource, "ADDED", body)
-        return copy.deepcopy(body)
+        created = copy.deepcopy(body)
+        owners = body["metadata"].get("ownerReferences") or []
+        if self.garbage_collection and owners:
+            live = {obj.raw["metadata"]["uid"] for obj in self.objects.values() if not obj.deleted}
+            if not any(ref.get("uid") in live for ref in owners):
+                # Kubernetes' garbage collector deletes a dependent whose owners are all gone (e.g. a Job
+                # created by an operator that had not yet seen its recipe's deletion).
+                await self.delete_object(resource, namespace, name)
+        return created
 
     async def update_object(
         self,

@@ -164,17 +164,17 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
         finished: Done | Reuse | None = None
         if succeeded is not None:
             finished = Done(phase, inputs_hash, succeeded.report)
-        elif inputs_hash in world.finished and not jobs:
-            finished = Done(phase, inputs_hash, world.finished[inputs_hash])
-        elif inputs_hash in world.failed and not jobs:
-            actions.append(Fail(phase, "JobFailed", world.failed[inputs_hash]))
-            return actions
         elif inputs_hash in world.complete and not (
             phase == "evaluate" and gate > 0 and not _has_accuracy(world.reports.get(inputs_hash))
         ):
             # With a quality gate to check, an evaluation whose figures we cannot see runs again here
             # rather than pass (or fail) the gate blindly.
             finished = Reuse(phase, inputs_hash, world.reports.get(inputs_hash))
+        elif inputs_hash in world.finished and not jobs:
+            finished = Done(phase, inputs_hash, world.finished[inputs_hash])
+        elif inputs_hash in world.failed and not jobs:
+            actions.append(Fail(phase, "JobFailed", world.failed[inputs_hash]))
+            return actions
         if finished is not None:
             actions.append(finished)
             if phase == "evaluate" and gate > 0 and (failed := quality_gate(gate, finished.report)):
