@@ -40,7 +40,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from ftrecipe.api import GROUP, PLURAL, VERSION, RecipeError, parse_recipe
-from ftrecipe.api.v1alpha1 import Condition, FinetuneRecipeSpec, FinetuneRecipeStatus
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, FinetuneRecipeStatus
 from ftrecipe.controller.manifests import (
     ANNOTATION_RECIPE,
     DEFAULT_IMAGES,
@@ -63,7 +63,7 @@ from ftrecipe.plan.planner import (
     phases,
     plan,
 )
-from ftrecipe.plan.status import compute_status, progress_update, remembered, training_message
+from ftrecipe.plan.status import compute_status, invalid_status, progress_update, remembered, training_message
 from ftrecipe.termination import PhaseReport, report_from_metadata
 
 ANNOTATION_LAST_JOB_EVENT: Final = "ftrecipe.dev/last-job-event"
@@ -136,32 +136,6 @@ def _output_root(spec: FinetuneRecipeSpec) -> str | None:
 def _prefixes(spec: FinetuneRecipeSpec, recipe: str) -> dict[Phase, str]:
     root = _output_root(spec) or "(local output)"
     return {phase: phase_prefix(root, recipe, phase, h) for phase, h in phase_hashes(spec).items()}
-
-
-def _invalid_status(
-    message: str, generation: int, previous: FinetuneRecipeStatus | None
-) -> FinetuneRecipeStatus:
-    now = _now()
-    before = {c.type: c for c in (previous.conditions or [])} if previous is not None else {}
-    ready = before.get("Ready")
-    since = ready.last_transition_time if ready is not None and ready.status == "False" else now
-    return FinetuneRecipeStatus(
-        phase="Failed",
-        observed_generation=generation,
-        started_at=previous.started_at if previous is not None else None,
-        completed_at=(previous.completed_at if previous is not None else None) or now,
-        message=message,
-        conditions=[
-            Condition(
-                type="Ready",
-                status="False",
-                reason="InvalidRecipe",
-                message=message,
-                last_transition_time=since,
-                observed_generation=generation,
-            )
-        ],
-    )
 
 
 async def _complete_bundles(
@@ -296,7 +270,7 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         )
     except RecipeError as error:
         message = _one_line(error)
-        status = _invalid_status(message, generation, previous)
+        status = invalid_status(message, generation, _now(), previous)
         patch.status.update(merge_patch(old, _dump(status)))
         if before != "Failed":
             kopf.warn(body, reason="InvalidRecipe", message=message)

@@ -41,7 +41,7 @@ import yaml
 from pydantic import ValidationError
 
 from ftrecipe.api import RecipeError, load_recipe
-from ftrecipe.api.v1alpha1 import KIND, Condition, FinetuneRecipeStatus
+from ftrecipe.api.v1alpha1 import KIND, FinetuneRecipeStatus
 from ftrecipe.controller import inputs
 from ftrecipe.controller.manifests import CommandPaths, data_args, evaluate_args, train_args
 from ftrecipe.local.display import (
@@ -73,7 +73,7 @@ from ftrecipe.plan.planner import (
     phases,
     plan,
 )
-from ftrecipe.plan.status import compute_status, progress_update, training_message
+from ftrecipe.plan.status import compute_status, invalid_status, progress_update, training_message
 from ftrecipe.storage import S3Settings, StorageError, join, parse_location, read_manifest
 from ftrecipe.termination import TERMINATION_LOG_ENV, PhaseReport, decode, report_from_metadata
 
@@ -133,26 +133,6 @@ def write_status(path: Path, status: FinetuneRecipeStatus, recipe: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def invalid_status(message: str, generation: int, now: datetime) -> FinetuneRecipeStatus:
-    """A recipe that cannot run at all: Failed, with the one line in the message and the Ready condition."""
-    return FinetuneRecipeStatus(
-        phase="Failed",
-        observed_generation=generation,
-        completed_at=now,
-        message=message,
-        conditions=[
-            Condition(
-                type="Ready",
-                status="False",
-                reason="InvalidRecipe",
-                message=message,
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        ],
-    )
 
 
 def carry_over(

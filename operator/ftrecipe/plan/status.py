@@ -146,6 +146,22 @@ def compute_status(
     )
 
 
+def invalid_status(
+    message: str, generation: int, now: datetime, previous: FinetuneRecipeStatus | None = None
+) -> FinetuneRecipeStatus:
+    """A recipe that cannot run at all: Failed, the one line in the message and the Ready condition (its
+    transition time kept while it stays False)."""
+    before = {c.type: c for c in (previous.conditions or [])} if previous is not None else {}
+    return FinetuneRecipeStatus(
+        phase="Failed",
+        observed_generation=generation,
+        started_at=previous.started_at if previous is not None else None,
+        completed_at=(previous.completed_at if previous is not None else None) or now,
+        message=message,
+        conditions=[_condition("Ready", "False", "InvalidRecipe", message, generation, now, before)],
+    )
+
+
 def _progress_message(
     actions: Sequence[Action], spec: FinetuneRecipeSpec, training: TrainingStatus | None
 ) -> str:
