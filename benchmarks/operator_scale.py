@@ -26,7 +26,6 @@ import contextlib
 import copy
 import functools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from ftrecipe.controller.manifests import LABEL_PHASE, LABEL_RECIPE, MAIN_CONTAI
 from ftrecipe.plan.cache_key import Phase
 from ftrecipe.termination import PhaseReport, encode
 from support.k8s import CRD_PLURAL, CRD_RESOURCE, KubeCluster
+from support.processes import stop_gracefully
 
 Body = dict[str, Any]
 NS = "ml"
@@ -186,13 +186,7 @@ def operator_process(cluster: KubeCluster, work: Path) -> Iterator[tuple[subproc
     try:
         yield process, metrics_port, health_port
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_gracefully(process)
 
 
 def wait_until(probe: Callable[[], Any], what: str, process: subprocess.Popen[bytes], timeout: float) -> Any:

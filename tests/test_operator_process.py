@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from support.k8s import CRD_RESOURCE, K8s
+from support.processes import stop_gracefully
 from test_operator import JOBS, NS, apply, expected_job, manifest
 
 
@@ -72,13 +73,7 @@ def operator_process(
     try:
         yield process, metrics_port, health_port, log
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_gracefully(process)
 
 
 def test_the_operator_process_serves_health_metrics_and_json_logs(k8s: K8s, tmp_path: Path) -> None:
