@@ -371,6 +371,12 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ("empty-target-modules", _set("spec.training.lora.targetModules", []), "targetModules", "at least 1"),
     ("temperature-too-high", _set("spec.commandGenerator.llm.temperature", 3), "temperature", "<= 2"),
     ("bad-queue-name", _set("spec.queueName", "GPU Queue"), "queueName", "lowercase name"),
+    (
+        "endpoints-without-config",
+        _set("spec.assistant.endpoints", "endpoints.yml"),
+        "assistant",
+        "endpoints is only read together with config",
+    ),
 ]
 
 
@@ -417,6 +423,13 @@ def test_cel_rules_agree_with_model_rules_on_valid_variants(crd: Manifest) -> No
     manifest["spec"]["training"].update({"method": "qlora", "quantization": "8bit", "gpus": 2})
     assert cel_violations(schema, apply_defaults(schema, manifest)) == []
     parse_recipe(manifest)
+    # The labelling LLM may come from the assistant's own config.yml / endpoints.yml instead.
+    from_config = minimal()
+    del from_config["spec"]["commandGenerator"]["llm"]
+    from_config["spec"]["assistant"].update({"config": "config.yml", "endpoints": "endpoints.yml"})
+    from_config["spec"]["dataPreparation"] = {"annotator": "llm", "numRephrases": 3}
+    assert cel_violations(schema, apply_defaults(schema, from_config)) == []
+    parse_recipe(from_config)
 
 
 # ------------------------------------------------------------------------------------------ files and CLI

@@ -27,6 +27,7 @@ from ftrecipe.dataprep.commands import (
     StartFlow,
     Syntax,
 )
+from ftrecipe.evaluation.progress import GenerationProgress, due
 from ftrecipe.evaluation.references import Reference, SyntaxChoice
 from ftrecipe.evaluation.report import EvalContext, eval_json, eval_md, worst_turns
 from ftrecipe.evaluation.run import accuracy_gate
@@ -230,6 +231,68 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert percentile([3.0], 0.95) == 3.0
     assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
     assert percentile([float(v) for v in range(1, 21)], 0.95) == pytest.approx(19.05)
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "last_done", "seconds", "expected"),
+    [
+        (11, 11, 9, 0.0, True),
+        (3, 11, 2, 0.0, True),  # 3/11 crosses a quarter
+        (2, 11, 1, 0.1, False),
+        (2, 11, 1, 5.0, True),
+        (2, 11, 2, 60.0, False),
+        (0, 0, 0, 0.0, True),
+    ],
+    ids=["the-end", "new-quarter", "too-soon", "time-is-up", "nothing-new", "no-turns"],
+)
+def test_progress_is_due_at_the_end_each_quarter_and_every_few_seconds(
+    done: int, total: int, last_done: int, seconds: float, expected: bool
+) -> None:
+    assert due(done, total, last_done, seconds, every_seconds=5.0) is expected
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_one_turn_a_second_and_all_at_once() -> None:
+    events: list[dict[str, Any]] = []
+    clock = FakeClock()
+    progress = GenerationProgress(100, events.append, every_seconds=10.0, clock=clock)
+    progress.start()
+    for _ in range(100):
+        clock.now += 1.0
+        progress.answered(1)
+    assert [e["done"] for e in events] == [0, 10, 20, 25, 35, 45, 50, 60, 70, 75, 85, 95, 100]
+    assert events[0] == {
+        "event": "progress",
+        "stage": "generate",
+        "done": 0,
+        "total": 100,
+        "eta_seconds": None,
+    }
+    assert events[3] == {
+        "event": "progress",
+        "stage": "generate",
+        "done": 25,
+        "total": 100,
+        "eta_seconds": 75.0,
+    }
+    assert events[-1]["eta_seconds"] == 0.0
+
+    events.clear()
+    burst = GenerationProgress(1000, events.append, every_seconds=10.0, clock=FakeClock())
+    burst.start()
+    for _ in range(500):
+        burst.answered(2)
+    assert [e["done"] for e in events] == [0, 250, 500, 750, 1000]  # quarters only: no time went by
 
 
 # --------------------------------------------------------------------------------------------- a data set
@@ -530,6 +593,32 @@ def test_endpoint_figures_are_exact(
     assert report.figures["report_uri"] == str(out)
     assert report.figures["per_command_f1"]["set slot value"] == pytest.approx(2 / 3)
     assert report.message.startswith("command accuracy 54.5% (6 of 11 turns)")
+
+
+def test_endpoint_progress_is_json_lines_on_stdout(
+    llm_server: LLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    llm_server.script(_answer_by_message)
+    data = _write_val(tmp_path / "data", _records())
+    out = tmp_path / "out"
+    args = ["evaluate", "--data", str(data), "--endpoint", llm_server.base_url, "--model", "m"]
+    assert main([*args, "--out", str(out), "--concurrency", "2"]) == 0
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in captured.out.splitlines()]  # stdout: JSON lines only
+    progress, done = events[:-1], events[-1]
+    assert all(e["event"] == "progress" and e["stage"] == "generate" for e in progress)
+    assert all(e["total"] == len(CASES) for e in progress)
+    counts = [e["done"] for e in progress]
+    assert counts == sorted(counts) and {0, 3, 6, 9, 11} <= set(counts)  # start, each quarter, the end
+    assert progress[0]["eta_seconds"] is None and progress[-1]["eta_seconds"] == 0.0
+    assert done == {
+        "event": "done",
+        "summary": f"command accuracy 54.5% (6 of 11 turns), parse failures 9.1%; report published to {out}",
+        "num_turns": 11,
+        "command_accuracy": pytest.approx(6 / 11),
+        "out": str(out),
+    }
+    assert captured.err.strip().splitlines()[-1] == done["summary"]
 
 
 def test_syntax_comes_from_params_yaml(llm_server: LLMServer, tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ in training (batching and left padding change nothing), and the report is publis
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -76,12 +78,13 @@ def adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def evaluated(
     tiny_model: Path, adapter: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """One CLI run in-process, batches of 2."""
+    """One CLI run in-process, batches of 2; its stdout kept."""
     root = tmp_path_factory.mktemp("evaluated")
     termination = root / "termination-log"
     termination.write_text("", encoding="utf-8")
     out = root / "report"
-    with pytest.MonkeyPatch.context() as patch:
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setenv("FTRECIPE_TERMINATION_LOG", str(termination))
         code = main(
             [
@@ -100,7 +103,12 @@ def evaluated(
                 str(MAX_NEW_TOKENS),
             ]
         )
-    return {"code": code, "out": out, "termination": termination.read_text(encoding="utf-8")}
+    return {
+        "code": code,
+        "out": out,
+        "termination": termination.read_text(encoding="utf-8"),
+        "stdout": stdout.getvalue(),
+    }
 
 
 def _predictions(out: Path) -> list[dict[str, Any]]:
@@ -157,6 +165,19 @@ def test_answers_are_the_adapters_greedy_answers(
     predictions = _predictions(evaluated["out"])
     assert [p["answer"] for p in predictions] == answers
     assert all(0 < p["generated_tokens"] <= MAX_NEW_TOKENS for p in predictions)
+
+
+def test_progress_lines_per_batch_on_stdout(evaluated: dict[str, Any]) -> None:
+    """5 turns in batches of 2: each batch crosses a quarter, so each one is reported, then the summary."""
+    events = [json.loads(line) for line in evaluated["stdout"].splitlines()]  # stdout: JSON lines only
+    progress = [(e["event"], e["stage"], e["done"], e["total"]) for e in events[:-1]]
+    assert progress == [("progress", "generate", done, len(COMPLETIONS)) for done in (0, 2, 4, 5)]
+    # No estimate before the first answer; one after (rounded to 0.1 s: a fast batch may show 0.0); 0 at the end
+    assert (
+        events[0]["eta_seconds"] is None and events[1]["eta_seconds"] >= 0 and events[3]["eta_seconds"] == 0
+    )
+    assert events[-1]["event"] == "done" and events[-1]["num_turns"] == len(COMPLETIONS)
+    assert events[-1]["out"] == str(evaluated["out"])
 
 
 @pytest.mark.slow

@@ -103,7 +103,7 @@ def test_data_inputs_from_s3_then_prepare_data_runs(
 
     assert fetched(into) == assistant_files(EXAMPLE)
     generator = read_llm_config(into / inputs.LLM_CONFIG)
-    assert generator.syntax == "v2" and generator.llm is None
+    assert generator.syntax is None and generator.llm is None  # the recipe sets neither
     assert not (into / inputs.REPHRASE_CONFIG).exists()
 
     # The Job's own command line, pointed at this test's folders, prepares data from the fetched files.
@@ -112,6 +112,46 @@ def test_data_inputs_from_s3_then_prepare_data_runs(
     assert args[0] == "prepare-data" and "--annotator" in args
     assert main(args) == 0
     assert (out / "4_train_test_split" / "ft_splits" / "train.jsonl").stat().st_size > 0
+
+
+def test_assistant_config_and_endpoints_reach_prepare_data(
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The production config.yml decides the syntax and endpoints.yml's model group the LLM."""
+    upload_assistant(s3_env, "assistants/moneybank")
+    single_step = (
+        (EXAMPLE / "config.yml")
+        .read_text()
+        .replace("CompactLLMCommandGenerator", "SingleStepLLMCommandGenerator")
+    )
+    s3_env.client().put_object(
+        Bucket=s3_env.bucket, Key="assistants/moneybank/config.yml", Body=single_step.encode()
+    )
+    spec = make_spec(
+        {"s3": {"uri": f"s3://{s3_env.bucket}/assistants/moneybank/", "forcePathStyle": True}},
+        assistant={
+            "source": {"s3": {"uri": f"s3://{s3_env.bucket}/assistants/moneybank/", "forcePathStyle": True}},
+            "e2eTests": ["e2e_tests"],
+            "config": "config.yml",
+            "endpoints": "endpoints.yml",
+        },
+    )
+    into = tmp_path / "inputs"
+    monkeypatch.setenv(inputs.SPEC_ENV, spec_json(spec))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # offline (assertions): the LLM is named, not called
+    assert main(["fetch-inputs", "--phase", "data", "--into", str(into)]) == 0
+
+    out = tmp_path / "out"
+    args = rewrite(data_job_args(spec), into, out, tmp_path / "cache")
+    assert args[args.index("--config") + 1] == str(into / "assistant" / "config.yml")
+    assert args[args.index("--endpoints") + 1] == str(into / "assistant" / "endpoints.yml")
+    assert main(args) == 0
+    params = yaml.safe_load((out / "params.yaml").read_text())["command_generator"]
+    assert params["syntax"] == "v1"
+    assert "SingleStepLLMCommandGenerator" in params["source"]
+    assert params["llm"]["model"] == "gpt-4o-2024-11-20"
+    train = (out / "4_train_test_split" / "ft_splits" / "train.jsonl").read_text()
+    assert "StartFlow(" in train and "start flow" not in train
 
 
 def test_empty_s3_prefix_is_one_line_exit_2(

@@ -98,16 +98,40 @@ def test_bad_rasa_configs(
     assert "sk-secret" not in str(caught.value)
 
 
-def test_our_llm_config_wins_over_rasas(tmp_path: Path) -> None:
+def test_our_llm_config_wins_field_by_field_over_rasas(tmp_path: Path) -> None:
     ours = tmp_path / "llm.yml"
     ours.write_text(
-        "syntax: v1\nprompt_template: p.jinja2\nllm: {provider: self-hosted, model: m, api_base: http://h/v1}\n"
+        "syntax: v2\nprompt_template: p.jinja2\nllm: {provider: self-hosted, model: m, api_base: http://h/v1}\n"
     )
     generator = resolve_generator(ours, EXAMPLE / "config.yml", EXAMPLE / "endpoints.yml")
-    assert generator.syntax == "v1"
+    assert generator.syntax == "v2"
     assert generator.prompt_template == tmp_path / "p.jinja2"
     assert generator.llm is not None
     assert generator.llm.api_base == "http://h/v1"
+
+    # What ours leaves out comes from config.yml and the model group in endpoints.yml.
+    ours.write_text("prompt_template: p.jinja2\n")
+    generator = resolve_generator(ours, EXAMPLE / "config.yml", EXAMPLE / "endpoints.yml")
+    assert (generator.syntax, generator.prompt_template) == ("v2", tmp_path / "p.jinja2")
+    assert generator.llm is not None and generator.llm.model == "gpt-4o-2024-11-20"
+    assert "config.yml" in generator.source and str(ours) in generator.source
+
+    # An empty file (a recipe that sets nothing in commandGenerator) leaves everything to config.yml.
+    ours.write_text("{}\n")
+    assert resolve_generator(ours, EXAMPLE / "config.yml", EXAMPLE / "endpoints.yml").llm == generator.llm
+    # Alone, ours falls back to the defaults.
+    assert resolve_generator(ours, None, None).syntax == "v2"
+
+
+def test_a_syntax_that_contradicts_the_generator_type_is_one_line(tmp_path: Path) -> None:
+    ours = tmp_path / "llm.yml"
+    ours.write_text("syntax: v1\n")
+    with pytest.raises(InputError) as caught:
+        resolve_generator(ours, EXAMPLE / "config.yml", EXAMPLE / "endpoints.yml")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{ours}: syntax v1 disagrees with" in message and "CompactLLMCommandGenerator" in message
+    assert "speaks v2" in message and "leave syntax out" in message
 
 
 @pytest.mark.parametrize(

@@ -446,6 +446,39 @@ def test_openai_needs_a_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) 
         LLMClient(LLMSettings(model="gpt-4o"))
 
 
+async def test_a_key_variable_named_as_rasa_does_is_read_and_sent(
+    llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """endpoints.yml's `api_key: ${VAR}` is a reference to the environment, as in Rasa."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("CMD_GEN_KEY", DEFAULT_API_KEY)
+    llm_server.answer_with(ANSWER)
+    settings = LLMSettings.from_rasa(
+        {
+            "provider": "self-hosted",
+            "model": "cmd-gen",
+            "api_base": llm_server.base_url,
+            "api_key": "${CMD_GEN_KEY}",
+        }
+    )
+    assert settings.api_key_env == "CMD_GEN_KEY"
+    async with LLMClient(settings) as client:
+        assert await client.complete(PROMPT, purpose="annotate") == ANSWER
+    assert llm_server.requests[0].bearer == DEFAULT_API_KEY
+    monkeypatch.delenv("CMD_GEN_KEY")
+    azure = LLMSettings.from_rasa(
+        {
+            "provider": "azure",
+            "deployment": "d",
+            "api_base": "https://x",
+            "api_version": "v",
+            "api_key": "${AZ}",
+        }
+    )
+    with pytest.raises(ValueError, match=r"^AZ is not set: provider azure needs an API key$"):
+        LLMClient(azure)
+
+
 async def test_self_hosted_without_key_sends_a_placeholder(
     llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -203,6 +203,36 @@ def test_secret_references_become_secret_key_refs() -> None:
     assert "AZURE_API_KEY" not in env_of(init)  # the init container needs no LLM
     train = main_container(job_for(name, spec, "train"))
     assert env_of(train)["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "huggingface", "key": "token"}
+    # dataPreparation.secretEnv: in the data container only, always by reference
+    assert env_of(main)["HTTPS_PROXY"] == {
+        "name": "HTTPS_PROXY",
+        "valueFrom": {"secretKeyRef": {"name": "egress-proxy", "key": "url"}},
+    }
+    assert "HTTPS_PROXY" not in env_of(init) and "HTTPS_PROXY" not in env_of(train)
+
+
+def test_secret_env_never_shadows_what_the_job_sets() -> None:
+    name, spec = recipe("full")
+    for taken in ("AZURE_API_KEY", "AWS_ACCESS_KEY_ID", "HOME"):
+        clash = with_changes(
+            spec,
+            {"dataPreparation": {"secretEnv": [{"name": taken, "secretKeyRef": {"name": "s", "key": "k"}}]}},
+        )
+        with pytest.raises(ValueError, match=f"secretEnv sets {taken}, which the data Job already sets"):
+            job_for(name, clash, "data")
+    twice = with_changes(
+        spec,
+        {
+            "dataPreparation": {
+                "secretEnv": [
+                    {"name": "AZURE_OPENAI_KEY", "secretKeyRef": {"name": "a", "key": "k"}},
+                    {"name": "AZURE_OPENAI_KEY", "secretKeyRef": {"name": "b", "key": "k"}},
+                ]
+            }
+        },
+    )
+    with pytest.raises(ValueError, match="secretEnv sets AZURE_OPENAI_KEY"):
+        job_for(name, twice, "data")
 
 
 def test_gpu_job_scheduling() -> None:
@@ -312,6 +342,10 @@ def test_command_lines() -> None:
     args = main_container(data)["args"]
     assert args[:2] == ["prepare-data", "/workspace/inputs/assistant/e2e_coverage_results/passed.yml"]
     assert args[args.index("--rephrase-config") + 1] == "/workspace/inputs/rephrase.yml"
+    assert args[args.index("--llm-config") + 1] == "/workspace/inputs/llm.yml"
+    # The assistant's own Rasa files fill in what commandGenerator leaves out.
+    assert args[args.index("--config") + 1] == "/workspace/inputs/assistant/config.yml"
+    assert args[args.index("--endpoints") + 1] == "/workspace/inputs/assistant/endpoints.yml"
     assert args[args.index("--out") + 1].startswith("s3://ml-artifacts/ftrecipe/support-assistant/")
     init = data["spec"]["template"]["spec"]["initContainers"][0]
     assert init["args"] == ["fetch-inputs", "--phase", "data", "--into", "/workspace/inputs"]
@@ -324,8 +358,11 @@ def test_command_lines() -> None:
         "hf:meta-llama/Llama-3.1-8B-Instruct@0e9e39f249a16976918f6564b8830bc894c89659"
     )
     assert train[train.index("--config") + 1] == "/workspace/inputs/training.yml"
+    assert train[train.index("--adapter-name") + 1] == name  # the LoRA name vLLM serves, in the model card
     minimal_name, minimal = recipe("minimal")
-    assert "--rephrase-config" not in main_container(job_for(minimal_name, minimal, "data"))["args"]
+    minimal_data = main_container(job_for(minimal_name, minimal, "data"))["args"]
+    assert "--rephrase-config" not in minimal_data
+    assert "--config" not in minimal_data and "--endpoints" not in minimal_data
     pvc_model = with_changes(
         minimal, {"training": {"baseModel": {"pvc": {"claimName": "models", "path": "llama/"}}}}
     )
@@ -350,6 +387,12 @@ def test_evaluate_job_scores_the_adapter_on_a_gpu() -> None:
     train_args = main_container(job_for(name, spec, "train"))["args"]
     assert args[args.index("--base-model") + 1] == train_args[train_args.index("--base-model") + 1]
     assert args[args.index("--syntax") + 1] == spec.command_generator.syntax
+    # No syntax in the recipe: evaluate reads the one prepare-data recorded with the data.
+    dumped = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    del dumped["commandGenerator"]["syntax"]
+    unset = FinetuneRecipeSpec.model_validate(dumped)
+    assert unset.command_generator.syntax is None
+    assert "--syntax" not in main_container(job_for(name, unset, "evaluate"))["args"]
     assert args[args.index("--max-new-tokens") + 1] == str(spec.evaluation.max_new_tokens)
     assert args[args.index("--work-dir") + 1] == "/workspace/work"  # the scratch volume, not /tmp
     assert main["image"] == "ghcr.io/example-org/ftrecipe-trainer:0.1.0"

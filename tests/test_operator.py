@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 
 from ftrecipe.api import parse_recipe
 from ftrecipe.cli.main import main
-from ftrecipe.controller.handlers import ANNOTATION_RESYNC, OperatorSettings, register
+from ftrecipe.controller.handlers import ANNOTATION_RESYNC, ANNOTATION_RETRY, OperatorSettings, register
 from ftrecipe.controller.manifests import LABEL_PHASE, LABEL_QUEUE, LABEL_RECIPE, Images
 from ftrecipe.controller.metrics import OperatorMetrics, serve
 from ftrecipe.controller.observe import ReportCache
@@ -184,6 +184,50 @@ def test_failed_train_job_fails_the_recipe(k8s: K8s, operator: Any) -> None:
     )
 
 
+def annotate(k8s: K8s, name: str, key: str, value: str) -> None:
+    """What `kubectl annotate finetunerecipe NAME KEY=VALUE --overwrite` sends."""
+    k8s.custom.patch_namespaced_custom_object(
+        CRD_GROUP, CRD_VERSION, NS, CRD_PLURAL, name, {"metadata": {"annotations": {key: value}}}
+    )
+
+
+def test_retry_annotation_runs_the_failed_phase_again(k8s: K8s, operator: Any) -> None:
+    body = manifest()
+    apply(k8s, body)
+    data_name = expected_job(body, "data")
+    wait_job(k8s, data_name)
+    finish(k8s, data_name, "prepare-data", report(True, "data published", num_ft_data_points=40))
+    train_name = expected_job(body, "train")
+    failed_uid = wait_job(k8s, train_name)["metadata"]["uid"]
+    k8s.set_job_status(train_name, NS, "failed", message="s3://ml-artifacts: AccessDenied")
+    wait_phase(k8s, "Failed")
+
+    # The bucket policy was fixed outside the spec: the user asks for a retry.
+    annotate(k8s, "minimal", ANNOTATION_RETRY, "1732190000")
+    st = wait_status(k8s, lambda s: s.get("observedRetry") == "1732190000", "the retry recorded")
+    assert st["phase"] == "Training" and st["observedGeneration"] == 1
+    assert condition(st, "Trained")["reason"] == "Running"
+    assert condition(st, "DataPrepared")["status"] == "True"
+    retried = k8s.get(JOBS, train_name, NS)
+    assert retried is not None and retried["metadata"]["uid"] != failed_uid
+    assert "conditions" not in (retried.get("status") or {})
+    assert job_names(k8s) == sorted([data_name, train_name])  # data preparation is not run again
+    deletes = [r for r in k8s.requests() if r.method == "DELETE" and r.name == train_name]
+    assert [r.params.get("propagationPolicy") for r in deletes] == ["Background"]  # its pods go too
+    k8s.wait_for(
+        lambda: any(
+            e["reason"] == "RetryRequested" and e["message"] == "Retry requested: re-running train"
+            for e in k8s.events(NS)
+        ),
+        message="a RetryRequested Event",
+    )
+
+    finish(k8s, train_name, "train", report(True, "trained", step=30, total_steps=30), suffix="retry")
+    st = wait_phase(k8s, "Succeeded")
+    assert st["training"]["step"] == 30 and st["observedRetry"] == "1732190000"
+    assert job_names(k8s) == sorted([data_name, train_name])
+
+
 def test_restart_adopts_the_running_job(k8s: K8s) -> None:
     body = manifest()
     data_name = expected_job(body, "data")
@@ -293,6 +337,18 @@ def test_evaluation_and_the_quality_gate(k8s: K8s, operator: Any, accuracy: floa
     k8s.wait_for(
         lambda: any(e["reason"] == "QualityGateNotMet" and e["type"] == "Warning" for e in k8s.events(NS)),
         message="a QualityGateNotMet warning Event",
+    )
+    # A retry has no failed Job to re-run: the gate is checked again on the same figures.
+    jobs = job_names(k8s)
+    annotate(k8s, "minimal", ANNOTATION_RETRY, "1732190000")
+    st = wait_status(k8s, lambda s: s.get("observedRetry") == "1732190000", "the retry recorded")
+    assert condition(st, "Ready")["reason"] == "QualityGateNotMet" and job_names(k8s) == jobs
+    k8s.wait_for(
+        lambda: any(
+            e["reason"] == "RetryRequested" and "no failed Job to re-run; still failed" in e["message"]
+            for e in k8s.events(NS)
+        ),
+        message="a RetryRequested Event saying nothing re-ran",
     )
     # A week later the Jobs are gone (their TTL); lowering the bar re-checks the remembered figures and
     # nothing runs again.

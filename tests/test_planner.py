@@ -18,6 +18,7 @@ from ftrecipe.plan.planner import (
     Fail,
     ObservedJob,
     ResumeJob,
+    Retry,
     Reuse,
     Succeed,
     SuspendJob,
@@ -253,3 +254,45 @@ def test_phases_the_status_remembers_are_not_run_again() -> None:
         World((job("train", "running"),), finished={H["data"]: remembered}, failed={H["train"]: "OOM"}),
     )
     assert running[-1] == Wait("train", job("train", "x").name)
+
+
+# --------------------------------------------------------------------------------------------- retry
+
+
+def test_a_retry_runs_the_failed_phase_again() -> None:
+    failed = World((job("data", "succeeded"), job("train", "failed", message="AccessDenied")), retry=True)
+    actions = plan("minimal", BASE, failed)
+    train = job("train", "x").name
+    assert actions == [
+        Done("data", H["data"]),
+        Retry("train", H["train"]),
+        DeleteJob(train, "retry requested"),  # the new Job takes its name
+        CreateJob("train", H["train"], train, False),
+    ]
+    assert recipe_phase(BASE, actions) == "Training"
+    # The failed Job is gone (its TTL) and only the status remembers the failure: forgotten as well.
+    remembered = World(
+        finished={H["data"]: PhaseReport(True, "", {})}, failed={H["train"]: "OOM"}, retry=True
+    )
+    assert plan("minimal", BASE, remembered)[1:] == [
+        Retry("train", H["train"]),
+        CreateJob("train", H["train"], train, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [
+        pytest.param((job("data", "succeeded"), job("train", "running")), id="running"),
+        pytest.param((job("data", "succeeded"), job("train", "succeeded")), id="succeeded"),
+        pytest.param((job("data", "succeeded"), job("train", "succeeded"), evaluated(0.5)), id="gate-failed"),
+    ],
+)
+def test_a_retry_without_a_failed_job_changes_nothing(jobs: tuple[ObservedJob, ...]) -> None:
+    """Succeeded phases are never run again; a failed quality gate is checked again, on the same figures."""
+    gated = spec(evaluation={"minCommandAccuracy": 0.8})
+    # A failure remembered for a hash with a Job of its own is stale: the Job is the fresher fact.
+    remembered = {H["train"]: "OOM"}
+    retried = plan("minimal", gated, World(jobs, failed=remembered, retry=True))
+    assert retried == plan("minimal", gated, World(jobs, failed=remembered))
+    assert not any(isinstance(action, Retry | DeleteJob) for action in retried)

@@ -3,6 +3,7 @@ one-line errors for broken recipes, Ctrl-C, and the pure pieces (progress lines,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,13 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 
 from ftrecipe.api import load_recipe
 from ftrecipe.api.crd import custom_resource_definition
 from ftrecipe.cli.main import main
 from ftrecipe.controller.manifests import JOB_PATHS, base_model_arg, data_args, evaluate_args, train_args
 from ftrecipe.local import runner
-from ftrecipe.local.display import duration, result_line
+from ftrecipe.local.display import LineDisplay, LiveDisplay, duration, result_line
 from ftrecipe.local.layout import resolve
 from ftrecipe.local.progress import Counted, Note, Steps, parse_line
 from ftrecipe.local.runner import phase_args
@@ -121,6 +123,9 @@ def test_example_recipe_end_to_end_then_cached(tmp_path: Path, tiny_model: Path)
     metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
     assert any(row["eval_loss"] is not None for row in metrics)
     assert (train / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert (
+        f"--lora-modules {local.name}=" in (train / "README.md").read_text()
+    )  # served under the recipe's name
     evaluation = json.loads((evaluate / "eval.json").read_text())
     assert 0.0 <= evaluation["command_accuracy"] <= 1.0
     assert (evaluate / "eval.md").read_text().strip()
@@ -149,6 +154,8 @@ def test_example_recipe_end_to_end_then_cached(tmp_path: Path, tiny_model: Path)
     summary = first.stdout
     for where in ("coverage/flows.md", "loss_curve.png", "metrics.jsonl", "eval.md", "status.yaml"):
         assert where in summary, where
+    turns = status["dataPreparation"]["summary"]["numValDataPoints"]
+    assert f"evaluate     generate {turns}/{turns}" in first.stdout  # evaluate's progress lines, shown
 
     started = time.monotonic()
     second = ftrecipe("run", str(recipe), "--workdir", str(workdir))
@@ -353,7 +360,9 @@ def test_local_commands_are_the_jobs_commands_with_local_paths(tmp_path: Path) -
     )
     jobs: dict[Phase, list[str]] = {
         "data": data_args(spec, "s3://b/data/", JOB_PATHS),
-        "train": train_args(spec, "s3://b/train/", "s3://b/data/", base_model_arg(spec_for_job), JOB_PATHS),
+        "train": train_args(
+            spec, "s3://b/train/", "s3://b/data/", base_model_arg(spec_for_job), JOB_PATHS, local.name
+        ),
         "evaluate": evaluate_args(spec, "s3://b/eval/", "s3://b/data/", "s3://b/train/", "hf:org/model"),
     }
     for phase, job in jobs.items():
@@ -461,7 +470,9 @@ def test_a_git_assistant_is_cloned_into_the_run_folder(tmp_path: Path) -> None:
     assistant = Path(args[args.index("--assistant") + 1])
     assert (assistant / "e2e_tests" / "accounts.yml").is_file()
     assert assistant.is_relative_to(local.run_dir("data"))
-    assert yaml.safe_load(Path(args[args.index("--llm-config") + 1]).read_text()) == {"syntax": "v2"}
+    assert yaml.safe_load(Path(args[args.index("--llm-config") + 1]).read_text()) == {}  # nothing overridden
+    assert Path(args[args.index("--config") + 1]) == assistant / "config.yml"
+    assert Path(args[args.index("--endpoints") + 1]) == assistant / "endpoints.yml"
 
 
 # --------------------------------------------------------------------------------------------- pure parts
@@ -482,6 +493,10 @@ def test_a_git_assistant_is_cloned_into_the_run_folder(tmp_path: Path) -> None:
         ('{"event": "progress", "step": 4, "train_loss": NaN}', Steps(step=4)),
         ('{"event": "progress", "stage": "generate", "done": 8, "total": 20}', Counted("generate", 8, 20)),
         (
+            '{"event": "progress", "stage": "generate", "done": 8, "total": 20, "eta_seconds": 12.5}',
+            Counted("generate", 8, 20, eta_seconds=12.5),
+        ),
+        (
             '{"event": "data", "train_examples": 11, "val_examples": 6, "dropped_too_long": 1}',
             Note("11 train / 6 validation examples, 1 dropped as too long"),
         ),
@@ -496,6 +511,7 @@ def test_a_git_assistant_is_cloned_into_the_run_folder(tmp_path: Path) -> None:
         "train",
         "nan",
         "counted-json",
+        "evaluate-with-eta",
         "data",
         "resume",
         "done",
@@ -505,6 +521,33 @@ def test_a_git_assistant_is_cloned_into_the_run_folder(tmp_path: Path) -> None:
 )
 def test_progress_lines(line: str, expected: object) -> None:
     assert parse_line(line) == expected
+
+
+def test_both_displays_show_evaluation_progress(tmp_path: Path) -> None:
+    recipe = example_recipe(tmp_path, fake_model(tmp_path / "model"))
+    local = resolve(load_recipe(recipe), recipe, tmp_path / "work")
+    event = parse_line(
+        '{"event": "progress", "stage": "generate", "done": 120, "total": 480, "eta_seconds": 125.0}'
+    )
+    assert event is not None
+
+    lines = io.StringIO()
+    plain = LineDisplay(lines)
+    plain.begin(local, ["evaluate"])
+    plain.started("evaluate", tmp_path / "output.log")
+    plain.progress("evaluate", event)
+    assert lines.getvalue().splitlines()[-1] == "evaluate     generate 120/480 · ETA 2m05s"
+
+    screen = io.StringIO()
+    live = LiveDisplay(Console(file=screen, width=120))
+    live.begin(local, ["evaluate"])
+    live.started("evaluate", tmp_path / "output.log")
+    live.progress("evaluate", event)
+    live.close()  # away from a terminal, rich prints the last frame when it stops
+    row = screen.getvalue().splitlines()[-1]
+    assert row.split()[1:3] == ["evaluate", "running"]
+    assert row.endswith(" generate 120/480 · ETA 2m05s")
+    assert "━" * 6 in row and "━" * 7 not in row  # a quarter of the 24-wide bar
 
 
 def test_result_lines_and_durations() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ftrecipe.api import parse_recipe
@@ -12,7 +13,14 @@ from ftrecipe.api.crd import custom_resource_definition
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, TrainingStatus
 from ftrecipe.plan.cache_key import phase_hashes, phase_prefix
 from ftrecipe.plan.planner import ObservedJob, World, job_name, plan
-from ftrecipe.plan.status import compute_status, progress_update, remembered, training_message
+from ftrecipe.plan.status import (
+    compute_status,
+    invalid_status,
+    progress_update,
+    remembered,
+    retry_requested,
+    training_message,
+)
 from ftrecipe.termination import PhaseReport
 from support.crd_schema import api_server_violations
 
@@ -33,9 +41,17 @@ def job(phase: str, state: str, message: str | None = None) -> ObservedJob:
     return ObservedJob(job_name("minimal", phase, H[phase]), phase, H[phase], state, message)  # type: ignore[arg-type,index]
 
 
-def status_for(world: World, *, previous=None, now: datetime = T0, spec: FinetuneRecipeSpec = SPEC):  # type: ignore[no-untyped-def]
+def status_for(  # type: ignore[no-untyped-def]
+    world: World, *, previous=None, now: datetime = T0, spec: FinetuneRecipeSpec = SPEC, observed_retry=None
+):
     return compute_status(
-        spec, 3, plan("minimal", spec, world), prefixes=PREFIXES, now=now, previous=previous
+        spec,
+        3,
+        plan("minimal", spec, world),
+        prefixes=PREFIXES,
+        now=now,
+        previous=previous,
+        observed_retry=observed_retry,
     )
 
 
@@ -191,6 +207,76 @@ def test_the_status_remembers_finished_and_failed_phases() -> None:
     hashes = phase_hashes(other)
     prefixes = {p: phase_prefix("s3://ml-artifacts/ftrecipe", "minimal", p, hashes[p]) for p in hashes}
     assert remembered("minimal", other, broken, prefixes) == ({H["data"]: done[H["data"]]}, {})
+
+
+# --------------------------------------------------------------------------------------------- retry
+
+
+@pytest.mark.parametrize(
+    ("annotation", "acted_on", "requested"),
+    [
+        (None, None, False),
+        ("1732190000", None, True),  # the first value ever set
+        ("1732190000", "1732190000", False),  # the same value again: already done
+        ("1732193600", "1732190000", True),
+        (None, "1732190000", False),  # the annotation removed: nothing to do
+    ],
+)
+def test_a_retry_is_requested_by_a_value_not_acted_on_yet(
+    annotation: str | None, acted_on: str | None, requested: bool
+) -> None:
+    previous = status_for(World((job("data", "running"),)), observed_retry=acted_on)
+    assert previous.observed_retry == acted_on
+    assert retry_requested(annotation, previous) is requested
+
+
+def test_a_retry_forgets_the_failure_and_records_the_value() -> None:
+    running = status_for(World((job("data", "succeeded"), job("train", "running"))))
+    assert running.training is not None
+    progressed = progress_update(running.training, {"step": 40, "total_steps": 96})
+    running = running.model_copy(update={"training": progressed})
+    failed_job = job("train", "failed", "AccessDenied")
+    broken = status_for(World((job("data", "succeeded"), failed_job)), previous=running)
+    assert broken.phase == "Failed"
+    assert retry_requested("1732190000", broken)
+    finished, failed = remembered("minimal", SPEC, broken, PREFIXES)
+    assert failed == {H["train"]: "AccessDenied"}
+
+    later = T0 + timedelta(hours=2)
+    world = World((failed_job,), finished=finished, failed=failed, retry=True)
+    retried = status_for(world, previous=broken, now=later, observed_retry="1732190000")
+    assert retried.phase == "Training" and retried.observed_retry == "1732190000"
+    assert conditions(retried)["Trained"] == ("Unknown", "Running")
+    assert conditions(retried)["DataPrepared"] == ("True", "JobSucceeded")
+    assert remembered("minimal", SPEC, retried, PREFIXES) == (finished, {})
+    assert not retry_requested("1732190000", retried)
+    # The new attempt has a section of its own: not the failed one's start, step or end.
+    training = retried.training
+    assert training is not None
+    assert (training.started_at, training.completed_at, training.step) == (later, None, None)
+    assert retried.message == f"training running (Job {failed_job.name})"
+    assert retried.completed_at is None and retried.started_at == broken.started_at
+    # The next pass (the new Job running, no new request) keeps the value.
+    again = status_for(World((job("data", "succeeded"), job("train", "running"))), previous=retried)
+    assert again.observed_retry == "1732190000"
+
+
+def test_a_retry_without_a_failure_is_only_recorded() -> None:
+    running = status_for(World((job("data", "running"),)))
+    assert retry_requested("1732190000", running)
+    retried = status_for(
+        World((job("data", "running"),), retry=True), previous=running, observed_retry="1732190000"
+    )
+    assert retried == running.model_copy(update={"observed_retry": "1732190000"})
+    # An invalid recipe has nothing to re-run either; the value acted on stays across it.
+    invalid = invalid_status("spec.training: bad", 4, T0, retried)
+    assert invalid.observed_retry == "1732190000"
+    assert invalid_status(
+        "spec.training: bad", 4, T0, invalid, observed_retry="1732193600"
+    ).observed_retry == ("1732193600")
+    document = {**manifest(), "status": retried.model_dump(by_alias=True, exclude_none=True, mode="json")}
+    assert document["status"]["observedRetry"] == "1732190000"
+    assert api_server_violations(custom_resource_definition(), document) == []
 
 
 def test_training_progress_line_and_message() -> None:

@@ -33,6 +33,7 @@ from ftrecipe.training.data import (
 )
 from ftrecipe.training.launch import launch_command
 from ftrecipe.training.tiny_model import EOS_TOKEN
+from ftrecipe.training.trainer import Precision, choose_precision
 
 FLOWS = {
     "transfer_money": "I want to send some money to my friend.",
@@ -278,6 +279,10 @@ def test_metrics_and_progress_lines(trained: dict[str, Any]) -> None:
     assert train_rows and all(row["learning_rate"] is not None for row in train_rows)
     assert all(row["tokens_per_second"] > 0 for row in train_rows)
     events = [json.loads(line) for line in trained["stdout"].splitlines()]  # every line is JSON
+    precision = [e for e in events if e["event"] == "precision"]
+    assert precision == [
+        {"event": "precision", "dtype": "float32", "attention": "sdpa", "mixed_precision": None}
+    ]
     progress = [e for e in events if e["event"] == "progress"]
     assert progress
     assert set(progress[-1]) == {
@@ -673,6 +678,39 @@ def test_hub_errors_are_told_apart() -> None:
 
 
 # --------------------------------------------------------------------------------------------- launch
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "capability", "flash", "expected"),
+    [
+        (False, False, None, True, Precision("float32", "sdpa", None)),
+        # H100 / A100 with flash-attn installed: bf16 weights and autocast, flash attention 2
+        (True, True, (9, 0), True, Precision("bfloat16", "flash_attention_2", "bf16")),
+        (True, True, (8, 0), False, Precision("bfloat16", "sdpa", "bf16")),
+        # T4 / V100: no bf16, and flash attention 2 has no kernels for them even when installed
+        (True, False, (7, 5), True, Precision("float16", "sdpa", "fp16")),
+        (True, False, (7, 0), False, Precision("float16", "sdpa", "fp16")),
+    ],
+)
+def test_precision_follows_the_gpu(
+    cuda: bool, bf16: bool, capability: tuple[int, int] | None, flash: bool, expected: Precision
+) -> None:
+    assert choose_precision(cuda, bf16, capability, flash) == expected
+
+
+def test_training_arguments_and_weights_use_the_chosen_precision(tmp_path: Path, tiny_model: Path) -> None:
+    """On this CPU: float32 weights, SDPA, no autocast; the model really loads that way."""
+    import torch
+
+    from ftrecipe.training.config import TrainConfig
+    from ftrecipe.training.trainer import BaseModelRef, load_model, machine_precision
+
+    precision = machine_precision()
+    assert precision == Precision("float32", "sdpa", None)
+    base = BaseModelRef(str(tiny_model), None, str(tiny_model), str(tiny_model))
+    model = load_model(TrainConfig(), base, precision)
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_launch_command_runs_one_process_per_gpu() -> None:

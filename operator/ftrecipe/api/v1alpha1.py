@@ -140,6 +140,21 @@ class SecretKeyRef(ApiModel):
     key: Annotated[str, Field(description="Key inside the Secret's data.", min_length=1, max_length=253)]
 
 
+class SecretEnvVar(ApiModel):
+    """An environment variable of a Job whose value is a Secret key (never a value in the recipe)."""
+
+    name: Annotated[
+        str,
+        Field(
+            description="Variable name, e.g. the one an endpoints.yml model group reads "
+            "(`api_key: ${AZURE_OPENAI_KEY}`).",
+            pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+            max_length=253,
+        ),
+    ]
+    secret_key_ref: Annotated[SecretKeyRef, Field(description="The Secret key holding the value.")]
+
+
 class SecretRef(ApiModel):
     """A whole Secret in the recipe's namespace, for credentials made of several keys."""
 
@@ -232,6 +247,15 @@ class AssistantSource(ExactlyOne):
 class AssistantSpec(ApiModel):
     """Where the assistant's flows, domain and E2E tests come from."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!has(self.endpoints) || has(self.config)",
+                "endpoints is only read together with config: set config (e.g. config.yml) too",
+            )
+        )
+    )
+
     source: Annotated[
         AssistantSource, Field(description="Where the assistant's files are: exactly one source.")
     ]
@@ -246,15 +270,26 @@ class AssistantSpec(ApiModel):
     config: Annotated[
         str | None,
         Field(
-            description="Rasa config.yml inside the source; the command generator's settings are read from it."
+            description="Rasa config.yml inside the source: the command generator's syntax (from its type), "
+            "prompt template and LLM are read from it; commandGenerator's fields, where set, win."
         ),
     ] = None
     endpoints: Annotated[
         str | None,
         Field(
-            description="Rasa endpoints.yml inside the source (model_groups), used together with `config`."
+            description="Rasa endpoints.yml inside the source: the model_groups a `model_group` in `config` "
+            "refers to. Needs `config`."
         ),
     ] = None
+
+    @model_validator(mode="after")
+    def _endpoints_need_config(self) -> AssistantSpec:
+        if self.endpoints is not None and self.config is None:
+            raise PydanticCustomError(
+                "endpoints_without_config",
+                "endpoints is only read together with config: set config (e.g. config.yml) too",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------- LLMs
@@ -317,12 +352,13 @@ class CommandGeneratorSpec(ApiModel):
     """The production command generator: its prompt and the LLM whose answers are the training labels."""
 
     syntax: Annotated[
-        Literal["v1", "v2", "v3"],
+        Literal["v1", "v2", "v3"] | None,
         Field(
             description="Command syntax: v1 `StartFlow(x)` (SingleStep), v2 `start flow x` (Compact), "
-            "v3 SearchReady (`search and reply`)."
+            "v3 SearchReady (`search and reply`). Empty: the command generator named in assistant.config "
+            "decides, else v2. Set together with assistant.config, it must agree with that generator."
         ),
-    ] = "v2"
+    ] = None
     prompt_template: Annotated[
         str | None,
         Field(
@@ -437,6 +473,14 @@ class DataPreparationSpec(ApiModel):
     resources: Annotated[
         ResourceRequirements | None, Field(description="Resources of the data-preparation container.")
     ] = None
+    secret_env: Annotated[
+        list[SecretEnvVar],
+        Field(
+            description="More variables of the data-preparation container from Secret keys: the API keys "
+            "the LLMs in assistant.config / endpoints read (OPENAI_API_KEY, or what `api_key: ${VAR}` names). "
+            "`ftrecipe run` reads its own environment instead."
+        ),
+    ] = Field(default_factory=list)
 
 
 class HuggingFaceModel(ApiModel):
@@ -629,12 +673,15 @@ class FinetuneRecipeSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             (
-                "self.dataPreparation.annotator != 'llm' || has(self.commandGenerator.llm)",
-                "dataPreparation.annotator llm needs commandGenerator.llm",
+                "self.dataPreparation.annotator != 'llm' || has(self.commandGenerator.llm) "
+                "|| has(self.assistant.config)",
+                "dataPreparation.annotator llm needs commandGenerator.llm (or assistant.config naming the LLM)",
             ),
             (
-                "self.dataPreparation.numRephrases == 0 || has(self.commandGenerator.llm)",
-                "dataPreparation.numRephrases > 0 needs commandGenerator.llm to check the rephrasings",
+                "self.dataPreparation.numRephrases == 0 || has(self.commandGenerator.llm) "
+                "|| has(self.assistant.config)",
+                "dataPreparation.numRephrases > 0 needs commandGenerator.llm (or assistant.config naming the "
+                "LLM) to check the rephrasings",
             ),
         )
     )
@@ -664,14 +711,18 @@ class FinetuneRecipeSpec(ApiModel):
 
     @model_validator(mode="after")
     def _llm_needed(self) -> FinetuneRecipeSpec:
-        if self.data_preparation.annotator == "llm" and self.command_generator.llm is None:
-            raise PydanticCustomError(
-                "llm_required", "dataPreparation.annotator llm needs commandGenerator.llm"
-            )
-        if self.data_preparation.num_rephrases > 0 and self.command_generator.llm is None:
+        # Rasa's config.yml may name the LLM (directly or by model group): prepare-data checks it there.
+        named = self.command_generator.llm is not None or self.assistant.config is not None
+        if self.data_preparation.annotator == "llm" and not named:
             raise PydanticCustomError(
                 "llm_required",
-                "dataPreparation.numRephrases > 0 needs commandGenerator.llm to check the rephrasings",
+                "dataPreparation.annotator llm needs commandGenerator.llm (or assistant.config naming the LLM)",
+            )
+        if self.data_preparation.num_rephrases > 0 and not named:
+            raise PydanticCustomError(
+                "llm_required",
+                "dataPreparation.numRephrases > 0 needs commandGenerator.llm (or assistant.config naming the "
+                "LLM) to check the rephrasings",
             )
         return self
 
@@ -780,6 +831,13 @@ class FinetuneRecipeStatus(ApiModel):
     ] = None
     observed_generation: Annotated[
         int | None, Field(description="The spec generation last acted on.", ge=0)
+    ] = None
+    observed_retry: Annotated[
+        str | None,
+        Field(
+            description="The ftrecipe.dev/retry annotation value last acted on: a different value re-runs "
+            "the failed phase."
+        ),
     ] = None
     started_at: Annotated[datetime | None, Field(description="When the first phase started.")] = None
     completed_at: Annotated[datetime | None, Field(description="When the recipe succeeded or failed.")] = None

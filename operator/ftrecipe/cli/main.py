@@ -11,6 +11,7 @@ from typing import Any
 from ftrecipe import __version__
 from ftrecipe.api import RecipeError, load_recipe
 from ftrecipe.api.crd import render_crd_yaml
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
 
 EXIT_USER_ERROR = 2
 
@@ -49,10 +50,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         spec = recipe.spec
         print(
             f"{name}: valid {recipe.kind} {recipe.metadata.name or '(unnamed)'}: "
-            f"annotator {spec.data_preparation.annotator}, syntax {spec.command_generator.syntax}, "
+            f"annotator {spec.data_preparation.annotator}, syntax {_syntax_shown(spec)}, "
             f"{spec.training.method} r={spec.training.lora.r}, {spec.training.hyperparameters.epochs} epoch(s)"
         )
     return EXIT_USER_ERROR if failed else 0
+
+
+def _syntax_shown(spec: FinetuneRecipeSpec) -> str:
+    if spec.command_generator.syntax is not None:
+        return spec.command_generator.syntax
+    return f"from {spec.assistant.config}" if spec.assistant.config else "v2"
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -353,7 +360,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--config", help="Rasa config.yml: take the command generator's settings from it")
     prepare.add_argument("--endpoints", help="Rasa endpoints.yml (model_groups), used with --config")
-    prepare.add_argument("--llm-config", help="{syntax, prompt_template, llm} file; wins over --config")
+    prepare.add_argument(
+        "--llm-config", help="{syntax, prompt_template, llm} file; the keys it sets win over --config's"
+    )
     prepare.add_argument(
         "--annotator", choices=["llm", "assertions"], default="llm", help="who labels user turns"
     )

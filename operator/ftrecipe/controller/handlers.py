@@ -7,6 +7,9 @@ Handlers (added to a registry by `register`, never at import):
   `plan`, apply its actions (create/delete/suspend/resume Jobs), then write `compute_status` through
   ``patch.status`` and post Events on phase changes. Level-based: a restarted operator re-plans from what
   exists, and a Job that already exists (409) is simply adopted.
+  A new value of the ``ftrecipe.dev/retry`` annotation (an update like any other) asks to run the failed
+  phase again: the pass that sees it plans with ``World.retry``, posts a ``RetryRequested`` Event and
+  records the value in ``status.observedRetry``.
 * ``job_event`` on our Jobs (label ``app.kubernetes.io/managed-by=ftrecipe-operator``): a Job changed, so its
   recipe must be re-planned. It writes ``<job>=<state>`` into the recipe's ``ftrecipe.dev/last-job-event``
   annotation, which kopf sees as an update of the recipe. That keeps every reconcile of one recipe in
@@ -58,16 +61,27 @@ from ftrecipe.plan.planner import (
     DeleteJob,
     Fail,
     ResumeJob,
+    Retry,
     SuspendJob,
     World,
     phases,
     plan,
 )
-from ftrecipe.plan.status import compute_status, invalid_status, progress_update, remembered, training_message
+from ftrecipe.plan.status import (
+    compute_status,
+    invalid_status,
+    progress_update,
+    remembered,
+    retry_requested,
+    training_message,
+)
 from ftrecipe.termination import PhaseReport, report_from_metadata
 
 ANNOTATION_LAST_JOB_EVENT: Final = "ftrecipe.dev/last-job-event"
 ANNOTATION_RESYNC: Final = "ftrecipe.dev/resync"
+# Set by people (`kubectl annotate ... ftrecipe.dev/retry="$(date +%s)" --overwrite`): each new value
+# re-runs the recipe's failed phase.
+ANNOTATION_RETRY: Final = "ftrecipe.dev/retry"
 FINISHED: Final = ("Succeeded", "Failed")
 _LOG = logging.getLogger(__name__)
 
@@ -231,6 +245,8 @@ async def _apply(
                 kopf.info(body, reason="JobCreated", message=f"created Job {action.name} ({action.phase})")
                 if settings.metrics is not None:
                     settings.metrics.jobs_created.labels(action.phase).inc()
+        elif isinstance(action, Retry):
+            kopf.info(body, reason="RetryRequested", message=f"Retry requested: re-running {action.phase}")
         elif isinstance(action, DeleteJob):
             await asyncio.to_thread(_delete_job, namespace, action.name)
             kopf.info(body, reason="JobDeleted", message=f"deleted Job {action.name}: {action.reason}")
@@ -258,6 +274,8 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
     generation = int(body.meta.get("generation") or 0)
     previous, old = _previous_status(body)
     before = previous.phase if previous is not None else None
+    retry_value = body.meta.annotations.get(ANNOTATION_RETRY)
+    retry = retry_requested(retry_value, previous)
     try:
         recipe = parse_recipe(
             {
@@ -270,7 +288,7 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         )
     except RecipeError as error:
         message = _one_line(error)
-        status = invalid_status(message, generation, _now(), previous)
+        status = invalid_status(message, generation, _now(), previous, observed_retry=retry_value)
         patch.status.update(merge_patch(old, _dump(status)))
         if before != "Failed":
             kopf.warn(body, reason="InvalidRecipe", message=message)
@@ -284,7 +302,9 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
     try:
         jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
         complete, reports = await _complete_bundles(spec, name, World(jobs=jobs), settings)
-        world = World(jobs=jobs, complete=complete, finished=finished, failed=failed, reports=reports)
+        world = World(
+            jobs=jobs, complete=complete, finished=finished, failed=failed, reports=reports, retry=retry
+        )
         actions = await _apply(plan(name, spec, world), body, spec, settings)
     except ApiException as error:
         if metrics is not None:
@@ -292,7 +312,22 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         raise kopf.TemporaryError(
             f"Kubernetes API error {error.status}: {error.reason}", delay=settings.retry_delay
         ) from error
-    status = compute_status(spec, generation, actions, prefixes=prefixes, now=_now(), previous=previous)
+    status = compute_status(
+        spec,
+        generation,
+        actions,
+        prefixes=prefixes,
+        now=_now(),
+        previous=previous,
+        observed_retry=retry_value,
+    )
+    if retry and status.phase == "Failed" and not any(isinstance(a, Retry) for a in actions):
+        # E.g. a quality gate: the evaluation finished, its figures were just checked again.
+        kopf.info(
+            body,
+            reason="RetryRequested",
+            message=f"Retry requested: no failed Job to re-run; still failed: {status.message}",
+        )
     changes = merge_patch(old, _dump(status))
     patch.status.update(changes)
     if metrics is not None:

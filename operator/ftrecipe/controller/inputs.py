@@ -99,9 +99,15 @@ def _in_assistant(relative: str) -> str:
 
 
 def llm_config(spec: FinetuneRecipeSpec) -> dict[str, Any]:
-    """The `--llm-config` file of prepare-data: {syntax, prompt_template, llm}."""
+    """The `--llm-config` file of prepare-data: what commandGenerator sets of {syntax, prompt_template, llm}.
+
+    Unset fields stay out, so the assistant's config.yml (`--config`, when assistant.config is set) fills
+    them in; prepare-data's defaults fill in the rest.
+    """
     generator = spec.command_generator
-    config: dict[str, Any] = {"syntax": generator.syntax}
+    config: dict[str, Any] = {}
+    if generator.syntax is not None:
+        config["syntax"] = generator.syntax
     if generator.prompt_template is not None:
         config["prompt_template"] = _in_assistant(generator.prompt_template)
     if generator.llm is not None:

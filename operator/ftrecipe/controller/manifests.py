@@ -173,6 +173,21 @@ def _llm_key_env(spec: FinetuneRecipeSpec) -> list[dict[str, Any]]:
     return [_secret(variable, ref.name, ref.key) for variable, ref in sorted(chosen.items())]
 
 
+def _secret_env(spec: FinetuneRecipeSpec, taken: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """dataPreparation.secretEnv as env entries; a name the Job already sets is an error, not a shadow."""
+    names = {entry["name"] for entry in taken}
+    extra = []
+    for variable in spec.data_preparation.secret_env:
+        if variable.name in names:
+            raise ValueError(
+                f"dataPreparation.secretEnv sets {variable.name}, which the data Job already sets "
+                "(from apiKeySecretRef, output.s3 or ftrecipe itself): remove one"
+            )
+        names.add(variable.name)
+        extra.append(_secret(variable.name, variable.secret_key_ref.name, variable.secret_key_ref.key))
+    return extra
+
+
 # --------------------------------------------------------------------------------------------- pieces
 
 
@@ -282,6 +297,10 @@ def data_args(spec: FinetuneRecipeSpec, output_prefix: str, paths: CommandPaths)
     args = ["prepare-data"]
     args += [f"{paths.assistant}/{path.strip('/')}" for path in spec.assistant.e2e_tests]
     args += ["--assistant", paths.assistant, "--llm-config", f"{paths.inputs}/{inputs.LLM_CONFIG}"]
+    if spec.assistant.config is not None:  # the production config.yml: fills what commandGenerator leaves out
+        args += ["--config", f"{paths.assistant}/{spec.assistant.config.strip('/')}"]
+    if spec.assistant.endpoints is not None:
+        args += ["--endpoints", f"{paths.assistant}/{spec.assistant.endpoints.strip('/')}"]
     if inputs.rephrase_config(spec) is not None:
         args += ["--rephrase-config", f"{paths.inputs}/{inputs.REPHRASE_CONFIG}"]
     args += [
@@ -335,10 +354,16 @@ def base_model_arg(spec: FinetuneRecipeSpec) -> str:
 
 
 def train_args(
-    spec: FinetuneRecipeSpec, output_prefix: str, data_prefix: str, base_model: str, paths: CommandPaths
+    spec: FinetuneRecipeSpec,
+    output_prefix: str,
+    data_prefix: str,
+    base_model: str,
+    paths: CommandPaths,
+    adapter_name: str,
 ) -> list[str]:
     """train's command line: data and base model (`base_model_arg` in a Job) are read by train itself,
-    settings from training.yml."""
+    settings from training.yml. ``adapter_name`` (the recipe's name) is the LoRA name the model card tells
+    vLLM and Rasa to use, rather than the bundle folder's `train-<hash>`."""
     return [
         "train",
         "--data",
@@ -351,6 +376,8 @@ def train_args(
         f"{paths.inputs}/{inputs.TRAINING_CONFIG}",
         "--work-dir",
         paths.work,
+        "--adapter-name",
+        adapter_name,
     ]
 
 
@@ -365,6 +392,8 @@ def evaluate_args(
     """evaluate's command line: the adapter on the base model it was trained on, scored on the data
     bundle's validation split. ``work_dir``: where fetched inputs go (a Job's scratch volume, not /tmp)."""
     scratch = ["--work-dir", work_dir] if work_dir is not None else []
+    # Without an explicit syntax, evaluate reads the one the data was prepared in (its params.yaml).
+    syntax = ["--syntax", spec.command_generator.syntax] if spec.command_generator.syntax else []
     return [
         "evaluate",
         "--data",
@@ -375,8 +404,7 @@ def evaluate_args(
         adapter_prefix,
         "--out",
         output_prefix,
-        "--syntax",
-        spec.command_generator.syntax,
+        *syntax,
         "--max-new-tokens",
         str(spec.evaluation.max_new_tokens),
         *scratch,
@@ -429,6 +457,7 @@ def build_job(
             data_args(spec, output_prefix, JOB_PATHS),
             [*_s3_env(output), *_llm_key_env(spec)],
         )
+        main["env"] += _secret_env(spec, main["env"])
         main["resources"] = _resources(spec.data_preparation.resources) or {
             part: dict(values) for part, values in DEFAULT_DATA_RESOURCES.items()
         }
@@ -447,7 +476,7 @@ def build_job(
             env.append(_secret("HF_TOKEN", ref.name, ref.key))
         if phase == "train":
             init = _fetch_inputs_container(spec, phase, spec.images.operator or images.operator, volumes)
-            args = train_args(spec, output_prefix, data_prefix, base_model_arg(spec), JOB_PATHS)
+            args = train_args(spec, output_prefix, data_prefix, base_model_arg(spec), JOB_PATHS, recipe_name)
             gpus = training.gpus
             deadline = training.active_deadline_seconds
         else:

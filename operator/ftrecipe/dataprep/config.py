@@ -1,7 +1,10 @@
 """Which command generator to imitate: syntax, prompt template and LLM, from our file or Rasa's config.
 
-Precedence: `--llm-config` (ours) wins over `--config` + `--endpoints` (Rasa's). Paths inside a config
-file are relative to that file. API keys never come from files: only from the environment.
+Precedence, field by field: what `--llm-config` (ours) sets wins; what it leaves out comes from `--config`
++ `--endpoints` (Rasa's production files); then the defaults (syntax v2, our prompt, no LLM). The syntax
+follows Rasa's generator type, so an explicit one that disagrees with it is an error, not a silent pick.
+Paths inside a config file are relative to that file. API keys never come from files: only from the
+environment.
 """
 
 from __future__ import annotations
@@ -43,22 +46,56 @@ def llm_settings(mapping: Any, origin: str) -> LLMSettings:
         raise InputError(f"{origin}: {error}") from None
 
 
-def read_llm_config(path: Path) -> GeneratorConfig:
+@dataclass(frozen=True)
+class LLMConfigFile:
+    """Our `--llm-config` file: each field None where the file leaves it out."""
+
+    path: Path
+    syntax: Syntax | None = None
+    prompt_template: Path | None = None
+    llm: LLMSettings | None = None
+
+    def alone(self) -> GeneratorConfig:
+        return GeneratorConfig(
+            syntax=self.syntax or "v2",
+            prompt_template=self.prompt_template,
+            llm=self.llm,
+            source=str(self.path),
+        )
+
+    def over(self, rasa: GeneratorConfig) -> GeneratorConfig:
+        """This file's fields over Rasa's config; a syntax that contradicts the generator type is an error."""
+        if self.syntax is not None and self.syntax != rasa.syntax:
+            raise InputError(
+                f"{self.path}: syntax {self.syntax} disagrees with {rasa.source}, which speaks {rasa.syntax}; "
+                "leave syntax out (commandGenerator.syntax in a recipe) to follow the config"
+            )
+        return GeneratorConfig(
+            syntax=rasa.syntax,
+            prompt_template=self.prompt_template or rasa.prompt_template,
+            llm=self.llm or rasa.llm,
+            source=f"{self.path} over {rasa.source}",
+        )
+
+
+def read_llm_config(path: Path) -> LLMConfigFile:
     data = load_yaml(path)
+    if data is None:  # an empty file: nothing set
+        return LLMConfigFile(path)
     if not isinstance(data, Mapping):
         raise InputError(f"{path}: expected a mapping with syntax, prompt_template and llm")
     unknown = sorted(set(data) - _OUR_KEYS)
     if unknown:
         raise InputError(f"{path}: unknown key {unknown[0]!r}; allowed: llm, prompt_template, syntax")
-    syntax = data.get("syntax", "v2")
-    if syntax not in ("v1", "v2", "v3"):
+    syntax = data.get("syntax")
+    if syntax is not None and syntax not in ("v1", "v2", "v3"):
         raise InputError(f"{path}: syntax must be v1, v2 or v3, not {syntax!r}")
     template = data.get("prompt_template")
-    return GeneratorConfig(
-        syntax=cast(Syntax, syntax),
+    return LLMConfigFile(
+        path=path,
+        syntax=cast(Syntax | None, syntax),
         prompt_template=(path.parent / str(template)) if template else None,
-        llm=llm_settings(data["llm"], str(path)) if "llm" in data else None,
-        source=str(path),
+        llm=llm_settings(data["llm"], str(path)) if data.get("llm") is not None else None,
     )
 
 
@@ -109,8 +146,11 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
 def resolve_generator(
     llm_config: Path | None, config: Path | None, endpoints: Path | None
 ) -> GeneratorConfig:
-    if llm_config is not None:
-        return read_llm_config(llm_config)
-    if config is not None:
-        return read_rasa_config(config, endpoints)
-    return GeneratorConfig()
+    """The generator to imitate: `llm_config`'s fields over Rasa's `config` (+ `endpoints`), over defaults."""
+    ours = read_llm_config(llm_config) if llm_config is not None else None
+    rasa = read_rasa_config(config, endpoints) if config is not None else None
+    if ours is not None and rasa is not None:
+        return ours.over(rasa)
+    if ours is not None:
+        return ours.alone()
+    return rasa or GeneratorConfig()

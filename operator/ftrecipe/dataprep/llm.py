@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ _RETRYABLE_4XX: Final = frozenset({408, 409, 429})
 _REASON_MAX: Final = 200
 _CACHE_VERSION: Final = 1
 
+# `${NAME}`: how Rasa's files refer to an environment variable.
+_ENV_REFERENCE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Rasa's keys → our field names; the older spellings are aliases.
 _RASA_KEYS: Final = {
     "provider": "provider",
@@ -72,6 +75,8 @@ class LLMSettings(BaseModel):
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     # Seconds for one HTTP attempt, end to end.
     timeout: Annotated[float, Field(gt=0)] = 60.0
+    # The variable a Rasa block names for its key (`api_key: ${AZURE_OPENAI_KEY}`); None: the provider's own.
+    key_variable: Annotated[str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
 
     @model_validator(mode="after")
     def _provider_needs(self) -> LLMSettings:
@@ -84,6 +89,8 @@ class LLMSettings(BaseModel):
     @property
     def api_key_env(self) -> str:
         """The environment variable the key is read from."""
+        if self.key_variable is not None:
+            return self.key_variable
         return "AZURE_API_KEY" if self.provider == "azure" else "OPENAI_API_KEY"
 
     @classmethod
@@ -97,8 +104,17 @@ class LLMSettings(BaseModel):
         origin: dict[str, str] = {}
         for key, value in mapping.items():
             if key == "api_key":
-                env = "AZURE_API_KEY" if provider == "azure" else "OPENAI_API_KEY"
-                raise ValueError(f"llm.api_key must not be set in the config: put the key in ${env} instead")
+                # Rasa reads `${VAR}` from the environment: a reference, not a secret, so we follow it.
+                reference = _ENV_REFERENCE.fullmatch(value) if isinstance(value, str) else None
+                if reference is None:
+                    env = "AZURE_API_KEY" if provider == "azure" else "OPENAI_API_KEY"
+                    raise ValueError(
+                        f"llm.api_key must not be set in the config: put the key in ${env} instead, "
+                        "or name another variable as Rasa does (api_key: ${MY_KEY})"
+                    )
+                fields["key_variable"] = reference.group(1)
+                origin["key_variable"] = key
+                continue
             if key == "model_group":
                 raise ValueError("llm.model_group must be resolved from endpoints.yml before it gets here")
             name = _RASA_KEYS.get(key) if isinstance(key, str) else None

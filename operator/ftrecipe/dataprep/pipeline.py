@@ -283,8 +283,11 @@ def inputs_hash(
             "files": files,
             "template": template.text,
             "rephrase_template": rephraser.template.text,
-            "llm": generator.llm.model_dump(exclude={"timeout"}) if generator.llm else None,
-            "rephraser_llm": rephraser.llm.model_dump(exclude={"timeout"}) if rephraser.llm else None,
+            # Neither the timeout nor where the key is read from changes an answer.
+            "llm": generator.llm.model_dump(exclude={"timeout", "key_variable"}) if generator.llm else None,
+            "rephraser_llm": (
+                rephraser.llm.model_dump(exclude={"timeout", "key_variable"}) if rephraser.llm else None
+            ),
             "syntax": generator.syntax,
             "options": {
                 "annotator": options.annotator,
@@ -343,7 +346,9 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
         )
 
     clients: list[LLMClient] = []
-    generator_client = _llm_client(generator.llm, options) if generator.llm is not None else None
+    # Only when asked: a config.yml that names the production LLM must not demand its key offline.
+    needs_llm = options.annotator == "llm" or options.num_rephrases > 0
+    generator_client = _llm_client(generator.llm, options) if generator.llm and needs_llm else None
     if generator_client is not None:
         clients.append(generator_client)
     base = Path.cwd()

@@ -5,7 +5,8 @@ command generators send it), greedy (`temperature 0`), at most `max_new_tokens`.
 client with its own retries (429 with Retry-After, 5xx, timeouts) and a semaphore of `concurrency`
 requests in flight. A turn's latency is its request's wall time, retries included; tokens are the
 server's `usage.completion_tokens`. A request that still fails after the retries ends the evaluation
-with one line: figures with holes in them would not be comparable.
+with one line: figures with holes in them would not be comparable. `on_answered` hears of each turn
+as its answer arrives (the progress lines).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -98,7 +99,10 @@ def _generation(settings: EndpointSettings, where: str, response: Any, seconds: 
 
 
 async def _generate_all(
-    settings: EndpointSettings, prompts: Sequence[Sequence[dict[str, str]]], wheres: Sequence[str]
+    settings: EndpointSettings,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    wheres: Sequence[str],
+    on_answered: Callable[[int], None] | None,
 ) -> GenerationRun:
     key = os.environ.get(settings.api_key_env, "").strip() or NO_KEY
     client = openai.AsyncOpenAI(
@@ -119,7 +123,10 @@ async def _generate_all(
                 )
             except openai.OpenAIError as exc:
                 raise _failure(settings, where, exc) from None
-            return _generation(settings, where, response, time.perf_counter() - started)
+            generation = _generation(settings, where, response, time.perf_counter() - started)
+        if on_answered is not None:
+            on_answered(1)
+        return generation
 
     started = time.perf_counter()
     tasks = [
@@ -138,7 +145,11 @@ async def _generate_all(
 
 
 def generate_endpoint(
-    settings: EndpointSettings, prompts: Sequence[Sequence[dict[str, str]]], wheres: Sequence[str]
+    settings: EndpointSettings,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    wheres: Sequence[str],
+    on_answered: Callable[[int], None] | None = None,
 ) -> GenerationRun:
-    """Answers to `prompts` (the messages to send) in their order; `wheres` name them in error messages."""
-    return asyncio.run(_generate_all(settings, prompts, wheres))
+    """Answers to `prompts` (the messages to send) in their order; `wheres` name them in error messages;
+    `on_answered(1)` as each answer arrives."""
+    return asyncio.run(_generate_all(settings, prompts, wheres, on_answered))

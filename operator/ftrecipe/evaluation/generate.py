@@ -8,14 +8,15 @@ template included) when it has one, else the base model's.
 Batches are left-padded (the attention mask hides the padding, so each row generates as if alone) and
 built from prompts of similar length. Generation stops at the end-of-turn token: the tokenizer's eos and
 the model's generation-config eos ids. A turn's latency is the wall time of its batch; `--batch-size 1`
-gives per-request latencies.
+gives per-request latencies. `on_answered` hears of each batch's turns when they are done (the progress
+lines).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,10 @@ def generate_local(
     *,
     max_new_tokens: int,
     batch_size: int,
+    on_answered: Callable[[int], None] | None = None,
 ) -> GenerationRun:
     """Greedy answers to `prompts` (each a full record's messages; the last, the answer, is not shown);
-    `wheres` name them in error messages."""
+    `wheres` name them in error messages; `on_answered(n)` after each batch of n turns."""
     import torch
     from transformers import GenerationConfig
 
@@ -167,4 +169,6 @@ def generate_local(
                 generated_tokens=length + (0 if truncated else 1),
                 truncated=truncated,
             )
+        if on_answered is not None:
+            on_answered(len(batch))
     return GenerationRun([answers[i] for i in range(len(token_ids))], total)

@@ -5,6 +5,8 @@ Two ways to get answers, scored the same way: a base model plus a LoRA adapter l
 input is checked before a model is loaded or a request is sent, so a typo costs seconds, not a GPU hour.
 The report (eval.json, eval.md, predictions.jsonl) is published to `--out` with the storage protocol
 (files, manifest.json, `_SUCCESS` last); the manifest's metadata carries the headline figures.
+Stdout holds only JSON lines, as train's does: generation progress (`evaluation.progress`) and a final
+``{"event": "done", …}``; human notes go to stderr.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any, Final
 from ftrecipe.dataprep.commands import Syntax
 from ftrecipe.evaluation.endpoint import DEFAULT_API_KEY_ENV, EndpointSettings
 from ftrecipe.evaluation.errors import EvalError
+from ftrecipe.evaluation.progress import GenerationProgress
 from ftrecipe.evaluation.references import Reference, choose_syntax, find_val, read_references
 from ftrecipe.evaluation.report import EvalContext, eval_json, eval_md, predictions_jsonl
 from ftrecipe.evaluation.scoring import GenerationRun, Scores, parse_answer, score_turn, summarize
 from ftrecipe.plan.cache_key import stable_hash
-from ftrecipe.training.trainer import TrainError, fetch_input, resolve_base_model
+from ftrecipe.training.trainer import Emit, TrainError, fetch_input, print_event, resolve_base_model
 
 PRODUCER: Final = "ftrecipe evaluate"
 EVAL_JSON: Final = "eval.json"
@@ -165,7 +168,7 @@ def _adapter_folder(adapter: str, work: Path) -> Path:
 
 
 def _generate_local(
-    options: EvaluateOptions, references: list[Reference], work: Path
+    options: EvaluateOptions, references: list[Reference], work: Path, progress: GenerationProgress
 ) -> tuple[GenerationRun, dict[str, str | None], dict[str, Any]]:
     from ftrecipe.evaluation.generate import generate_local, load_local_model
 
@@ -174,12 +177,14 @@ def _generate_local(
     with _shared_helpers():
         base = resolve_base_model(options.base_model, work / "inputs")
         local = load_local_model(base, adapter_dir)
+    progress.start()  # the clock starts once the model is loaded: the ETA is about generating
     run = generate_local(
         local,
         [reference.messages for reference in references],
         [reference.where for reference in references],
         max_new_tokens=options.max_new_tokens,
         batch_size=options.batch_size,
+        on_answered=progress.answered,
     )
     identity = {
         "kind": "local",
@@ -195,7 +200,7 @@ def _generate_local(
 
 
 def _generate_endpoint(
-    options: EvaluateOptions, references: list[Reference]
+    options: EvaluateOptions, references: list[Reference], progress: GenerationProgress
 ) -> tuple[GenerationRun, dict[str, str | None], dict[str, Any]]:
     from ftrecipe.evaluation.endpoint import generate_endpoint
 
@@ -207,10 +212,12 @@ def _generate_endpoint(
         concurrency=options.concurrency,
         api_key_env=options.api_key_env,
     )
+    progress.start()
     run = generate_endpoint(
         settings,
         [reference.prompt_messages for reference in references],
         [reference.where for reference in references],
+        on_answered=progress.answered,
     )
     identity: dict[str, str | None] = {
         "kind": "endpoint",
@@ -238,8 +245,9 @@ def _write_report(
     return document
 
 
-def run_evaluate(options: EvaluateOptions) -> EvalResult:
-    """Evaluate and publish the report to `options.out`; EvalError for anything the user can fix."""
+def run_evaluate(options: EvaluateOptions, emit: Emit = print_event) -> EvalResult:
+    """Evaluate and publish the report to `options.out`; EvalError for anything the user can fix.
+    `emit` takes the progress and done events (default: JSON lines on stdout)."""
     from ftrecipe.storage import StorageError, parse_location, publish_bundle
 
     check_options(options)
@@ -254,10 +262,11 @@ def run_evaluate(options: EvaluateOptions) -> EvalResult:
         syntax = choose_syntax(options.syntax, data_dir, val)
         references = read_references(val, syntax, shown=f"{options.data.rstrip('/')}/{val_file}")
 
+        progress = GenerationProgress(len(references), emit)
         if options.endpoint is not None:
-            run, identity, settings = _generate_endpoint(options, references)
+            run, identity, settings = _generate_endpoint(options, references, progress)
         else:
-            run, identity, settings = _generate_local(options, references, work)
+            run, identity, settings = _generate_local(options, references, work, progress)
 
         turns = [
             score_turn(reference.expected, parse_answer(generation.text, syntax.syntax))
@@ -289,4 +298,14 @@ def run_evaluate(options: EvaluateOptions) -> EvalResult:
             )
         except StorageError as exc:
             raise EvalError(f"publishing the report to {options.out}: {exc}") from None
-    return EvalResult(scores=scores, out=options.out)
+    result = EvalResult(scores=scores, out=options.out)
+    emit(
+        {
+            "event": "done",
+            "summary": result.summary(),
+            "num_turns": scores.num_turns,
+            "command_accuracy": scores.command_accuracy,
+            "out": options.out,
+        }
+    )
+    return result

@@ -1,6 +1,7 @@
 """What `ftrecipe run` shows: one line per phase (state, counts, elapsed time, a bar with losses while
 training) live at a terminal, plain lines elsewhere (logs, CI), and a summary of the key figures and where
-the results are.
+the results are. Counted stages (prepare-data's annotate, evaluate's generate) get a bar too when no
+training steps are there to show.
 
 Both displays keep the same `PhaseView`s; they differ only in how a change is shown.
 """
@@ -159,7 +160,8 @@ class PhaseView:
     state: State = "pending"
     started: float | None = None
     ended: float | None = None
-    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    counts: dict[str, Counted] = field(default_factory=dict)
+    latest_count: Counted | None = None  # the stage that moved last: the one the bar shows
     steps: Steps | None = None
     note: str = ""
     result: str = ""
@@ -171,7 +173,11 @@ class PhaseView:
         return (self.ended or now) - self.started
 
     def counts_text(self) -> str:
-        return ", ".join(f"{stage} {done}/{total}" for stage, (done, total) in self.counts.items())
+        return ", ".join(
+            f"{stage} {count.done}/{count.total}"
+            + (f" · ETA {duration(count.eta_seconds)}" if count.eta_seconds is not None else "")
+            for stage, count in self.counts.items()
+        )
 
     def steps_text(self) -> str:
         steps = self.steps
@@ -216,7 +222,7 @@ class Display:
     def progress(self, phase: Phase, event: Event) -> None:
         view = self.views[phase]
         if isinstance(event, Counted):
-            view.counts[event.stage] = (event.done, event.total)
+            view.counts[event.stage] = view.latest_count = event
         elif isinstance(event, Steps):
             view.steps = event
         elif isinstance(event, Note):
@@ -353,9 +359,11 @@ class LiveDisplay(Display):
         )
         bar: RenderableType = Text("")
         if moving:
-            steps = view.steps
+            steps, count = view.steps, view.latest_count
             if steps is not None and steps.total_steps:
                 bar = ProgressBar(total=steps.total_steps, completed=steps.step or 0, width=BAR_WIDTH)
+            elif count is not None and count.total:
+                bar = ProgressBar(total=count.total, completed=count.done, width=BAR_WIDTH)
             detail = Text(" · ".join(t for t in (view.steps_text(), view.counts_text(), view.note) if t))
         elif view.state == "cached":
             detail = Text(f"reused {view.result}", style="dim")

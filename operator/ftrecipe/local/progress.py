@@ -3,7 +3,8 @@
 The phase commands print for logs, not for us, and we keep it that way: prepare-data's `LineReporter`
 writes ``stage [i/n] detail`` per finished item; train writes one JSON object per line on stdout
 (``{"event": "progress", "step", "total_steps", …}``, ``{"event": "data", …}``) and ``resuming from step
-N``. Everything else (warnings, library chatter) only goes to the phase's log file.
+N``; evaluate writes ``{"event": "progress", "stage": "generate", "done", "total", "eta_seconds"}``.
+Everything else (warnings, library chatter) only goes to the phase's log file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Counted:
     done: int
     total: int
     detail: str = ""
+    eta_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ def _json_event(data: Mapping[str, Any]) -> Event | None:
             )
         done, total = _integer(data.get("done")), _integer(data.get("total"))
         if done is not None and total is not None:
-            return Counted(str(data.get("stage") or "items"), done, total)
+            eta = _number(data.get("eta_seconds"))
+            return Counted(str(data.get("stage") or "items"), done, total, eta_seconds=eta)
         return None
     if kind == "data":
         train, val = _integer(data.get("train_examples")), _integer(data.get("val_examples"))

@@ -193,7 +193,12 @@ def phase_args(local: LocalRecipe, phase: Phase) -> list[str]:
         return data_args(spec, prefixes["data"], command_paths(local, phase))
     if phase == "train":
         return train_args(
-            spec, prefixes["train"], prefixes["data"], local.base_model, command_paths(local, phase)
+            spec,
+            prefixes["train"],
+            prefixes["data"],
+            local.base_model,
+            command_paths(local, phase),
+            local.name,
         )
     return evaluate_args(spec, prefixes["evaluate"], prefixes["data"], prefixes["train"], local.base_model)
 

@@ -30,6 +30,7 @@ IRRELEVANT: dict[Phase, tuple[str, ...]] = {
         "dataPreparation.rephraser.llm.apiKeySecretRef",
         "dataPreparation.concurrency",
         "dataPreparation.resources",
+        "dataPreparation.secretEnv",
         "assistant.source.git.credentialsSecretRef",
         "assistant.source.s3.credentialsSecretRef",
         "assistant.source.s3.endpoint",

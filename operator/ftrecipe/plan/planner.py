@@ -45,6 +45,9 @@ class World:
     failed: Mapping[str, str] = field(default_factory=dict)
     # The figures of complete bundles (from their manifests), where the shell could read them.
     reports: Mapping[str, PhaseReport] = field(default_factory=dict)
+    # The user asked to run failed phases again (the cause was fixed outside the spec): failed Jobs of the
+    # current phase hashes and the failures the status remembers no longer count.
+    retry: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ class SuspendJob:
 @dataclass(frozen=True)
 class ResumeJob:
     name: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retry request runs this failed phase again: its failure is forgotten, its failed Job (if still
+    there) deleted, and a new Job created for the same inputs."""
+
+    phase: Phase
+    inputs_hash: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,7 @@ class Succeed:
     pass
 
 
-Action = CreateJob | DeleteJob | SuspendJob | ResumeJob | Wait | Reuse | Done | Fail | Succeed
+Action = CreateJob | DeleteJob | SuspendJob | ResumeJob | Retry | Wait | Reuse | Done | Fail | Succeed
 
 
 def job_name(recipe: str, phase: Phase, inputs_hash: str) -> str:
@@ -172,7 +184,7 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
             finished = Reuse(phase, inputs_hash, world.reports.get(inputs_hash))
         elif inputs_hash in world.finished and not jobs:
             finished = Done(phase, inputs_hash, world.finished[inputs_hash])
-        elif inputs_hash in world.failed and not jobs:
+        elif inputs_hash in world.failed and not jobs and not world.retry:
             actions.append(Fail(phase, "JobFailed", world.failed[inputs_hash]))
             return actions
         if finished is not None:
@@ -181,6 +193,12 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
                 actions.append(failed)
                 return actions
             continue
+        failed_jobs = [j for j in jobs if j.state == "failed"]
+        if world.retry and (failed_jobs or (inputs_hash in world.failed and not jobs)):
+            # The failed Job carries this phase's name: it goes, so the new one can take it.
+            actions.append(Retry(phase, inputs_hash))
+            actions.extend(DeleteJob(j.name, "retry requested") for j in failed_jobs)
+            jobs = [j for j in jobs if j.state != "failed"]
         if not jobs:
             actions.append(CreateJob(phase, inputs_hash, job_name(recipe, phase, inputs_hash), held))
             return actions

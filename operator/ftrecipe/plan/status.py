@@ -26,6 +26,7 @@ from ftrecipe.plan.planner import (
     CreateJob,
     Done,
     Fail,
+    Retry,
     Reuse,
     Succeed,
     Wait,
@@ -82,9 +83,18 @@ def compute_status(
     prefixes: Mapping[Phase, str],
     now: datetime,
     previous: FinetuneRecipeStatus | None = None,
+    observed_retry: str | None = None,
 ) -> FinetuneRecipeStatus:
-    """The status after applying `actions`; `prefixes` are where each phase's bundle is (or will be)."""
+    """The status after applying `actions`; `prefixes` are where each phase's bundle is (or will be).
+
+    ``observed_retry`` is the retry annotation value this pass acted on (None keeps the previous one). A
+    phase that is retried starts a fresh section: the failed attempt's times and figures are not its own.
+    """
     previous = previous or FinetuneRecipeStatus()
+    retried = {action.phase for action in actions if isinstance(action, Retry)}
+    data_before = None if "data" in retried else previous.data_preparation
+    training_before = None if "train" in retried else previous.training
+    evaluation_before = None if "evaluate" in retried else previous.evaluation
     before = {c.type: c for c in previous.conditions or []}
     phase = recipe_phase(spec, actions)
     facts = _phase_facts(actions)
@@ -122,24 +132,25 @@ def compute_status(
     message = (
         ready.message
         if phase in ("Succeeded", "Failed")
-        else _progress_message(actions, spec, previous.training)
+        else _progress_message(actions, spec, training_before)
     )
     finished = phase in ("Succeeded", "Failed")
     return FinetuneRecipeStatus(
         phase=phase,
         observed_generation=generation,
+        observed_retry=observed_retry if observed_retry is not None else previous.observed_retry,
         started_at=previous.started_at or now,
         completed_at=(previous.completed_at or now) if finished else None,
         message=message,
         conditions=conditions,
         data_preparation=_phase_status(
-            "data", results.get("data"), prefixes, previous.data_preparation, DataPreparationStatus(), now
+            "data", results.get("data"), prefixes, data_before, DataPreparationStatus(), now
         ),
         training=_phase_status(
-            "train", results.get("train"), prefixes, previous.training, TrainingStatus(), now
+            "train", results.get("train"), prefixes, training_before, TrainingStatus(), now
         ),
         evaluation=_phase_status(
-            "evaluate", results.get("evaluate"), prefixes, previous.evaluation, EvaluationStatus(), now
+            "evaluate", results.get("evaluate"), prefixes, evaluation_before, EvaluationStatus(), now
         )
         if "evaluate" in phases(spec)
         else None,
@@ -147,14 +158,22 @@ def compute_status(
 
 
 def invalid_status(
-    message: str, generation: int, now: datetime, previous: FinetuneRecipeStatus | None = None
+    message: str,
+    generation: int,
+    now: datetime,
+    previous: FinetuneRecipeStatus | None = None,
+    *,
+    observed_retry: str | None = None,
 ) -> FinetuneRecipeStatus:
     """A recipe that cannot run at all: Failed, the one line in the message and the Ready condition (its
-    transition time kept while it stays False)."""
+    transition time kept while it stays False). A retry request is recorded: there is nothing to re-run."""
     before = {c.type: c for c in (previous.conditions or [])} if previous is not None else {}
+    if observed_retry is None and previous is not None:
+        observed_retry = previous.observed_retry
     return FinetuneRecipeStatus(
         phase="Failed",
         observed_generation=generation,
+        observed_retry=observed_retry,
         started_at=previous.started_at if previous is not None else None,
         completed_at=(previous.completed_at if previous is not None else None) or now,
         message=message,
@@ -275,6 +294,13 @@ def _phase_status(
     return before.model_copy(update=update)
 
 
+def retry_requested(annotation: str | None, previous: FinetuneRecipeStatus | None) -> bool:
+    """Whether the retry annotation asks for a retry: it holds a value the status has not acted on yet
+    (`kubectl annotate ... ftrecipe.dev/retry="$(date +%s)" --overwrite`)."""
+    acted_on = previous.observed_retry if previous is not None else None
+    return annotation is not None and annotation != acted_on
+
+
 def remembered(
     recipe: str,
     spec: FinetuneRecipeSpec,
@@ -285,8 +311,9 @@ def remembered(
 
     Finished Jobs are deleted after `ttlSecondsAfterFinished`; without this memory the next event would
     run those phases again. A phase counts as finished when the status shows its output at this hash's
-    prefix; as failed when its condition is `JobFailed` for this hash's Job. The
-    figures kept in the status come back as the report, so a quality gate can be checked again.
+    prefix; as failed when its condition is `JobFailed` for this hash's Job (until a retry request: the
+    planner then ignores it, and the status it computes no longer says so). The figures kept in the status
+    come back as the report, so a quality gate can be checked again.
     """
     finished: dict[str, PhaseReport] = {}
     failed: dict[str, str] = {}

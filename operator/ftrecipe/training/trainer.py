@@ -31,11 +31,11 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from ftrecipe.plan.cache_key import stable_hash
 from ftrecipe.training.bundle import KEEP_CHECKPOINTS, BundleInfo, write_bundle, write_loss_curve
@@ -324,18 +324,64 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400]
 
 
-def load_model(config: TrainConfig, base: BaseModelRef) -> Any:
+@dataclass(frozen=True)
+class Precision:
+    """How the model is loaded and trained on this machine: weights dtype, attention kernels, autocast."""
+
+    dtype: Literal["bfloat16", "float16", "float32"]
+    attention: Literal["flash_attention_2", "sdpa"]
+    mixed_precision: Literal["bf16", "fp16"] | None  # TrainingArguments' bf16= / fp16=
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def choose_precision(
+    cuda: bool, bf16_supported: bool, compute_capability: tuple[int, int] | None, flash_attention: bool
+) -> Precision:
+    """bf16 on GPUs that have it (Ampere and newer), else fp16 autocast; float32 on the CPU.
+
+    Flash attention 2 when installed and the GPU can run it (compute capability 8.0 or more: its kernels
+    need Ampere); PyTorch's SDPA kernels otherwise (they pick flash / memory-efficient kernels themselves).
+    """
+    if not cuda:
+        return Precision("float32", "sdpa", None)
+    ampere = compute_capability is not None and compute_capability >= (8, 0)
+    attention: Literal["flash_attention_2", "sdpa"] = (
+        "flash_attention_2" if flash_attention and ampere else "sdpa"
+    )
+    if bf16_supported:
+        return Precision("bfloat16", attention, "bf16")
+    return Precision("float16", attention, "fp16")
+
+
+def machine_precision() -> Precision:
+    """`choose_precision` for this process's device (the GPU LOCAL_RANK picks, under torchrun)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return choose_precision(False, False, None, _has_flash_attention())
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    capability = tuple(torch.cuda.get_device_capability(device))
+    return choose_precision(
+        True, torch.cuda.is_bf16_supported(), (capability[0], capability[1]), _has_flash_attention()
+    )
+
+
+def load_model(config: TrainConfig, base: BaseModelRef, precision: Precision | None = None) -> Any:
+    """The base model in `precision` (this machine's by default), quantized when the config says so."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"revision": base.revision}
+    precision = precision or machine_precision()
     cuda = torch.cuda.is_available()
-    if cuda:
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        kwargs["attn_implementation"] = "flash_attention_2" if _has_flash_attention() else "sdpa"
-    else:
-        kwargs["dtype"] = torch.float32
-        kwargs["attn_implementation"] = "sdpa"
+    kwargs: dict[str, Any] = {
+        "revision": base.revision,
+        "dtype": precision.torch_dtype(),
+        "attn_implementation": precision.attention,
+    }
     if config.quantization != "none":
         from transformers import BitsAndBytesConfig
 
@@ -357,8 +403,11 @@ def load_model(config: TrainConfig, base: BaseModelRef) -> Any:
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
+        # Same checkpointing flavour as TrainingArguments asks for: non-reentrant needs no inputs with grad
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=config.hyperparameters.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=config.hyperparameters.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
 
@@ -446,6 +495,33 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop rows a killed run logged after the checkpoint it resumes from."""
     rows = [row for row in _read_metrics(path) if int(row.get("step", 0)) <= last_step]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _main_process_first(world_size: int, main_process: bool) -> Iterator[None]:
+    """Rank 0 runs the block, then the other ranks do (one pod: one work folder for all of them).
+
+    The process group is started here, as the Trainer would start it (NCCL on GPUs, gloo on the CPU):
+    accelerate's PartialState, asked before the Trainer, sees no distributed run on a CPU and orders
+    nothing, so two ranks raced on the work folder.
+    """
+    if world_size <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not main_process:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if main_process:  # also after an error: the others must not wait forever, they fail the same way
+            dist.barrier()
 
 
 def _barrier() -> None:
@@ -687,12 +763,8 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     main_process = is_main_process(os.environ)
     if not main_process:
         emit = _no_event  # rank 0 alone reports
-    first: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if world_size > 1:  # under torchrun: rank 0 fetches inputs and the checkpoint, the others then find them
-        from accelerate import PartialState
-
-        first = PartialState().local_main_process_first()
-    with first:
+    # Under torchrun: rank 0 fetches inputs and the checkpoint, the others then find them.
+    with _main_process_first(world_size, main_process):
         scratch = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / "scratch"
         fetch_dir = (options.work_dir or scratch) / "inputs"
         splits = resolve_data(options.data, fetch_dir)
@@ -734,7 +806,16 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
             f"({train.dropped_too_long} dropped as too long); raise hyperparameters.maxSeqLength"
         )
 
-    model = load_model(config, base)
+    precision = machine_precision()
+    emit(
+        {
+            "event": "precision",
+            "dtype": precision.dtype,
+            "attention": precision.attention,
+            "mixed_precision": precision.mixed_precision,
+        }
+    )
+    model = load_model(config, base, precision)
     model = apply_lora(model, config)  # once: the Trainer gets the PeftModel, never a peft_config
 
     cuda = torch.cuda.is_available()
@@ -767,8 +848,8 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         # Every LoRA weight takes part in every step: without this, Trainer asks DDP to search the graph
         # for unused parameters on each step when gradient checkpointing is off (a slower backward).
         ddp_find_unused_parameters=False,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        bf16=precision.mixed_precision == "bf16",
+        fp16=precision.mixed_precision == "fp16",
         use_cpu=not cuda,
         report_to=[],
         disable_tqdm=True,
@@ -883,8 +964,8 @@ def merge_adapter(base: BaseModelRef, adapter_dir: Path, target: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    # fp16 has too little range for merged weights on GPUs without bf16: float32 there, as on the CPU
+    dtype = torch.bfloat16 if machine_precision().dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base.load_from, revision=base.revision, dtype=dtype)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(target), safe_serialization=True)
