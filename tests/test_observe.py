@@ -130,7 +130,7 @@ def test_latest_progress_line() -> None:
         "Saving checkpoint",
         json.dumps({"event": "checkpoint", "step": 2}),
     ]
-    assert latest_progress("\n".join(lines)) == {
+    assert latest_progress("\n".join(lines), "train") == {
         "step": 2,
         "total_steps": 9,
         "epoch": None,
@@ -138,7 +138,23 @@ def test_latest_progress_line() -> None:
         "eval_loss": None,
         "eta_seconds": 70,
     }
-    assert latest_progress("no progress yet\n") is None
+    assert latest_progress("no progress yet\n", "train") is None
+
+
+def test_latest_evaluation_progress_line() -> None:
+    # What evaluate's container log holds: its JSON lines on stdout, people's lines from stderr.
+    lines = [
+        "loading adapter from /workspace/adapter",
+        json.dumps({"event": "progress", "stage": "generate", "done": 0, "total": 480, "eta_seconds": None}),
+        json.dumps(
+            {"event": "progress", "stage": "generate", "done": 120, "total": 480, "eta_seconds": 125.3}
+        ),
+        "a library warning",
+        json.dumps({"event": "done", "summary": "command accuracy 87.5%", "num_turns": 480}),
+    ]
+    expected = {"done": 120, "total": 480, "eta_seconds": 125.3}
+    assert latest_progress("\n".join(lines), "evaluate") == expected
+    assert latest_progress(lines[0], "evaluate") is None
 
 
 def test_report_cache_is_bounded() -> None:

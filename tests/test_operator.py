@@ -520,6 +520,57 @@ def test_phase_reports_and_training_progress_fill_the_status(k8s: K8s) -> None:
     assert 'ftrecipe_recipes{phase="Training"} 0.0' in scraped
 
 
+def generate_line(done: int, total: int, eta: float | None) -> str:
+    event = {"event": "progress", "stage": "generate", "done": done, "total": total, "eta_seconds": eta}
+    return json.dumps(event)
+
+
+def test_evaluation_progress_fills_the_message_and_a_reconcile_keeps_it(k8s: K8s) -> None:
+    body = manifest()
+    body["spec"]["evaluation"] = {"enabled": True}
+    with k8s.run_operator(handlers(progress_seconds=0.2), namespaces=[NS], watching=[CRD_RESOURCE]) as run:
+        apply(k8s, body)
+        for phase, container in (("data", "prepare-data"), ("train", "train")):
+            name = expected_job(body, phase)
+            wait_job(k8s, name)
+            finish(k8s, name, container, report(True, f"{phase} done"))
+        eval_name = expected_job(body, "evaluate")
+        wait_job(k8s, eval_name)
+        wait_phase(k8s, "Evaluating")
+        log = [
+            "loading the adapter",
+            generate_line(0, 480, None),
+            generate_line(120, 480, 125.3),
+            "a warning",
+        ]
+        k8s.set_job_pod(eval_name, NS, "Running", container="evaluate", log="\n".join(log) + "\n")
+        k8s.set_job_status(eval_name, NS, "running")
+        expected = f"evaluation running (Job {eval_name}): 120/480 turns, ETA 2m05s"
+        st = wait_status(k8s, lambda s: s.get("message") == expected, "evaluation progress in the message")
+        assert st["evaluation"].items() >= {"turnsDone": 120, "totalTurns": 480, "etaSeconds": 125}.items()
+
+        # A reconcile while evaluating (a retry request without a failure is only recorded) writes the
+        # same message: it does not go back to the bare line until the next timer tick.
+        k8s.custom.patch_namespaced_custom_object(
+            CRD_GROUP,
+            CRD_VERSION,
+            NS,
+            CRD_PLURAL,
+            "minimal",
+            {"metadata": {"annotations": {ANNOTATION_RETRY: "1"}}},
+        )
+        wait_status(k8s, lambda s: s.get("observedRetry") == "1", "the reconcile to record the retry value")
+        versions = [v["status"] for v in k8s.history(CRD_RESOURCE, "minimal", NS) if v and "status" in v]
+        reconciled = next(v for v in versions if v.get("observedRetry") == "1")
+        assert reconciled["message"] == expected
+
+        figures = {"command_accuracy": 0.9, "per_command_f1": {}, "num_turns": 480}
+        finish(k8s, eval_name, "evaluate", report(True, "scored 480 turns", **figures))
+        evaluation = wait_phase(k8s, "Succeeded")["evaluation"]
+        assert (evaluation["turnsDone"], evaluation["totalTurns"], evaluation["etaSeconds"]) == (480, 480, 0)
+    assert not run.errors, run.messages()
+
+
 def test_failure_reason_comes_from_the_termination_message(k8s: K8s) -> None:
     metrics = OperatorMetrics()
     body = manifest()

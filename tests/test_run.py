@@ -29,6 +29,8 @@ from ftrecipe.local.layout import resolve
 from ftrecipe.local.progress import Counted, Note, Steps, parse_line
 from ftrecipe.local.runner import phase_args
 from ftrecipe.plan.cache_key import Phase
+from ftrecipe.plan.planner import ObservedJob, World, job_name, plan
+from ftrecipe.plan.status import compute_status
 from ftrecipe.storage import S3Settings, bundle_complete, join, parse_location, publish_bundle
 from ftrecipe.termination import decode
 from support.crd_schema import api_server_violations
@@ -548,6 +550,45 @@ def test_both_displays_show_evaluation_progress(tmp_path: Path) -> None:
     assert row.split()[1:3] == ["evaluate", "running"]
     assert row.endswith(" generate 120/480 · ETA 2m05s")
     assert "━" * 6 in row and "━" * 7 not in row  # a quarter of the 24-wide bar
+
+
+def test_evaluation_progress_reaches_the_status_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "STATUS_EVERY_SECONDS", 0.0)  # every line is written, none held back
+    recipe = example_recipe(tmp_path, fake_model(tmp_path / "model"))
+    local = resolve(load_recipe(recipe), recipe, tmp_path / "work")
+    trained = tuple(
+        ObservedJob(job_name(local.name, phase, local.hashes[phase]), phase, local.hashes[phase], "succeeded")
+        for phase in ("data", "train")
+    )
+    actions = plan(local.name, local.spec, World(jobs=trained), in_cluster=False)
+    evaluating = compute_status(
+        local.spec, local.generation, actions, prefixes=local.prefixes, now=datetime.now(UTC)
+    )
+    eval_job = job_name(local.name, "evaluate", local.hashes["evaluate"])
+    assert evaluating.phase == "Evaluating" and evaluating.message == f"evaluation running (Job {eval_job})"
+    display = LineDisplay(io.StringIO())
+    display.begin(local, ["evaluate"])
+    display.started("evaluate", tmp_path / "output.log")
+    run = runner.Runner(local, display, frozenset())
+    run.save(evaluating)
+
+    run.on_line("evaluate", "loading the adapter")
+    run.on_line("evaluate", '{"event": "progress", "step": 4, "total_steps": 9}')  # not evaluate's kind
+    assert read_status(local.workdir) == evaluating.model_dump(by_alias=True, exclude_none=True, mode="json")
+    run.on_line(
+        "evaluate",
+        '{"event": "progress", "stage": "generate", "done": 120, "total": 480, "eta_seconds": 125.3}',
+    )
+    written = read_status(local.workdir)
+    assert written["message"] == f"evaluation running (Job {eval_job}): 120/480 turns, ETA 2m05s"
+    assert written["evaluation"].items() >= {"turnsDone": 120, "totalTurns": 480, "etaSeconds": 125}.items()
+    document = {
+        "apiVersion": "ftrecipe.dev/v1alpha1",
+        "kind": "FinetuneRecipe",
+        "metadata": {"name": local.name},
+    }
+    document |= {"spec": yaml.safe_load(recipe.read_text())["spec"], "status": written}
+    assert api_server_violations(custom_resource_definition(), document) == []
 
 
 def test_result_lines_and_durations() -> None:

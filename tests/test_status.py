@@ -10,16 +10,21 @@ import yaml
 
 from ftrecipe.api import parse_recipe
 from ftrecipe.api.crd import custom_resource_definition
-from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, TrainingStatus
+from ftrecipe.api.v1alpha1 import EvaluationStatus, FinetuneRecipeSpec, TrainingStatus
 from ftrecipe.plan.cache_key import phase_hashes, phase_prefix
 from ftrecipe.plan.planner import ObservedJob, World, job_name, plan
 from ftrecipe.plan.status import (
+    ProgressPhase,
     compute_status,
+    evaluation_message,
+    evaluation_progress_update,
     invalid_status,
+    progress_job,
     progress_update,
     remembered,
     retry_requested,
     training_message,
+    with_progress,
 )
 from ftrecipe.termination import PhaseReport
 from support.crd_schema import api_server_violations
@@ -296,3 +301,78 @@ def test_training_progress_line_and_message() -> None:
         "training running (Job j): step 40/120, train loss 0.5123, ETA 1h30m"
     )
     assert progress_update(training, {"train_loss": float("inf"), "step": -1}) == training
+
+
+def test_evaluation_progress_line_and_message() -> None:
+    started = evaluation_progress_update(
+        EvaluationStatus(job_name="j"), {"done": 0, "total": 480, "eta_seconds": None}
+    )
+    assert (
+        evaluation_message("evaluation running (Job j)", started) == "evaluation running (Job j): 0/480 turns"
+    )
+    evaluation = evaluation_progress_update(started, {"done": 120, "total": 480, "eta_seconds": 125.3})
+    assert (evaluation.turns_done, evaluation.total_turns, evaluation.eta_seconds) == (120, 480, 125)
+    assert evaluation_message("evaluation running (Job j)", evaluation) == (
+        "evaluation running (Job j): 120/480 turns, ETA 2m05s"
+    )
+    # Counts a line cannot carry are kept; an unknown time left is unknown, not the last estimate.
+    broken = evaluation_progress_update(evaluation, {"done": -1, "total": True, "eta_seconds": float("nan")})
+    assert (broken.turns_done, broken.total_turns, broken.eta_seconds) == (120, 480, None)
+    assert evaluation_message("head", EvaluationStatus(job_name="j")) == "head"
+
+
+HUMAN = {"train": "training", "evaluate": "evaluation"}
+RUNNING: dict[str, World] = {
+    "train": World((job("data", "succeeded"), job("train", "running"))),
+    "evaluate": World((job("data", "succeeded"), job("train", "succeeded"), job("evaluate", "running"))),
+}
+
+
+@pytest.mark.parametrize(
+    ("phase", "progress", "figures"),
+    [
+        (
+            "train",
+            {"step": 30, "total_steps": 120, "train_loss": 1.25, "eval_loss": None, "eta_seconds": 450},
+            "step 30/120, train loss 1.25, ETA 7m30s",
+        ),
+        ("evaluate", {"done": 120, "total": 480, "eta_seconds": 125.3}, "120/480 turns, ETA 2m05s"),
+    ],
+    ids=["train", "evaluate"],
+)
+def test_progress_reaches_the_message_and_stays_there_across_reconciles(
+    phase: ProgressPhase, progress: dict[str, object], figures: str
+) -> None:
+    running = status_for(RUNNING[phase])
+    assert progress_job(running) == (phase, job(phase, "x").name)
+    updated = with_progress(running, phase, progress)
+    assert updated.message == f"{HUMAN[phase]} running (Job {job(phase, 'x').name}): {figures}"
+    document = {**manifest(), "status": updated.model_dump(by_alias=True, exclude_none=True, mode="json")}
+    assert api_server_violations(custom_resource_definition(), document) == []
+    # The next reconcile computes the same message from the figures it keeps: no flapping.
+    assert status_for(RUNNING[phase], previous=updated, now=T0 + timedelta(minutes=1)) == updated
+
+
+def test_a_finished_evaluation_counts_every_turn() -> None:
+    running = status_for(RUNNING["evaluate"])
+    midway = with_progress(running, "evaluate", {"done": 360, "total": 480, "eta_seconds": 30})
+    world = World((job("data", "succeeded"), job("train", "succeeded"), reported("evaluate", num_turns=480)))
+    done = status_for(world, previous=midway)
+    assert done.phase == "Succeeded" and done.message == "the adapter is ready"
+    assert done.evaluation is not None
+    assert (done.evaluation.turns_done, done.evaluation.total_turns, done.evaluation.eta_seconds) == (
+        480,
+        480,
+        0,
+    )
+    assert progress_job(done) is None
+
+
+def test_progress_is_read_only_from_a_running_training_or_evaluation() -> None:
+    preparing = status_for(World((job("data", "running"),)))
+    assert progress_job(preparing) is None
+    assert progress_job(None) is None
+    # A status without the phase's section (written by an older operator) names no Job: nothing changes.
+    bare = preparing.model_copy(update={"phase": "Evaluating"})
+    assert progress_job(bare) is None
+    assert with_progress(bare, "evaluate", {"done": 1, "total": 2, "eta_seconds": 1}) == bare

@@ -803,12 +803,17 @@ class TrainingStatus(ApiModel):
 
 
 class EvaluationStatus(ApiModel):
-    """Result of evaluation."""
+    """Progress and result of evaluation."""
 
     job_name: Annotated[str | None, Field(description="The evaluation Job.")] = None
     started_at: Annotated[datetime | None, Field(description="When the phase started.")] = None
     completed_at: Annotated[datetime | None, Field(description="When the phase ended.")] = None
     cached: Annotated[bool | None, Field(description="True when an earlier identical run was reused.")] = None
+    turns_done: Annotated[
+        int | None, Field(description="Validation turns answered by the adapter so far.", ge=0)
+    ] = None
+    total_turns: Annotated[int | None, Field(description="Validation turns to answer.", ge=0)] = None
+    eta_seconds: Annotated[int | None, Field(description="Estimated seconds left.", ge=0)] = None
     command_accuracy: Annotated[
         float | None,
         Field(description="Share of validation turns answered with exactly the right commands.", ge=0, le=1),

@@ -517,7 +517,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--progress-seconds",
         type=float,
         default=10.0,
-        help="copy the trainer's progress into the status at most this often (0: never)",
+        help="copy training and evaluation progress into the status at most this often (0: never)",
     )
     operator.add_argument(
         "--watch-timeout-seconds",

@@ -18,9 +18,10 @@ Handlers (added to a registry by `register`, never at import):
 * ``resync`` (a timer, when ``OperatorSettings.resync_seconds`` is set): touches the
   ``ftrecipe.dev/resync`` annotation of recipes that are not finished, the same way, as a safety net for
   missed watch events and for bundles that appear in storage.
-* ``training-progress`` (a timer, every ``OperatorSettings.progress_seconds``): while a recipe is
-  ``Training``, reads the last progress line from the training pod's log and patches ``status.training``
-  (step, losses, ETA) and the message: at most one status patch per interval, none when nothing moved.
+* ``phase-progress`` (a timer, every ``OperatorSettings.progress_seconds``): while a recipe is
+  ``Training`` or ``Evaluating``, reads the last progress line from the running pod's log and patches
+  ``status.training`` (step, losses, ETA) or ``status.evaluation`` (turns answered, ETA) and the message:
+  at most one status patch per interval, none when nothing moved.
 * ``recipe-metrics`` (an event handler): keeps the ``ftrecipe_recipes{phase}`` gauge.
 
 What the Jobs did comes from their pods' termination messages (`ftrecipe.termination`), and what
@@ -53,7 +54,7 @@ from ftrecipe.controller.manifests import (
     build_job,
 )
 from ftrecipe.controller.metrics import OperatorMetrics
-from ftrecipe.controller.observe import REPORTS, ReportCache, job_state, list_recipe_jobs, training_progress
+from ftrecipe.controller.observe import REPORTS, ReportCache, job_state, list_recipe_jobs, phase_progress
 from ftrecipe.plan.cache_key import Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import (
     Action,
@@ -68,12 +69,13 @@ from ftrecipe.plan.planner import (
     plan,
 )
 from ftrecipe.plan.status import (
+    PROGRESS_PHASES,
     compute_status,
     invalid_status,
-    progress_update,
+    progress_job,
     remembered,
     retry_requested,
-    training_message,
+    with_progress,
 )
 from ftrecipe.termination import PhaseReport, report_from_metadata
 
@@ -99,7 +101,8 @@ class OperatorSettings:
     resync_seconds: float | None = 60.0
     # Delay before kopf retries a reconcile that hit an API error.
     retry_delay: float = 5.0
-    # How often a Training recipe's status takes the trainer's latest progress line; None: never.
+    # How often a Training or Evaluating recipe's status takes the running phase's latest progress line;
+    # None: never.
     progress_seconds: float | None = 10.0
     metrics: OperatorMetrics | None = None
     reports: ReportCache = REPORTS
@@ -343,28 +346,26 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         _post_transition(body, before, status, actions[-1])
 
 
-async def report_training_progress(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
-    """While Training: the trainer's latest progress line into status.training and the message."""
-    raw = body.get("status") or {}
-    if raw.get("phase") != "Training":
-        return
+async def report_progress(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
+    """While Training or Evaluating: the running phase's latest progress line into its status section
+    and the message."""
+    if (body.get("status") or {}).get("phase") not in PROGRESS_PHASES:
+        return  # before parsing the status: the timer ticks for every recipe, and most run nothing
     previous, old = _previous_status(body)
-    if previous is None or previous.training is None or not previous.training.job_name:
+    running = progress_job(previous)
+    if previous is None or running is None:
         return
-    job = previous.training.job_name
+    phase, job = running
     try:
-        progress = await training_progress(body.meta.namespace or "", job)
+        progress = await phase_progress(body.meta.namespace or "", job, phase)
     except ApiException as error:  # a pod that just went away, a log not there yet: try next time
         if settings.metrics is not None:
             settings.metrics.api_errors.labels("read_pod_log").inc()
-        _LOG.debug("no training progress for %s: %s", job, error)
+        _LOG.debug("no %s progress for %s: %s", phase, job, error)
         return
     if progress is None:
         return
-    training = progress_update(previous.training, progress)
-    message = training_message(f"training running (Job {job})", training)
-    updated = previous.model_copy(update={"training": training, "message": message})
-    changes = merge_patch(old, _dump(updated))
+    changes = merge_patch(old, _dump(with_progress(previous, phase, progress)))
     if changes:
         patch.status.update(changes)
         if settings.metrics is not None:
@@ -403,11 +404,11 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
             VERSION,
             PLURAL,
             registry=registry,
-            id="training-progress",
+            id="phase-progress",
             interval=chosen.progress_seconds,
         )
-        async def training_progress_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-            await report_training_progress(body, patch, chosen)
+        async def progress_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+            await report_progress(body, patch, chosen)
 
     if chosen.metrics is not None:
         metrics = chosen.metrics

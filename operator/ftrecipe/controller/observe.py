@@ -34,6 +34,7 @@ from ftrecipe.controller.manifests import (
 )
 from ftrecipe.plan.cache_key import PHASES, Phase
 from ftrecipe.plan.planner import JobState, ObservedJob
+from ftrecipe.plan.status import ProgressPhase
 from ftrecipe.termination import PhaseReport, decode
 
 JOB_NAME_LABEL: Final = "batch.kubernetes.io/job-name"  # set on a Job's pods by Kubernetes 1.27+
@@ -154,11 +155,16 @@ def with_report(job: ObservedJob, report: PhaseReport | None) -> ObservedJob:
     return replace(job, report=report, message=message)
 
 
-PROGRESS_FIELDS: Final = ("step", "total_steps", "epoch", "train_loss", "eval_loss", "eta_seconds")
+# What each phase's progress lines carry for the status (`ftrecipe.plan.status.with_progress`).
+PROGRESS_FIELDS: Final[dict[ProgressPhase, tuple[str, ...]]] = {
+    "train": ("step", "total_steps", "epoch", "train_loss", "eval_loss", "eta_seconds"),
+    "evaluate": ("done", "total", "eta_seconds"),
+}
 
 
-def latest_progress(log: str) -> dict[str, Any] | None:
-    """The last ``{"event": "progress", …}`` line of a trainer's log, reduced to the status fields."""
+def latest_progress(log: str, phase: ProgressPhase) -> dict[str, Any] | None:
+    """The last ``{"event": "progress", …}`` line of a phase command's log (train's steps, evaluate's
+    answered turns), reduced to the fields that phase's status takes."""
     for line in reversed(log.splitlines()):
         line = line.strip()
         if not line.startswith("{") or '"progress"' not in line:
@@ -168,7 +174,7 @@ def latest_progress(log: str) -> dict[str, Any] | None:
         except ValueError:
             continue
         if isinstance(event, dict) and event.get("event") == "progress":
-            return {key: event.get(key) for key in PROGRESS_FIELDS}
+            return {key: event.get(key) for key in PROGRESS_FIELDS[phase]}
     return None
 
 
@@ -278,9 +284,12 @@ def _running_pod_log_sync(namespace: str, job_name: str, container: str, tail_li
     return bytes(log.data).decode("utf-8", errors="replace")
 
 
-async def training_progress(namespace: str, job_name: str, *, tail_lines: int = 40) -> dict[str, Any] | None:
-    """The running training pod's latest progress line (the trainer prints one per logging step)."""
+async def phase_progress(
+    namespace: str, job_name: str, phase: ProgressPhase, *, tail_lines: int = 40
+) -> dict[str, Any] | None:
+    """The latest progress line of the running pod of ``phase``'s Job, read from its main container's log
+    (the trainer prints one per logging step, evaluate one per quarter of the turns or every 5 seconds)."""
     log = await asyncio.to_thread(
-        _running_pod_log_sync, namespace, job_name, MAIN_CONTAINER["train"], tail_lines
+        _running_pod_log_sync, namespace, job_name, MAIN_CONTAINER[phase], tail_lines
     )
-    return latest_progress(log) if log is not None else None
+    return latest_progress(log, phase) if log is not None else None

@@ -60,7 +60,7 @@ from ftrecipe.local.layout import (
     resolve,
     s3_env,
 )
-from ftrecipe.local.progress import Steps, parse_line
+from ftrecipe.local.progress import Counted, Event, Steps, parse_line
 from ftrecipe.plan.cache_key import PHASES, Phase
 from ftrecipe.plan.planner import (
     Action,
@@ -73,7 +73,7 @@ from ftrecipe.plan.planner import (
     phases,
     plan,
 )
-from ftrecipe.plan.status import compute_status, invalid_status, progress_update, training_message
+from ftrecipe.plan.status import ProgressPhase, compute_status, invalid_status, with_progress
 from ftrecipe.storage import S3Settings, StorageError, join, parse_location, read_manifest
 from ftrecipe.termination import TERMINATION_LOG_ENV, PhaseReport, decode, report_from_metadata
 
@@ -81,7 +81,7 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USER_ERROR: Final = 2  # a bad recipe or input, as everywhere in ftrecipe
 EXIT_INTERRUPTED: Final = 130  # the shell's convention for Ctrl-C
-STATUS_EVERY_SECONDS: Final = 2.0  # training progress reaches status.yaml at most this often
+STATUS_EVERY_SECONDS: Final = 2.0  # training and evaluation progress reach status.yaml at most this often
 KILL_AFTER_SECONDS: Final = 600.0  # a stopped phase that has closed its output but not exited is killed
 PHASE_ALIASES: Final[dict[str, Phase]] = {
     "data": "data",
@@ -339,6 +339,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------- the loop
 
 
+def status_progress(phase: Phase, event: Event) -> tuple[ProgressPhase, dict[str, Any]] | None:
+    """A progress event as `with_progress` takes it: train's steps, evaluate's answered turns."""
+    if phase == "train" and isinstance(event, Steps):
+        return "train", event.as_progress()
+    if phase == "evaluate" and isinstance(event, Counted):
+        return "evaluate", {"done": event.done, "total": event.total, "eta_seconds": event.eta_seconds}
+    return None
+
+
 @dataclass(frozen=True)
 class PhaseOutcome:
     job: ObservedJob
@@ -438,21 +447,15 @@ class Runner:
             if outcome.job.state == "failed":
                 code = outcome.exit_code
 
-    def _on_line(self, phase: Phase, line: str) -> None:
+    def on_line(self, phase: Phase, line: str) -> None:
+        """One line the running phase printed: to the display, and its progress into the status."""
         event = parse_line(line)
         if event is None:
             return
         self.display.progress(phase, event)
-        status = self.status
-        if (
-            phase == "train"
-            and isinstance(event, Steps)
-            and status is not None
-            and status.training is not None
-        ):
-            training = progress_update(status.training, event.as_progress())
-            message = training_message(f"training running (Job {training.job_name})", training)
-            self.save(status.model_copy(update={"training": training, "message": message}), now=False)
+        progress = status_progress(phase, event)
+        if progress is not None and self.status is not None:
+            self.save(with_progress(self.status, *progress), now=False)
 
     def _run_phase(self, action: CreateJob) -> PhaseOutcome:
         local, phase = self.local, action.phase
@@ -490,7 +493,7 @@ class Runner:
             env=env,
             cwd=cwd,
             log=log,
-            on_line=lambda line: self._on_line(phase, line),
+            on_line=lambda line: self.on_line(phase, line),
             on_interrupt=lambda: self.display.stopping(phase),
         )
         report = decode(report_file.read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal, TypeGuard, TypeVar
+from typing import Any, Final, Literal, TypeGuard, TypeVar
 
 from ftrecipe.api.v1alpha1 import (
     Condition,
@@ -39,6 +39,9 @@ from ftrecipe.termination import PhaseReport
 CONDITION_OF: dict[Phase, str] = {"data": "DataPrepared", "train": "Trained", "evaluate": "Evaluated"}
 _HUMAN: dict[Phase, str] = {"data": "data preparation", "train": "training", "evaluate": "evaluation"}
 ConditionStatus = Literal["True", "False", "Unknown"]
+# The phases whose commands print progress lines while they run, by the recipe phase they run in.
+ProgressPhase = Literal["train", "evaluate"]
+PROGRESS_PHASES: Final[dict[str, ProgressPhase]] = {"Training": "train", "Evaluating": "evaluate"}
 
 
 def _condition(
@@ -132,7 +135,7 @@ def compute_status(
     message = (
         ready.message
         if phase in ("Succeeded", "Failed")
-        else _progress_message(actions, spec, training_before)
+        else _progress_message(actions, spec, {"train": training_before, "evaluate": evaluation_before})
     )
     finished = phase in ("Succeeded", "Failed")
     return FinetuneRecipeStatus(
@@ -182,16 +185,33 @@ def invalid_status(
 
 
 def _progress_message(
-    actions: Sequence[Action], spec: FinetuneRecipeSpec, training: TrainingStatus | None
+    actions: Sequence[Action],
+    spec: FinetuneRecipeSpec,
+    sections: Mapping[Phase, TrainingStatus | EvaluationStatus | None],
 ) -> str:
+    """The running phase's line; with the progress its section already has for that Job, so a reconcile
+    says what the progress timer said (the message does not flap between the two)."""
     last = actions[-1] if actions else None
     if isinstance(last, CreateJob | Wait):
         verb = "suspended" if spec.suspend else "running"
         line = f"{_HUMAN[last.phase]} {verb} (Job {last.name})"
-        if last.phase == "train" and training is not None and training.job_name == last.name:
-            line = training_message(line, training)
+        section = sections.get(last.phase)
+        if section is not None and section.job_name == last.name:
+            line = _figures_message(line, section)
         return line
     return "planning"
+
+
+def _figures_message(head: str, section: TrainingStatus | EvaluationStatus) -> str:
+    if isinstance(section, TrainingStatus):
+        return training_message(head, section)
+    return evaluation_message(head, section)
+
+
+def _eta_text(seconds: int) -> str:
+    """ETA 7m30s, ETA 1h30m."""
+    minutes, rest = divmod(seconds, 60)
+    return f"ETA {minutes}m{rest:02d}s" if minutes < 60 else f"ETA {minutes // 60}h{minutes % 60:02d}m"
 
 
 def training_message(head: str, training: TrainingStatus) -> str:
@@ -204,10 +224,18 @@ def training_message(head: str, training: TrainingStatus) -> str:
     if training.eval_loss is not None:
         parts.append(f"eval loss {training.eval_loss:.4g}")
     if training.eta_seconds is not None:
-        minutes, seconds = divmod(training.eta_seconds, 60)
-        parts.append(
-            f"ETA {minutes}m{seconds:02d}s" if minutes < 60 else f"ETA {minutes // 60}h{minutes % 60:02d}m"
-        )
+        parts.append(_eta_text(training.eta_seconds))
+    return f"{head}: {', '.join(parts)}" if parts else head
+
+
+def evaluation_message(head: str, evaluation: EvaluationStatus) -> str:
+    """``head`` plus the evaluation's progress: turns answered of all, time left."""
+    parts = []
+    if evaluation.turns_done is not None:
+        total = evaluation.total_turns if evaluation.total_turns is not None else "?"
+        parts.append(f"{evaluation.turns_done}/{total} turns")
+    if evaluation.eta_seconds is not None:
+        parts.append(_eta_text(evaluation.eta_seconds))
     return f"{head}: {', '.join(parts)}" if parts else head
 
 
@@ -223,6 +251,49 @@ def progress_update(training: TrainingStatus, progress: Mapping[str, Any]) -> Tr
         if _finite(value) and (name != "epoch" or value >= 0):
             update[name] = float(value)
     return training.model_copy(update=update)
+
+
+def evaluation_progress_update(evaluation: EvaluationStatus, progress: Mapping[str, Any]) -> EvaluationStatus:
+    """``evaluation`` with an evaluate progress line's counts (``done``, ``total``) and time left, which
+    is unknown (None) before the first answer."""
+    update: dict[str, Any] = {}
+    for field, key in (("turns_done", "done"), ("total_turns", "total")):
+        value = progress.get(key)
+        if _finite(value) and value >= 0:
+            update[field] = int(value)
+    eta = progress.get("eta_seconds")
+    update["eta_seconds"] = int(eta) if _finite(eta) and eta >= 0 else None
+    return evaluation.model_copy(update=update)
+
+
+def progress_job(status: FinetuneRecipeStatus | None) -> tuple[ProgressPhase, str] | None:
+    """The phase whose Job prints progress lines now (train while Training, evaluate while Evaluating)
+    and that Job's name; None when no such Job runs."""
+    phase = PROGRESS_PHASES.get(status.phase or "") if status is not None else None
+    if status is None or phase is None:
+        return None
+    section = status.training if phase == "train" else status.evaluation
+    return (phase, section.job_name) if section is not None and section.job_name else None
+
+
+def with_progress(
+    status: FinetuneRecipeStatus, phase: ProgressPhase, progress: Mapping[str, Any]
+) -> FinetuneRecipeStatus:
+    """``status`` with a progress line of ``phase``'s running Job: its section's figures and the message,
+    worded as `compute_status` words it. Unchanged when the section names no Job."""
+    section: TrainingStatus | EvaluationStatus | None
+    if phase == "train":
+        field = "training"
+        section = progress_update(status.training, progress) if status.training is not None else None
+    else:
+        field = "evaluation"
+        section = (
+            evaluation_progress_update(status.evaluation, progress) if status.evaluation is not None else None
+        )
+    if section is None or not section.job_name:
+        return status
+    message = _figures_message(f"{_HUMAN[phase]} running (Job {section.job_name})", section)
+    return status.model_copy(update={field: section, "message": message})
 
 
 PhaseStatus = TypeVar("PhaseStatus", DataPreparationStatus, TrainingStatus, EvaluationStatus)
@@ -255,6 +326,9 @@ def _figures_update(phase: Phase, report: PhaseReport | None) -> dict[str, Any]:
             update |= {"eta_seconds": 0, "last_checkpoint": None}
         return update
     update = {}
+    turns = figures.get("num_turns")
+    if _finite(turns) and turns >= 0:  # every turn answered: the last progress line may not have been read
+        update |= {"turns_done": int(turns), "total_turns": int(turns), "eta_seconds": 0}
     accuracy = figures.get("command_accuracy")
     if _finite(accuracy) and 0 <= accuracy <= 1:
         update["command_accuracy"] = float(accuracy)

@@ -20,6 +20,7 @@ Several GPUs: the CLI re-runs itself under torchrun (`launch.launch_command`); o
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ from ftrecipe.training.data import (
 )
 from ftrecipe.training.launch import is_main_process
 
+RANK_WAIT_SECONDS = 7200  # how long ranks wait for one another (collectives, rank 0's downloads)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINTS_DIR = "checkpoints"  # under the work folder, and under --out (the durable copies)
@@ -514,7 +516,11 @@ def _main_process_first(world_size: int, main_process: bool) -> Iterator[None]:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # The others wait while rank 0 downloads the inputs (an 8B base model from S3 is ~16 GB).
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=datetime.timedelta(seconds=RANK_WAIT_SECONDS),
+        )
     if not main_process:
         dist.barrier()
     try:
