@@ -74,6 +74,8 @@ def test_crd_identity(crd: Manifest) -> None:
         "Eval loss": ".status.training.evalLoss",
         "Accuracy": ".status.evaluation.commandAccuracy",
         "Age": ".metadata.creationTimestamp",
+        "Step": ".status.training.step",
+        "Message": ".status.message",
     }
 
 

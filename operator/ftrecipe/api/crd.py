@@ -44,6 +44,21 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Command accuracy on held-out data.",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # `kubectl get ftr -o wide`: where a running phase is, and why a failed one failed.
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.training.step",
+        "description": "Training step reached.",
+        "priority": 1,
+    },
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": ".status.message",
+        "description": "What is happening, or why it failed.",
+        "priority": 1,
+    },
 ]
 
 _HEADER = (
