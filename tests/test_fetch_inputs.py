@@ -154,6 +154,35 @@ def test_assistant_config_and_endpoints_reach_prepare_data(
     assert "StartFlow(" in train and "start flow" not in train
 
 
+def test_a_named_file_missing_from_the_source_names_the_recipe_field(
+    s3_env: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upload_assistant(s3_env, "assistants/moneybank")
+    source = {"s3": {"uri": f"s3://{s3_env.bucket}/assistants/moneybank/", "forcePathStyle": True}}
+    cases = [
+        ({"assistant": {"source": source, "config": "rasa/config.yml"}}, "assistant.config: rasa/config.yml"),
+        (
+            {"assistant": {"source": source, "e2eTests": ["tests/passed.yml"]}},
+            "assistant.e2eTests: tests/passed.yml",
+        ),
+        (
+            {"commandGenerator": {"promptTemplate": "prompts/cmd.jinja2"}},
+            "commandGenerator.promptTemplate: prompts/cmd.jinja2",
+        ),
+    ]
+    for changes, named in cases:
+        spec = make_spec(source, **changes)
+        into = tmp_path / "inputs"
+        code = main(["fetch-inputs", "--phase", "data", "--into", str(into), "--spec-json", spec_json(spec)])
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and named in err, err
+        assert (
+            "is not among the assistant's files" in err
+            and f"s3://{s3_env.bucket}/assistants/moneybank/" in err
+        )
+
+
 def test_empty_s3_prefix_is_one_line_exit_2(
     s3_env: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -271,7 +300,8 @@ def test_data_inputs_from_config_map(tmp_path: Path) -> None:
         (stamp / name).write_text(f"# {name}\n")
         (mount / name).symlink_to(Path("..data") / name)
     (mount / "..data").symlink_to(stamp.name)
-    spec = make_spec({"configMap": {"name": "moneybank"}})
+    source = {"configMap": {"name": "moneybank"}}
+    spec = make_spec(source, assistant={"source": source, "e2eTests": ["tests.yml"]})
     into = tmp_path / "inputs"
     fetch_inputs(spec, "data", into, {inputs.CONFIGMAP_ROOT_ENV: str(mount)})
     assert sorted(p.name for p in (into / "assistant").iterdir()) == ["domain.yml", "flows.yml", "tests.yml"]

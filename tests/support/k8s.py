@@ -24,7 +24,8 @@ Usage::
         assert not operator.errors
 
 Tested against kmock 0.8, kopf 1.45 and kubernetes 37; ``FakeKubernetes`` overrides kmock internals
-(``_handle``, ``_serve_*``, ``_lock``, ``_buses``), so re-run ``tests/test_fixture_k8s.py`` after upgrades.
+(``_handle``, ``_serve_*``, ``_lock``, ``_buses``) and reads its views' fields (``_sees``, checked at import),
+so re-run ``tests/test_fixture_k8s.py`` after upgrades.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import datetime
 import functools
 import gzip
 import importlib
+import importlib.metadata
 import importlib.resources
+import json
 import logging
 import random
 import re
@@ -76,6 +79,7 @@ import pytest
 import yaml
 from celpy.adapter import json_to_cel
 from kmock._internal import parsing as _kmock_parsing  # only to fix the parsing of /api/v1/namespaces
+from kmock._internal import dsl as _kmock_dsl  # only for `_sees`: kmock's view classes
 
 Json: TypeAlias = Any
 Body: TypeAlias = dict[str, Any]

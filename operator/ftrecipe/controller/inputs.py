@@ -321,6 +321,30 @@ def fetch_assistant(spec: FinetuneRecipeSpec, target: Path, environ: Mapping[str
     )
 
 
+def named_paths(spec: FinetuneRecipeSpec) -> list[tuple[str, str]]:
+    """(field, path) of every file or folder the spec names inside the assistant's files."""
+    named = [("assistant.e2eTests", path) for path in spec.assistant.e2e_tests]
+    for field_name, path in (
+        ("assistant.config", spec.assistant.config),
+        ("assistant.endpoints", spec.assistant.endpoints),
+        ("commandGenerator.promptTemplate", spec.command_generator.prompt_template),
+        ("dataPreparation.rephraser.promptTemplate", spec.data_preparation.rephraser.prompt_template),
+    ):
+        if path is not None:
+            named.append((field_name, path))
+    return named
+
+
+def check_named_paths(spec: FinetuneRecipeSpec, root: Path, origin: str) -> None:
+    """FetchError naming the recipe field of the first path that is not among the assistant's files:
+    said before any LLM call, in the recipe's words rather than the Job's paths."""
+    for field_name, path in named_paths(spec):
+        if not (root / path.strip("/")).exists():
+            raise FetchError(
+                f"{field_name}: {path} is not among the assistant's files ({origin}); fix the path or add it"
+            )
+
+
 def fetch_inputs(
     spec: FinetuneRecipeSpec, phase: Phase, into: Path, environ: Mapping[str, str] | None = None
 ) -> list[str]:
@@ -331,6 +355,7 @@ def fetch_inputs(
     try:
         if phase == "data":
             origin = fetch_assistant(spec, into / ASSISTANT_DIR, env)
+            check_named_paths(spec, into / ASSISTANT_DIR, origin)
             written.append(f"{into / ASSISTANT_DIR}: {origin}")
             _write_yaml(into / LLM_CONFIG, llm_config(spec))
             written.append(str(into / LLM_CONFIG))

@@ -220,10 +220,12 @@ def write_inputs(local: LocalRecipe, phase: Phase) -> None:
         assistant = folder / inputs.ASSISTANT_DIR
         if local.assistant is not None:  # prompt templates are named relative to the config files
             assistant.symlink_to(local.assistant, target_is_directory=True)
+            origin = str(local.assistant)
         else:
             source = spec.assistant.source.s3
             environ = {**os.environ, **(s3_env(source) if source is not None else {})}
-            inputs.fetch_assistant(spec, assistant, environ)
+            origin = inputs.fetch_assistant(spec, assistant, environ)
+        inputs.check_named_paths(spec, assistant, origin)
         _write_yaml(folder / inputs.LLM_CONFIG, inputs.llm_config(spec))
         rephrase = inputs.rephrase_config(spec)
         if rephrase is not None:
