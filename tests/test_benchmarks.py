@@ -1,6 +1,6 @@
 """The benchmark scripts still run: each one, as its own command, with tiny parameters, checked by its JSON.
 
-All three start at once (they mostly wait: on the slow LLM, on subprocesses, on the operator), so the
+All four start at once (they mostly wait: on the slow LLM, on subprocesses, on the operator), so the
 module takes about as long as the slowest one. The figures are not checked against targets here, only
 that they are there and make sense (docs/benchmarks.md holds the measured ones).
 """
@@ -23,6 +23,7 @@ TINY: dict[str, list[str]] = {
     "prepare_data_llm": ["--tests", "4", "--latency", "0.02", "--rephrases", "1", "--concurrency", "1", "4"],
     "train_throughput": ["--tests", "2", "--epochs", "1", "--batch-size", "2", "--repeats", "1"],
     "operator_scale": ["--recipes", "3", "--timeout", "60"],
+    "train_gpu": ["--shape", "tiny", "--tests", "2", "--batch-size", "2", "--variants", "lora", "lora-gc"],
 }
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -125,3 +126,17 @@ def test_operator_scale(runs: dict[str, Run]) -> None:
     assert run["status_patches_per_recipe"] >= 4
     assert run["rss_peak_mib"] >= run["rss_idle_mib"] > 0
     assert run["operator_cpu_s"] > 0
+
+
+def test_train_gpu(runs: dict[str, Run]) -> None:
+    """On this CPU: the tiny shape, float32 and SDPA, no GPU memory; on a GPU the same fields hold figures."""
+    data = runs["train_gpu"].result()
+    assert data["params"]["shape"] == "tiny" and data["params"]["examples"] > 0
+    assert "torch" in data["machine"] and "bitsandbytes" in data["machine"]
+    by_variant = {r["variant"]: r for r in data["runs"]}
+    assert set(by_variant) == {"lora", "lora-gc"}
+    for run in by_variant.values():
+        assert run["state"] == "ok", run
+        assert (run["dtype"], run["attention"], run["mixed_precision"]) == ("float32", "sdpa", None)
+        assert run["steps"] > 0 and run["tokens_per_s"] > 0 and run["process_wall_s"] > 0
+        assert run["gpu_peak_gb"] is None
