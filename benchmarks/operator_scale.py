@@ -12,7 +12,8 @@ phase after phase, until every recipe is `Succeeded`. Evaluation is enabled (`--
 Per N: time until every data Job exists, time of the whole lifecycle, the operator's API requests per
 recipe (by verb and resource), status patches per recipe, the operator's CPU seconds, and its RSS (idle
 before the recipes, after the data Jobs, at the end, and the peak, VmHWM). The operator's log is kept
-beside the JSON file (`<json stem>-<N>.log`).
+beside the JSON file (`<json stem>-<N>.log`). The emulator is the tests' own (a request costs the same
+however many came before), with the OpenAPI/CEL validation of recipe writes off.
 
     .venv/bin/python benchmarks/operator_scale.py [--recipes 200 500] [--no-evaluation]
         [--json output/benchmarks/operator_scale.json]
@@ -68,62 +69,6 @@ REPORTS: dict[Phase, PhaseReport] = {
         ok=True, message="scored", figures={"command_accuracy": 0.9, "per_command_f1": {"start flow": 0.95}}
     ),
 }
-
-
-def scale_the_emulator(cluster: KubeCluster) -> None:
-    """Make the emulator itself cheap enough for hundreds of recipes; what the operator sees is unchanged.
-
-    Measured without these, the emulator (in this process) and not the operator set every figure:
-    20 recipes' lifecycle took 270 s, 90 % of it in kmock matching each request against its whole
-    request history (quadratic), and at 200 recipes the CEL and OpenAPI validation of every recipe write
-    (celpy, about 10 ms each) and the scans of all stored objects per LIST took most of what was left.
-
-    * request matching: `request in view` is decided by the request alone for the views the emulator's
-      reactions use (the root, filters on it, priority markers); other views keep kmock's answer;
-    * validation off: schema pruning and defaulting stay, the OpenAPI/CEL checks of custom resources go
-      (the operator's writes are valid; tests/test_operator.py runs them with validation on);
-    * LIST compares the resource's plural before kmock's (slow) resource equality.
-    """
-    from kmock._internal import dsl, rendering
-
-    from support.k8s import FakeKubernetes
-
-    cluster.emulator.validation = False
-    original = dsl.View.__contains__
-    if getattr(original, "fast", False):
-        return
-
-    def member(view: Any, request: Any) -> bool | None:
-        kind = type(view)
-        if kind is dsl.Filter:
-            return member(view._source, request) if view.criteria(request) else False
-        if kind is dsl.Priority:
-            return member(view._source, request)
-        if isinstance(view, dsl.Root):
-            requests = view._requests
-            return bool(requests) and (requests[-1] is request or any(r is request for r in requests))
-        return None
-
-    def contains(view: Any, item: Any) -> bool:
-        if isinstance(item, rendering.Request):
-            found = member(view, item)
-            if found is not None:
-                return found
-        return bool(original(view, item))
-
-    def snapshot(self: Any, resource: Any, matches: Callable[[Body], bool]) -> list[Body]:
-        plural = resource.plural
-        bodies = [
-            obj.raw
-            for (res, _, _), obj in self.objects.items()
-            if res.plural == plural and res == resource and not obj.deleted and matches(obj.raw)
-        ]
-        bodies.sort(key=lambda b: (b["metadata"].get("namespace") or "", b["metadata"]["name"]))
-        return [copy.deepcopy(body) for body in bodies]
-
-    contains.fast = True  # type: ignore[attr-defined]
-    dsl.View.__contains__ = contains  # type: ignore[method-assign]
-    FakeKubernetes._snapshot = snapshot  # type: ignore[method-assign]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -273,9 +218,13 @@ def request_counts(cluster: KubeCluster, first: int) -> dict[str, int]:
 
 def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[str, Any]:
     phases: list[Phase] = ["data", "train", "evaluate"] if evaluation else ["data", "train"]
-    with tempfile.TemporaryDirectory(prefix="ftrecipe-bench-operator-") as tmp, KubeCluster() as cluster:
+    # Validation off: the operator's writes are valid (tests/test_operator.py checks them with it on), and
+    # here the emulator's OpenAPI checks of every recipe write would only take CPU from the operator.
+    with (
+        tempfile.TemporaryDirectory(prefix="ftrecipe-bench-operator-") as tmp,
+        KubeCluster(validation=False) as cluster,
+    ):
         cluster.ensure_namespace(NS)
-        scale_the_emulator(cluster)
         with operator_process(cluster, Path(tmp)) as (process, metrics_port, health_port):
             wait_until(lambda: get(f"http://127.0.0.1:{health_port}/healthz"), "health", process, 60)
             wait_until(

@@ -6,9 +6,12 @@ import copy
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import kmock
 import kopf
 import kubernetes.client
 import kubernetes.config
@@ -16,7 +19,16 @@ import kubernetes.watch
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from support.k8s import CRD_GROUP, CRD_KIND, CRD_PLURAL, CRD_RESOURCE, CRD_VERSION, K8s, operator_settings
+from support.k8s import (
+    CRD_GROUP,
+    CRD_KIND,
+    CRD_PLURAL,
+    CRD_RESOURCE,
+    CRD_VERSION,
+    K8s,
+    _sees,
+    operator_settings,
+)
 
 Body = dict[str, Any]
 NAMESPACE = "team-a"
@@ -319,3 +331,130 @@ def test_operator_from_a_module(k8s: K8s, tmp_path: Path, monkeypatch: pytest.Mo
             k8s.wait_for(lambda n=name: read_recipe(k8s, n).get("status", {}).get("phase") == "Pending")  # type: ignore[misc]
     assert not list(kopf.get_default_registry()._changing.get_all_handlers())
     sys.modules.pop("k8s_fixture_handlers", None)
+
+
+class _CountingRequests(list[kmock.Request]):
+    """The emulator's request history, counting the requests each scan of it hands out."""
+
+    visited = 0
+
+    def __iter__(self) -> Iterator[kmock.Request]:
+        for request in super().__iter__():
+            self.visited += 1
+            yield request
+
+    def __reversed__(self) -> Iterator[kmock.Request]:
+        for request in super().__reversed__():
+            self.visited += 1
+            yield request
+
+
+def test_a_request_costs_the_same_however_many_came_before(k8s: K8s) -> None:
+    """kmock chose each request's reaction by scanning the whole request history once per reaction it
+    tried: quadratic over a test (or a benchmark). The history is scanned no further than the request."""
+    emulator = k8s.emulator
+
+    async def count_scans() -> _CountingRequests:
+        counting = _CountingRequests(emulator._requests)
+        emulator._requests = counting
+        return counting
+
+    counting = k8s.call(count_scans)
+
+    def scanned_by_one_read() -> int:
+        before = counting.visited
+        k8s.core.read_namespace("default")
+        return counting.visited - before
+
+    early = scanned_by_one_read()
+    for _ in range(150):
+        k8s.core.read_namespace("default")
+    late = scanned_by_one_read()
+    assert len(k8s.requests()) > 150
+    assert early == late, f"reading an object scanned {early} requests, 150 requests later {late}"
+    assert 0 < late <= len(emulator._payloads)  # at most one look at the newest request per reaction
+
+
+def test_reactions_are_chosen_as_kmock_chooses_them(k8s: K8s) -> None:
+    """`_sees` answers `request in view` as kmock does, for kmock's own reactions and for a test's
+    reaction that injects an error once (a slice: kmock decides that one from the history)."""
+    k8s.ensure_namespace(NAMESPACE)
+
+    async def inject() -> None:
+        k8s.emulator[f"get /api/v1/namespaces/{NAMESPACE}"][:1] << 503
+
+    k8s.call(inject)
+    with pytest.raises(ApiException) as injected:
+        k8s.core.read_namespace(NAMESPACE)
+    assert injected.value.status == 503
+    served = k8s.core.read_namespace(NAMESPACE).metadata  # the next one is served
+    assert served is not None and served.name == NAMESPACE
+    create_recipe(k8s, "r7")
+    patch_recipe(k8s, "r7", {"status": {"phase": "Pending"}}, status=True)
+    k8s.custom.list_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL)
+    k8s.custom.delete_namespaced_custom_object(CRD_GROUP, CRD_VERSION, NAMESPACE, CRD_PLURAL, "r7")
+    with pytest.raises(ApiException):
+        read_recipe(k8s, "r7")
+    for path in ("/apis", "/apis/batch/v1", "/version"):  # discovery: kmock's regex-filtered reactions
+        with urllib.request.urlopen(k8s.url + path) as response:
+            assert response.status == 200
+
+    async def disagreements() -> list[tuple[str, str, bool]]:
+        emulator = k8s.emulator
+        return [
+            (repr(payload._source), f"{request.method} {request.url}", seen)
+            for payload in emulator._payloads
+            for request in emulator._requests
+            if (seen := _sees(payload._source, request)) != (request in payload._source)
+        ]
+
+    assert len(k8s.requests()) >= 9
+    assert k8s.call(disagreements) == []
+
+
+def test_cel_rules_run_once_per_spec(k8s: K8s) -> None:
+    """celpy is slow: writes that leave the spec as it was reuse its verdict; a new spec is checked."""
+    k8s.ensure_namespace(NAMESPACE)
+    cel = k8s.emulator._cel[kmock.resource(CRD_RESOURCE)]
+    before = cel.evaluations["spec"]
+    create_recipe(k8s, "r8")
+    create_recipe(k8s, "r9")  # the same spec as r8
+    for index in range(3):
+        patch_recipe(k8s, "r8", {"metadata": {"annotations": {"touched": str(index)}}})
+        patch_recipe(k8s, "r8", {"status": {"observedGeneration": index}}, status=True)
+    assert cel.evaluations["spec"] - before == 1
+
+    patch_recipe(k8s, "r8", {"spec": {"suspend": True}})
+    assert cel.evaluations["spec"] - before == 2
+    two_sources = {"git": {"url": "https://example.com/a.git"}, "configMap": {"name": "files"}}
+    for _ in range(2):  # rejected the first time, and again from the memo
+        with pytest.raises(ApiException) as rejected:
+            patch_recipe(k8s, "r8", {"spec": {"assistant": {"source": two_sources}}})
+        assert rejected.value.status == 422 and "assistant.source" in str(rejected.value.body)
+    assert cel.evaluations["spec"] - before == 3
+    assert read_recipe(k8s, "r8")["spec"]["suspend"] is True
+
+
+def test_a_dependent_created_after_its_owner_is_gone_is_collected(k8s: K8s) -> None:
+    """The owner is looked up by its reference, and by its uid among all objects when that finds none."""
+    k8s.ensure_namespace(NAMESPACE)
+    owner = create_recipe(k8s, "r10")
+
+    def job(job_name: str, kind: str = CRD_KIND, name: str = "r10") -> Body:
+        reference = {"apiVersion": owner["apiVersion"], "kind": kind, "name": name}
+        reference["uid"] = owner["metadata"]["uid"]
+        body = {"metadata": {"name": job_name, "ownerReferences": [reference]}, "spec": {"template": {}}}
+        return k8s.create("batch/v1/jobs", body, NAMESPACE)
+
+    job("by-reference")
+    job("by-uid", kind="KindTheEmulatorDoesNotServe", name="elsewhere")
+    assert k8s.get("batch/v1/jobs", "by-reference", NAMESPACE) is not None
+    assert k8s.get("batch/v1/jobs", "by-uid", NAMESPACE) is not None
+
+    k8s.delete(CRD_RESOURCE, "r10", NAMESPACE)
+    assert k8s.list("batch/v1/jobs", NAMESPACE) == []
+    job("late")  # e.g. by an operator that had not seen the deletion yet
+    assert k8s.get("batch/v1/jobs", "late", NAMESPACE) is None
+    create_recipe(k8s, "r10")  # the same name, another uid: not the owner
+    job("stale")
+    assert k8s.get("batch/v1/jobs", "stale", NAMESPACE) is None

@@ -78,8 +78,9 @@ import kubernetes.config.kube_config
 import pytest
 import yaml
 from celpy.adapter import json_to_cel
-from kmock._internal import parsing as _kmock_parsing  # only to fix the parsing of /api/v1/namespaces
 from kmock._internal import dsl as _kmock_dsl  # only for `_sees`: kmock's view classes
+from kmock._internal import parsing as _kmock_parsing  # only to fix the parsing of /api/v1/namespaces
+from kmock._internal.rendering import ReactionMismatchError  # = kmock.ReactionMismatchError, not in __all__
 
 Json: TypeAlias = Any
 Body: TypeAlias = dict[str, Any]
@@ -521,14 +522,107 @@ def _cel_violations(schema: Json, value: Json, path: str = "") -> Iterator[str]:
             yield from _cel_violations(schema["items"], item, f"{path}[{index}]")
 
 
-def _schema_violations(validator: jsonschema.Draft4Validator, value: Json) -> list[str]:
+class _CelMemo:
+    """``_cel_violations`` of one resource's objects, each top-level field's verdict memoised by its JSON.
+
+    Why: celpy takes about 10 ms per recipe spec, and most writes (kopf's annotations, the operator's
+    status) leave the spec as it was. Rules on the root itself (none in our CRD) run every time.
+    """
+
+    def __init__(self, schema: Json, limit: int = 4096) -> None:
+        self.schema = schema
+        self.limit = limit
+        self.evaluations: collections.Counter[str] = collections.Counter()  # celpy runs, by field
+        self._verdicts: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def violations(self, body: Body) -> list[str]:
+        problems = list(_cel_violations(_without(self.schema, "properties"), body))
+        for key, sub in (self.schema.get("properties") or {}).items():
+            if key not in body:
+                continue
+            memo_key = (key, json.dumps(body[key], sort_keys=True))
+            verdict = self._verdicts.get(memo_key)
+            if verdict is None:
+                if len(self._verdicts) >= self.limit:
+                    self._verdicts.clear()  # bounded; a miss only costs one evaluation
+                verdict = self._verdicts[memo_key] = tuple(_cel_violations(sub, body[key], f".{key}"))
+                self.evaluations[key] += 1
+            problems.extend(verdict)
+        return problems
+
+
+def _schema_violations(
+    validator: jsonschema.Draft4Validator, value: Json, cel: _CelMemo | None = None
+) -> list[str]:
     """What the API server's OpenAPI and CEL validation of a custom resource would reject."""
     schema = validator.schema
     problems = [
         f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
         for error in validator.iter_errors(value)
     ]
-    return problems or list(_cel_violations(schema, value))
+    if problems:
+        return problems
+    if cel is not None and isinstance(value, dict):
+        return cel.violations(value)
+    return list(_cel_violations(schema, value))
+
+
+# --------------------------------------------------------------------------------------------------------
+# kmock's request dispatch without its quadratic cost. kmock picks the reaction that serves a request
+# with `request in view`, and a view answers that by filtering its whole request history: each request
+# cost (reactions tried) x (requests so far) criteria checks, so a test's or benchmark's emulator slowed
+# down as it went (benchmarks/operator_scale.py: 20 recipes' lifecycle took 270 s, 90 % of it there).
+# For the views the emulator and tests build (the root, filters on it, priority markers), a request
+# being served is in the view iff the filters accept the request itself: `_sees` answers from it alone
+# and leaves every other view (slices, groups, exclusions, streams) to kmock. FakeKubernetes._handle uses
+# it; kmock's classes and functions stay as they are.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_kmock_views() -> None:
+    """Fail at import, saying what moved, if kmock's views no longer work the way `_sees` assumes."""
+    fields: dict[type[Any], set[str]] = {
+        _kmock_dsl.Root: {"_requests", "_payloads"},
+        _kmock_dsl.Filter: {"_source", "criteria"},
+        _kmock_dsl.Priority: {"_source"},
+        _kmock_dsl.Reaction: {"_source", "_disabled"},
+    }
+    problems = [
+        f"kmock.dsl.{cls.__name__} has no {name}"
+        for cls, names in fields.items()
+        for name in sorted(names - {f.name for f in attrs.fields(cls)})
+    ]
+    # Membership is iteration: a Root yields its requests, a Priority its source's, a Filter its
+    # source's that its criteria accept; none of them answers `in` another way.
+    if _kmock_dsl.Priority.__iter__ is not _kmock_dsl.Chained.__iter__:
+        problems.append("kmock.dsl.Priority filters what it iterates")
+    for cls in (_kmock_dsl.Root, _kmock_dsl.Filter, _kmock_dsl.Priority):
+        if cls.__contains__ is not _kmock_dsl.View.__contains__:
+            problems.append(f"kmock.dsl.{cls.__name__} has its own __contains__")
+    if not isinstance(getattr(_kmock_dsl.Reaction, "priorities", None), property):
+        problems.append("kmock.dsl.Reaction has no priorities")
+    if problems:
+        raise ImportError(
+            f"kmock {importlib.metadata.version('kmock')} differs from what tests/support/k8s.py's "
+            f"_sees and FakeKubernetes._handle were written for (kmock 0.8): {'; '.join(problems)}"
+        )
+
+
+_check_kmock_views()
+
+
+def _sees(view: _kmock_dsl.View, request: kmock.Request) -> bool:
+    """``request in view`` (kmock: a scan of the view's whole history) from the request alone, where the
+    view allows it; `request` is one its root has received (the one being served)."""
+    kind = type(view)
+    if kind is _kmock_dsl.Filter:
+        return _sees(view._source, request) and bool(view.criteria(request))  # type: ignore[attr-defined]
+    if kind is _kmock_dsl.Priority:
+        return _sees(view._source, request)  # type: ignore[attr-defined]
+    if isinstance(view, _kmock_dsl.Root) and type(view).__iter__ is _kmock_dsl.Root.__iter__:
+        # By identity, as kmock does; newest first: the request being served is at or near the end.
+        return any(seen is request for seen in reversed(view._requests))
+    return request in view
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -579,7 +673,10 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     * DELETE honours finalizers (as kmock did) and then garbage-collects dependents by
       ``ownerReferences`` (Background/Foreground; Orphan strips the references).
     * Custom resources are pruned, defaulted and validated (OpenAPI schema and CEL rules, 422) by the
-      CRD's schema, as the API server does; status writes are validated too.
+      CRD's schema, as the API server does; status writes are validated too. CEL verdicts are memoised
+      per top-level field (``_CelMemo``): celpy is slow, and most writes leave the spec unchanged.
+    * A request costs the same however many came before it: kmock matched it against its whole request
+      history once per reaction tried (``_sees``); LIST compares plurals before kmock's resources.
     * Errors are real ``Status`` objects with the usual ``reason``/``code``.
     """
 
@@ -596,6 +693,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     # What `GET pods/NAME/log` returns, by (namespace, pod, container): the kubelet's side of logs.
     pod_logs: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
     _validators: dict[kmock.resource, jsonschema.Draft4Validator] = attrs.field(factory=dict, init=False)
+    _cel: dict[kmock.resource, _CelMemo] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -616,6 +714,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             if crd.schema:
                 self._schemas[kmock.resource(crd.resource)] = crd.schema
                 self._validators[kmock.resource(crd.resource)] = jsonschema.Draft4Validator(crd.schema)
+                self._cel[kmock.resource(crd.resource)] = _CelMemo(crd.schema)
 
     # ---- bookkeeping ----
 
@@ -673,7 +772,11 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         schema = self._schemas.get(resource)
         if schema:
             body = _apply_defaults(schema, _prune(schema, body, root=True))
-            problems = _schema_violations(self._validators[resource], body) if self.validation else []
+            problems = (
+                _schema_violations(self._validators[resource], body, self._cel[resource])
+                if self.validation
+                else []
+            )
             if problems:
                 name = body.get("metadata", {}).get("name")
                 raise ApiError(
@@ -753,13 +856,26 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         await self._emit(resource, "ADDED", body)
         created = copy.deepcopy(body)
         owners = body["metadata"].get("ownerReferences") or []
-        if self.garbage_collection and owners:
-            live = {obj.raw["metadata"]["uid"] for obj in self.objects.values() if not obj.deleted}
-            if not any(ref.get("uid") in live for ref in owners):
-                # Kubernetes' garbage collector deletes a dependent whose owners are all gone (e.g. a Job
-                # created by an operator that had not yet seen its recipe's deletion).
-                await self.delete_object(resource, namespace, name)
+        if self.garbage_collection and owners and not self._any_owner_live(namespace, owners):
+            # Kubernetes' garbage collector deletes a dependent whose owners are all gone (e.g. a Job
+            # created by an operator that had not yet seen its recipe's deletion).
+            await self.delete_object(resource, namespace, name)
         return created
+
+    def _any_owner_live(self, namespace: str | None, refs: Sequence[Body]) -> bool:
+        """Whether a stored object has the uid of one of `refs`. Looked up by each reference first, as
+        Kubernetes' garbage collector does; every stored object is scanned only when that finds none
+        (a scan per created Job made creating them quadratic in the number of objects)."""
+        uids = {ref.get("uid") for ref in refs} - {None}
+        for ref in refs:
+            for resource in self.resources:
+                if resource.plural is None or self._api_version(resource) != ref.get("apiVersion"):
+                    continue
+                if self.resources[resource].kind == ref.get("kind") and isinstance(ref.get("name"), str):
+                    owner = self._live(resource, self._namespace_of(resource, namespace), ref["name"])
+                    if owner is not None and owner.raw["metadata"].get("uid") in uids:
+                        return True
+        return any(obj.raw["metadata"].get("uid") in uids for obj in self.objects.values() if not obj.deleted)
 
     async def update_object(
         self,
@@ -896,7 +1012,27 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         # Skip KubernetesEmulator._handle: it applies kmock's own (gap-ridden) writes before any reaction.
         # Here, writes happen in the fallback `_serve_*` methods, i.e. only when no test reaction answers:
         # a reaction that injects an error (`k8s.emulator[...] << 500`) means the write did not happen.
-        return await super(kmock.KubernetesEmulator, self)._handle(request)
+        # The rest is kmock's RawHandler._handle, with `_sees` for its `request in payload._source`.
+        for payload in self._by_priority():
+            if _sees(payload._source, request) and not payload._disabled.is_set():
+                try:
+                    return await payload(request)
+                except ReactionMismatchError:  # either mismatch or depletion
+                    payload._disabled.set()
+                except NotImplementedError:  # matched, but nothing to respond with
+                    pass
+        raise NotImplementedError(
+            "Undefined server behaviour: no reaction matching the request is defined. "
+            "Consider adding a catch-all fallback reaction: `kmock.fallback << 404`."
+        )
+
+    def _by_priority(self) -> builtins.list[_kmock_dsl.Reaction]:
+        """The reactions, highest priority first, in the order kmock's RawHandler._handle tries them."""
+        # Priorities of mixed lengths are padded with zeroes, so that `fallback ** N` is a sub-priority.
+        priorities = [payload.priorities for payload in self._payloads]
+        width = max((len(priority) for priority in priorities), default=0)
+        keys = [tuple(-p for p in priority) + (0,) * (width - len(priority)) for priority in priorities]
+        return [self._payloads[index] for index in sorted(range(len(keys)), key=keys.__getitem__)]
 
     async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
         resource = request.resource
@@ -1020,10 +1156,12 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         return matches
 
     def _snapshot(self, resource: kmock.resource, matches: Predicate) -> list[Body]:
+        plural = resource.plural
         bodies = [
             obj.raw
             for (res, _, _), obj in self.objects.items()
-            if res == resource and not obj.deleted and matches(obj.raw)
+            # The plural first: kmock's resource equality costs a pattern match per stored object.
+            if res.plural == plural and res == resource and not obj.deleted and matches(obj.raw)
         ]
         bodies.sort(key=lambda b: (b["metadata"].get("namespace") or "", b["metadata"]["name"]))
         return [copy.deepcopy(body) for body in bodies]
@@ -1139,10 +1277,15 @@ class KubeCluster:
     """
 
     def __init__(
-        self, *, crds: Sequence[CrdInfo] = (CRD, *KOPF_PEERINGS), namespaces: Sequence[str] = ("default",)
+        self,
+        *,
+        crds: Sequence[CrdInfo] = (CRD, *KOPF_PEERINGS),
+        namespaces: Sequence[str] = ("default",),
+        validation: bool = True,
     ) -> None:
         self.crds = tuple(crds)
         self.initial_namespaces = tuple(namespaces)
+        self.validation = validation  # FakeKubernetes.validation: OpenAPI and CEL checks of custom resources
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -1199,7 +1342,7 @@ class KubeCluster:
 
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
-        emulator = FakeKubernetes(crds=self.crds)
+        emulator = FakeKubernetes(crds=self.crds, validation=self.validation)
         async with emulator:
             for namespace in self.initial_namespaces:
                 await self._create_async(emulator, "v1/namespaces", {"metadata": {"name": namespace}})
