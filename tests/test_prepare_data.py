@@ -311,3 +311,44 @@ def test_cli_missing_api_key_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         "error: LLM openai/gpt-4o: OPENAI_API_KEY is not set: provider openai needs an API key"
     )
+
+
+async def test_labelled_by_the_production_llm_named_in_config_and_endpoints(
+    tmp_path: Path, llm_server: LLMServer, answers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --llm-config at all: Rasa's own files name the generator, its model group and its key variable."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("MONEYBANK_LLM_KEY", llm_server.api_key or "")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        (EXAMPLE / "config.yml").read_text()
+    )  # CompactLLMCommandGenerator, command_generator_llm
+    endpoints = tmp_path / "endpoints.yml"
+    endpoints.write_text(
+        yaml.safe_dump(
+            {
+                "model_groups": [
+                    {
+                        "id": "command_generator_llm",
+                        "models": [
+                            {
+                                "provider": "self-hosted",
+                                "model": "gpt-4o",
+                                "api_base": llm_server.base_url,
+                                "api_key": "${MONEYBANK_LLM_KEY}",
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    llm_server.script(lambda request: answers[request.prompt])
+    result = await prepare_data(options(tmp_path, None, config=config, endpoints=endpoints))
+    assert result.summary["num_annotated_conversations"] == result.summary["num_input_e2e_tests"]
+    assert len(llm_server.chat_requests) == len(answers)
+    assert {r.bearer for r in llm_server.requests if r.chat is not None} == {llm_server.api_key}
+    params = read(tmp_path / "out" / "params.yaml")["command_generator"]
+    assert params["syntax"] == "v2" and "CompactLLMCommandGenerator" in params["source"]
+    assert params["llm"]["api_base"] == llm_server.base_url
+    assert "MONEYBANK_LLM_KEY" in str(params["llm"]) and (llm_server.api_key or "-") not in str(params)
