@@ -193,13 +193,17 @@ def _progress_message(
     says what the progress timer said (the message does not flap between the two)."""
     last = actions[-1] if actions else None
     if isinstance(last, CreateJob | Wait):
-        verb = "suspended" if spec.suspend else "running"
-        line = f"{_HUMAN[last.phase]} {verb} (Job {last.name})"
+        line = _job_line(last.phase, last.name, suspended=spec.suspend)
         section = sections.get(last.phase)
         if section is not None and section.job_name == last.name:
             line = _figures_message(line, section)
         return line
     return "planning"
+
+
+def _job_line(phase: Phase, job_name: str, *, suspended: bool = False) -> str:
+    """`training running (Job X)`: the head of the message while a phase's Job exists."""
+    return f"{_HUMAN[phase]} {'suspended' if suspended else 'running'} (Job {job_name})"
 
 
 def _figures_message(head: str, section: TrainingStatus | EvaluationStatus) -> str:
@@ -292,7 +296,7 @@ def with_progress(
         )
     if section is None or not section.job_name:
         return status
-    message = _figures_message(f"{_HUMAN[phase]} running (Job {section.job_name})", section)
+    message = _figures_message(_job_line(phase, section.job_name), section)
     return status.model_copy(update={field: section, "message": message})
 
 
