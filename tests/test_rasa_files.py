@@ -28,6 +28,7 @@ from ftrecipe.dataprep.e2e import (
     UtterStep,
     read_e2e_tests,
     read_test_suite,
+    scan_e2e_tests,
 )
 from ftrecipe.dataprep.yamlfile import InputError
 
@@ -177,13 +178,59 @@ def test_bad_e2e_files_get_one_line(tmp_path: Path, text: str, message: str) -> 
     assert "\n" not in str(caught.value)
 
 
-def test_test_names_must_be_unique_across_files(tmp_path: Path) -> None:
-    write(tmp_path / "e2e" / "a.yml", "test_cases:\n  - test_case: same\n    steps:\n      - user: hi\n")
+def test_repeated_test_names_are_told_apart_by_file_and_occurrence(tmp_path: Path) -> None:
+    """Rasa runs tests that share a name, in one file and across files: ours reads them all."""
+    write(
+        tmp_path / "e2e" / "a.yml",
+        "test_cases:\n"
+        "  - test_case: same\n    steps:\n      - user: hi\n"
+        "  - test_case: other\n    steps:\n      - user: ho\n"
+        "  - test_case: same\n    steps:\n      - user: hey\n",
+    )
     write(
         tmp_path / "e2e" / "sub" / "b.yml", "test_cases:\n  - test_case: same\n    steps:\n      - user: yo\n"
     )
-    with pytest.raises(InputError, match="test name 'same' is also used in"):
-        read_e2e_tests([tmp_path / "e2e"])
+    a, b = read_e2e_tests([tmp_path / "e2e"])
+    assert [t.name for t in a.test_cases] == ["same", "other", "same"]
+    assert [t.key for t in a.test_cases] == ["same#1", "other", "same#2"]
+    assert [t.line for t in a.test_cases] == [2, 5, 8]
+    assert [t.key for t in b.test_cases] == ["same"]  # unique in its own file: no suffix
+    ids = [t.id for t in (*a.test_cases, *b.test_cases)]
+    assert ids == [
+        f"{tmp_path}/e2e/a.yml::same#1",
+        f"{tmp_path}/e2e/a.yml::other",
+        f"{tmp_path}/e2e/a.yml::same#2",
+        f"{tmp_path}/e2e/sub/b.yml::same",
+    ]
+
+
+def test_files_without_test_cases_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    folder = tmp_path / "e2e"
+    write(folder / "a_empty.yml", "")
+    write(folder / "b_commented.yml", "# test_cases:\n#  - test_case: x\n#    steps:\n#      - user: hi\n")
+    write(folder / "c_empty_list.yml", "test_cases: []\n")
+    write(folder / "d_null.yml", "test_cases:\n#  - test_case: x\n")
+    write(folder / "e_fixtures_only.yml", "fixtures:\n  - f:\n      - s: 1\n# test_cases:\n")
+    write(folder / "f_real.yml", "test_cases:\n  - test_case: real\n    steps:\n      - user: hi\n")
+    scanned = scan_e2e_tests([folder])
+    assert [s.path.name for s in scanned.suites] == ["f_real.yml"]
+    assert scanned.num_test_cases == 1
+    assert [(s.path.name, s.reason) for s in scanned.skipped] == [
+        ("a_empty.yml", "empty (or all commented out)"),
+        ("b_commented.yml", "empty (or all commented out)"),
+        ("c_empty_list.yml", "`test_cases:` is empty"),
+        ("d_null.yml", "`test_cases:` is empty"),
+        ("e_fixtures_only.yml", "no `test_cases:` (commented out?)"),
+    ]
+    assert (
+        scanned.skipped[0].note(tmp_path)
+        == "e2e/a_empty.yml: skipped, no test cases: empty (or all commented out)"
+    )
+    assert [s.path.name for s in read_e2e_tests([folder])] == ["f_real.yml"]
+    # Other YAML in a test folder stays an error.
+    write(folder / "g_flows.yml", "flows: {}\n")
+    with pytest.raises(InputError, match=r"g_flows\.yml: not an E2E test file"):
+        scan_e2e_tests([folder])
 
 
 def test_folders_are_searched_recursively_in_stable_order(tmp_path: Path) -> None:
@@ -296,7 +343,8 @@ def make_assistant(root: Path) -> Path:
 
 def test_multi_file_assistant(tmp_path: Path) -> None:
     assistant = load_assistant(make_assistant(tmp_path))
-    assert set(assistant.flows) == {"transfer_money", "pattern_chitchat", "check_balance", "verify"}
+    own = {flow.id for flow in assistant.flows.values() if flow.file is not None}  # the rest: Rasa's defaults
+    assert own == {"transfer_money", "pattern_chitchat", "check_balance", "verify"}
     assert [f.id for f in assistant.user_flows()] == ["transfer_money", "check_balance", "verify"]
     transfer = assistant.flows["transfer_money"]
     assert transfer.name == "send money"
@@ -345,13 +393,7 @@ def test_multi_file_assistant(tmp_path: Path) -> None:
             ),
             "collects slot 'nope', which no domain file defines",
         ),
-        (
-            lambda root: write(
-                root / "data" / "x.yml",
-                "flows:\n  f:\n    description: d\n    steps:\n      - collect: account\n",
-            ),
-            "needs the response 'utter_ask_account' in the domain",
-        ),
+        # A collect without a question is a warning now (Rasa runs it): tests/test_rasa_assistants.py.
         (
             lambda root: write(
                 root / "data" / "x.yml",

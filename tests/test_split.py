@@ -382,11 +382,42 @@ def test_e2e_split_renaming_avoids_taken_names(tmp_path: Path) -> None:
     assert e2e.read_test_suite(tmp_path / "validation.yaml").test_cases == ()
 
 
-def test_e2e_split_refuses_duplicate_test_names(tmp_path: Path) -> None:
-    for name in ("a", "b"):
-        (tmp_path / f"{name}.yml").write_text(
-            "test_cases:\n  - test_case: same\n    steps:\n      - user: hi\n", encoding="utf-8"
-        )
-    suites = [e2e.read_test_suite(tmp_path / f"{name}.yml") for name in ("a", "b")]
-    with pytest.raises(ValueError, match="unique"):
-        write_e2e_split(suites, [], tmp_path / "t.yaml", tmp_path / "v.yaml", base=tmp_path)
+def test_e2e_split_writes_repeated_test_names_apart(tmp_path: Path) -> None:
+    """Rasa runs tests that share a name; in the merged files each gets its own name, the original visible."""
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "a.yml").write_text(
+        "stub_custom_actions:\n"
+        "  same::action_pay:\n    events: []\n    responses: []\n"
+        "test_cases:\n"
+        "  - test_case: same\n    steps:\n      - user: one\n"
+        "  - test_case: other\n    steps:\n      - user: two\n"
+        "  - test_case: same\n    steps:\n      - user: three\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "e2e" / "b.yml").write_text(
+        "stub_custom_actions:\n"
+        "  action_hello:\n    events: []\n    responses: [{text: hi}]\n"
+        "test_cases:\n  - test_case: same\n    steps:\n      - user: four\n",
+        encoding="utf-8",
+    )
+    suites = e2e.read_e2e_tests([tmp_path / "e2e"])
+    train_path, validation_path = tmp_path / "train.yaml", tmp_path / "validation.yaml"
+    write_e2e_split(suites, ["e2e/a.yml::same#1", "e2e/b.yml::same"], train_path, validation_path, tmp_path)
+
+    train = e2e.read_test_suite(train_path)
+    assert [(t.name, t.steps[0].text) for t in train.test_cases] == [  # type: ignore[union-attr]
+        ("same#1 (e2e/a.yml)", "one"),
+        ("same (e2e/b.yml)", "four"),
+    ]
+    # a.yml's stub for its tests named `same` follows each of them; b.yml's file-wide stub stays on b's test.
+    assert dict(train.stubs) == {
+        "same (e2e/b.yml)::action_hello": {"events": [], "responses": [{"text": "hi"}]},
+        "same#1 (e2e/a.yml)::action_pay": {"events": [], "responses": []},
+    }
+    validation = e2e.read_test_suite(validation_path)
+    assert [(t.name, t.steps[0].text) for t in validation.test_cases] == [  # type: ignore[union-attr]
+        ("other", "two"),
+        ("same#2 (e2e/a.yml)", "three"),
+    ]
+    assert dict(validation.stubs) == {"same#2 (e2e/a.yml)::action_pay": {"events": [], "responses": []}}
+    assert all(t.occurrence == 0 for t in (*train.test_cases, *validation.test_cases))

@@ -8,6 +8,7 @@ functions (`expectations`, `problems`, `derive_commands`); the async driver only
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +34,23 @@ from ftrecipe.dataprep.commands import (
     values_match,
 )
 from ftrecipe.dataprep.e2e import (
+    BotStep,
     ClarificationContains,
     FlowCancelled,
     FlowStarted,
+    SlotCheck,
+    SlotWasNotSetStep,
     SlotWasSet,
+    SlotWasSetStep,
     TestCase,
     TestSuite,
     UserStep,
+    UtterStep,
 )
 from ftrecipe.dataprep.llm import LLMClient, LLMError
 from ftrecipe.dataprep.prompt import PromptTemplate
 from ftrecipe.dataprep.state import Turn, conversation
+from ftrecipe.dataprep.yamlfile import plain
 
 # Built-in patterns whose start means the command generator issued this command.
 PATTERN_COMMANDS: dict[str, Command] = {
@@ -138,7 +145,12 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
                     without_value.append(check.name)
                     undetermined.append(f"slot_was_set {check.name} has no value")
     unique = tuple(dict.fromkeys(required))
-    if not unique and not start_one_of and not without_value and not correction:
+    if not step.assertions:
+        undetermined.append(
+            "the user step has no assertions (a legacy-style test shows only the bot's turns): "
+            "label it with --annotator llm"
+        )
+    elif not unique and not start_one_of and not without_value and not correction:
         undetermined.append("the assertions do not say what the user's message did")
     return Expectations(unique, tuple(start_one_of), tuple(without_value), correction, tuple(undetermined))
 
@@ -176,6 +188,190 @@ def problems(turn: Turn, commands: Sequence[Command], assistant: Assistant, synt
         if fills and not _asks_before_filling(assistant, asked):
             found.append(f"sets {asked}, but the bot asks for {asked} right after")
     return found
+
+
+# ------------------------------------------------------------------------------------------ legacy tests
+
+
+@dataclass(frozen=True)
+class ShownAfter:
+    """What a legacy-style test shows between a user step without assertions and the next user step."""
+
+    responses: tuple[str, ...] = ()  # `utter` names, and `bot` texts of a known response, in order
+    slots_set: tuple[SlotCheck, ...] = ()
+    slots_not_set: tuple[SlotCheck, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.responses or self.slots_set or self.slots_not_set)
+
+
+def _response_pattern(text: str) -> re.Pattern[str]:
+    """A response text as a pattern a rendered `bot:` line matches: `{slot}` placeholders match anything."""
+    parts = re.split(r"\{\w+\}", text.strip())
+    return re.compile(".+?".join(re.escape(part) for part in parts), re.DOTALL)
+
+
+def _response_of_text(assistant: Assistant, text: str) -> str | None:
+    """The response a `bot:` line is a rendering of; a variant that is only placeholders matches nothing."""
+    for response in assistant.responses.values():
+        for variant in response.texts:
+            literal = re.sub(r"\{\w+\}", "", variant).strip()
+            if literal and _response_pattern(variant).fullmatch(text.strip()):
+                return response.name
+    return None
+
+
+def shown_after(assistant: Assistant, test: TestCase, index: int) -> ShownAfter:
+    """The bot / utter / slot_was_set / slot_was_not_set steps after user step `index`, up to the next."""
+    responses: list[str] = []
+    slots_set: list[SlotCheck] = []
+    slots_not_set: list[SlotCheck] = []
+    for later in test.steps[index + 1 :]:
+        if isinstance(later, UserStep):
+            break
+        if isinstance(later, UtterStep):
+            responses.append(later.name)
+        elif isinstance(later, BotStep):
+            name = _response_of_text(assistant, later.text)
+            if name is not None:
+                responses.append(name)
+        elif isinstance(later, SlotWasSetStep):
+            slots_set += later.slots
+        elif isinstance(later, SlotWasNotSetStep):
+            slots_not_set += later.slots
+    return ShownAfter(tuple(dict.fromkeys(responses)), tuple(slots_set), tuple(slots_not_set))
+
+
+def _response_owners(assistant: Assistant) -> dict[str, set[str]]:
+    """Each response a flow utters (a collect's question, an `action: utter_…` step) and the flows that do."""
+    owners: dict[str, set[str]] = {}
+    for flow in assistant.flows.values():
+        for step in flow.steps:
+            if step.kind == "collect":
+                owners.setdefault(assistant.ask_response(step), set()).add(flow.id)
+            elif step.kind == "action" and step.target is not None and step.target in assistant.responses:
+                owners.setdefault(step.target, set()).add(flow.id)
+    return owners
+
+
+def _reachable(assistant: Assistant, flow_ids: Sequence[str] | set[str]) -> set[str]:
+    """These flows and every flow they `link` to or `call`, transitively."""
+    seen: set[str] = set()
+    pending = list(flow_ids)
+    while pending:
+        flow_id = pending.pop()
+        if flow_id in seen or flow_id not in assistant.flows:
+            continue
+        seen.add(flow_id)
+        pending += [
+            s.target for s in assistant.flows[flow_id].steps if s.kind in ("link", "call") and s.target
+        ]
+    return seen
+
+
+def _set_by_flows(assistant: Assistant) -> set[str]:
+    return {name for flow in assistant.flows.values() for s in flow.steps for name in s.set_slots}
+
+
+def _legacy_slot_requirements(
+    turn: Turn, shown: ShownAfter, assistant: Assistant
+) -> tuple[list[SetSlot], list[str]]:
+    """The `set slot`s the following slot_was_set steps need (LLM-filled slots no flow sets itself), and the
+    slots that need some set slot (slot_was_set without a value). A slot that already held the shown value
+    needs nothing: setting it again changes nothing."""
+    set_by_flows = _set_by_flows(assistant)
+    with_value: list[SetSlot] = []
+    any_value: list[str] = []
+    for check in shown.slots_set:
+        slot = assistant.slots.get(check.name)
+        if slot is None or not slot.filled_by_llm or check.name in set_by_flows:
+            continue
+        if not check.has_value:
+            any_value.append(check.name)
+        elif check.value is not None:
+            value = _format_value(check.value)
+            before = turn.slots_before.get(check.name)
+            if before is None or not values_match(_format_value(before), value):
+                with_value.append(SetSlot(check.name, value))
+    return list(dict.fromkeys(with_value)), list(dict.fromkeys(any_value))
+
+
+def legacy_problems(
+    turn: Turn, commands: Sequence[Command], assistant: Assistant, syntax: Syntax, shown: ShownAfter
+) -> list[str]:
+    """Where the commands make the bot do other than a legacy-style test shows next, as Rasa's test runner
+    would find the test failing: a response of a user flow needs that flow started (or already active, or
+    reached by a link / call), a newly started flow must be the one the bot goes on with, a slot asked next
+    must stay empty, and the slot_was_set / slot_was_not_set steps must match the `set slot`s."""
+    found: list[str] = []
+    owners = _response_owners(assistant)
+    before = list(turn.active_flows)
+    if turn.current_flow in before and any(isinstance(c, CancelFlow) for c in commands):
+        before.remove(turn.current_flow)
+    started = {
+        c.flow
+        for c in commands
+        if isinstance(c, StartFlow) and c.flow in assistant.flows and not c.flow.startswith("pattern_")
+    }
+    live = _reachable(assistant, set(before) | started)
+    new = started - set(turn.active_flows)
+    by_new = _reachable(assistant, new)
+    flow_responses: dict[str, set[str]] = {}
+    for response in shown.responses:
+        flows = owners.get(response, set())
+        # A pattern's response can come without any flow of the user's: no claim on the commands.
+        if flows and not any(f.startswith("pattern_") for f in flows):
+            flow_responses[response] = flows
+    for response, flows in flow_responses.items():
+        if not flows & live:
+            found.append(
+                f"the bot then says {response} of {', '.join(sorted(flows))}, which this turn neither starts nor continues"
+            )
+    if new and flow_responses and not any(flows & by_new for flows in flow_responses.values()):
+        response, flows = next(iter(flow_responses.items()))
+        found.append(
+            f"starts {', '.join(sorted(new))}, but the bot then says {response} of {', '.join(sorted(flows))}"
+        )
+    for response in shown.responses:
+        for flow in assistant.flows.values():
+            for collect in flow.collect_steps():
+                slot = collect.target
+                if assistant.ask_response(collect) != response or slot is None or slot in turn.next_asks:
+                    continue
+                fills = [
+                    c for c in commands if isinstance(c, SetSlot) and c.name == slot and c.value is not None
+                ]
+                message = f"sets {slot}, but the bot asks for {slot} right after"
+                if fills and not _asks_before_filling(assistant, slot) and message not in found:
+                    found.append(message)
+    with_value, any_value = _legacy_slot_requirements(turn, shown, assistant)
+    for wanted in with_value:
+        if not _has(commands, wanted):
+            found.append(f"missing `{format_command(wanted, syntax)}`")
+    for name in any_value:
+        if not any(isinstance(c, SetSlot) and c.name == name for c in commands):
+            found.append(f"missing a `set slot` of {name}")
+    for check in shown.slots_not_set:
+        for command in commands:
+            if not isinstance(command, SetSlot) or command.name != check.name:
+                continue
+            if not check.has_value or values_match(command.value, _format_value(check.value)):
+                found.append(f"sets {check.name}, but the test shows {check.name} was not set")
+                break
+    return found
+
+
+def _legacy_expected(turn: Turn, assistant: Assistant, syntax: Syntax, shown: ShownAfter) -> list[str]:
+    with_value, any_value = _legacy_slot_requirements(turn, shown, assistant)
+    owners = _response_owners(assistant)
+    lines = [format_command(c, syntax) for c in with_value]
+    lines += [f"set slot {name} <any value>" for name in any_value]
+    for response in shown.responses:
+        flows = owners.get(response, set())
+        if flows and not any(f.startswith("pattern_") for f in flows):
+            lines.append(f"start or continue {' or '.join(sorted(flows))} (the bot then says {response})")
+    lines += [f"no set slot of {check.name}" for check in shown.slots_not_set]
+    return lines
 
 
 def _asks_before_filling(assistant: Assistant, slot: str) -> bool:
@@ -251,12 +447,21 @@ class AnnotationResult:
 Labeller = Callable[[Turn, str], Awaitable[tuple[list[Command], str | None] | str]]
 
 
-def _expected_text(turn: Turn, assistant: Assistant, syntax: Syntax) -> str:
+def _expected_text(turn: Turn, assistant: Assistant, syntax: Syntax, shown: ShownAfter | None = None) -> str:
     expected = expectations(turn, assistant)
     parts = [format_command(c, syntax) for c in fold_for_syntax(expected.required, syntax)]
     parts += [f"start flow one of {', '.join(g)}" for g in expected.start_one_of]
     parts += [f"set slot {name} <any value>" for name in expected.slots_without_value]
+    if shown:
+        parts += _legacy_expected(turn, assistant, syntax, shown)
     return "\n".join(parts) or "(nothing asserted)"
+
+
+def _shown_after_legacy_step(assistant: Assistant, test: TestCase, turn: Turn) -> ShownAfter | None:
+    """What the test shows after this turn when the step is legacy-style (no assertions), else None."""
+    if turn.step.assertions:
+        return None
+    return shown_after(assistant, test, turn.step_index) or None
 
 
 async def annotate_conversation(
@@ -277,9 +482,10 @@ async def annotate_conversation(
         return AnnotatedConversation(suite, test, ())
 
     def failed(actual: str) -> Failure:
-        expected = _expected_text(turn, assistant, syntax)
+        shown = _shown_after_legacy_step(assistant, test, turn)
+        expected = _expected_text(turn, assistant, syntax, shown)
         return Failure(
-            test.name, str(suite.path), turn.turn_index, turn.step_index, turn.text, expected, actual
+            test.key, str(suite.path), turn.turn_index, turn.step_index, turn.text, expected, actual
         )
 
     while True:
@@ -289,6 +495,9 @@ async def annotate_conversation(
             return AnnotatedConversation(suite, test, tuple(turns), failed(outcome))
         commands, raw = outcome
         disagreements = problems(turn, commands, assistant, syntax)
+        shown = _shown_after_legacy_step(assistant, test, turn)
+        if shown is not None:
+            disagreements += legacy_problems(turn, commands, assistant, syntax, shown)
         if disagreements:
             actual = "\n".join(format_command(c, syntax) for c in commands) or "(no commands)"
             failure = failed(f"{actual}\n({'; '.join(disagreements)})")
@@ -365,7 +574,11 @@ def conversation_record(
         else:
             raw = annotated.test.raw["steps"][index]
             steps.append(
-                {key: raw[key] for key in raw if key in ("bot", "utter", "slot_was_set", "slot_was_not_set")}
+                {
+                    key: plain(raw[key])
+                    for key in raw
+                    if key in ("bot", "utter", "slot_was_set", "slot_was_not_set")
+                }
             )
     return {"original_test_case": conversation_id(annotated.test, base), "steps": steps}
 
@@ -381,8 +594,8 @@ def display_path(path: Path, base: Path | None) -> str:
 
 
 def conversation_id(test: TestCase, base: Path | None = None) -> str:
-    """Rasa's `<file>::<test name>`."""
-    return f"{display_path(test.file, base)}::{test.name}"
+    """Rasa's `<file>::<test name>`, with `#k` after a name the file repeats (`TestCase.key`)."""
+    return f"{display_path(test.file, base)}::{test.key}"
 
 
 def failure_record(failure: Failure, base: Path | None = None) -> dict[str, Any]:

@@ -7,8 +7,9 @@ write valid E2E files (train / validation suites) with fixtures, metadata and st
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,13 +155,21 @@ class TestCase:
     metadata: str | None = None
     line: int = 0
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Rasa runs tests that share a name in one file: the k-th of them (1-based) has occurrence k;
+    # 0 when the name is unique in its file.
+    occurrence: int = 0
 
     __test__ = False  # not a pytest class
 
     @property
+    def key(self) -> str:
+        """The name, with `#k` only where the file repeats it: unique within the file, original name visible."""
+        return f"{self.name}#{self.occurrence}" if self.occurrence else self.name
+
+    @property
     def id(self) -> str:
-        """`<file>::<name>`, Rasa's way of naming a test across files."""
-        return f"{self.file}::{self.name}"
+        """`<file>::<key>`, Rasa's way of naming a test across files (plus `#k` for a repeated name)."""
+        return f"{self.file}::{self.key}"
 
 
 @dataclass(frozen=True)
@@ -325,8 +334,42 @@ def _named_sections(value: Any, path: Path, section: str) -> dict[str, Mapping[s
     return named
 
 
+# A file with only these sections is a test file whose test cases are all commented out.
+_SHARED_SECTIONS = frozenset({"fixtures", "metadata", "stub_custom_actions"})
+
+
+def _without_test_cases(data: Any) -> str | None:
+    """Why a file holds no test cases (Rasa skips such a file), or None when it may hold some."""
+    if data is None or (isinstance(data, Mapping) and not data):
+        return "empty (or all commented out)"
+    if not isinstance(data, Mapping):
+        return None
+    if "test_cases" in data:
+        return "`test_cases:` is empty" if data["test_cases"] in (None, []) else None
+    if set(map(str, data)) <= _SHARED_SECTIONS:
+        return "no `test_cases:` (commented out?)"
+    return None
+
+
+def _numbered(cases: list[TestCase]) -> tuple[TestCase, ...]:
+    """Number the tests whose name the file repeats (1, 2, … in file order); unique names stay as they are."""
+    counts = Counter(case.name for case in cases)
+    seen: Counter[str] = Counter()
+    numbered = []
+    for case in cases:
+        if counts[case.name] > 1:
+            seen[case.name] += 1
+            case = replace(case, occurrence=seen[case.name])
+        numbered.append(case)
+    return tuple(numbered)
+
+
 def read_test_suite(path: Path) -> TestSuite:
+    """One E2E file; a file without test cases (empty, all commented out) gives a suite with none."""
     data = load_yaml(path)
+    if _without_test_cases(data) is not None:
+        raw = data if isinstance(data, Mapping) else {}
+        return TestSuite(path, (), raw=raw)
     if not isinstance(data, Mapping) or "test_cases" not in data:
         raise InputError(f"{path}: not an E2E test file: the top level needs `test_cases:`")
     fixtures = _named_sections(data.get("fixtures"), path, "fixtures")
@@ -361,13 +404,38 @@ def read_test_suite(path: Path) -> TestSuite:
                 raw=raw,
             )
         )
-    return TestSuite(path, tuple(cases), fixtures, metadata, stubs, data)
+    return TestSuite(path, _numbered(cases), fixtures, metadata, stubs, data)
 
 
-def read_e2e_tests(paths: Sequence[Path]) -> list[TestSuite]:
-    """Every E2E file below the given files or folders; test names must be unique across them."""
+@dataclass(frozen=True)
+class SkippedFile:
+    """A test file without test cases: skipped, as Rasa does, and reported."""
+
+    path: Path
+    reason: str
+
+    def note(self, base: Path | None = None) -> str:
+        shown = self.path
+        if base is not None and self.path.resolve().is_relative_to(base.resolve()):
+            shown = self.path.resolve().relative_to(base.resolve())
+        return f"{shown}: skipped, no test cases: {self.reason}"
+
+
+@dataclass(frozen=True)
+class E2ETests:
+    suites: tuple[TestSuite, ...]  # files with at least one test case, in stable order
+    skipped: tuple[SkippedFile, ...] = ()
+
+    @property
+    def num_test_cases(self) -> int:
+        return sum(len(suite.test_cases) for suite in self.suites)
+
+
+def scan_e2e_tests(paths: Sequence[Path]) -> E2ETests:
+    """Every E2E file below the given files or folders. Test names may repeat, within a file and across
+    files, as Rasa allows: a test is known by file, name and occurrence (`TestCase.id`)."""
     suites: list[TestSuite] = []
-    seen: dict[str, Path] = {}
+    skipped: list[SkippedFile] = []
     for root in paths:
         if not root.exists():
             raise InputError(f"{root}: no such file or folder of E2E tests")
@@ -376,12 +444,13 @@ def read_e2e_tests(paths: Sequence[Path]) -> list[TestSuite]:
             raise InputError(f"{root}: no .yml or .yaml files found")
         for file in files:
             suite = read_test_suite(file)
-            for case in suite.test_cases:
-                if case.name in seen:
-                    raise InputError(
-                        f"{where(file, case.raw)}: test name {case.name!r} is also used in {seen[case.name]}; "
-                        "rename one"
-                    )
-                seen[case.name] = file
-            suites.append(suite)
-    return suites
+            if suite.test_cases:
+                suites.append(suite)
+            else:
+                skipped.append(SkippedFile(file, _without_test_cases(suite.raw) or "no test cases"))
+    return E2ETests(tuple(suites), tuple(skipped))
+
+
+def read_e2e_tests(paths: Sequence[Path]) -> list[TestSuite]:
+    """The E2E files below the given files or folders that hold test cases (see `scan_e2e_tests`)."""
+    return list(scan_e2e_tests(paths).suites)

@@ -45,7 +45,7 @@ from ftrecipe.dataprep.augment import (
 from ftrecipe.dataprep.commands import Syntax
 from ftrecipe.dataprep.config import GeneratorConfig, resolve_generator
 from ftrecipe.dataprep.coverage import flow_coverage, write_command_histogram, write_flow_coverage_markdown
-from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep, read_e2e_tests
+from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep, scan_e2e_tests
 from ftrecipe.dataprep.llm import LLMClient, LLMSettings
 from ftrecipe.dataprep.progress import Reporter
 from ftrecipe.dataprep.prompt import PromptTemplate, load_template
@@ -330,12 +330,15 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
     rephraser = read_rephrase_config(options.rephrase_config)
     e2e_roots = tuple(p.resolve() for p in options.e2e_paths)
     assistant: Assistant = load_assistant(options.assistant, exclude=e2e_roots)
-    suites = read_e2e_tests(options.e2e_paths)
+    e2e_tests = scan_e2e_tests(options.e2e_paths)
+    suites = list(e2e_tests.suites)
     check_test_references(assistant, suites)
-    n_tests = sum(len(s.test_cases) for s in suites)
+    n_tests = e2e_tests.num_test_cases
     log(
         f"read {len(assistant.flows)} flows, {len(assistant.slots)} slots, {n_tests} tests in {len(suites)} files"
     )
+    for skipped in e2e_tests.skipped:
+        log(skipped.note(Path.cwd()))
     if generator.llm is None and (options.annotator == "llm" or options.num_rephrases > 0):
         why = (
             "--annotator llm" if options.annotator == "llm" else "--num-rephrases > 0 (to check rephrasings)"
@@ -375,10 +378,10 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
             annotated = await annotate_conversation(
                 assistant, suite, test, template, generator.syntax, label, fixed
             )
-            report.advance("annotate", f"{test.name}: {'ok' if annotated.passed else 'FAILED'}")
+            report.advance("annotate", f"{test.key}: {'ok' if annotated.passed else 'FAILED'}")
             if not annotated.passed:
                 if rephrasing:
-                    report.advance("rephrase", f"{test.name}: skipped (not annotated)")
+                    report.advance("rephrase", f"{test.key}: skipped (not annotated)")
                 return annotated, None
             if not rephrasing:
                 return annotated, Augmented(annotated, {})
@@ -396,7 +399,7 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
                 base=base,
             )
             kept = sum(1 for results in augmented.checked.values() for r in results if r.passed)
-            report.advance("rephrase", f"{test.name}: {kept} rephrasings kept")
+            report.advance("rephrase", f"{test.key}: {kept} rephrasings kept")
             return annotated, augmented
 
         results = await asyncio.gather(*(one(suite, test) for suite in suites for test in suite.test_cases))
@@ -463,6 +466,7 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
             staging / COVERAGE_DIR / "flows.md",
         )
         summary = _summary(suites, annotation, augmented, all_points, split, train, validation, clients)
+        summary["skipped_test_files"] = [skipped.note(base) for skipped in e2e_tests.skipped]
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
         _dump_yaml(staging / "params.yaml", _params(options, generator, template.source, rephraser.source))
         _dump_yaml(staging / "result_summary.yaml", summary)

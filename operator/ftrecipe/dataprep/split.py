@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
-from ftrecipe.dataprep.annotate import conversation_id
+from ftrecipe.dataprep.annotate import conversation_id, display_path
 from ftrecipe.dataprep.commands import COMMAND_TYPES, Command, command_type
 from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep
+from ftrecipe.dataprep.yamlfile import plain
 
 OutputFormat = Literal["instruction", "conversational"]
 
@@ -161,15 +161,6 @@ def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
 # ------------------------------------------------------------------------------------------ E2E split
 
 
-def _plain(value: Any) -> Any:
-    """Plain dicts and lists: yaml.safe_dump refuses the line-numbered subclasses the reader returns."""
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
 @dataclass(frozen=True)
 class _Placed:
     """A test with the suite it came from; `index` tells suites apart without comparing them."""
@@ -187,7 +178,7 @@ def _named_entries(suite: TestSuite, section: Section) -> dict[str, Any]:
     entries: dict[str, Any] = {}
     for item in suite.raw.get(section) or []:
         for name, content in item.items():
-            entries[str(name)] = _plain(content)
+            entries[str(name)] = plain(content)
     return entries
 
 
@@ -231,15 +222,39 @@ def _resolve_names(placed: Sequence[_Placed], section: Section) -> dict[tuple[in
     return names
 
 
+TestNames = Mapping[tuple[int, str], str]  # (suite index, TestCase.key) -> the name written
+
+
+def _test_names(placed: Sequence[_Placed], base: Path | None) -> dict[tuple[int, str], str]:
+    """The name each test gets in the merged files: `TestCase.key` (its name, plus `#k` where its file
+    repeats the name), unless tests of two files share the name; then each of those becomes
+    `<key> (<file>)`, so the original name stays visible and the outcome does not depend on the split."""
+    files: dict[str, set[int]] = {}
+    for item in placed:
+        files.setdefault(item.test.name, set()).add(item.index)
+    names: dict[tuple[int, str], str] = {}
+    for item in placed:
+        key = item.test.key
+        shared = len(files[item.test.name]) > 1
+        names[(item.index, key)] = f"{key} ({display_path(item.suite.path, base)})" if shared else key
+    return names
+
+
 def _rewritten_case(
-    item: _Placed, fixtures: Mapping[tuple[int, str], str], metadata: Mapping[tuple[int, str], str]
+    item: _Placed,
+    fixtures: Mapping[tuple[int, str], str],
+    metadata: Mapping[tuple[int, str], str],
+    test_names: TestNames,
 ) -> dict[str, Any]:
-    """The raw test case with its fixture and metadata references pointing at the merged names."""
+    """The raw test case under its merged name, its fixture and metadata references at the merged names."""
 
     def renamed(names: Mapping[tuple[int, str], str], name: Any) -> Any:
         return names.get((item.index, str(name)), name)
 
-    case: dict[str, Any] = _plain(item.test.raw)
+    case: dict[str, Any] = plain(item.test.raw)
+    written = test_names[(item.index, item.test.key)]
+    if written != item.test.name:
+        case["test_case"] = written
     if case.get("fixtures"):
         case["fixtures"] = [renamed(fixtures, name) for name in case["fixtures"]]
     if case.get("metadata") is not None:
@@ -250,26 +265,32 @@ def _rewritten_case(
     return case
 
 
-def _merged_stubs(side: Sequence[_Placed]) -> dict[str, Any]:
+def _merged_stubs(side: Sequence[_Placed], test_names: TestNames) -> dict[str, Any]:
     """The stubs the side's tests ran with, keeping each test's behaviour exactly.
 
     A file-wide stub stays file-wide when every file with tests on this side stubs that action the same
     way; otherwise it becomes `<test>::<action>` keys for that file's tests (a test's own key wins, as in
-    Rasa), so a stub never leaks onto tests of another file.
+    Rasa), so a stub never leaks onto tests of another file. A test's own stub follows it when it is
+    written under another name (a repeated name); in its file it applied to every test of that name.
     """
     files: dict[int, list[_Placed]] = {}
     for item in side:
         files.setdefault(item.index, []).append(item)
+
+    def written(item: _Placed) -> str:
+        return test_names[(item.index, item.test.key)]
+
     file_wide: dict[str, dict[int, Any]] = {}
     per_test: dict[str, Any] = {}
     for index, items in files.items():
-        names = {item.test.name for item in items}
         for key, stub in items[0].suite.stubs.items():
             if "::" in str(key):
-                if str(key).split("::", 1)[0] in names:
-                    per_test[str(key)] = _plain(stub)
+                test_name, action = str(key).split("::", 1)
+                for item in items:
+                    if item.test.name == test_name:
+                        per_test[f"{written(item)}::{action}"] = plain(stub)
             else:
-                file_wide.setdefault(str(key), {})[index] = _plain(stub)
+                file_wide.setdefault(str(key), {})[index] = plain(stub)
     stubs: dict[str, Any] = {}
     for action, by_file in file_wide.items():
         definitions = list(by_file.values())
@@ -278,7 +299,7 @@ def _merged_stubs(side: Sequence[_Placed]) -> dict[str, Any]:
             continue
         for index, stub in by_file.items():
             for item in files[index]:
-                per_test.setdefault(f"{item.test.name}::{action}", stub)
+                per_test.setdefault(f"{written(item)}::{action}", stub)
     stubs.update(per_test)
     return stubs
 
@@ -300,6 +321,7 @@ def _e2e_document(
     side: Sequence[_Placed],
     fixture_names: Mapping[tuple[int, str], str],
     metadata_names: Mapping[tuple[int, str], str],
+    test_names: TestNames,
 ) -> dict[str, Any]:
     fixtures = _used_entries(side, "fixtures", fixture_names)
     metadata = _used_entries(side, "metadata", metadata_names)
@@ -308,10 +330,12 @@ def _e2e_document(
         document["fixtures"] = [{name: content} for name, content in fixtures.items()]
     if metadata:
         document["metadata"] = [{name: content} for name, content in metadata.items()]
-    stubs = _merged_stubs(side)
+    stubs = _merged_stubs(side, test_names)
     if stubs:
         document["stub_custom_actions"] = stubs
-    document["test_cases"] = [_rewritten_case(item, fixture_names, metadata_names) for item in side]
+    document["test_cases"] = [
+        _rewritten_case(item, fixture_names, metadata_names, test_names) for item in side
+    ]
     return document
 
 
@@ -329,7 +353,7 @@ def write_e2e_split(
     Test ids are `annotate.conversation_id(test, base)`. Tests outside `train_ids` go to validation, or,
     when `validation_ids` is given, only those (so failing tests can be left out of both). Each file keeps
     the fixtures and metadata its tests refer to (renamed where two files define a name differently) and
-    the stubs its tests ran with.
+    the stubs its tests ran with. Test names are unique in each file (see `_test_names`).
     """
     train_set = set(train_ids)
     validation_set = None if validation_ids is None else set(validation_ids)
@@ -343,17 +367,11 @@ def write_e2e_split(
             elif validation_set is None or test_id in validation_set:
                 validation.append(_Placed(index, suite, test))
     sides = ((train, train_path), (validation, validation_path))
-    for side, path in sides:
-        counts = Counter(item.test.name for item in side)
-        duplicates = sorted(name for name, count in counts.items() if count > 1)
-        if duplicates:
-            raise ValueError(
-                f"{path}: test names must be unique within one E2E file: {', '.join(duplicates)}"
-            )
     fixture_names = _resolve_names(train + validation, "fixtures")
     metadata_names = _resolve_names(train + validation, "metadata")
+    test_names = _test_names(train + validation, base)
     for side, path in sides:
-        document = _e2e_document(side, fixture_names, metadata_names)
+        document = _e2e_document(side, fixture_names, metadata_names, test_names)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
         path.write_text(text, encoding="utf-8", newline="\n")

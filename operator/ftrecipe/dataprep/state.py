@@ -103,6 +103,7 @@ class Turn:
     current_flow: str | None
     asked_slot: str | None
     next_asks: tuple[str, ...]  # slots the bot asks for right after this turn, as the test shows
+    active_flows: tuple[str, ...] = ()  # the flow stack before this turn, innermost last
 
 
 class Replay:
@@ -350,6 +351,7 @@ def conversation(
                     current_flow=state.current_flow,
                     asked_slot=state.asked,
                     next_asks=_next_asks(assistant, test, index),
+                    active_flows=tuple(state.stack),
                 )
                 commands = yield turn
                 turn_index += 1
