@@ -176,6 +176,23 @@ test_cases:
       - user: whatever, surprise me
       - slot_was_not_set:
           - coffee_size
+
+  - test_case: legacy cancel
+    steps:
+      - user: I'd like a coffee
+      - utter: utter_ask_coffee_size
+      - user: forget it
+      - slot_was_not_set:
+          - coffee_size
+
+  - test_case: legacy cancelled too early
+    steps:
+      - user: I'd like a coffee
+      - utter: utter_ask_coffee_size
+      - user: stop, no wait, small
+      - slot_was_set:
+          - coffee_size: small
+      - utter: utter_ask_milk
 """
 
 # What the scripted command generator answers to each user message (the prompt ends with it, quoted).
@@ -195,6 +212,8 @@ ANSWERS = {
     "a large oat milk coffee": "start flow order_coffee\nset slot coffee_size large\nset slot milk oat milk",
     "I want a coffee": "start flow order_coffee",
     "whatever, surprise me": "set slot coffee_size large",  # the test shows it stays unset
+    "forget it": "cancel flow",
+    "stop, no wait, small": "cancel flow",  # the test shows the order goes on
 }
 
 ORDERS_FILE = "cafe/e2e/orders/coffee.yml"
@@ -274,10 +293,10 @@ async def test_llm_path_names_repeated_tests_apart_and_checks_legacy_tests(
     out = cafe.parent / "out"
     summary = read(out / "result_summary.yaml")
 
-    # Counts: 4 + 1 + 5 test cases in three files; two files skipped, each with a note.
-    assert summary["num_input_e2e_tests"] == 10
-    assert summary["num_annotated_conversations"] == 5
-    assert summary["num_failed_conversations"] == 5
+    # Counts: 4 + 1 + 7 test cases in three files; two files skipped, each with a note.
+    assert summary["num_input_e2e_tests"] == 12
+    assert summary["num_annotated_conversations"] == 6
+    assert summary["num_failed_conversations"] == 6
     assert summary["skipped_test_files"] == SKIPPED
     for note in SKIPPED:
         assert note in logs.getvalue()
@@ -299,16 +318,22 @@ async def test_llm_path_names_repeated_tests_apart_and_checks_legacy_tests(
     assert [c["original_test_case"] for c in read(annotations / "coffee.yml")["conversations"]] == [
         f"{MORE_FILE}::orders a coffee"
     ]
-    (legacy,) = read(annotations / "legacy.yml")["conversations"]
+    legacy, cancel = read(annotations / "legacy.yml")["conversations"]
     assert legacy["original_test_case"] == f"{LEGACY_FILE}::legacy coffee"
     assert [s.get("llm_commands") for s in legacy["steps"] if "user" in s] == [
         ["start flow order_coffee"],
         ["set slot coffee_size medium"],
         ["set slot milk almond milk"],
     ]
+    assert cancel["original_test_case"] == f"{LEGACY_FILE}::legacy cancel"
+    assert [s.get("llm_commands") for s in cancel["steps"] if "user" in s] == [
+        ["start flow order_coffee"],
+        ["cancel flow"],
+    ]
 
     failures = {f["test_case"]: f for f in read(annotations / "failed_test_cases.yml")["failed_test_cases"]}
     assert sorted(failures) == [
+        "legacy cancelled too early",
         "legacy fills the asked slot",
         "legacy missing slot",
         "legacy not set",
@@ -342,6 +367,12 @@ async def test_llm_path_names_repeated_tests_apart_and_checks_legacy_tests(
     assert not_set["actual"] == (
         "set slot coffee_size large\n(sets coffee_size, but the test shows coffee_size was not set)"
     )
+    early = failures["legacy cancelled too early"]
+    assert (early["turn_index"], early["actual"]) == (
+        1,
+        "cancel flow\n(the bot then says utter_ask_milk of order_coffee, which this turn neither starts nor "
+        "continues; missing `set slot coffee_size small`)",
+    )
     assert all(f["actual"].count("\n(") == 1 for f in failures.values())  # one reason line each
 
     # Stage 3: every data point names its test unambiguously.
@@ -354,6 +385,7 @@ async def test_llm_path_names_repeated_tests_apart_and_checks_legacy_tests(
         by_test[record["original_test_name"]] = by_test.get(record["original_test_name"], 0) + 1
     assert by_test == {
         f"{LEGACY_FILE}::legacy coffee": 3,
+        f"{LEGACY_FILE}::legacy cancel": 2,
         f"{MORE_FILE}::orders a coffee": 1,
         f"{ORDERS_FILE}::orders a coffee#1": 2,
         f"{ORDERS_FILE}::asks when the café opens": 1,
@@ -369,20 +401,21 @@ async def test_llm_path_names_repeated_tests_apart_and_checks_legacy_tests(
     ]
     assert sorted(written) == [
         ("asks when the café opens", "when are you open?"),
+        ("legacy cancel", "I'd like a coffee"),
         ("legacy coffee", "I'd like a coffee"),
         (f"orders a coffee ({MORE_FILE})", "a medium coffee please"),
         (f"orders a coffee#1 ({ORDERS_FILE})", "a large coffee please"),
         (f"orders a coffee#3 ({ORDERS_FILE})", "one small coffee"),
     ]
-    assert summary["num_train_tests"] + summary["num_validation_tests"] == 5
-    assert result.summary["num_ft_data_points"] == len(records) == 9
+    assert summary["num_train_tests"] + summary["num_validation_tests"] == 6
+    assert result.summary["num_ft_data_points"] == len(records) == 11
 
 
 async def test_assertions_annotator_says_legacy_tests_need_the_llm(cafe: Path) -> None:
     await prepare_data(options(cafe, annotator="assertions"))
     out = cafe.parent / "out"
     summary = read(out / "result_summary.yaml")
-    assert summary["num_input_e2e_tests"] == 10
+    assert summary["num_input_e2e_tests"] == 12
     assert summary["num_annotated_conversations"] == 5  # every assertion-style test, orders a coffee#2 too
     assert summary["skipped_test_files"] == SKIPPED
     failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
@@ -392,6 +425,8 @@ async def test_assertions_annotator_says_legacy_tests_need_the_llm(cafe: Path) -
         ("legacy missing slot", LEGACY_FILE, 0),
         ("legacy fills the asked slot", LEGACY_FILE, 0),
         ("legacy not set", LEGACY_FILE, 0),
+        ("legacy cancel", LEGACY_FILE, 0),
+        ("legacy cancelled too early", LEGACY_FILE, 0),
     ]
     assert {f["actual"] for f in failures} == {
         "assertions do not determine the commands: the user step has no assertions (a legacy-style test "
