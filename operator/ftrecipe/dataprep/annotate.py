@@ -49,7 +49,7 @@ from ftrecipe.dataprep.e2e import (
 )
 from ftrecipe.dataprep.llm import LLMClient, LLMError
 from ftrecipe.dataprep.prompt import PromptTemplate
-from ftrecipe.dataprep.state import Turn, conversation
+from ftrecipe.dataprep.state import ReplayFailure, Turn, conversation
 from ftrecipe.dataprep.yamlfile import plain
 
 # Built-in patterns whose start means the command generator issued this command.
@@ -118,7 +118,7 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
                 f for f in assertion.flow_ids if f in assistant.flows and not f.startswith("pattern_")
             ]
             for pattern in (f for f in assertion.flow_ids if f.startswith("pattern_")):
-                if pattern in PATTERN_COMMANDS:
+                if pattern in PATTERN_COMMANDS and pattern not in by_link:  # a link starts it, no command
                     required.append(PATTERN_COMMANDS[pattern])
                 elif pattern == "pattern_correction":
                     correction = True
@@ -130,7 +130,8 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
             else:
                 required += [StartFlow(f) for f in user_flows]
         elif isinstance(assertion, ClarificationContains):
-            required.append(Clarify(tuple(sorted(assertion.flow_ids))))
+            # Tests list flows by their `name:`; the command names their ids.
+            required.append(Clarify(tuple(sorted(assistant.flow_id(f) or f for f in assertion.flow_ids))))
         elif isinstance(assertion, FlowCancelled) and assertion.flow_id in assistant.flows:
             if not assertion.flow_id.startswith("pattern_"):
                 required.append(CancelFlow())
@@ -476,10 +477,25 @@ async def annotate_conversation(
     """Replay one test, labelling its turns in order; stop at the first turn whose labels disagree."""
     replay = conversation(assistant, suite, test)
     turns: list[AnnotatedTurn] = []
+
+    def unfollowable(error: ReplayFailure, turn_index: int) -> Failure:
+        """The replay cannot follow the test as Rasa would (an undecidable condition, a rejection): one line."""
+        return Failure(
+            test.key,
+            str(suite.path),
+            turn_index,
+            error.step_index,
+            error.user_message,
+            "(the replay stopped here)",
+            str(error),
+        )
+
     try:
         turn = next(replay)
     except StopIteration:
         return AnnotatedConversation(suite, test, ())
+    except ReplayFailure as error:
+        return AnnotatedConversation(suite, test, (), unfollowable(error, 0))
 
     def failed(actual: str) -> Failure:
         shown = _shown_after_legacy_step(assistant, test, turn)
@@ -507,6 +523,8 @@ async def annotate_conversation(
             turn = replay.send(commands)
         except StopIteration:
             return AnnotatedConversation(suite, test, tuple(turns))
+        except ReplayFailure as error:
+            return AnnotatedConversation(suite, test, tuple(turns), unfollowable(error, turn.turn_index))
 
 
 def llm_labeller(client: LLMClient, assistant: Assistant, syntax: Syntax) -> Labeller:

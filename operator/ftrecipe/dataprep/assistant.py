@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,14 @@ from ftrecipe.dataprep.e2e import (
     UserStep,
     UtterStep,
 )
+from ftrecipe.dataprep.patterns import (
+    DEFAULT_PATTERNS,
+    DEFAULT_RESPONSES,
+    DEFAULT_SLOTS,
+    INTERNAL_SLOTS,
+    DefaultPattern,
+    DefaultSlot,
+)
 from ftrecipe.dataprep.yamlfile import InputError, load_yaml, where, yaml_files
 
 StepKind = Literal["collect", "action", "link", "call", "set_slots", "noop"]
@@ -39,6 +47,14 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """`{if: condition, utter: response}`: a value for which the condition holds is refused."""
+
+    condition: str
+    utter: str | None = None
+
+
+@dataclass(frozen=True)
 class FlowStep:
     id: str
     kind: StepKind
@@ -49,6 +65,7 @@ class FlowStep:
     utter: str | None = None
     set_slots: Mapping[str, Any] = field(default_factory=dict)
     next: tuple[Branch, ...] = ()  # empty: the next step in the list
+    rejections: tuple[Rejection, ...] = ()  # a collect step's own value checks
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,8 @@ class Slot:
     values: tuple[Any, ...] = ()
     mappings: tuple[str, ...] = ()
     initial_value: Any = None
+    rejections: tuple[Rejection, ...] = ()  # the domain's `validation: rejections:`
+    refill_utter: str | None = None  # the domain's `validation: refill_utter:` (asks again after a rejection)
 
     @property
     def filled_by_llm(self) -> bool:
@@ -107,10 +126,12 @@ class Response:
 
 @dataclass(frozen=True)
 class Assistant:
-    flows: Mapping[str, Flow]
-    slots: Mapping[str, Slot]
-    responses: Mapping[str, Response]
+    flows: Mapping[str, Flow]  # the assistant's own flows, then Rasa's default patterns it does not redefine
+    slots: Mapping[str, Slot]  # the domain's slots over Rasa's default ones
+    responses: Mapping[str, Response]  # the domain's responses (Rasa's defaults: `knows_response`)
     actions: frozenset[str] = frozenset()
+    sub_agents: Mapping[str, Path] = field(default_factory=dict)  # agent name -> its sub_agents/*/config.yml
+    warnings: tuple[str, ...] = ()  # what Rasa accepts with a warning; reported, never fatal
 
     def user_flows(self) -> list[Flow]:
         """Flows a user can start: patterns (`pattern_*`) are never offered."""
@@ -119,8 +140,34 @@ class Assistant:
     def ask_response(self, step: FlowStep) -> str:
         return step.utter or f"utter_ask_{step.target}"
 
+    def ask_names(self, step: FlowStep) -> tuple[str, ...]:
+        """What a test shows when the bot asks a collect's question: its response, and the custom action
+        `action_ask_<slot>` where the domain lists one (Rasa runs it to ask instead of, or beside, a response)."""
+        action = f"action_ask_{step.target}"
+        return (self.ask_response(step), action) if action in self.actions else (self.ask_response(step),)
+
+    def knows_response(self, name: str) -> bool:
+        return name in self.responses or name in DEFAULT_RESPONSES
+
+    def flow_id(self, name_or_id: str) -> str | None:
+        """A flow by its id or its `name:` (how `pattern_clarification_contains` lists flows)."""
+        if name_or_id in self.flows:
+            return name_or_id
+        return next((f.id for f in self.flows.values() if f.name == name_or_id), None)
+
 
 # ------------------------------------------------------------------------------------------ flows
+
+
+def _rejections(raw: Any, path: Path, owner: str) -> tuple[Rejection, ...]:
+    """`rejections:` of a collect step or of a slot's `validation:`: a list of `{if, utter}`."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(r, Mapping) and r.get("if") is not None for r in raw):
+        raise InputError(
+            f"{where(path, raw)}: {owner}: rejections must be a list of {{if: condition, utter: response}}"
+        )
+    return tuple(Rejection(str(r["if"]), None if r.get("utter") is None else str(r["utter"])) for r in raw)
 
 
 def _next(
@@ -185,8 +232,11 @@ def _steps(
                 utter=raw.get("utter"),
                 set_slots=set_slots,
                 next=_next(raw.get("next"), path, flow_id, extra, counter),
+                rejections=_rejections(raw.get("rejections"), path, f"flow {flow_id!r}, step {step_id!r}"),
             )
         )
+    if not steps[-1].next:  # the last step of a list (the flow's or a branch's) ends the flow, as in Rasa
+        steps[-1] = replace(steps[-1], next=(Branch(None, END),))
     return steps
 
 
@@ -228,12 +278,17 @@ def _read_slots(raw: Any, path: Path) -> dict[str, Slot]:
     for name, spec in raw.items():
         spec = spec or {}
         mappings = tuple(str(m.get("type")) for m in spec.get("mappings") or [] if isinstance(m, Mapping))
+        validation = spec.get("validation") or {}
+        if not isinstance(validation, Mapping):
+            raise InputError(f"{where(path, raw)}: slot {name!r}: validation must be a mapping")
         slots[str(name)] = Slot(
             name=str(name),
             type=str(spec.get("type", "any")),
             values=tuple(spec.get("values") or ()),
             mappings=mappings,
             initial_value=spec.get("initial_value"),
+            rejections=_rejections(validation.get("rejections"), path, f"slot {name!r}"),
+            refill_utter=None if validation.get("refill_utter") is None else str(validation["refill_utter"]),
         )
     return slots
 
@@ -263,15 +318,26 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
     if not root.is_dir():
         raise InputError(f"{root}: the assistant folder does not exist")
     flows: dict[str, Flow] = {}
-    slots: dict[str, Slot] = {}
+    slots: dict[str, Slot] = {slot.name: _default_slot(slot) for slot in DEFAULT_SLOTS}
     responses: dict[str, Response] = {}
     actions: set[str] = set()
+    sub_agents: dict[str, Path] = {}
+    warnings: list[str] = []
     excluded = [p.resolve() for p in exclude]
     for path in yaml_files(root):
         resolved = path.resolve()
         if any(resolved == e or e in resolved.parents for e in excluded):
             continue
         data = load_yaml(path)
+        if _is_sub_agent_config(path):
+            name = _sub_agent_name(data, path)
+            if name in sub_agents:
+                warnings.append(
+                    f"{path}: sub-agent {name!r} is also declared in {sub_agents[name]}; using that one"
+                )
+            else:
+                sub_agents[name] = path
+            continue
         if not isinstance(data, Mapping) or set(data) & _IGNORED_KEYS:
             continue
         if "flows" in data:
@@ -288,52 +354,79 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
             )
     if not any(not f.is_pattern for f in flows.values()):
         raise InputError(f"{root}: no flows found (looked for YAML files with a top-level `flows:`)")
-    assistant = Assistant(flows, slots, responses, frozenset(actions))
-    _check_references(assistant)
-    return assistant
+    # Rasa's default patterns, where the assistant does not define its own (its definition overrides).
+    for pattern in DEFAULT_PATTERNS:
+        flows.setdefault(pattern.id, _default_pattern_flow(pattern))
+    assistant = Assistant(flows, slots, responses, frozenset(actions), sub_agents)
+    warnings += _check_references(assistant)
+    return replace(assistant, warnings=tuple(warnings))
 
 
-def _check_references(assistant: Assistant) -> None:
+def _default_slot(slot: DefaultSlot) -> Slot:
+    return Slot(
+        slot.name,
+        slot.type,
+        mappings=("from_llm",) if slot.from_llm else ("controlled",),
+        initial_value=slot.initial_value,
+    )
+
+
+def _default_pattern_flow(pattern: DefaultPattern) -> Flow:
+    """A default pattern as a flow: its questions (collects) and the responses it may utter (actions)."""
+    asks = [FlowStep(id=f"collect_{slot}", kind="collect", target=slot) for slot in pattern.collects]
+    says = [FlowStep(id=f"say_{name}", kind="action", target=name) for name in pattern.responses]
+    return Flow(pattern.id, pattern.purpose, tuple(asks + says), name=pattern.name)
+
+
+def _is_sub_agent_config(path: Path) -> bool:
+    """Rasa 3.14+ reads sub-agents from `sub_agents/<agent folder>/config.yml`."""
+    return path.name in ("config.yml", "config.yaml") and path.parent.parent.name == "sub_agents"
+
+
+def _sub_agent_name(data: Any, path: Path) -> str:
+    agent = data.get("agent") if isinstance(data, Mapping) else None
+    name = agent.get("name") if isinstance(agent, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise InputError(
+            f"{where(path, data)}: a sub-agent config needs `agent: {{name: <name flows call>}}`"
+        )
+    return name
+
+
+def _check_references(assistant: Assistant) -> list[str]:
+    """Errors where Rasa rejects the assistant (one line each); the warnings where it only warns."""
+    warnings: list[str] = []
     for flow in assistant.flows.values():
         ids = {s.id for s in flow.steps}
         for step in flow.steps:
-            at = f"{flow.file}: flow {flow.id!r}, step {step.id!r}"
+            at = f"{flow.file or 'Rasa default'}: flow {flow.id!r}, step {step.id!r}"
             if step.kind == "collect" and step.target not in assistant.slots:
                 raise InputError(f"{at}: collects slot {step.target!r}, which no domain file defines")
-            if step.kind == "collect" and assistant.ask_response(step) not in assistant.responses:
-                raise InputError(
-                    f"{at}: collecting {step.target!r} needs the response {assistant.ask_response(step)!r} in the domain"
+            if step.kind == "collect" and not _asks(assistant, step):
+                warnings.append(
+                    f"{at}: collecting {step.target!r} has neither the response {assistant.ask_response(step)!r} "
+                    f"nor the action 'action_ask_{step.target}' in the domain; the bot asks nothing there "
+                    "(Rasa warns too)"
                 )
-            if step.kind in ("link", "call") and step.target not in assistant.flows:
-                raise InputError(f"{at}: {step.kind}s unknown flow {step.target!r}")
+            if step.kind == "link" and step.target not in assistant.flows:
+                raise InputError(f"{at}: links unknown flow {step.target!r}")
+            if (
+                step.kind == "call"
+                and step.target not in assistant.flows
+                and step.target not in assistant.sub_agents
+            ):
+                raise InputError(
+                    f"{at}: calls {step.target!r}, which is neither a flow nor a sub-agent "
+                    "(sub_agents/<folder>/config.yml with `agent: {name: …}`)"
+                )
             for branch in step.next:
                 if branch.target != END and branch.target not in ids:
                     raise InputError(f"{at}: next goes to unknown step {branch.target!r}")
+    return warnings
 
 
-# Names Rasa's built-in patterns use; tests may refer to them without the domain defining them.
-BUILTIN_RESPONSES = frozenset(
-    {
-        "utter_ask_rephrase",
-        "utter_boolean_slot_rejection",
-        "utter_can_do_something_else",
-        "utter_cannot_handle",
-        "utter_categorical_slot_rejection",
-        "utter_clarification_options_rasa",
-        "utter_corrected_previous_input",
-        "utter_flow_cancelled_rasa",
-        "utter_flow_continue_interrupted",
-        "utter_free_chitchat_response",
-        "utter_human_handoff_not_available",
-        "utter_inform_code_change",
-        "utter_internal_error_rasa",
-        "utter_no_knowledge_base",
-        "utter_skip_question_answer",
-    }
-)
-BUILTIN_SLOTS = frozenset(
-    {"dialogue_stack", "requested_slot", "flow_hashes", "return_value", "session_started_metadata"}
-)
+def _asks(assistant: Assistant, step: FlowStep) -> bool:
+    return any(assistant.knows_response(n) or n in assistant.actions for n in assistant.ask_names(step))
 
 
 def check_test_references(assistant: Assistant, suites: Sequence[TestSuite]) -> None:
@@ -343,16 +436,17 @@ def check_test_references(assistant: Assistant, suites: Sequence[TestSuite]) -> 
             for step in test.steps:
                 at = f"{suite.path}:{getattr(step, 'line', 0) or test.line}: test {test.name!r}"
                 for name in _responses_named(step):
-                    if name not in assistant.responses and name not in BUILTIN_RESPONSES:
+                    if not assistant.knows_response(name):
                         raise InputError(
                             f"{at}: response {name!r} is not in the domain; add it or fix the name"
                         )
-                for flow_id in _flows_named(step):
-                    if flow_id not in assistant.flows and not flow_id.startswith("pattern_"):
+                for flow_id, by_name in _flows_named(step):
+                    known_flow = assistant.flow_id(flow_id) if by_name else flow_id in assistant.flows
+                    if not known_flow and not flow_id.startswith("pattern_"):
                         known = ", ".join(f.id for f in assistant.user_flows())
                         raise InputError(f"{at}: unknown flow {flow_id!r} (flows: {known})")
                 for slot in _slots_named(step):
-                    if slot not in assistant.slots and slot not in BUILTIN_SLOTS:
+                    if slot not in assistant.slots and slot not in INTERNAL_SLOTS:
                         raise InputError(
                             f"{at}: unknown slot {slot!r}; define it in the domain or fix the name"
                         )
@@ -370,15 +464,18 @@ def _responses_named(step: Step) -> list[str]:
     return []
 
 
-def _flows_named(step: Step) -> list[str]:
+def _flows_named(step: Step) -> list[tuple[str, bool]]:
+    """Flows a step names, each with whether a flow's `name:` may stand for it (clarification lists names)."""
     if not isinstance(step, UserStep):
         return []
-    names: list[str] = []
+    names: list[tuple[str, bool]] = []
     for assertion in step.assertions:
-        if isinstance(assertion, FlowStarted | ClarificationContains):
-            names += assertion.flow_ids
+        if isinstance(assertion, ClarificationContains):
+            names += [(name, True) for name in assertion.flow_ids]
+        elif isinstance(assertion, FlowStarted):
+            names += [(flow_id, False) for flow_id in assertion.flow_ids]
         elif isinstance(assertion, FlowCompleted | FlowCancelled):
-            names.append(assertion.flow_id)
+            names.append((assertion.flow_id, False))
     return names
 
 

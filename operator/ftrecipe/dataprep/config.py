@@ -10,7 +10,7 @@ environment.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +26,15 @@ GENERATOR_SYNTAX: dict[str, Syntax] = {
     "LLMCommandGenerator": "v1",
 }
 _OUR_KEYS = {"syntax", "prompt_template", "llm"}
+# A custom subclass's name that contains one of these speaks its syntax (checked in this order).
+_NAME_HINTS: tuple[tuple[str, Syntax], ...] = (
+    ("SearchReady", "v3"),
+    ("Compact", "v2"),
+    ("SingleStep", "v1"),
+    ("LLMCommand", "v1"),
+)
+# Keys only an LLM command generator's config has: with a `…CommandGenerator` class name, a custom one.
+_GENERATOR_KEYS = {"llm", "prompt_template", "prompt", "flow_retrieval", "user_input", "minimize_num_calls"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class GeneratorConfig:
     prompt_template: Path | None = None
     llm: LLMSettings | None = None
     source: str = "defaults"
+    syntax_assumed: bool = False  # a custom generator class: the syntax is a guess an explicit one overrides
+    warnings: tuple[str, ...] = ()
 
 
 def llm_settings(mapping: Any, origin: str) -> LLMSettings:
@@ -65,6 +76,8 @@ class LLMConfigFile:
 
     def over(self, rasa: GeneratorConfig) -> GeneratorConfig:
         """This file's fields over Rasa's config; a syntax that contradicts the generator type is an error."""
+        if self.syntax is not None and rasa.syntax_assumed:  # ours settles what the class name could not
+            rasa = replace(rasa, syntax=self.syntax, warnings=())
         if self.syntax is not None and self.syntax != rasa.syntax:
             raise InputError(
                 f"{self.path}: syntax {self.syntax} disagrees with {rasa.source}, which speaks {rasa.syntax}; "
@@ -75,6 +88,7 @@ class LLMConfigFile:
             prompt_template=self.prompt_template or rasa.prompt_template,
             llm=self.llm or rasa.llm,
             source=f"{self.path} over {rasa.source}",
+            warnings=rasa.warnings,
         )
 
 
@@ -122,7 +136,8 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
         if not isinstance(component, Mapping):
             continue
         name = str(component.get("name", "")).rsplit(".", 1)[-1]
-        if name not in GENERATOR_SYNTAX:
+        syntax, assumed, warnings = _generator_syntax(name, component, config)
+        if syntax is None:
             continue
         template = component.get("prompt_template") or component.get("prompt")
         llm_block = component.get("llm")
@@ -134,13 +149,37 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
         elif llm_block is not None:
             llm = llm_settings(llm_block, str(config))
         return GeneratorConfig(
-            syntax=GENERATOR_SYNTAX[name],
+            syntax=syntax,
             prompt_template=(config.parent / str(template)) if template else None,
             llm=llm,
             source=f"{config} ({name})",
+            syntax_assumed=assumed,
+            warnings=warnings,
         )
     known = ", ".join(GENERATOR_SYNTAX)
-    raise InputError(f"{config}: no LLM command generator in `pipeline:` (looked for {known})")
+    raise InputError(
+        f"{config}: no LLM command generator in `pipeline:` (looked for {known}, or a custom class named "
+        "…CommandGenerator with `llm` or `prompt_template`)"
+    )
+
+
+def _generator_syntax(
+    name: str, component: Mapping[str, Any], config: Path
+) -> tuple[Syntax | None, bool, tuple[str, ...]]:
+    """The syntax a pipeline component speaks, whether it is only assumed, and the warning saying so;
+    None for a component that is no LLM command generator (a router, the NLU command adapter, …)."""
+    if name in GENERATOR_SYNTAX:
+        return GENERATOR_SYNTAX[name], False, ()
+    if not name.endswith("CommandGenerator") or not set(component) & _GENERATOR_KEYS:
+        return None, False, ()
+    for hint, syntax in _NAME_HINTS:
+        if hint in name:
+            return syntax, True, ()
+    warning = (
+        f"{config}: custom command generator {name!r}: assuming command syntax v2 (CompactLLMCommandGenerator's); "
+        "set commandGenerator.syntax (or syntax in --llm-config) if it speaks another"
+    )
+    return "v2", True, (warning,)
 
 
 def resolve_generator(

@@ -172,6 +172,17 @@ def _summary(
     }
 
 
+def _sub_agent_messages(annotation: AnnotationResult) -> int:
+    """User messages of annotated tests that a sub-agent answered: neither a button nor a labelled turn."""
+    count = 0
+    for conversation in annotation.passing:
+        labelled = {turn.step_index for turn in conversation.turns}
+        for index, step in enumerate(conversation.test.steps):
+            if isinstance(step, UserStep) and not is_button_payload(step.text) and index not in labelled:
+                count += 1
+    return count
+
+
 def _write_annotations(staging: Path, annotation: AnnotationResult, syntax: Syntax, base: Path) -> None:
     folder = staging / ANNOTATIONS_DIR
     for stem, conversations in _by_file(annotation.passing).items():
@@ -334,11 +345,14 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
     suites = list(e2e_tests.suites)
     check_test_references(assistant, suites)
     n_tests = e2e_tests.num_test_cases
-    log(
-        f"read {len(assistant.flows)} flows, {len(assistant.slots)} slots, {n_tests} tests in {len(suites)} files"
-    )
+    own_flows = sum(1 for flow in assistant.flows.values() if flow.file is not None)
+    log(f"read {own_flows} flows, {len(assistant.slots)} slots, {n_tests} tests in {len(suites)} files")
     for skipped in e2e_tests.skipped:
         log(skipped.note(Path.cwd()))
+    # What Rasa accepts with a warning: reported here and in result_summary.yaml, never fatal.
+    load_warnings = [*generator.warnings, *assistant.warnings]
+    for warning in load_warnings:
+        log(f"warning: {warning}")
     if generator.llm is None and (options.annotator == "llm" or options.num_rephrases > 0):
         why = (
             "--annotator llm" if options.annotator == "llm" else "--num-rephrases > 0 (to check rephrasings)"
@@ -467,6 +481,8 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
         )
         summary = _summary(suites, annotation, augmented, all_points, split, train, validation, clients)
         summary["skipped_test_files"] = [skipped.note(base) for skipped in e2e_tests.skipped]
+        summary["num_sub_agent_messages"] = _sub_agent_messages(annotation)
+        summary["warnings"] = [*load_warnings, *summary["skipped_test_files"]]
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
         _dump_yaml(staging / "params.yaml", _params(options, generator, template.source, rephraser.source))
         _dump_yaml(staging / "result_summary.yaml", summary)

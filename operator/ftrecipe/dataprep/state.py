@@ -13,16 +13,19 @@ LLM, by assertions, rephrased variants and synthetic conversations (pass `user_t
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from ftrecipe.dataprep.assistant import Assistant, Flow, FlowStep
+import jinja2
+
+from ftrecipe.dataprep.assistant import END, Assistant, Flow, FlowStep, Rejection
 from ftrecipe.dataprep.commands import CancelFlow, Command, SetSlot, StartFlow
 from ftrecipe.dataprep.e2e import (
     ActionExecuted,
     BotStep,
     BotUttered,
+    ClarificationContains,
     FlowCancelled,
     FlowCompleted,
     FlowStarted,
@@ -32,6 +35,15 @@ from ftrecipe.dataprep.e2e import (
     TestSuite,
     UserStep,
     UtterStep,
+)
+from ftrecipe.dataprep.predicates import (
+    INTERNAL_ERROR_RESPONSE,
+    InvalidCondition,
+    branch_taken,
+    guard_allows,
+    identifiers,
+    rejection_response,
+    render,
 )
 
 _SET_SLOTS_PAYLOAD = re.compile(r"^/SetSlots\((?P<pairs>.*)\)\s*$", re.DOTALL)
@@ -84,10 +96,22 @@ class DialogueState:
     asked: str | None = None  # the slot the bot is asking for
     asked_before: set[str] = field(default_factory=set)
     history: list[str] = field(default_factory=list)
+    agent_call: tuple[str, str] | None = None  # (flow, step id) of the `call:` whose sub-agent has the user
+    agent_calls_done: set[tuple[str, str]] = field(default_factory=set)
+    # Where each flow on the stack waits: the collect it asked, or the `call` whose flow runs above it.
+    position: dict[str, str] = field(default_factory=dict)
+    called: set[str] = field(default_factory=set)  # flows on the stack that a `call` step started
+    evidenced: set[str] = field(
+        default_factory=set
+    )  # slots the test set (fixtures, commands, assertions, stubs)
+    unstubbed_actions: set[str] = field(default_factory=set)  # custom actions that ran without a stub
+    to_validate: list[str] = field(default_factory=list)  # slots the user's turn set, domain rejections due
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (slot, response) refused this turn
 
     @property
     def current_flow(self) -> str | None:
-        return self.stack[-1] if self.stack else None
+        """The topmost flow not started by a `call`: Rasa treats a called flow as part of its caller."""
+        return next((f for f in reversed(self.stack) if f not in self.called), None)
 
 
 @dataclass(frozen=True)
@@ -106,14 +130,67 @@ class Turn:
     active_flows: tuple[str, ...] = ()  # the flow stack before this turn, innermost last
 
 
+class ReplayFailure(Exception):
+    """The replay cannot follow the test as Rasa would (one line saying why): that test fails, not the run."""
+
+    def __init__(self, message: str, step_index: int = 0, user_message: str = "") -> None:
+        super().__init__(message)
+        self.step_index = step_index
+        self.user_message = user_message
+
+
+StopKind = Literal["collect", "end", "link", "agent"]
+_MAX_STEPS = 250  # Rasa's flow executor gives up after as many steps in one go
+_ACTION_MAPPINGS = frozenset({"custom", "controlled"})
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Where a walk through a flow stopped, and what it changed on the way."""
+
+    kind: StopKind  # asks a slot, ends, links to another flow, hands over to a sub-agent
+    frames: tuple[tuple[str, str], ...]  # (flow, step) from the walked flow down through `call`s
+    target: str | None  # the slot asked, the flow linked, the sub-agent called
+    slot_changes: tuple[tuple[str, Any], ...]
+    ran: frozenset[str]  # custom actions that ran without a stub
+    refused: tuple[str, str] | None = None  # (slot, response): the collect's rejection refused its value
+
+
+@dataclass
+class _Walk:
+    slots: dict[str, Any]
+    known: set[str]  # slots the walk set (set_slots, stubs)
+    ran: set[str]
+    budget: list[int]
+
+    def copy(self) -> _Walk:
+        return _Walk(dict(self.slots), set(self.known), set(self.ran), self.budget)
+
+
+def _pairs(rejections: Sequence[Rejection]) -> tuple[tuple[str, str | None], ...]:
+    return tuple((r.condition, r.utter) for r in rejections)
+
+
 class Replay:
     """The state machine; `conversation()` drives it over one test case."""
 
-    def __init__(self, assistant: Assistant, initial_slots: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        assistant: Assistant,
+        initial_slots: Mapping[str, Any],
+        suite: TestSuite | None = None,
+        test: TestCase | None = None,
+    ) -> None:
         self.assistant = assistant
+        self.suite = suite
+        self.test = test
         slots = {name: slot.initial_value for name, slot in assistant.slots.items()}
         slots.update({k: coerce_slot_value(assistant, k, v) for k, v in initial_slots.items()})
-        self.state = DialogueState(slots)
+        self.state = DialogueState(slots, evidenced=set(initial_slots))
+        self.at: tuple[int, str] = (0, "")  # the test step being replayed, and its user message
+
+    def _failure(self, message: str) -> ReplayFailure:
+        return ReplayFailure(message, *self.at)
 
     # ----------------------------------------------------------------------------- prompt variables
 
@@ -139,8 +216,12 @@ class Replay:
         }
 
     def available_flows(self) -> list[dict[str, Any]]:
+        """The flows Rasa puts in the prompt: those whose guard holds, and the active ones whatever theirs says."""
         flows = []
+        active = self._active_flows()
         for flow in self.assistant.user_flows():
+            if flow.id not in active and not self.startable(flow):
+                continue
             slots = []
             for step in self._collect_steps(flow):
                 assert step.target is not None
@@ -189,21 +270,32 @@ class Replay:
 
     def set_slot(self, name: str, value: Any) -> None:
         self.state.slots[name] = coerce_slot_value(self.assistant, name, value)
+        self.state.evidenced.add(name)
 
     def start_flow(self, flow_id: str) -> None:
         flow = self.assistant.flows.get(flow_id)
-        if flow is not None and not flow.is_pattern and self.state.current_flow != flow_id:
+        # Rasa skips starting a flow that is already on the stack (active, interrupted or called).
+        if flow is not None and not flow.is_pattern and flow_id not in self.state.stack:
             self.state.stack.append(flow_id)
+            self.state.position.pop(flow_id, None)
 
     def end_flow(self, flow_id: str) -> None:
-        """A flow ends (completed or cancelled): drop it and reset what it collected, as Rasa does."""
+        """A flow ends (completed or cancelled): drop it, and the flows it called, and reset what it collected,
+        as Rasa does (a called flow's slots are reset when its caller ends)."""
         if flow_id not in self.state.stack:
             return
+        for above in reversed(self.state.stack[self.state.stack.index(flow_id) + 1 :]):
+            if above in self.state.called:
+                self.end_flow(above)
         self.state.stack.remove(flow_id)
-        flow = self.assistant.flows[flow_id]
-        for step in self._collect_steps(flow):
-            if step.reset_after_flow_ends and step.target not in flow.persisted_slots:
-                self.state.slots[str(step.target)] = None
+        self.state.position.pop(flow_id, None)
+        if flow_id in self.state.called:
+            self.state.called.discard(flow_id)
+        else:
+            flow = self.assistant.flows[flow_id]
+            for step in self._collect_steps(flow):
+                if step.reset_after_flow_ends and step.target not in flow.persisted_slots:
+                    self.state.slots[str(step.target)] = None
         if self.state.asked and self.state.asked not in self.state.slots:
             self.state.asked = None
 
@@ -212,9 +304,30 @@ class Replay:
             if isinstance(command, StartFlow):
                 self.start_flow(command.flow)
             elif isinstance(command, SetSlot):
+                self._rewind_for_correction(command.name)
                 self.set_slot(command.name, command.value)
+                self.user_set(command.name)
             elif isinstance(command, CancelFlow) and self.state.current_flow:
-                self.end_flow(self.state.current_flow)
+                self.end_flow(self.state.current_flow)  # and the flows it called
+
+    def user_set(self, name: str) -> None:
+        """The user's turn set `name`: its domain `validation: rejections` run before the flow moves on."""
+        if name in self.state.to_validate:
+            self.state.to_validate.remove(name)
+        self.state.to_validate.append(name)
+
+    def _rewind_for_correction(self, name: str) -> None:
+        """A new value for a slot the current flow collected earlier: Rasa's correction pattern moves the flow
+        back to that collect step, so the steps after it (and their branches) run again."""
+        flow_id = self.state.current_flow
+        flow = self.assistant.flows.get(flow_id) if flow_id else None
+        if flow is None or self.state.slots.get(name) is None:
+            return
+        at = self.state.position.get(flow.id)
+        ids = [s.id for s in flow.steps]
+        collect = next((s for s in flow.steps if s.kind == "collect" and s.target == name), None)
+        if collect is not None and at in ids and ids.index(collect.id) < ids.index(at):
+            self.state.position[flow.id] = collect.id
 
     def apply_assertions(self, step: UserStep, commanded: Sequence[Command] = ()) -> None:
         """What the passing test says happened is the truth, except for slots this turn's own commands set:
@@ -235,41 +348,319 @@ class Replay:
         """A stubbed custom action's slot events, as Rasa applies them in E2E tests (per-test stub wins)."""
         stub = suite.stubs.get(f"{test.name}::{action}", suite.stubs.get(action))
         if not isinstance(stub, Mapping):
+            if self.is_custom_action(action):
+                self.state.unstubbed_actions.add(action)
             return
         for event in stub.get("events") or []:
             if isinstance(event, Mapping) and event.get("event") == "slot" and "name" in event:
                 self.set_slot(str(event["name"]), event.get("value"))
 
     def ask_from_response(self, response_name: str) -> None:
-        """A bot message that asks for a slot makes that slot the one being asked."""
-        for flow in self.assistant.flows.values():
+        """A bot message (or an `action_ask_<slot>`) that asks for a slot makes it the one being asked, and,
+        when the current flow collects it, the step that flow waits at."""
+        current = self.assistant.flows.get(self.state.current_flow) if self.state.current_flow else None
+        flows = [current] if current is not None else []
+        for flow in [*flows, *self.assistant.flows.values()]:
             for step in flow.collect_steps():
-                if self.assistant.ask_response(step) == response_name and step.target is not None:
+                if response_name in self.assistant.ask_names(step) and step.target is not None:
                     self.state.asked = step.target
                     self.state.asked_before.add(step.target)
+                    if flow is current:
+                        self.state.position[flow.id] = step.id
                     return
+        for slot in self.assistant.slots.values():
+            if slot.refill_utter == response_name:
+                self.state.asked = slot.name
+                self.state.asked_before.add(slot.name)
+                return
+
+    # ----------------------------------------------------------------------------- flow policy
+
+    def _active_flows(self) -> set[str]:
+        """The current flow and the flows that `call`ed it: Rasa offers them whatever their guards say."""
+        active: set[str] = set()
+        for flow_id in reversed(self.state.stack):
+            active.add(flow_id)
+            if flow_id not in self.state.called:
+                break
+        return active
+
+    def _unknown_slot(self, name: str, known: Set[str], ran: Set[str]) -> str | None:
+        """Why the replayed value of a slot a condition reads is not Rasa's (None: it is)."""
+        if name not in self.state.slots:
+            return f"slot {name!r} is not one the replay tracks"
+        slot = self.assistant.slots.get(name)
+        set_by_actions = slot is not None and bool(slot.mappings) and set(slot.mappings) <= _ACTION_MAPPINGS
+        actions = self.state.unstubbed_actions | set(ran)
+        if (
+            set_by_actions
+            and slot is not None
+            and slot.initial_value is None
+            and name not in known
+            and actions
+        ):
+            return (
+                f"slot {name!r} is set by custom actions, and {', '.join(sorted(actions))} ran without a stub"
+            )
+        return None
+
+    def _condition_problem(
+        self, condition: str, context: Mapping[str, Any] | None, known: Set[str], ran: Set[str]
+    ) -> str | None:
+        """Why the replay cannot decide `condition` as Rasa would (None: it can). `context` is what the
+        replay knows of Rasa's stack context (None: nothing, as for flow guards, which are not rendered)."""
+        text = condition
+        if context is not None and "{" in condition:
+            try:
+                text = render(condition, {"context": dict(context)}, strict=True)
+            except jinja2.UndefinedError:
+                return "its template reads Rasa's dialogue-stack context, which the replay does not model"
+            except jinja2.TemplateError:
+                return None  # Rasa counts a broken condition as false
+        try:
+            names = identifiers(text)
+        except InvalidCondition:
+            return None  # Rasa counts an invalid condition as false
+        for name in sorted(names):
+            head, _, rest = name.partition(".")
+            key = rest.split(".")[0]
+            if head == "slots":
+                problem = self._unknown_slot(key, known, ran)
+                if problem:
+                    return problem
+            elif head == "context" and (context is None or key not in context):
+                return f"`context.{key}` comes from Rasa's dialogue stack, which the replay does not model"
+        return None
+
+    def startable(self, flow: Flow) -> bool:
+        """A flow's guard (`if:`) on the replayed slots; ReplayFailure when the replay cannot decide it."""
+        if flow.condition is None:
+            return True
+        problem = self._condition_problem(flow.condition, None, self.state.evidenced, set())
+        if problem:
+            raise self._failure(
+                f"flow {flow.id!r}: cannot decide its guard `if: {flow.condition}`: {problem}"
+            )
+        return guard_allows(flow.condition, self.state.slots, {})
+
+    def _stub_events(self, action: str) -> list[tuple[str, Any]] | None:
+        """The slot events of `action`'s stub in this test (per-test stub first); None when not stubbed."""
+        if self.suite is None or self.test is None:
+            return None
+        stubs = self.suite.stubs
+        stub = stubs.get(f"{self.test.name}::{action}", stubs.get(action))
+        if not isinstance(stub, Mapping):
+            return None
+        return [
+            (str(e["name"]), coerce_slot_value(self.assistant, str(e["name"]), e.get("value")))
+            for e in stub.get("events") or []
+            if isinstance(e, Mapping) and e.get("event") == "slot" and "name" in e
+        ]
+
+    def is_custom_action(self, name: str) -> bool:
+        return name in self.assistant.actions and not name.startswith("utter_")
+
+    def _walk(self, flow_id: str) -> _Stop:
+        """Run `flow_id` from where it waits (or from its first step) until it needs the user, ends or links."""
+        flow = self.assistant.flows[flow_id]
+        walk = _Walk(dict(self.state.slots), set(), set(), [_MAX_STEPS])
+        at = self.state.position.get(flow_id)
+        if at is None:
+            return self._run(((flow_id, flow.steps[0].id),), walk, entering=True)
+        step = flow.step(at)
+        if step is not None and step.kind == "collect":  # the user was asked: an answer moves the flow on
+            stop = self._at_collect(step, ((flow_id, at),), walk, arriving=False)
+            if stop is not None:
+                return stop
+        return self._run(((flow_id, at),), walk, entering=False)
+
+    def _run(self, frames: tuple[tuple[str, str], ...], walk: _Walk, entering: bool) -> _Stop:
+        """Execute steps like Rasa's flow executor; `frames` are (flow, step) from the walked flow down
+        through `call`s. `entering`: the innermost step is reached now (else: it already ran)."""
+        while True:
+            flow_id, step_id = frames[-1]
+            if step_id == END:
+                if len(frames) == 1:
+                    return self._stop("end", frames, walk)
+                frames, entering = frames[:-1], False  # back in the caller, at its `call` step
+                continue
+            flow = self.assistant.flows[flow_id]
+            step = flow.step(step_id)
+            if step is None:
+                raise self._failure(f"flow {flow_id!r} has no step {step_id!r}")
+            if entering:
+                walk.budget[0] -= 1
+                if walk.budget[0] < 0:
+                    raise self._failure(
+                        f"flow {frames[0][0]!r} runs {_MAX_STEPS} steps without waiting for the user"
+                    )
+                if step.kind == "collect":
+                    stop = self._at_collect(step, frames, walk, arriving=True)
+                    if stop is not None:
+                        return stop
+                elif step.kind == "action" and step.target is not None:
+                    events = self._stub_events(step.target)
+                    if events is not None:
+                        for name, value in events:
+                            walk.slots[name] = value
+                            walk.known.add(name)
+                    elif self.is_custom_action(step.target):
+                        walk.ran.add(step.target)
+                elif step.kind == "set_slots":
+                    for name, value in step.set_slots.items():
+                        walk.slots[name] = coerce_slot_value(self.assistant, name, value)
+                        walk.known.add(name)
+                elif step.kind == "link":
+                    return self._stop("link", frames, walk, target=step.target)
+                elif step.kind == "call" and step.target is not None:
+                    called = self.assistant.flows.get(step.target)
+                    if called is not None and called.steps and all(f != called.id for f, _ in frames):
+                        frames, entering = (*frames, (called.id, called.steps[0].id)), True
+                        continue
+                    if called is None and (flow_id, step.id) not in self.state.agent_calls_done:
+                        return self._stop("agent", frames, walk, target=step.target)
+            targets, undecided = self._next_targets(flow, step, walk)
+            if len(targets) == 1:
+                frames, entering = (*frames[:-1], (flow_id, targets[0])), True
+                continue
+            return self._fork(frames, targets, undecided, walk)
+
+    def _fork(
+        self, frames: tuple[tuple[str, str], ...], targets: list[str], undecided: list[str], walk: _Walk
+    ) -> _Stop:
+        """Conditions the replay cannot decide: fine if every branch they could take ends the same way."""
+        stops = [
+            self._run((*frames[:-1], (frames[-1][0], target)), walk.copy(), entering=True)
+            for target in targets
+        ]
+        if all(stop == stops[0] for stop in stops[1:]):
+            return stops[0]
+        raise self._failure(f"{undecided[0]} (and its branches lead to different steps)")
+
+    def _next_targets(self, flow: Flow, step: FlowStep, walk: _Walk) -> tuple[list[str], list[str]]:
+        """Where Rasa goes after `step`: the first `if` that holds, else the `else`. When an `if` cannot be
+        decided, every target it could lead to, with why."""
+        if not step.next:
+            index = flow.steps.index(step)
+            return ([flow.steps[index + 1].id] if index + 1 < len(flow.steps) else [END]), []
+        targets: list[str] = []
+        undecided: list[str] = []
+        context = {"flow_id": flow.id, "step_id": step.id}
+        for branch in step.next:
+            if branch.condition is None:
+                targets.append(branch.target)
+                break
+            problem = self._condition_problem(
+                branch.condition, context, self.state.evidenced | walk.known, walk.ran
+            )
+            if problem:
+                targets.append(branch.target)
+                undecided.append(
+                    f"flow {flow.id!r}, step {step.id!r}: cannot decide `{branch.condition}`: {problem}"
+                )
+            elif branch_taken(branch.condition, walk.slots, context):
+                targets.append(branch.target)
+                break
+        else:
+            targets.append(END)  # no branch holds and no `else` (Rasa's validation requires one)
+        return list(dict.fromkeys(targets)), undecided
+
+    def _at_collect(
+        self, step: FlowStep, frames: tuple[tuple[str, str], ...], walk: _Walk, arriving: bool
+    ) -> _Stop | None:
+        """A collect step: ask (stop), refuse the value (stop, asking again) or move on (None)."""
+        name = str(step.target)
+        if arriving and step.ask_before_filling:
+            walk.slots[name] = None  # Rasa empties it and asks, whatever it held
+            return self._stop("collect", frames, walk, target=name)
+        value = walk.slots.get(name)
+        if value is None:
+            return self._stop("collect", frames, walk, target=name)
+        if step.rejections:
+            response = rejection_response(_pairs(step.rejections), name, value)
+            if response is not None:
+                walk.slots[name] = None
+                return self._stop("collect", frames, walk, target=name, refused=(name, response))
+        return None
+
+    def _stop(
+        self,
+        kind: StopKind,
+        frames: tuple[tuple[str, str], ...],
+        walk: _Walk,
+        target: str | None = None,
+        refused: tuple[str, str] | None = None,
+    ) -> _Stop:
+        changes = tuple(
+            (name, value) for name, value in sorted(walk.slots.items()) if self.state.slots.get(name) != value
+        )
+        return _Stop(kind, frames, target, changes, frozenset(walk.ran), refused)
+
+    def _refuse(self, name: str, response: str) -> None:
+        """A rejected value: the slot is emptied, the rejection's response said, the question asked again."""
+        self.state.slots[name] = None
+        self.state.refused.append((name, response))
+        self.state.asked = name
+        self.state.asked_before.add(name)
 
     def follow_flows(self) -> None:
-        """Where the test is silent: ask the next empty collect slot, finishing flows with none left."""
-        budget = 2 * len(self.assistant.flows) + 1  # flows that only link to each other must not spin
-        while self.state.stack and budget > 0:
-            budget -= 1
-            flow = self.assistant.flows[self.state.stack[-1]]
-            for step in self._collect_steps(flow):
-                assert step.target is not None
-                pending = self.state.slots.get(step.target) is None or (
-                    step.ask_before_filling and step.target not in self.state.asked_before
-                )
-                if pending:
-                    self.state.asked = step.target
-                    self.state.asked_before.add(step.target)
+        """Where the test is silent, do what Rasa does after the user's turn: check the values the turn set
+        against their slots' `validation: rejections` (last set first), then run the current flow from
+        where it waits, following `next` branches and `call`s, until it asks for a slot, ends (the flow
+        below resumes; a called flow returns to its caller) or links to another flow."""
+        state = self.state
+        while state.to_validate:
+            name = state.to_validate.pop()
+            slot = self.assistant.slots.get(name)
+            if slot is not None and slot.rejections:
+                response = rejection_response(_pairs(slot.rejections), name, state.slots.get(name))
+                if response is not None:
+                    self._refuse(name, response)
                     return
-            # Nothing left to collect: the flow runs to its end; a `link` hands over to the next flow.
-            self.end_flow(flow.id)
-            for step in flow.steps:
-                if step.kind == "link" and step.target is not None:
-                    self.start_flow(step.target)
-        self.state.asked = None
+        budget = 2 * len(self.assistant.flows) + 1  # flows that only link to each other must not spin
+        while state.stack and budget > 0:
+            budget -= 1
+            flow_id = state.stack[-1]
+            if flow_id not in self.assistant.flows:
+                self.end_flow(flow_id)
+                continue
+            stop = self._walk(flow_id)
+            for name, value in stop.slot_changes:
+                state.slots[name] = value
+                state.evidenced.add(name)
+            state.unstubbed_actions |= stop.ran
+            if stop.kind in ("collect", "agent"):
+                for called_id, _ in stop.frames[1:]:
+                    if called_id not in state.stack:
+                        state.stack.append(called_id)
+                        state.called.add(called_id)
+                for frame_flow, frame_step in stop.frames:
+                    state.position[frame_flow] = frame_step
+                if stop.kind == "agent":
+                    state.asked = None
+                    state.agent_call = stop.frames[-1]
+                    return
+                state.asked = stop.target
+                state.asked_before.add(str(stop.target))
+                if stop.refused is not None:
+                    state.refused.append(stop.refused)
+                return
+            self.end_flow(flow_id)
+            if stop.kind == "link" and stop.target is not None:
+                self.start_flow(stop.target)
+        state.asked = None
+
+    def check_refusals(self, shown: Sequence[str]) -> None:
+        """A rejection response the test shows must be one the replay gave: else the labels set a value
+        Rasa would have kept (or the replay misses why Rasa refused it)."""
+        refused = {slot for slot, _ in self.state.refused}
+        owners = _rejection_owners(self.assistant)
+        for name in shown:
+            for slot in sorted(owners.get(name, set()) - refused):
+                raise self._failure(
+                    f"the test shows {name} (a rejection of {slot}), but {slot} = "
+                    f"{self.state.slots.get(slot)!r} passes its rejections here"
+                )
 
     def bot_says(self, text: str) -> None:
         self.state.history.append(f"AI: {text}")
@@ -296,6 +687,7 @@ def _next_asks(assistant: Assistant, test: TestCase, index: int) -> tuple[str, .
     step = test.steps[index]
     if isinstance(step, UserStep):
         names += [a.utter_name for a in step.assertions if isinstance(a, BotUttered) and a.utter_name]
+        names += [a.action for a in step.assertions if isinstance(a, ActionExecuted)]  # action_ask_<slot>
     for later in test.steps[index + 1 :]:
         if isinstance(later, UserStep):
             break
@@ -304,9 +696,64 @@ def _next_asks(assistant: Assistant, test: TestCase, index: int) -> tuple[str, .
     for name in names:
         for flow in assistant.flows.values():
             for collect in flow.collect_steps():
-                if assistant.ask_response(collect) == name and collect.target is not None:
+                if name in assistant.ask_names(collect) and collect.target is not None:
                     asks.append(collect.target)
-    return tuple(dict.fromkeys(asks))
+    # Asked again after the test shows its value refused: a rejection, not a sign the value was not set.
+    owners = _rejection_owners(assistant)
+    refused = {slot for name in names for slot in owners.get(name, set())}
+    if INTERNAL_ERROR_RESPONSE in names:
+        refused |= {slot for slots in owners.values() for slot in slots}
+    return tuple(dict.fromkeys(a for a in asks if a not in refused))
+
+
+def _shown_responses(test: TestCase, index: int) -> list[str]:
+    """Responses the test shows the bot saying after the user step at `index`, before the next one."""
+    step = test.steps[index]
+    names: list[str] = []
+    if isinstance(step, UserStep):
+        names += [a.utter_name for a in step.assertions if isinstance(a, BotUttered) and a.utter_name]
+    for later in test.steps[index + 1 :]:
+        if isinstance(later, UserStep):
+            break
+        if isinstance(later, UtterStep):
+            names.append(later.name)
+    return names
+
+
+def _rejection_owners(assistant: Assistant) -> dict[str, set[str]]:
+    """Response -> the slots whose rejections (the domain's or a collect step's) say it, for responses that
+    say nothing else in the flows (a response also used by an `action` step proves no rejection)."""
+    owners: dict[str, set[str]] = {}
+    said_by_steps: set[str] = set()
+    for slot in assistant.slots.values():
+        for rejection in slot.rejections:
+            if rejection.utter:
+                owners.setdefault(rejection.utter, set()).add(slot.name)
+    for flow in assistant.flows.values():
+        for step in flow.steps:
+            if step.kind == "action" and step.target is not None:
+                said_by_steps.add(step.target)
+            for rejection in step.rejections if step.kind == "collect" else ():
+                if rejection.utter and step.target is not None:
+                    owners.setdefault(rejection.utter, set()).add(step.target)
+    return {name: slots for name, slots in owners.items() if name not in said_by_steps}
+
+
+def _command_generator_acted(step: UserStep, agent_flow: str) -> bool:
+    """Whether a message sent while a sub-agent has the user went to the command generator instead: the
+    test shows a flow or pattern started (other than the calling flow), a clarification, or a cancel."""
+    for assertion in step.assertions:
+        if isinstance(assertion, FlowStarted) and any(f != agent_flow for f in assertion.flow_ids):
+            return True
+        if isinstance(assertion, ClarificationContains | FlowCancelled):
+            return True
+    return False
+
+
+def _sub_agent_finished(step: UserStep, agent_flow: str, asks_next: Sequence[str]) -> bool:
+    """Control is back with the flow once the test shows the calling flow completed or a question asked."""
+    completed = any(isinstance(a, FlowCompleted) and a.flow_id == agent_flow for a in step.assertions)
+    return completed or bool(asks_next)
 
 
 def _bot_steps_follow(test: TestCase, index: int) -> bool:
@@ -329,16 +776,26 @@ def conversation(
     `user_texts` replaces the text of user steps (by step index): rephrased and synthetic conversations
     replay with their own messages in the history. Returns the whole transcript (`USER:` / `AI:` lines).
     """
-    replay = Replay(assistant, suite.fixture_slots(test))
+    replay = Replay(assistant, suite.fixture_slots(test), suite, test)
     state = replay.state
     turn_index = 0
     for index, step in enumerate(test.steps):
+        replay.at = (index, step.text if isinstance(step, UserStep) else "")
         if isinstance(step, UserStep):
+            state.refused.clear()
             text = (user_texts or {}).get(index, step.text)
             commanded: Sequence[Command] = ()
+            # The sub-agent has the user while the flow that calls it is the innermost on the stack.
+            agent = (
+                state.agent_call if state.agent_call and state.stack[-1:] == [state.agent_call[0]] else None
+            )
             if is_button_payload(step.text):
                 for name, value in parse_set_slots_payload(step.text).items():
                     replay.set_slot(name, value)
+                    replay.user_set(name)
+                state.history.append(f"USER: {text}")
+            elif agent is not None and not _command_generator_acted(step, agent[0]):
+                # The sub-agent answers this message itself: no command-generator turn.
                 state.history.append(f"USER: {text}")
             else:
                 turn = Turn(
@@ -366,9 +823,19 @@ def conversation(
             if not _bot_steps_follow(test, index):  # explicit bot / utter steps tell the history themselves
                 for name in uttered:
                     replay.bot_says(replay.render_response(name))
-            replay.follow_flows()
-            for name in uttered:
+            if agent is not None and _sub_agent_finished(step, agent[0], _next_asks(assistant, test, index)):
+                state.agent_calls_done.add(agent)
+                state.agent_call = None
+            # A call of a flow that left the stack runs its sub-agent again when the flow restarts.
+            state.agent_calls_done = {done for done in state.agent_calls_done if done[0] in state.stack}
+            if state.agent_call is not None and state.stack[-1:] == [state.agent_call[0]]:
+                state.asked = None  # the sub-agent has the user until it hands back
+            else:
+                replay.follow_flows()  # stops at a sub-agent's `call:` too (state.agent_call)
+            asked_by_actions = [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
+            for name in uttered + asked_by_actions:
                 replay.ask_from_response(name)
+            replay.check_refusals(_shown_responses(test, index))
         elif isinstance(step, BotStep):
             replay.bot_says(step.text)
             for response in assistant.responses.values():
