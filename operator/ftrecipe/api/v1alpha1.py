@@ -9,10 +9,12 @@ pydantic validator (the CLI and `ftrecipe run` check recipes offline) and as a C
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
+from fractions import Fraction
 from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 GROUP = "ftrecipe.dev"
@@ -37,6 +39,7 @@ _HF_REPO_ID = r"^[\w.\-]+(/[\w.\-]+)?$"
 _CAMEL_WORD = r"^[A-Za-z]\w*$"
 # Same syntax as a Kubernetes resource.Quantity, so `resources` reads like any pod's.
 _QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_ISO_DATETIME = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.][0-9]{1,6})?)?)?(Z|[+-][0-9]{2}:[0-9]{2})?$"
 
 # What each pattern means, for error messages people can act on.
 PATTERN_MEANINGS = {
@@ -48,6 +51,7 @@ PATTERN_MEANINGS = {
     _HTTP_URL: "an http:// or https:// URL",
     _HF_REPO_ID: "a Hugging Face repository id such as meta-llama/Llama-3.1-8B-Instruct",
     _CAMEL_WORD: "a CamelCase word",
+    _ISO_DATETIME: "an ISO 8601 date and time such as 2026-01-15T09:30:00+00:00",
 }
 
 
@@ -421,6 +425,20 @@ class ResourceRequirements(ApiModel):
         dict[str, Quantity] | None, Field(description="Maximum resources, e.g. {memory: 16Gi}.")
     ] = None
 
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourceRequirements:
+        # The API server refuses such a pod only when the Job creates it; say so while the recipe is read.
+        for name, limit in (self.limits or {}).items():
+            request = (self.requests or {}).get(name)
+            if request is not None and parse_quantity(request) > parse_quantity(limit):
+                raise PydanticCustomError(
+                    "request_above_limit",
+                    "requests.{name} ({request}) is above limits.{name} ({limit}): raise the limit or lower "
+                    "the request",
+                    {"name": name, "request": str(request), "limit": str(limit)},
+                )
+        return self
+
 
 class Toleration(ApiModel):
     """A pod toleration, as in a PodSpec."""
@@ -439,7 +457,256 @@ class Toleration(ApiModel):
     ] = None
 
 
+def parse_quantity(value: int | str) -> Fraction:
+    """A Kubernetes resource quantity as an exact number (`500m` → 1/2, `16Gi` → 16·2³⁰), for comparing."""
+    text = str(value).strip()
+    match = re.fullmatch(r"([+-]?[0-9.]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?", text)
+    if match is None:
+        raise ValueError(f"not a resource quantity: {text!r}")
+    number, suffix = Fraction(match[1]), match[2] or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Fraction(10) ** int(suffix[1:])
+    return number * _QUANTITY_SUFFIXES[suffix]
+
+
+_QUANTITY_SUFFIXES: Final[dict[str, Fraction]] = {
+    "": Fraction(1),
+    **{s: Fraction(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Fraction(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+    "m": Fraction(1, 1000),
+    "u": Fraction(1, 1000**2),
+    "n": Fraction(1, 1000**3),
+}
+
+
+# --------------------------------------------------------------------------------------------- pods
+
+# A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at most 63.
+_QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+# An extended resource a device plugin advertises: nvidia.com/gpu, nvidia.com/mig-1g.10gb, amd.com/gpu.
+_EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+PATTERN_MEANINGS[_LABEL_VALUE] = (
+    "a label value: at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends"
+)
+PATTERN_MEANINGS[_EXTENDED_RESOURCE] = (
+    "a device plugin's resource name such as nvidia.com/gpu or nvidia.com/mig-1g.10gb"
+)
+
+# Pod labels ftrecipe or the Job controller set, or that Kueue would act on: a recipe's own labels must not
+# take them over (the operator finds its Jobs and pods by them).
+RESERVED_LABEL_PREFIXES: Final = ("ftrecipe.dev/", "batch.kubernetes.io/")
+RESERVED_LABELS: Final = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/managed-by",
+    "controller-uid",
+    "job-name",
+    "kueue.x-k8s.io/queue-name",
+)
+RESERVED_ANNOTATION_PREFIXES: Final = ("ftrecipe.dev/",)
+MAX_POD_METADATA: Final = 32  # bounds the CEL cost of checking every key (the API server estimates it)
+
+
+def _cel_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
+
+
+def _key_rules(what: str, prefixes: tuple[str, ...], reserved: tuple[str, ...]) -> dict[str, Any]:
+    taken = " && ".join(f"!k.startsWith('{prefix}')" for prefix in prefixes)
+    if reserved:
+        taken += f" && !(k in {_cel_list(reserved)})"
+    return cel_rules(
+        (
+            f"self.all(k, size(k) <= 317 && k.matches('{_QUALIFIED_NAME}') && "
+            "(!k.contains('/') || k.matches('^[^/]{1,253}/')))",
+            f"{what} keys are an optional DNS-subdomain prefix and '/', then a name of at most 63 letters, "
+            "digits, '-', '_' or '.'",
+        ),
+        (
+            f"self.all(k, {taken})",
+            f"{what} keys {', '.join([*(p + '*' for p in prefixes), *reserved])} are set by ftrecipe or "
+            "Kubernetes; choose another key",
+        ),
+    )
+
+
+def _checked_keys(
+    what: str, prefixes: tuple[str, ...], reserved: tuple[str, ...]
+) -> Callable[[dict[str, str]], dict[str, str]]:
+    def check(value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_POD_METADATA:
+            raise PydanticCustomError(
+                "too_many_keys",
+                "at most {most} {what}s (got {count})",
+                {"most": MAX_POD_METADATA, "what": what, "count": len(value)},
+            )
+        for key in value:
+            prefix = key.rpartition("/")[0]
+            if not re.fullmatch(_QUALIFIED_NAME, key) or len(prefix) > 253:
+                raise PydanticCustomError(
+                    "qualified_name",
+                    "{what} key {key} is not valid: an optional DNS-subdomain prefix and '/', then a name of "
+                    "at most 63 letters, digits, '-', '_' or '.'",
+                    {"what": what, "key": repr(key)},
+                )
+            if key.startswith(prefixes) or key in reserved:
+                raise PydanticCustomError(
+                    "reserved_key",
+                    "{what} key {key} is set by ftrecipe or Kubernetes; choose another key",
+                    {"what": what, "key": repr(key)},
+                )
+        return value
+
+    return check
+
+
+PodLabels = Annotated[
+    dict[str, Annotated[str, Field(pattern=_LABEL_VALUE, max_length=63)]],
+    AfterValidator(_checked_keys("label", RESERVED_LABEL_PREFIXES, RESERVED_LABELS)),
+    Field(json_schema_extra={"maxProperties": MAX_POD_METADATA}),
+]
+PodAnnotations = Annotated[
+    dict[str, Annotated[str, Field(max_length=4096)]],
+    AfterValidator(_checked_keys("annotation", RESERVED_ANNOTATION_PREFIXES, ())),
+    Field(json_schema_extra={"maxProperties": MAX_POD_METADATA}),
+]
+
+
+class LocalObjectReference(ApiModel):
+    """An object in the recipe's namespace, by name (as `imagePullSecrets` entries are)."""
+
+    name: Annotated[str, Field(description="Name of the object.", pattern=_DNS_SUBDOMAIN, max_length=253)]
+
+
+class ModelCacheSpec(ApiModel):
+    """A writable PersistentVolumeClaim that holds the Hugging Face cache across Jobs and retries."""
+
+    claim_name: Annotated[
+        str,
+        Field(
+            description="Name of the PersistentVolumeClaim, mounted read-write at the pods' HF_HOME. "
+            "ReadWriteMany lets several recipes and nodes share it; ReadWriteOnce ties the pods to one node.",
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ]
+
+
+class PodSettings(ApiModel):
+    """What every pod of the recipe (data preparation, training, evaluation) shares: identity, registry
+    access, metadata and default placement. `training`'s placement fields, where set, replace these for the
+    training and evaluation pods (GPU nodes), so the data pod can go elsewhere."""
+
+    service_account_name: Annotated[
+        str | None,
+        Field(
+            description="ServiceAccount of the Job pods: the cloud identity for S3 and the model hub "
+            "(IRSA, EKS Pod Identity, GKE or Azure workload identity). Empty: the namespace's default. "
+            "Its Kubernetes API token is never mounted; the identity webhooks mount their own.",
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
+    image_pull_secrets: Annotated[
+        list[LocalObjectReference] | None,
+        Field(
+            description="Secrets (kubernetes.io/dockerconfigjson) for pulling the Job images from a "
+            "private registry.",
+            max_length=16,
+        ),
+    ] = None
+    labels: Annotated[
+        PodLabels | None,
+        Field(
+            description="Extra labels of the Job pods, e.g. a team or cost centre. ftrecipe's own "
+            "(app.kubernetes.io/name, app.kubernetes.io/managed-by, ftrecipe.dev/*), the Job controller's "
+            "and kueue.x-k8s.io/queue-name (use queueName) are refused.",
+            json_schema_extra=_key_rules("label", RESERVED_LABEL_PREFIXES, RESERVED_LABELS),
+        ),
+    ] = None
+    annotations: Annotated[
+        PodAnnotations | None,
+        Field(
+            description="Extra annotations of the Job pods, e.g. for a service mesh or the cluster "
+            "autoscaler. ftrecipe.dev/* are refused.",
+            json_schema_extra=_key_rules("annotation", RESERVED_ANNOTATION_PREFIXES, ()),
+        ),
+    ] = None
+    node_selector: Annotated[
+        dict[str, str] | None,
+        Field(
+            description="Node labels every Job pod must match; training.nodeSelector replaces it for GPU pods."
+        ),
+    ] = None
+    tolerations: Annotated[
+        list[Toleration] | None,
+        Field(description="Tolerations of every Job pod; training.tolerations replaces them for GPU pods."),
+    ] = None
+    affinity: Annotated[
+        dict[str, Any] | None,
+        Field(
+            description="Affinity of every Job pod, exactly as in a PodSpec; training.affinity replaces it "
+            "for GPU pods.",
+            json_schema_extra={"type": "object"},
+        ),
+    ] = None
+    priority_class_name: Annotated[
+        str | None,
+        Field(
+            description="PriorityClass of every Job pod; training.priorityClassName replaces it for GPU pods.",
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
+    runtime_class_name: Annotated[
+        str | None,
+        Field(
+            description="RuntimeClass of every Job pod; training.runtimeClassName replaces it for GPU pods.",
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
+    fetch_inputs_resources: Annotated[
+        ResourceRequirements | None,
+        Field(
+            description="Resources of the fetch-inputs init container (it clones or copies the assistant). "
+            "Unset values: requests cpu 100m, memory 256Mi, ephemeral-storage 256Mi; limits cpu 1, memory "
+            "1Gi, ephemeral-storage 4Gi."
+        ),
+    ] = None
+
+
 # --------------------------------------------------------------------------------------------- phases
+
+
+def _check_prompt_datetime(value: Any) -> Any:
+    # YAML reads an unquoted 2026-01-15T09:30:00Z as a timestamp: take it back as the text it was.
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    if isinstance(value, str) and re.fullmatch(_ISO_DATETIME, value) and _is_datetime(value):
+        return value
+    raise PydanticCustomError(
+        "datetime",
+        "must be an ISO 8601 date and time such as 2026-01-15T09:30:00+00:00 (got {value})",
+        {"value": repr(value)},
+    )
+
+
+def _is_datetime(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:  # e.g. month 13, which the pattern lets through
+        return False
+    return True
+
+
+# The pattern in the schema is for the API server; here `_check_prompt_datetime` checks it (and the date).
+PromptDatetime = Annotated[
+    str, BeforeValidator(_check_prompt_datetime), Field(json_schema_extra={"pattern": _ISO_DATETIME})
+]
 
 
 class DataPreparationSpec(ApiModel):
@@ -470,8 +737,24 @@ class DataPreparationSpec(ApiModel):
     ] = "instruction"
     seed: Annotated[int, Field(description="Seed of the train/validation shuffle.", ge=0)] = 42
     concurrency: Annotated[int, Field(description="Concurrent LLM requests.", ge=1, le=512)] = 16
+    prompt_datetime: Annotated[
+        PromptDatetime | None,
+        Field(
+            description="The instant a prompt template's current_datetime shows, ISO 8601 (e.g. "
+            "2026-01-15T09:30:00+00:00; without an offset, UTC). Empty: the first run records when it ran "
+            "beside its LLM answer cache and re-runs with the same template and LLM reuse that, so they make "
+            "the same prompts. A Job's cache lives only as long as the Job: set this for data that a later "
+            "Job makes identically.",
+        ),
+    ] = None
     resources: Annotated[
-        ResourceRequirements | None, Field(description="Resources of the data-preparation container.")
+        ResourceRequirements | None,
+        Field(
+            description="CPU, memory and ephemeral storage of the data-preparation container (CPU and network "
+            "bound: LLM requests). Each of cpu, memory and ephemeral-storage not given takes the default, "
+            "kept within what is given: requests cpu 1, memory 2Gi, ephemeral-storage 1Gi; limits cpu 2, "
+            "memory 4Gi, ephemeral-storage 10Gi."
+        ),
     ] = None
     secret_env: Annotated[
         list[SecretEnvVar],
@@ -589,28 +872,86 @@ class TrainingSpec(ApiModel):
     gpus: Annotated[
         int,
         Field(
-            description="NVIDIA GPUs for the Job (nvidia.com/gpu); more than 1 trains data-parallel.",
+            description="GPUs for the Job (of gpuResourceName); more than 1 trains data-parallel.",
             ge=0,
             le=16,
         ),
     ] = 1
+    gpu_resource_name: Annotated[
+        str,
+        Field(
+            description="The extended resource `gpus` counts: nvidia.com/gpu, a MIG slice such as "
+            "nvidia.com/mig-1g.10gb, or another vendor's device plugin (amd.com/gpu, gpu.intel.com/i915).",
+            pattern=_EXTENDED_RESOURCE,
+            max_length=316,
+        ),
+    ] = "nvidia.com/gpu"
     resources: Annotated[
         ResourceRequirements | None,
-        Field(description="CPU and memory of the trainer; GPUs come from `gpus`."),
+        Field(
+            description="CPU, memory and ephemeral storage of the trainer (and of the evaluator unless "
+            "evaluation.resources is set); GPUs come from `gpus`. Each of cpu, memory and ephemeral-storage "
+            "not given takes the default, kept within what is given: requests cpu 8, memory 64Gi, "
+            "ephemeral-storage 40Gi; limits cpu 16, memory 64Gi, ephemeral-storage 100Gi. Host memory "
+            "matters: transformers loads the base model in host memory before the GPU (16 GB in bf16 for an "
+            "8B model, once per GPU process), and the HF cache and checkpoints live on the pod's disk "
+            "unless modelCache is set."
+        ),
     ] = None
     node_selector: Annotated[
-        dict[str, str] | None, Field(description="Node labels the trainer pod must match.")
+        dict[str, str] | None,
+        Field(
+            description="Node labels the training and evaluation pods must match (replaces pods.nodeSelector)."
+        ),
     ] = None
     tolerations: Annotated[
         list[Toleration] | None,
-        Field(description="Tolerations of the trainer pod, e.g. for GPU node taints."),
+        Field(
+            description="Tolerations of the training and evaluation pods, e.g. for GPU node taints "
+            "(replaces pods.tolerations)."
+        ),
     ] = None
     affinity: Annotated[
         dict[str, Any] | None,
-        Field(description="Pod affinity, exactly as in a PodSpec.", json_schema_extra={"type": "object"}),
+        Field(
+            description="Affinity of the training and evaluation pods, exactly as in a PodSpec (replaces "
+            "pods.affinity).",
+            json_schema_extra={"type": "object"},
+        ),
     ] = None
     priority_class_name: Annotated[
-        str | None, Field(description="PriorityClass of the trainer pod.", pattern=_DNS_SUBDOMAIN)
+        str | None,
+        Field(
+            description="PriorityClass of the training and evaluation pods (replaces pods.priorityClassName).",
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
+    runtime_class_name: Annotated[
+        str | None,
+        Field(
+            description="RuntimeClass of the training and evaluation pods, e.g. nvidia on k3s and RKE2, "
+            "whose containerd does not use the NVIDIA runtime by default (replaces pods.runtimeClassName).",
+            pattern=_DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
+    termination_grace_period_seconds: Annotated[
+        int,
+        Field(
+            description="Seconds the trainer gets after SIGTERM (preemption, eviction, a drain) to save a "
+            "checkpoint and upload it before it is killed; a large adapter on a slow store needs minutes.",
+            ge=30,
+            le=7200,
+        ),
+    ] = 600
+    model_cache: Annotated[
+        ModelCacheSpec | None,
+        Field(
+            description="A PersistentVolumeClaim for the Hugging Face cache of the training and evaluation "
+            "pods, so a retry or the next recipe does not download the base model again. Empty: the cache "
+            "is on the pod's ephemeral storage."
+        ),
     ] = None
     checkpoint_every_steps: Annotated[
         int, Field(description="Checkpoint every N optimizer steps, to survive preemption.", ge=1)
@@ -643,6 +984,13 @@ class EvaluationSpec(ApiModel):
     max_new_tokens: Annotated[
         int, Field(description="Longest generated answer, in tokens.", ge=1, le=4096)
     ] = 64
+    resources: Annotated[
+        ResourceRequirements | None,
+        Field(
+            description="CPU, memory and ephemeral storage of the evaluation container (it loads the same "
+            "base model). Empty: training.resources, with the same defaults."
+        ),
+    ] = None
 
 
 _OUTPUT_TARGETS = ("s3", "local")
@@ -699,6 +1047,13 @@ class FinetuneRecipeSpec(ApiModel):
     )
     output: Annotated[OutputSpec, Field(description="Where results are written.")]
     images: Annotated[ImagesSpec, Field(description="Image overrides.")] = Field(default_factory=ImagesSpec)
+    pods: Annotated[
+        PodSettings,
+        Field(
+            description="What every Job pod shares: ServiceAccount, image pull Secrets, labels, annotations "
+            "and default placement."
+        ),
+    ] = Field(default_factory=PodSettings)
     queue_name: Annotated[
         str | None,
         Field(
@@ -827,6 +1182,18 @@ class EvaluationStatus(ApiModel):
     ] = None
 
 
+class PlannedWith(ApiModel):
+    """What the recipe's Jobs were planned with. An operator upgrade (new defaults, a new version in the
+    phase hashes) keeps these while the spec's generation stays the same, so finished work is never run
+    again and running Jobs are adopted; a new generation is planned afresh."""
+
+    generation: Annotated[int, Field(description="The spec generation the hashes were computed for.", ge=0)]
+    operator_version: Annotated[str, Field(description="The operator version that computed them.")]
+    data: Annotated[str, Field(description="Inputs hash of data preparation.")]
+    train: Annotated[str, Field(description="Inputs hash of training.")]
+    evaluate: Annotated[str, Field(description="Inputs hash of evaluation.")]
+
+
 class FinetuneRecipeStatus(ApiModel):
     """Where the recipe stands; written by the operator only."""
 
@@ -857,6 +1224,12 @@ class FinetuneRecipeStatus(ApiModel):
     data_preparation: Annotated[DataPreparationStatus | None, Field(description="Data preparation.")] = None
     training: Annotated[TrainingStatus | None, Field(description="Training.")] = None
     evaluation: Annotated[EvaluationStatus | None, Field(description="Evaluation.")] = None
+    planned_with: Annotated[
+        PlannedWith | None,
+        Field(
+            description="The spec generation, operator version and phase hashes the Jobs were planned with."
+        ),
+    ] = None
 
 
 class ObjectMeta(BaseModel):

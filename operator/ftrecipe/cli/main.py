@@ -100,6 +100,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
         seed=args.seed,
         concurrency=args.concurrency,
         cache_dir=optional(args.cache_dir),
+        prompt_datetime=args.prompt_datetime,
     )
     try:
         if sys.stderr.isatty():
@@ -262,6 +263,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     from ftrecipe.controller.handlers import OperatorSettings, register
     from ftrecipe.controller.manifests import Images
     from ftrecipe.controller.metrics import OperatorMetrics, serve
+    from ftrecipe.plan.planner import StuckLimits
 
     if not args.all_namespaces and not args.namespace:
         return _user_error("error: pass --namespace NS (repeatable) or --all-namespaces")
@@ -292,6 +294,13 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds if args.resync_seconds > 0 else None,
         progress_seconds=args.progress_seconds if args.progress_seconds > 0 else None,
         metrics=metrics,
+        stuck=StuckLimits(
+            image_pull=args.stuck_pull_seconds or None,
+            secret=args.stuck_secret_seconds or None,
+            unschedulable=args.stuck_unschedulable_seconds or None,
+            queued=args.stuck_queued_seconds or None,
+            max_evictions=args.max_evictions or None,
+        ),
     )
     registry = kopf.OperatorRegistry()
     register(registry, settings=settings)
@@ -374,6 +383,12 @@ def make_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
     prepare.add_argument("--concurrency", type=int, default=16, help="concurrent LLM requests")
     prepare.add_argument("--cache-dir", help="LLM answer cache (default ~/.cache/ftrecipe/llm)")
+    prepare.add_argument(
+        "--prompt-datetime",
+        metavar="ISO8601",
+        help="the instant a template's current_datetime shows, e.g. 2026-01-15T09:30:00+00:00 (default: the "
+        "one a first run recorded in the cache dir, so re-runs make the same prompts)",
+    )
     prepare.set_defaults(run=_cmd_prepare_data)
 
     tiny = commands.add_parser(
@@ -535,6 +550,27 @@ def make_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="re-plan unfinished recipes this often even without events (0: never)",
+    )
+    # How long a phase's pod may be stuck before the phase fails (checked every --progress-seconds).
+    for flag, default, what in (
+        ("--stuck-pull-seconds", 300.0, "its image cannot be pulled (ImagePullBackOff)"),
+        ("--stuck-secret-seconds", 300.0, "a Secret or key it needs is missing (SecretMissing)"),
+        ("--stuck-unschedulable-seconds", 0.0, "no node can run it (Unschedulable; 0: wait, autoscalers)"),
+        ("--stuck-queued-seconds", 0.0, "Kueue has not admitted its Job (Queued; 0: wait)"),
+    ):
+        operator.add_argument(
+            flag,
+            type=float,
+            default=default,
+            metavar="S",
+            help=f"fail a phase whose pod waited this long because {what}",
+        )
+    operator.add_argument(
+        "--max-evictions",
+        type=int,
+        default=3,
+        metavar="N",
+        help="fail a phase once its pods were evicted (preempted, drained) N times (0: no bound)",
     )
     operator.set_defaults(run=_cmd_operator)
     return parser

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ftrecipe import __version__
-from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, ResourceRequirements, S3Location, SecretKeyRef
+from ftrecipe.api.v1alpha1 import (
+    FinetuneRecipeSpec,
+    ResourceRequirements,
+    S3Location,
+    SecretKeyRef,
+    Toleration,
+    parse_quantity,
+)
 from ftrecipe.controller import inputs
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import CreateJob
@@ -59,15 +66,29 @@ CACHE_DIR: Final = f"{inputs.WORKSPACE}/cache"
 WORK_DIR: Final = f"{inputs.WORKSPACE}/work"
 ASSISTANT_PATH: Final = f"{inputs.INPUTS_DIR}/{inputs.ASSISTANT_DIR}"
 
-# Data preparation is CPU and network bound; these keep an unset recipe schedulable and Kueue-countable.
-DEFAULT_DATA_RESOURCES: Final[dict[str, dict[str, str]]] = {
-    "requests": {"cpu": "1", "memory": "2Gi"},
-    "limits": {"memory": "4Gi"},
+# Every container gets cpu, memory and ephemeral-storage requests and limits: a namespace ResourceQuota or
+# LimitRange that demands them admits the pods, Kueue counts them, the scheduler places them by what they
+# use, and the kubelet evicts a pod that outgrows its disk with a message instead of filling the node. A
+# recipe's `resources` replaces these value by value (`filled_resources`).
+Resources = dict[str, dict[str, str]]
+# Data preparation is CPU and network bound (LLM requests); its cache and outputs are small.
+DEFAULT_DATA_RESOURCES: Final[Resources] = {
+    "requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"},
+    "limits": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "10Gi"},
 }
-INIT_RESOURCES: Final[dict[str, dict[str, str]]] = {
-    "requests": {"cpu": "100m", "memory": "256Mi"},
-    "limits": {"memory": "1Gi"},
+# Training and evaluation load the base model in host memory on the way to the GPU (16 GB in bf16 for an 8B
+# model, per GPU process) and tokenize with several CPUs; without a model cache the HF cache (the same
+# 16 GB) and the checkpoints are on the pod's ephemeral storage.
+DEFAULT_GPU_RESOURCES: Final[Resources] = {
+    "requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "40Gi"},
+    "limits": {"cpu": "16", "memory": "64Gi", "ephemeral-storage": "100Gi"},
 }
+# fetch-inputs clones or copies the assistant and writes small input files.
+INIT_RESOURCES: Final[Resources] = {
+    "requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "256Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "4Gi"},
+}
+HF_HOME: Final = f"{inputs.WORKSPACE}/hf"  # the Hugging Face cache, where modelCache is mounted
 
 
 @dataclass(frozen=True)
@@ -130,7 +151,7 @@ def _secret(name: str, secret: str, key: str, *, optional: bool = False) -> dict
 BASE_ENV: Final = (
     _value("HOME", "/tmp"),
     _value("XDG_CACHE_HOME", "/tmp/.cache"),
-    _value("HF_HOME", f"{inputs.WORKSPACE}/hf"),
+    _value("HF_HOME", HF_HOME),
     _value("PYTHONUNBUFFERED", "1"),
 )
 
@@ -191,15 +212,37 @@ def _secret_env(spec: FinetuneRecipeSpec, taken: list[dict[str, Any]]) -> list[d
 # --------------------------------------------------------------------------------------------- pieces
 
 
-def _resources(requirements: ResourceRequirements | None) -> dict[str, dict[str, str]]:
-    if requirements is None:
-        return {}
-    dumped: dict[str, dict[str, str]] = {}
-    for part in ("requests", "limits"):
-        values = getattr(requirements, part)
-        if values:
-            dumped[part] = {name: str(value) for name, value in sorted(values.items())}
-    return dumped
+def filled_resources(requirements: ResourceRequirements | None, defaults: Resources) -> Resources:
+    """A recipe's ``resources`` with each defaulted resource (cpu, memory, ephemeral-storage) that it does
+    not give filled in from ``defaults``, kept consistent with what it gives: a request alone keeps the
+    default limit unless that is lower (then the limit is the request); a limit alone keeps the default
+    request unless that is higher (then the request is the limit, as Kubernetes does). Other resources it
+    names pass through as given."""
+    given = {
+        part: {name: str(value) for name, value in (getattr(requirements, part, None) or {}).items()}
+        for part in ("requests", "limits")
+    }
+    requests, limits = dict(given["requests"]), dict(given["limits"])
+    for name in sorted(set(defaults["requests"]) | set(defaults["limits"])):
+        request, limit = given["requests"].get(name), given["limits"].get(name)
+        default_request, default_limit = defaults["requests"].get(name), defaults["limits"].get(name)
+        if request is None and limit is None:
+            request, limit = default_request, default_limit
+        elif limit is None:
+            fits = default_limit is not None and parse_quantity(default_limit) >= parse_quantity(request or 0)
+            limit = default_limit if fits else request
+        elif request is None:
+            fits = default_request is not None and parse_quantity(default_request) <= parse_quantity(limit)
+            request = default_request if fits else limit
+        if request is not None:
+            requests[name] = request
+        if limit is not None:
+            limits[name] = limit
+    return {
+        part: dict(sorted(values.items()))
+        for part, values in (("requests", requests), ("limits", limits))
+        if values
+    }
 
 
 def _container(name: str, image: str, args: list[str], env: list[dict[str, Any]]) -> dict[str, Any]:
@@ -271,7 +314,7 @@ def _fetch_inputs_container(
         INIT_CONTAINER, image, ["fetch-inputs", "--phase", phase, "--into", inputs.INPUTS_DIR], env
     )
     container["volumeMounts"] += mounts
-    container["resources"] = {part: dict(values) for part, values in INIT_RESOURCES.items()}
+    container["resources"] = filled_resources(spec.pods.fetch_inputs_resources, INIT_RESOURCES)
     return container
 
 
@@ -321,6 +364,8 @@ def data_args(spec: FinetuneRecipeSpec, output_prefix: str, paths: CommandPaths)
         "--out",
         output_prefix,
     ]
+    if prep.prompt_datetime is not None:  # else prepare-data records one beside its cache
+        args += ["--prompt-datetime", prep.prompt_datetime]
     return args
 
 
@@ -411,6 +456,58 @@ def evaluate_args(
     ]
 
 
+# --------------------------------------------------------------------------------------------- pod settings
+
+
+def _tolerations(tolerations: list[Toleration]) -> list[dict[str, Any]]:
+    return [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tolerations]
+
+
+def pod_placement(spec: FinetuneRecipeSpec, *, gpu_phase: bool) -> dict[str, Any]:
+    """nodeSelector, tolerations, affinity, priorityClassName and runtimeClassName of a phase's pod:
+    ``spec.pods`` for every pod, each replaced by ``spec.training``'s own where set for the GPU phases
+    (training and evaluation), so the data pod can run on CPU nodes and the others on GPU nodes."""
+    shared, training = spec.pods, spec.training
+
+    def chosen(name: str) -> Any:
+        own = getattr(training, name) if gpu_phase else None
+        return own if own is not None else getattr(shared, name)
+
+    placement: dict[str, Any] = {}
+    if node_selector := chosen("node_selector"):
+        placement["nodeSelector"] = dict(sorted(node_selector.items()))
+    if tolerations := chosen("tolerations"):
+        placement["tolerations"] = _tolerations(tolerations)
+    if affinity := chosen("affinity"):
+        placement["affinity"] = copy.deepcopy(affinity)
+    if (priority_class := chosen("priority_class_name")) is not None:
+        placement["priorityClassName"] = priority_class
+    if (runtime_class := chosen("runtime_class_name")) is not None:
+        placement["runtimeClassName"] = runtime_class
+    return placement
+
+
+def pod_identity(spec: FinetuneRecipeSpec) -> dict[str, Any]:
+    """serviceAccountName and imagePullSecrets of every Job pod. The ServiceAccount's API token stays
+    unmounted (``automountServiceAccountToken: false``): IRSA, EKS Pod Identity and Azure workload identity
+    mount their own projected token, and GKE's metadata server needs none."""
+    identity: dict[str, Any] = {}
+    if spec.pods.service_account_name is not None:
+        identity["serviceAccountName"] = spec.pods.service_account_name
+    if spec.pods.image_pull_secrets:
+        identity["imagePullSecrets"] = [{"name": ref.name} for ref in spec.pods.image_pull_secrets]
+    return identity
+
+
+def pod_metadata(spec: FinetuneRecipeSpec, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The pod template's metadata: the recipe's ``pods.labels`` and ``pods.annotations`` under ours, which
+    always win (the API refuses our keys; a key ours gain later must not be taken over either)."""
+    metadata: dict[str, Any] = {"labels": {**dict(sorted((spec.pods.labels or {}).items())), **labels}}
+    if spec.pods.annotations:
+        metadata["annotations"] = dict(sorted(spec.pods.annotations.items()))
+    return metadata
+
+
 # --------------------------------------------------------------------------------------------- the Job
 
 
@@ -423,10 +520,13 @@ def build_job(
     output_prefix: str,
     images: Images = DEFAULT_IMAGES,
     data_prefix: str | None = None,
+    adapter_prefix: str | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job for ``action``. ``output_prefix`` is where this phase publishes its bundle;
     ``data_prefix`` (train only) where the data bundle is, by default the data phase's content-addressed
-    prefix under ``output.s3.uri``. Raises ValueError for recipes a cluster cannot run."""
+    prefix under ``output.s3.uri``; ``adapter_prefix`` (evaluate only) likewise where the adapter is (the
+    operator passes both, for the hashes the recipe was planned with). Raises ValueError for recipes a
+    cluster cannot run."""
     phase = action.phase
     output = _output_s3(spec)
     labels = job_labels(recipe_name, phase, action.inputs_hash)
@@ -458,9 +558,7 @@ def build_job(
             [*_s3_env(output), *_llm_key_env(spec)],
         )
         main["env"] += _secret_env(spec, main["env"])
-        main["resources"] = _resources(spec.data_preparation.resources) or {
-            part: dict(values) for part, values in DEFAULT_DATA_RESOURCES.items()
-        }
+        main["resources"] = filled_resources(spec.data_preparation.resources, DEFAULT_DATA_RESOURCES)
         deadline = DEFAULT_DEADLINE_SECONDS
     else:
         # Training, and evaluation (the adapter on the same base model, on the same kind of node).
@@ -481,18 +579,29 @@ def build_job(
             deadline = training.active_deadline_seconds
         else:
             init = None  # evaluate reads its data, base model and adapter itself: nothing to fetch first
-            adapter_prefix = phase_prefix(output.uri, recipe_name, "train", hashes["train"])
+            if adapter_prefix is None:
+                adapter_prefix = phase_prefix(output.uri, recipe_name, "train", hashes["train"])
             args = evaluate_args(
                 spec, output_prefix, data_prefix, adapter_prefix, base_model_arg(spec), JOB_PATHS.work
             )
             gpus = min(training.gpus, 1)  # one process generates; more GPUs would sit idle
             deadline = DEFAULT_DEADLINE_SECONDS
         main = _container(MAIN_CONTAINER[phase], image, args, env)
-        resources = _resources(training.resources)
-        if gpus > 0:
-            resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
-        if resources:
-            main["resources"] = resources
+        own = spec.evaluation.resources if phase == "evaluate" else None
+        resources = filled_resources(own or training.resources, DEFAULT_GPU_RESOURCES)
+        if gpus > 0:  # extended resources are limits only; the request follows
+            resources.setdefault("limits", {})[training.gpu_resource_name] = str(gpus)
+        main["resources"] = resources
+        if phase == "train":  # SIGTERM → checkpoint → upload (ftrecipe.training.trainer) needs minutes
+            pod["terminationGracePeriodSeconds"] = training.termination_grace_period_seconds
+        if training.model_cache is not None:
+            volumes.append(
+                {
+                    "name": "model-cache",
+                    "persistentVolumeClaim": {"claimName": training.model_cache.claim_name},
+                }
+            )
+            main["volumeMounts"].append({"name": "model-cache", "mountPath": HF_HOME})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         main["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
         if base.pvc is not None:
@@ -505,16 +614,8 @@ def build_job(
             main["volumeMounts"].append(
                 {"name": "base-model", "mountPath": inputs.PVC_ROOT, "readOnly": True}
             )
-        if training.node_selector:
-            pod["nodeSelector"] = dict(sorted(training.node_selector.items()))
-        if training.tolerations:
-            pod["tolerations"] = [
-                t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in training.tolerations
-            ]
-        if training.affinity:
-            pod["affinity"] = copy.deepcopy(training.affinity)
-        if training.priority_class_name is not None:
-            pod["priorityClassName"] = training.priority_class_name
+    pod.update(pod_placement(spec, gpu_phase=phase != "data"))
+    pod.update(pod_identity(spec))
     if init is not None:
         pod["initContainers"] = [init]
     pod["containers"] = [main]
@@ -545,6 +646,6 @@ def build_job(
                     },
                 ]
             },
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+            "template": {"metadata": pod_metadata(spec, labels), "spec": pod},
         },
     }

@@ -14,9 +14,9 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,13 @@ from ftrecipe.dataprep.coverage import flow_coverage, write_command_histogram, w
 from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep, scan_e2e_tests
 from ftrecipe.dataprep.llm import LLMClient, LLMSettings
 from ftrecipe.dataprep.progress import Reporter
-from ftrecipe.dataprep.prompt import PromptTemplate, load_template
+from ftrecipe.dataprep.prompt import PromptTemplate, format_prompt_datetime, load_template
+from ftrecipe.dataprep.prompt_datetime import (
+    PromptInstant,
+    check_prompt_datetime,
+    resolve_prompt_datetime,
+    utc_now,
+)
 from ftrecipe.dataprep.rephrase import RephraserConfig, read_rephrase_config, rephrase_conversation
 from ftrecipe.dataprep.split import (
     DataPoint,
@@ -88,6 +94,8 @@ class PrepareDataOptions:
     seed: int = 42
     concurrency: int = 16
     cache_dir: Path | None = None
+    # The instant a template's `current_datetime` shows (ISO 8601); None: the one recorded beside the cache.
+    prompt_datetime: str | None = None
 
 
 @dataclass
@@ -114,10 +122,16 @@ def _check_options(options: PrepareDataOptions) -> None:
         raise InputError(f"--train-frac must be in (0, 1], not {options.train_frac}")
     if options.concurrency < 1:
         raise InputError(f"--concurrency must be at least 1, not {options.concurrency}")
+    if options.prompt_datetime is not None:
+        check_prompt_datetime(options.prompt_datetime)
 
 
 def _params(
-    options: PrepareDataOptions, generator: GeneratorConfig, template_source: str, rephraser_source: str
+    options: PrepareDataOptions,
+    generator: GeneratorConfig,
+    template_source: str,
+    rephraser_source: str,
+    instant: PromptInstant | None = None,
 ) -> dict[str, Any]:
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     params["e2e_paths"] = [str(p) for p in options.e2e_paths]
@@ -128,6 +142,11 @@ def _params(
         "llm": generator.llm.model_dump(exclude_none=True) if generator.llm else None,
     }
     params["rephraser"] = {"source": rephraser_source}
+    params["prompt_datetime"] = (
+        instant.params()
+        if instant is not None
+        else {"value": None, "source": "unused: the prompt template does not show current_datetime"}
+    )
     return params
 
 
@@ -300,6 +319,12 @@ def inputs_hash(
                 rephraser.llm.model_dump(exclude={"timeout", "key_variable"}) if rephraser.llm else None
             ),
             "syntax": generator.syntax,
+            # Only where a template shows it, so the hash of other runs is what it always was.
+            **(
+                {"current_datetime": format_prompt_datetime(template.current_datetime)}
+                if template.current_datetime is not None
+                else {}
+            ),
             "options": {
                 "annotator": options.annotator,
                 "num_rephrases": options.num_rephrases,
@@ -331,7 +356,10 @@ class _Silent:
         pass
 
 
-async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = None) -> PrepareDataResult:
+async def prepare_data(
+    options: PrepareDataOptions, progress: Reporter | None = None, now: Callable[[], datetime] = utc_now
+) -> PrepareDataResult:
+    """Run the stages and publish the bundle; ``now`` is the clock a first run records its prompt instant from."""
     report: Reporter = progress or _Silent()
     log = report.log
     _check_options(options)
@@ -362,6 +390,15 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
             "generator (and --endpoints for model groups); offline, use --annotator assertions --num-rephrases 0"
         )
 
+    instant: PromptInstant | None = None
+    if template.shows_datetime:
+        cache_dir = options.cache_dir or default_cache_dir()
+        instant = resolve_prompt_datetime(options.prompt_datetime, generator, template, cache_dir, now)
+        template = template.at(instant.value)
+        log(f"current_datetime in prompts: {format_prompt_datetime(instant.value)} ({instant.source})")
+        if instant.warning:
+            log(instant.warning)
+
     clients: list[LLMClient] = []
     # Only when asked: a config.yml that names the production LLM must not demand its key offline.
     needs_llm = options.annotator == "llm" or options.num_rephrases > 0
@@ -369,8 +406,8 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
     if generator_client is not None:
         clients.append(generator_client)
     base = Path.cwd()
-    # Fixed per run, so a template that shows the date renders identically on every turn (and caches).
-    fixed = {"current_datetime": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    # Variables every prompt gets beyond the replay's; `current_datetime` is the template's own (`at`).
+    fixed: dict[str, Any] = {}
     try:
         # Stages 1 and 2 per conversation, all conversations at once: a conversation's rephrasings are
         # asked for as soon as it is labelled, so the LLM is never idle between stages.
@@ -484,7 +521,9 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
         summary["num_sub_agent_messages"] = _sub_agent_messages(annotation)
         summary["warnings"] = [*load_warnings, *summary["skipped_test_files"]]
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
-        _dump_yaml(staging / "params.yaml", _params(options, generator, template.source, rephraser.source))
+        _dump_yaml(
+            staging / "params.yaml", _params(options, generator, template.source, rephraser.source, instant)
+        )
         _dump_yaml(staging / "result_summary.yaml", summary)
         publish_bundle(
             staging,
@@ -503,5 +542,7 @@ async def prepare_data(options: PrepareDataOptions, progress: Reporter | None = 
     return PrepareDataResult(str(options.out), annotation, summary)
 
 
-def run_prepare_data(options: PrepareDataOptions, progress: Reporter | None = None) -> PrepareDataResult:
-    return asyncio.run(prepare_data(options, progress))
+def run_prepare_data(
+    options: PrepareDataOptions, progress: Reporter | None = None, now: Callable[[], datetime] = utc_now
+) -> PrepareDataResult:
+    return asyncio.run(prepare_data(options, progress, now))

@@ -3,6 +3,12 @@
 Users bring their production Jinja2 template unchanged, so the environment matches Rasa's: no
 autoescaping for string templates, lenient undefined variables, and Rasa's `to_json_escaped_string`
 filter. Our own defaults (one per command syntax) live in `templates/`.
+
+`current_datetime` is what Rasa (3.x, `include_date_time`) passes: a timezone-aware `datetime`, so a
+template may print it (`{{ current_datetime }}` renders `2026-01-15 09:30:00+00:00`) or format it
+(`current_datetime.strftime(...)`, `.tzname()`). Rasa takes it from the clock at every turn; here it is one
+fixed instant per run inputs (see `pipeline.resolve_prompt_datetime`), so prompts, and the LLM cache keyed
+by them, do not change from one run to the next.
 """
 
 from __future__ import annotations
@@ -10,13 +16,14 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from ftrecipe.dataprep.commands import Syntax
 from ftrecipe.dataprep.yamlfile import InputError
@@ -31,14 +38,28 @@ _ENVIRONMENT = jinja2.Environment(autoescape=False, keep_trailing_newline=True)
 _ENVIRONMENT.filters["to_json_escaped_string"] = to_json_escaped_string
 
 
+CURRENT_DATETIME = "current_datetime"
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     source: str  # a path, or `builtin:<name>`
     text: str
+    # Rendered as `current_datetime`; None leaves it undefined, as Rasa does with `include_date_time: false`.
+    current_datetime: datetime | None = None
+
+    @property
+    def shows_datetime(self) -> bool:
+        """Whether the template refers to `current_datetime` at all (only then does the instant matter)."""
+        return CURRENT_DATETIME in _variables(self.text)
+
+    def at(self, instant: datetime) -> PromptTemplate:
+        return replace(self, current_datetime=instant)
 
     def render(self, variables: Mapping[str, Any]) -> str:
+        fixed = {} if self.current_datetime is None else {CURRENT_DATETIME: self.current_datetime}
         try:
-            return _compiled(self.text).render({"current_datetime": _now(), **variables})
+            return _compiled(self.text).render({**fixed, **variables})
         except jinja2.TemplateError as error:
             line = getattr(error, "lineno", None)
             at = f":{line}" if line else ""
@@ -51,8 +72,26 @@ def _compiled(text: str) -> jinja2.Template:
     return _ENVIRONMENT.from_string(text)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S %Z")
+@functools.lru_cache(maxsize=32)
+def _variables(text: str) -> frozenset[str]:
+    return frozenset(jinja2.meta.find_undeclared_variables(_ENVIRONMENT.parse(text)))
+
+
+def parse_prompt_datetime(text: str) -> datetime:
+    """An ISO 8601 date and time (`2026-01-15T09:30:00+00:00`, `…Z`); without an offset it is UTC, Rasa's
+    default timezone. ValueError when it is not one."""
+    value = datetime.fromisoformat(text.strip())
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def format_prompt_datetime(instant: datetime) -> str:
+    """The form recorded in params.yaml and the instant's record, read back by `parse_prompt_datetime`."""
+    return instant.isoformat()
+
+
+def recorded_instant(now: datetime) -> datetime:
+    """The instant a first run records: UTC (Rasa's default timezone), whole seconds."""
+    return now.astimezone(UTC).replace(microsecond=0)
 
 
 def default_template(syntax: Syntax) -> PromptTemplate:
