@@ -23,7 +23,7 @@ from ftrecipe.controller.manifests import (
     build_job,
     label_value,
 )
-from ftrecipe.plan.cache_key import Phase, phase_hashes, phase_prefix
+from ftrecipe.plan.cache_key import PHASES, Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import CreateJob, job_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,21 @@ def every_job() -> Iterator[tuple[str, dict[str, Any]]]:
         spec, {"training": {"baseModel": {"pvc": {"claimName": "models", "path": "llama"}}}}
     )
     yield "base-model-pvc", job_for(recipe_name, pvc_model, "train")
+    mig = with_changes(spec, MIG_AND_PARTIAL_RESOURCES)
+    for phase in PHASES:
+        yield f"mig-partial-resources-{phase}", job_for(recipe_name, mig, phase)
+
+
+# A MIG slice, two of them, and resources given in part: the rest comes from the defaults.
+MIG_AND_PARTIAL_RESOURCES: dict[str, Any] = {
+    "training": {
+        "gpus": 2,
+        "gpuResourceName": "nvidia.com/mig-1g.10gb",
+        "resources": {"requests": {"memory": "128Gi"}, "limits": {"cpu": "4", "hugepages-2Mi": "1Gi"}},
+        "terminationGracePeriodSeconds": 1800,
+    },
+    "dataPreparation": {"resources": {"limits": {"memory": "1Gi"}}},
+}
 
 
 JOBS = dict(every_job())
@@ -240,18 +255,32 @@ def test_gpu_job_scheduling() -> None:
     job = job_for(name, spec, "train")
     pod = job["spec"]["template"]["spec"]
     main = main_container(job)
-    assert main["resources"]["limits"] == {"memory": "96Gi", "nvidia.com/gpu": "1"}
-    assert main["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
+    # What full.yaml gives (requests cpu 8, memory 64Gi; limits memory 96Gi), the rest from the defaults.
+    assert main["resources"]["limits"] == {
+        "cpu": "16",
+        "ephemeral-storage": "100Gi",
+        "memory": "96Gi",
+        "nvidia.com/gpu": "1",
+    }
+    assert main["resources"]["requests"] == {"cpu": "8", "ephemeral-storage": "40Gi", "memory": "64Gi"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert pod["priorityClassName"] == "batch-gpu"
+    assert pod["runtimeClassName"] == "nvidia"
     assert "nodeAffinity" in pod["affinity"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in main["volumeMounts"]
     assert main["image"] == "ghcr.io/example-org/ftrecipe-trainer:0.1.0"
     assert job["spec"]["activeDeadlineSeconds"] == 86400
+    # The data pod is placed by spec.pods, not by training's GPU settings.
     data_pod = job_for(name, spec, "data")["spec"]["template"]["spec"]
-    assert "nodeSelector" not in data_pod and "tolerations" not in data_pod
+    assert data_pod["nodeSelector"] == {"node-pool": "cpu-batch"}
+    assert data_pod["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}
+    ]
+    assert data_pod["priorityClassName"] == "batch-cpu"
+    assert data_pod["runtimeClassName"] == "gvisor"
+    assert "preferredDuringSchedulingIgnoredDuringExecution" in data_pod["affinity"]["nodeAffinity"]
     assert (
         main_container(job_for(name, spec, "data"))["image"] == "ghcr.io/example-org/ftrecipe-operator:0.1.0"
     )
@@ -309,7 +338,11 @@ def test_names_labels_suspend_and_kueue() -> None:
     assert meta["labels"][LABEL_INPUTS_HASH] == act.inputs_hash[:12]
     assert meta["annotations"][ANNOTATION_INPUTS_HASH] == act.inputs_hash
     assert job["spec"]["suspend"] is True
-    assert job["spec"]["template"]["metadata"]["labels"] == meta["labels"]
+    assert job["spec"]["template"]["metadata"]["labels"] == {
+        "team": "conversational-ai",
+        "cost-center": "ml-1234",
+        **meta["labels"],
+    }
     minimal_name, minimal = recipe("minimal")
     plain = job_for(minimal_name, minimal, "data")
     assert plain["spec"]["suspend"] is False
@@ -428,3 +461,174 @@ def test_refused_recipes() -> None:
     )
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         job_for(name, two_keys, "data")
+
+
+# ------------------------------------------------------------------------------------------ pod settings
+
+DEFAULT_DATA = {
+    "requests": {"cpu": "1", "ephemeral-storage": "1Gi", "memory": "2Gi"},
+    "limits": {"cpu": "2", "ephemeral-storage": "10Gi", "memory": "4Gi"},
+}
+DEFAULT_INIT = {
+    "requests": {"cpu": "100m", "ephemeral-storage": "256Mi", "memory": "256Mi"},
+    "limits": {"cpu": "1", "ephemeral-storage": "4Gi", "memory": "1Gi"},
+}
+DEFAULT_GPU_REQUESTS = {"cpu": "8", "ephemeral-storage": "40Gi", "memory": "64Gi"}
+DEFAULT_GPU_LIMITS = {"cpu": "16", "ephemeral-storage": "100Gi", "memory": "64Gi"}
+
+
+@pytest.mark.parametrize("which", sorted(JOBS))
+def test_every_container_has_requests_and_limits(which: str) -> None:
+    for container in containers(JOBS[which]):
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory", "ephemeral-storage"} <= set(container["resources"][part]), (
+                container["name"],
+                part,
+            )
+
+
+def test_default_resources_per_phase() -> None:
+    name, spec = recipe("minimal")
+    data = job_for(name, spec, "data")
+    assert main_container(data)["resources"] == DEFAULT_DATA
+    assert data["spec"]["template"]["spec"]["initContainers"][0]["resources"] == DEFAULT_INIT
+    for phase in ("train", "evaluate"):
+        job = job_for(name, spec, phase)
+        assert main_container(job)["resources"] == {
+            "requests": DEFAULT_GPU_REQUESTS,
+            "limits": {**DEFAULT_GPU_LIMITS, "nvidia.com/gpu": "1"},
+        }, phase
+    train = job_for(name, spec, "train")
+    assert train["spec"]["template"]["spec"]["initContainers"][0]["resources"] == DEFAULT_INIT
+
+
+def test_resources_given_in_part_are_filled_consistently() -> None:
+    name, spec = recipe("minimal")
+    changed = with_changes(spec, MIG_AND_PARTIAL_RESOURCES)
+    train = main_container(job_for(name, changed, "train"))["resources"]
+    # requests.memory 128Gi alone: the default limit (64Gi) would be below it, so the limit is 128Gi.
+    # limits.cpu 4 alone: the default request (8) would be above it, so the request is 4.
+    assert train == {
+        "requests": {"cpu": "4", "ephemeral-storage": "40Gi", "memory": "128Gi"},
+        "limits": {
+            "cpu": "4",
+            "ephemeral-storage": "100Gi",
+            "hugepages-2Mi": "1Gi",
+            "memory": "128Gi",
+            "nvidia.com/mig-1g.10gb": "2",
+        },
+    }
+    evaluate = main_container(job_for(name, changed, "evaluate"))["resources"]
+    assert evaluate["limits"]["nvidia.com/mig-1g.10gb"] == "1"  # one process generates
+    assert "nvidia.com/gpu" not in evaluate["limits"]
+    data = main_container(job_for(name, changed, "data"))["resources"]
+    # limits.memory 1Gi alone: the default request (2Gi) would be above it, so the request is 1Gi.
+    assert data == {
+        "requests": {"cpu": "1", "ephemeral-storage": "1Gi", "memory": "1Gi"},
+        "limits": {"cpu": "2", "ephemeral-storage": "10Gi", "memory": "1Gi"},
+    }
+    low_request = with_changes(spec, {"training": {"resources": {"requests": {"cpu": "500m"}}}})
+    filled = main_container(job_for(name, low_request, "train"))["resources"]
+    assert (filled["requests"]["cpu"], filled["limits"]["cpu"]) == ("500m", "16")
+
+
+def test_evaluation_resources_of_their_own_or_training_s() -> None:
+    name, spec = recipe("full")
+    evaluate = main_container(job_for(name, spec, "evaluate"))["resources"]
+    assert evaluate == {
+        "requests": {"cpu": "4", "ephemeral-storage": "40Gi", "memory": "48Gi"},
+        "limits": {"cpu": "16", "ephemeral-storage": "100Gi", "memory": "64Gi", "nvidia.com/gpu": "1"},
+    }
+    dumped = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    del dumped["evaluation"]["resources"]
+    inherited = main_container(job_for(name, FinetuneRecipeSpec.model_validate(dumped), "evaluate"))
+    assert inherited["resources"]["limits"]["memory"] == "96Gi"  # training.resources of full.yaml
+
+
+def test_termination_grace_period_lets_the_trainer_checkpoint() -> None:
+    name, spec = recipe("minimal")
+    assert job_for(name, spec, "train")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    longer = with_changes(spec, {"training": {"terminationGracePeriodSeconds": 1800}})
+    assert job_for(name, longer, "train")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
+    for phase in ("data", "evaluate"):  # nothing to save: Kubernetes' 30 s
+        assert "terminationGracePeriodSeconds" not in job_for(name, spec, phase)["spec"]["template"]["spec"]
+
+
+def test_identity_and_pull_secrets_on_every_pod() -> None:
+    name, spec = recipe("full")
+    for phase in ("data", "train", "evaluate"):
+        pod = job_for(name, spec, phase)["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "ftrecipe-jobs", phase
+        assert pod["imagePullSecrets"] == [{"name": "ghcr-pull"}], phase
+        assert pod["automountServiceAccountToken"] is False  # cloud identity webhooks mount their own token
+    minimal_name, minimal = recipe("minimal")
+    for phase in PHASES:
+        pod = job_for(minimal_name, minimal, phase)["spec"]["template"]["spec"]
+        for absent in ("serviceAccountName", "imagePullSecrets", "runtimeClassName", "nodeSelector"):
+            assert absent not in pod, (phase, absent)
+
+
+def test_gpu_pods_inherit_shared_placement_unless_training_sets_its_own() -> None:
+    name, spec = recipe("minimal")
+    shared = with_changes(
+        spec,
+        {
+            "pods": {
+                "nodeSelector": {"pool": "batch"},
+                "tolerations": [{"key": "spot", "operator": "Exists"}],
+                "runtimeClassName": "kata",
+                "priorityClassName": "low",
+            },
+            "training": {"runtimeClassName": "nvidia"},
+        },
+    )
+    for phase in ("data", "train", "evaluate"):
+        pod = job_for(name, shared, phase)["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"pool": "batch"}, phase
+        assert pod["tolerations"] == [{"key": "spot", "operator": "Exists"}], phase
+        assert pod["priorityClassName"] == "low", phase
+        assert pod["runtimeClassName"] == ("kata" if phase == "data" else "nvidia"), phase
+
+
+def test_pod_labels_and_annotations_pass_through_but_never_replace_ours() -> None:
+    name, spec = recipe("full")
+    for phase in ("data", "train", "evaluate"):
+        job = job_for(name, spec, phase)
+        template = job["spec"]["template"]["metadata"]
+        assert template["labels"]["team"] == "conversational-ai"
+        assert template["labels"]["cost-center"] == "ml-1234"
+        assert template["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+        assert "cost-center" not in job["metadata"]["labels"]  # the pods', not the Job's
+        assert template["labels"]["ftrecipe.dev/phase"] == phase
+    # The API refuses our keys (tests/test_api_pods.py); were one to get through, ours still win.
+    smuggled = spec.model_copy(
+        update={
+            "pods": spec.pods.model_copy(
+                update={"labels": {"ftrecipe.dev/phase": "evil", "app.kubernetes.io/name": "evil", "x": "y"}}
+            )
+        }
+    )
+    labels = job_for(name, smuggled, "train")["spec"]["template"]["metadata"]["labels"]
+    assert (labels["ftrecipe.dev/phase"], labels["app.kubernetes.io/name"], labels["x"]) == (
+        "train",
+        "ftrecipe",
+        "y",
+    )
+
+
+def test_model_cache_is_mounted_at_the_hugging_face_cache() -> None:
+    name, spec = recipe("full")
+    for phase in ("train", "evaluate"):
+        job = job_for(name, spec, phase)
+        pod = job["spec"]["template"]["spec"]
+        assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-model-cache"}} in pod[
+            "volumes"
+        ]
+        main = main_container(job)
+        assert {"name": "model-cache", "mountPath": "/workspace/hf"} in main["volumeMounts"]
+        assert env_of(main)["HF_HOME"]["value"] == "/workspace/hf"
+    data_pod = job_for(name, spec, "data")["spec"]["template"]["spec"]
+    assert all(volume["name"] != "model-cache" for volume in data_pod["volumes"])
+    minimal_name, minimal = recipe("minimal")
+    train_pod = job_for(minimal_name, minimal, "train")["spec"]["template"]["spec"]
+    assert all(volume["name"] != "model-cache" for volume in train_pod["volumes"])

@@ -43,6 +43,10 @@ IRRELEVANT: dict[Phase, tuple[str, ...]] = {
         "training.tolerations",
         "training.affinity",
         "training.priorityClassName",
+        "training.runtimeClassName",
+        "training.gpuResourceName",
+        "training.terminationGracePeriodSeconds",
+        "training.modelCache",
         "training.activeDeadlineSeconds",
         "training.checkpointEverySteps",
         "training.baseModel.huggingFace.tokenSecretRef",
@@ -51,7 +55,7 @@ IRRELEVANT: dict[Phase, tuple[str, ...]] = {
         "training.baseModel.s3.region",
         "training.baseModel.s3.forcePathStyle",
     ),
-    "evaluate": ("evaluation.minCommandAccuracy", "evaluation.enabled"),
+    "evaluate": ("evaluation.minCommandAccuracy", "evaluation.enabled", "evaluation.resources"),
 }
 # The spec sections each phase reads.
 SECTIONS: dict[Phase, tuple[str, ...]] = {
