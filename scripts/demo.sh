@@ -16,7 +16,10 @@ echo "== 1. The recipe, checked offline against the API (the same rules as the C
 
 echo
 echo "== 2. A broken recipe gets one clear line, not a traceback"
-sed 's/numRephrases: 0 /numRephrases: 3 /' "$RECIPE" > "$OUT/broken-recipe.yaml"
+# Rephrasings asked for, but no LLM named to check them (config.yml, which names it, taken out). The copy
+# lives in $OUT, where its relative paths lead nowhere: the API rejects it before any path is read.
+sed -e 's/numRephrases: 0 /numRephrases: 3 /' -e '/^    config: /d' -e '/^    endpoints: /d' \
+  "$RECIPE" > "$OUT/broken-recipe.yaml"
 "$BIN/ftrecipe" run "$OUT/broken-recipe.yaml" --dry-run || true
 
 echo

@@ -37,6 +37,7 @@ from support.crd_schema import api_server_violations
 from support.moneybank import EXAMPLE
 from support.s3 import S3Server
 
+ROOT = Path(__file__).resolve().parents[1]
 RECIPE = EXAMPLE / "recipe.yaml"
 # Two test files instead of all: the same pipeline on 17 data points, so the whole recipe runs in seconds.
 SMALL_TESTS = ["e2e_tests/accounts.yml", "e2e_tests/payments/payees.yml"]
@@ -334,6 +335,38 @@ def test_from_phase_must_be_a_phase_of_the_recipe(tmp_path: Path, capsys: pytest
     code = main(["run", str(recipe), "--workdir", str(tmp_path / "work"), "--from-phase", "evaluate"])
     assert code == 2
     assert "spec.evaluation.enabled is false" in capsys.readouterr().err
+
+
+def demo_step(number: int) -> str:
+    """The commands of step ``number`` of scripts/demo.sh, as the script has them."""
+    lines = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'echo "== {number}. '))
+    # Up to the `echo` that prints the blank line before the next step's title.
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] == "echo")
+    return "\n".join(lines[start + 1 : end])
+
+
+def test_demo_step_2_shows_the_error_of_its_broken_recipe(tmp_path: Path) -> None:
+    """The README's demo, step 2, run as the script runs it: the one line is about what the copy breaks,
+    not about where the copy was written."""
+    step = demo_step(2)
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent), "OUT": str(tmp_path / "demo")}
+    env["RECIPE"] = "examples/moneybank/recipe.yaml"
+    (tmp_path / "demo").mkdir()
+    result = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{step}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr  # `|| true`: the demo goes on
+    assert error_lines(result.stdout + result.stderr) == [
+        f"{tmp_path}/demo/broken-recipe.yaml: spec: dataPreparation.numRephrases > 0 needs commandGenerator.llm "
+        "(or assistant.config naming the LLM) to check the rephrasings"
+    ]
 
 
 # --------------------------------------------------------------------------------------------- the plan
