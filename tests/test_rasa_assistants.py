@@ -43,6 +43,9 @@ slots:
   pickup_day:
     type: text
     mappings: [{type: from_llm}]
+  route_session_to_calm:  # the coexistence router's: never a command generator's `set slot`
+    type: bool
+    mappings: [{type: from_llm}]
 responses:
   utter_ask_cake:
     - text: Lemon or chocolate?
@@ -105,6 +108,9 @@ test_cases:
     steps:
       - user: I'd like to order a cake
         assertions:
+          - slot_was_set:
+              - name: route_session_to_calm
+                value: true
           - flow_started: order_cake
           - bot_uttered:
               utter_name: utter_ask_cake

@@ -28,6 +28,7 @@ from ftrecipe.dataprep.patterns import (
     DEFAULT_RESPONSES,
     DEFAULT_SLOTS,
     INTERNAL_SLOTS,
+    ROUTER_SLOT,
     DefaultPattern,
     DefaultSlot,
 )
@@ -102,7 +103,9 @@ class Slot:
 
     @property
     def filled_by_llm(self) -> bool:
-        """Rasa CALM: slots without mappings default to from_llm."""
+        """Rasa CALM: slots without mappings default to from_llm; the router's slot is the router's own."""
+        if self.name == ROUTER_SLOT:
+            return False
         return not self.mappings or "from_llm" in self.mappings
 
     def allowed_values(self) -> list[Any] | None:

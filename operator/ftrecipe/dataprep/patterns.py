@@ -168,6 +168,10 @@ DEFAULT_SLOTS: tuple[DefaultSlot, ...] = (
     DefaultSlot("consecutive_silence_timeouts", "float", initial_value=0.0),
 )
 
+# Set by Rasa's coexistence routers (LLMBasedRouter, IntentBasedRouter) when they route a session to CALM;
+# domains declare it (often `from_llm`), but the command generator never sets it.
+ROUTER_SLOT = "route_session_to_calm"
+
 # Slots Rasa keeps for itself (the dialogue stack, routing, …): tests may assert them, nobody defines them.
 INTERNAL_SLOTS = frozenset(
     {
@@ -176,7 +180,7 @@ INTERNAL_SLOTS = frozenset(
         "flow_hashes",
         "return_value",
         "session_started_metadata",
-        "route_session_to_calm",
+        ROUTER_SLOT,
         "max_clarification_options",
         "continue_conversation",
         "csat_score",
