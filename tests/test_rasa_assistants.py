@@ -18,6 +18,7 @@ import yaml
 from ftrecipe.dataprep.assistant import load_assistant
 from ftrecipe.dataprep.commands import StartFlow
 from ftrecipe.dataprep.config import read_llm_config, read_rasa_config
+from ftrecipe.dataprep.coverage import flow_coverage
 from ftrecipe.dataprep.e2e import read_e2e_tests
 from ftrecipe.dataprep.patterns import DEFAULT_PATTERN_IDS
 from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
@@ -612,3 +613,27 @@ test_cases:
     first = next(replay)
     second = replay.send([StartFlow("plan_party")])
     assert (first.next_asks, second.next_asks) == (("guests",), ("venue",))
+
+
+def test_coverage_counts_a_question_asked_by_an_action(tmp_path: Path) -> None:
+    root = bakery(tmp_path / "bakery")
+    write(
+        root / "e2e_tests" / "bakery.yml",
+        """\
+test_cases:
+  - test_case: cake left after the size question
+    steps:
+      - user: a lemon cake please
+        assertions:
+          - flow_started: order_cake
+          - slot_was_set:
+              - name: cake
+                value: lemon
+          - action_executed: action_ask_size
+""",
+    )
+    assistant = load_assistant(root, exclude=(root / "e2e_tests",))
+    (suite,) = read_e2e_tests([root / "e2e_tests"])
+    rows = {row.flow_id: row for row in flow_coverage(assistant, suite.test_cases)}
+    # cake (set), size (asked by action_ask_size); candles and the response are not shown.
+    assert rows["order_cake"].missing_step_ids == ("3_collect", "4_action")

@@ -139,7 +139,9 @@ def _evidence(assistant: Assistant, test: TestCase) -> _Evidence:
 
 
 def _collect_shown(assistant: Assistant, step: FlowStep, evidence: _Evidence) -> bool:
-    return assistant.ask_response(step) in evidence.uttered or step.target in evidence.slots_set
+    """The test shows the question (a response, or an `action_ask_<slot>` run) or the slot being set."""
+    asked = any(name in evidence.uttered or name in evidence.actions for name in assistant.ask_names(step))
+    return asked or step.target in evidence.slots_set
 
 
 def _exercised_steps(assistant: Assistant, flow: Flow, evidence: _Evidence, started: set[str]) -> set[str]:
