@@ -284,3 +284,65 @@ def test_the_recipe_field_reaches_the_jobs_command_line_and_ftrecipe_run(
     # Without the field, prepare-data records its own: no option on the command line.
     plain = load_recipe(EXAMPLE / "recipe.yaml").spec
     assert "--prompt-datetime" not in data_args(plain, "s3://b/data/", JOB_PATHS)
+
+
+# --------------------------------------------------------------------------------------------- mocked_datetime
+
+MOCKED_TESTS = """\
+fixtures:
+  - leap_day_morning:
+      - mocked_datetime: "2024-02-29 08:15:00"
+stub_custom_actions:
+  action_check_balance:
+    events:
+      - {event: slot, name: current_balance, value: 75.5}
+    responses: []
+test_cases:
+  - test_case: balance_on_a_mocked_day
+    fixtures: [leap_day_morning]
+    steps:
+      - user: "savings balance please"
+        assertions:
+          - flow_started: check_balance
+          - slot_was_set:
+              - {name: account_type, value: savings}
+  - test_case: balance_on_the_run_day
+    steps:
+      - user: "checking balance please"
+        assertions:
+          - flow_started: check_balance
+          - slot_was_set:
+              - {name: account_type, value: checking}
+"""
+
+
+def test_a_test_with_a_mocked_datetime_fixture_shows_that_instant(tmp_path: Path) -> None:
+    """Rasa's `mocked_datetime` fixture slot (e2e tests) decides that test's time; the others show the run's."""
+    date_template(tmp_path)
+    (tmp_path / "llm.yml").write_text("prompt_template: dated_prompt.jinja2\n", encoding="utf-8")
+    tests = tmp_path / "tests" / "mocked.yml"
+    tests.parent.mkdir()
+    tests.write_text(MOCKED_TESTS, encoding="utf-8")
+    common = [str(tests), "--assistant", str(EXAMPLE), "--annotator", "assertions", "--num-rephrases", "0"]
+    common += ["--llm-config", str(tmp_path / "llm.yml"), "--cache-dir", str(tmp_path / "c")]
+    result = run_cli(
+        *common, "--prompt-datetime", "2026-01-15T09:30:00+00:00", "--out", str(tmp_path / "out")
+    )
+    assert result.returncode == 0, result.stderr
+    lines = tmp_path.joinpath("out", "3_llm_finetune_data", "llm_ft_data.jsonl").read_text().splitlines()
+    shown = {
+        r["original_test_name"].rsplit("::", 1)[1]: r["prompt"].split("\n", 1)[0]
+        for r in map(json.loads, lines)
+    }
+    assert shown == {
+        "balance_on_a_mocked_day": "Now: 2024-02-29 08:15:00+00:00 (Thursday 29 February 2024, UTC)",
+        "balance_on_the_run_day": "Now: 2026-01-15 09:30:00+00:00 (Thursday 15 January 2026, UTC)",
+    }
+
+    tests.write_text(MOCKED_TESTS.replace("2024-02-29 08:15:00", "29.02.2024"), encoding="utf-8")
+    bad = run_cli(*common, "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {tests}: fixture 'leap_day_morning': mocked_datetime '29.02.2024' is not a date and time Rasa "
+        "reads; write e.g. 2026-01-15T09:30:00+00:00 or 2026-01-15 09:30:00"
+    ]

@@ -51,6 +51,7 @@ from ftrecipe.dataprep.progress import Reporter
 from ftrecipe.dataprep.prompt import PromptTemplate, format_prompt_datetime, load_template
 from ftrecipe.dataprep.prompt_datetime import (
     PromptInstant,
+    check_mocked_datetimes,
     check_prompt_datetime,
     resolve_prompt_datetime,
     utc_now,
@@ -372,6 +373,7 @@ async def prepare_data(
     e2e_tests = scan_e2e_tests(options.e2e_paths)
     suites = list(e2e_tests.suites)
     check_test_references(assistant, suites)
+    check_mocked_datetimes(suites)
     n_tests = e2e_tests.num_test_cases
     own_flows = sum(1 for flow in assistant.flows.values() if flow.file is not None)
     log(f"read {own_flows} flows, {len(assistant.slots)} slots, {n_tests} tests in {len(suites)} files")

@@ -7,8 +7,9 @@ filter. Our own defaults (one per command syntax) live in `templates/`.
 `current_datetime` is what Rasa (3.x, `include_date_time`) passes: a timezone-aware `datetime`, so a
 template may print it (`{{ current_datetime }}` renders `2026-01-15 09:30:00+00:00`) or format it
 (`current_datetime.strftime(...)`, `.tzname()`). Rasa takes it from the clock at every turn; here it is one
-fixed instant per run inputs (see `pipeline.resolve_prompt_datetime`), so prompts, and the LLM cache keyed
-by them, do not change from one run to the next.
+fixed instant per run inputs (see `prompt_datetime`), so prompts, and the LLM cache keyed by them, do not
+change from one run to the next; a test whose fixtures set Rasa's `mocked_datetime` slot shows that instead,
+as in `rasa test e2e`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ _ENVIRONMENT.filters["to_json_escaped_string"] = to_json_escaped_string
 
 
 CURRENT_DATETIME = "current_datetime"
+# Rasa's built-in slot an E2E test's fixtures set to fix the time its prompts show.
+MOCKED_DATETIME_SLOT = "mocked_datetime"
+# What Rasa accepts there; the forms without an offset are UTC.
+_MOCKED_DATETIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,22 @@ def parse_prompt_datetime(text: str) -> datetime:
     default timezone. ValueError when it is not one."""
     value = datetime.fromisoformat(text.strip())
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def mocked_datetime(value: Any) -> datetime:
+    """A `mocked_datetime` fixture value as Rasa reads it; ValueError where Rasa rejects it."""
+    if isinstance(value, datetime):  # YAML reads an unquoted timestamp as one
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        value = value.isoformat()
+    if isinstance(value, str):
+        for form in _MOCKED_DATETIME_FORMATS:
+            try:
+                parsed = datetime.strptime(value, form)
+            except ValueError:
+                continue
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    raise ValueError(f"{value!r} is not a date and time Rasa reads")
 
 
 def format_prompt_datetime(instant: datetime) -> str:

@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from ftrecipe.dataprep.config import GeneratorConfig
+from ftrecipe.dataprep.e2e import TestSuite
 from ftrecipe.dataprep.prompt import (
+    MOCKED_DATETIME_SLOT,
     PromptTemplate,
     format_prompt_datetime,
+    mocked_datetime,
     parse_prompt_datetime,
     recorded_instant,
 )
@@ -60,6 +63,21 @@ def check_prompt_datetime(text: str) -> datetime:
             f"--prompt-datetime {text!r}: not an ISO 8601 date and time; write e.g. {EXAMPLE} "
             "(without an offset it is UTC)"
         ) from None
+
+
+def check_mocked_datetimes(suites: Sequence[TestSuite]) -> None:
+    """Fixtures that set `mocked_datetime` hold a time Rasa reads: it rejects the others when it loads the
+    tests, so they are one line here too, before any LLM call."""
+    for suite in suites:
+        for name, slots in suite.fixtures.items():
+            if MOCKED_DATETIME_SLOT in slots and slots[MOCKED_DATETIME_SLOT] is not None:
+                try:
+                    mocked_datetime(slots[MOCKED_DATETIME_SLOT])
+                except ValueError:
+                    raise InputError(
+                        f"{suite.path}: fixture {name!r}: mocked_datetime {slots[MOCKED_DATETIME_SLOT]!r} is not "
+                        "a date and time Rasa reads; write e.g. 2026-01-15T09:30:00+00:00 or 2026-01-15 09:30:00"
+                    ) from None
 
 
 def record_key(generator: GeneratorConfig, template: PromptTemplate) -> str:

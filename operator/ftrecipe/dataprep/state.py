@@ -12,6 +12,7 @@ LLM, by assertions, rephrased variants and synthetic conversations (pass `user_t
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Generator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from ftrecipe.dataprep.predicates import (
     rejection_response,
     render,
 )
+from ftrecipe.dataprep.prompt import CURRENT_DATETIME, MOCKED_DATETIME_SLOT, mocked_datetime
 
 _SET_SLOTS_PAYLOAD = re.compile(r"^/SetSlots\((?P<pairs>.*)\)\s*$", re.DOTALL)
 
@@ -254,7 +256,7 @@ class Replay:
                 if step.target == state.asked:
                     asked_step = step
         asked_slot = self.assistant.slots.get(state.asked) if state.asked else None
-        return {
+        variables: dict[str, Any] = {
             "available_flows": self.available_flows(),
             "current_conversation": "\n".join([*state.history, f"USER: {user_message}"]),
             "current_flow": state.current_flow,
@@ -265,6 +267,12 @@ class Replay:
             "flow_slots": flow_slots,
             "user_message": user_message,
         }
+        mocked = state.slots.get(MOCKED_DATETIME_SLOT)
+        if mocked is not None:  # the test's fixture fixes its time, as in `rasa test e2e`
+            # Fixtures are checked at load; a bad value from elsewhere leaves the run's instant.
+            with contextlib.suppress(ValueError):
+                variables[CURRENT_DATETIME] = mocked_datetime(mocked)
+        return variables
 
     # ----------------------------------------------------------------------------- transitions
 
