@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import tomllib
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ftrecipe.cli.main import make_parser
 from ftrecipe.controller.manifests import DEFAULT_IMAGES, NON_ROOT_ID
 from support.crd_schema import api_server_violations
 from support.helm import run_helm
+from support.k8s import KubeCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "ftrecipe-operator"
@@ -40,6 +42,9 @@ HEALTH_KEY = "resource.customizations.health.ftrecipe.dev_FinetuneRecipe"
 # Kinds whose schema kubernetes-validate does not have (it knows built-in kinds only):
 # - ServiceMonitor (Prometheus Operator CRD): not validated here.
 NOT_IN_KUBERNETES_VALIDATE = {"ServiceMonitor"}
+# admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy is GA from Kubernetes 1.30 (beta before).
+SINCE_1_30 = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+KEEP = {"helm.sh/resource-policy": "keep", "argocd.argoproj.io/sync-options": "Delete=false,Prune=false"}
 
 Manifest = dict[str, Any]
 Render = Callable[..., list[Manifest]]
@@ -56,6 +61,8 @@ RENDERS: dict[str, tuple[str, ...]] = {
         "watch.allNamespaces=true",
         "--set-json",
         "watch.namespaces=[]",
+        "--set",
+        "watch.createNamespaces=false",
     ),
 }
 
@@ -130,10 +137,12 @@ def test_all_options_render_objects(render: Render) -> None:
             *["CustomResourceDefinition"] * 3,  # FinetuneRecipe + kopf's two peering CRDs
             "ClusterRole",
             "ClusterRoleBinding",
-            *["Role", "RoleBinding"] * 2,  # one of each per watched namespace
+            *["Namespace", "Role", "RoleBinding"] * 2,  # one of each per watched namespace
             "Service",
             "Deployment",
             "ServiceMonitor",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
 
@@ -154,13 +163,21 @@ def test_every_object_is_valid_kubernetes(render: Render, values: str) -> None:
                 assert api_server_violations(crds[obj["kind"]], body) == [], obj["metadata"]
             continue
         for version in K8S_VERSIONS:
+            if obj["kind"] in SINCE_1_30 and version == "1.29":
+                continue
             kubernetes_validate.validate(obj, version, strict=True)
         checked += 1
     assert checked >= 6
 
 
 def test_namespaced_objects_have_a_namespace(render: Render) -> None:
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Namespace",
+        *SINCE_1_30,
+    }
     for values in RENDERS.values():
         for obj in render(*values):
             if obj["kind"] not in cluster_scoped:
@@ -245,6 +262,15 @@ WRONG_VALUES = {
     "resync negative": ("--set", "operator.resyncSeconds=-1"),
     "crds.keep type": ("--set-string", "crds.keep=yes"),
     "scrape interval": ("--set", "metrics.serviceMonitor.interval=often"),
+    "image prefix with a quote": (
+        "--set",
+        "admissionPolicy.enabled=true",
+        "--set-json",
+        """admissionPolicy.allowedImagePrefixes=["ghcr.io/x/', 'evil/"]""",
+    ),
+    "image prefix without an end": ("--set", "admissionPolicy.allowedImagePrefixes={ghcr.io/ftrecipe}"),
+    "validation action": ("--set", "admissionPolicy.validationActions={Block}"),
+    "createNamespaces type": ("--set-string", "watch.createNamespaces=yes"),
 }
 
 
@@ -277,6 +303,14 @@ INVALID_COMBINATIONS = {
         "needs metrics.service.enabled",
     ),
     "same ports": (("--set", "metrics.port=8080"), "must differ"),
+    "namespaces to create with all": (
+        ("--set", "watch.createNamespaces=true"),
+        "watch.createNamespaces needs a namespace list",
+    ),
+    "policy without images": (
+        ("--set", "admissionPolicy.enabled=true"),
+        "admissionPolicy.enabled needs admissionPolicy.allowedImagePrefixes",
+    ),
 }
 
 
@@ -313,7 +347,7 @@ def _without_chart_metadata(crd: Manifest) -> Manifest:
 def test_rendered_crd_equals_crds_dir(render: Render) -> None:
     rendered = one(render(), "CustomResourceDefinition", "finetunerecipes.ftrecipe.dev")
     assert _without_chart_metadata(rendered) == yaml.safe_load(CRD_SOURCE.read_text())
-    assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert rendered["metadata"]["annotations"] == KEEP
     assert rendered["metadata"]["labels"]["app.kubernetes.io/instance"] == "ftrecipe"
 
 
@@ -335,7 +369,7 @@ def test_crd_switches(render: Render) -> None:
         "clusterkopfpeerings.kopf.dev",
         "kopfpeerings.kopf.dev",
     }
-    assert all(c["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} for c in kept)
+    assert all(c["metadata"]["annotations"] == KEEP for c in kept)
 
 
 # ------------------------------------------------------------------------------------------ RBAC
@@ -857,3 +891,235 @@ def test_gitops_builtin_objects_are_valid() -> None:
                 kubernetes_validate.validate(obj, K8S_VERSIONS[0], strict=True)
                 builtin += 1
     assert builtin == 2
+
+
+# ------------------------------------------------------------------------------------------ namespaces
+
+
+def test_watched_namespaces_are_created_only_when_asked(render: Render) -> None:
+    assert "Namespace" not in kinds(
+        render("--set", "watch.allNamespaces=false", "--set", "watch.namespaces={ml}")
+    )
+    created = [o for o in render(*RENDERS["all-options"]) if o["kind"] == "Namespace"]
+    assert [o["metadata"]["name"] for o in created] == ["ml-team-a", "ml-team-b"]
+    for namespace in created:
+        assert namespace["metadata"]["annotations"] == KEEP  # a namespace holds recipes: never deleted
+        assert "namespace" not in namespace["metadata"]
+
+
+def _emulator_for_helm(k8s: KubeCluster) -> None:
+    """What helm needs of the emulator beyond kmock's defaults: a Kubernetes version the chart accepts
+    (kmock says 1.26) and core discovery with the groupVersion client-go expects (kmock says `/v1`)."""
+    core = json.loads(urllib.request.urlopen(f"{k8s.url}/api/v1", timeout=10).read())
+    core["groupVersion"] = "v1"
+    k8s.emulator["get /version"] << {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}
+    k8s.emulator["get /api/v1"] << core
+
+
+def test_existing_namespaces_are_left_to_their_owners(
+    helm: Path, helm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Rendered against a cluster (`--dry-run=server`, what `helm install` and Flux do): a watched namespace
+    that exists and is not this release's is not rendered (Helm would refuse to take it over and fail the
+    install), one this release created stays rendered (else an upgrade would drop it), a missing one is
+    created."""
+    ours = {"meta.helm.sh/release-name": "ftrecipe", "meta.helm.sh/release-namespace": NAMESPACE}
+    theirs = {"meta.helm.sh/release-name": "other", "meta.helm.sh/release-namespace": NAMESPACE}
+    with KubeCluster(crds=(), namespaces=("default", "ml-plain")) as k8s:
+        _emulator_for_helm(k8s)
+        k8s.create("v1/namespaces", {"metadata": {"name": "ml-ours", "annotations": ours}})
+        k8s.create("v1/namespaces", {"metadata": {"name": "ml-theirs", "annotations": theirs}})
+        env = {**helm_env, "KUBECONFIG": str(k8s.kubeconfig(tmp_path / "kubeconfig"))}
+        out = run_helm(
+            helm,
+            env,
+            "template",
+            "ftrecipe",
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=server",
+            "--set",
+            "watch.allNamespaces=false",
+            "--set",
+            "watch.namespaces={ml-plain,ml-ours,ml-theirs,ml-new}",
+            "--set",
+            "watch.createNamespaces=true",
+        )
+    objects = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"] == ["ml-ours", "ml-new"]
+    # Every watched namespace still gets its Role and RoleBinding.
+    roles = {o["metadata"]["namespace"] for o in objects if o["kind"] == "RoleBinding"}
+    assert roles == {"ml-plain", "ml-ours", "ml-theirs", "ml-new"}
+
+
+# ------------------------------------------------------------------------------------------ admission policy
+
+POLICY_EXAMPLE = ROOT / "examples" / "policies" / "finetunerecipes-allowlist.yaml"
+
+
+def admission_failures(policy: Manifest, recipe: Manifest) -> list[str]:
+    """The messages of `policy`'s validations that `recipe` fails, evaluated as the API server does for a
+    CREATE: the variables in order (each may use the ones before), then every validation."""
+    environment = celpy.Environment()
+    variables: dict[Any, Any] = {}
+
+    def evaluate(expression: str) -> Any:
+        activation = {"object": celpy.json_to_cel(recipe), "variables": celpy.celtypes.MapType(variables)}
+        return environment.program(environment.compile(expression)).evaluate(activation)
+
+    for variable in policy["spec"]["variables"]:
+        variables[celpy.celtypes.StringType(variable["name"])] = evaluate(variable["expression"])
+    return [
+        check["message"] for check in policy["spec"]["validations"] if not bool(evaluate(check["expression"]))
+    ]
+
+
+def full_recipe(**spec_changes: Any) -> Manifest:
+    manifest: Manifest = yaml.safe_load((ROOT / "examples" / "recipes" / "full.yaml").read_text())
+    for dotted, value in spec_changes.items():
+        *parents, last = dotted.split("__")
+        node = manifest["spec"]
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return manifest
+
+
+IMAGES_OK = {
+    "operator": "registry.example.com/ml/ftrecipe:0.1.0",
+    "trainer": "ghcr.io/ftrecipe/ftrecipe:0.1.0",
+}
+IMAGE_RULE = "spec.images may only name images under registry.example.com/ml/, ghcr.io/ftrecipe/ftrecipe:"
+PRIORITY_RULE = (
+    "spec.pods.priorityClassName and spec.training.priorityClassName may only be batch-cpu, batch-gpu"
+)
+ACCOUNT_RULE = "spec.pods.serviceAccountName may only be ftrecipe-jobs, default"
+
+# (recipe, the messages the all-options policy answers with)
+ADMISSION_CASES: dict[str, tuple[Manifest, list[str]]] = {
+    "minimal: no images, no priority, default account": (
+        yaml.safe_load((ROOT / "examples" / "recipes" / "minimal.yaml").read_text()),
+        [],
+    ),
+    "allowed images, priorities and account": (full_recipe(images=IMAGES_OK), []),
+    "no spec.images: the operator's images": (full_recipe(images=None), []),
+    "images of another registry": (full_recipe(), [IMAGE_RULE]),
+    "the trainer only from elsewhere": (
+        full_recipe(images={"trainer": "docker.io/someone/trainer:latest"}),
+        [IMAGE_RULE],
+    ),
+    "a look-alike host": (
+        full_recipe(images={"operator": "registry.example.com.evil.io/ml/x:1"}),
+        [IMAGE_RULE],
+    ),
+    "an allowed prefix inside another reference": (
+        full_recipe(images={"operator": "evil.io/registry.example.com/ml/x:1"}),
+        [IMAGE_RULE],
+    ),
+    "another repository under an allowed registry": (
+        full_recipe(images={"trainer": "ghcr.io/ftrecipe/ftrecipe-trainer:0.1.0"}),
+        [IMAGE_RULE],
+    ),
+    "a priority class for system pods": (
+        full_recipe(images=IMAGES_OK, training__priorityClassName="system-cluster-critical"),
+        [PRIORITY_RULE],
+    ),
+    "a priority class for the data pod": (
+        full_recipe(images=IMAGES_OK, pods__priorityClassName="system-node-critical"),
+        [PRIORITY_RULE],
+    ),
+    "no priority class at all": (
+        full_recipe(images=IMAGES_OK, pods__priorityClassName=None, training__priorityClassName=None),
+        [],
+    ),
+    "another service account": (
+        full_recipe(images=IMAGES_OK, pods__serviceAccountName="ci-admin"),
+        [ACCOUNT_RULE],
+    ),
+    "the default service account": (full_recipe(images=IMAGES_OK, pods__serviceAccountName="default"), []),
+    "everything wrong": (
+        full_recipe(pods__serviceAccountName="ci-admin", training__priorityClassName="high"),
+        [IMAGE_RULE, PRIORITY_RULE, ACCOUNT_RULE],
+    ),
+}
+
+
+def _policy(objects: list[Manifest]) -> Manifest:
+    return one(objects, "ValidatingAdmissionPolicy")
+
+
+@pytest.mark.parametrize(("recipe", "expected"), ADMISSION_CASES.values(), ids=ADMISSION_CASES.keys())
+def test_admission_policy_allows_and_refuses(render: Render, recipe: Manifest, expected: list[str]) -> None:
+    crd = yaml.safe_load(CRD_SOURCE.read_text())
+    assert api_server_violations(crd, recipe) == []  # only the policy stands between it and the cluster
+    assert admission_failures(_policy(render(*RENDERS["all-options"])), recipe) == expected
+
+
+def test_admission_policy_matches_recipes_and_binds_the_watched_namespaces(render: Render) -> None:
+    objects = render(*RENDERS["all-options"])
+    policy, binding = _policy(objects), one(objects, "ValidatingAdmissionPolicyBinding")
+    assert policy["spec"]["matchConstraints"]["resourceRules"] == [
+        {
+            "apiGroups": ["ftrecipe.dev"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE"],
+            "resources": ["finetunerecipes"],  # not finetunerecipes/status: the operator's writes pass
+        }
+    ]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Warn", "Audit"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ml-team-a", "ml-team-b"]}
+    ]
+    everywhere = render(*RENDERS["all-options-all-namespaces"])
+    assert "matchResources" not in one(everywhere, "ValidatingAdmissionPolicyBinding")["spec"]
+    assert not SINCE_1_30 & set(kinds(render()))
+    # Without the optional lists only the image rule is there.
+    images_only = render(
+        "--set", "admissionPolicy.enabled=true", "--set", "admissionPolicy.allowedImagePrefixes={r.io/ml/}"
+    )
+    assert [c["message"] for c in _policy(images_only)["spec"]["validations"]] == [
+        "spec.images may only name images under r.io/ml/"
+    ]
+    no_priority = render(
+        "--set",
+        "admissionPolicy.enabled=true",
+        "--set",
+        "admissionPolicy.allowedImagePrefixes={r.io/ml/}",
+        "--set-json",
+        "admissionPolicy.allowedPriorityClasses=[]",
+    )
+    chosen = full_recipe(images={"operator": "r.io/ml/op:1"})
+    assert admission_failures(_policy(no_priority), chosen) == [
+        "spec.pods.priorityClassName and spec.training.priorityClassName may only be unset"
+    ]
+
+
+def test_policy_example_is_what_the_chart_renders(render: Render) -> None:
+    example = list(yaml.safe_load_all(POLICY_EXAMPLE.read_text()))
+    policy, binding = (
+        one(example, kind) for kind in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    )
+    rendered = render(
+        "--set",
+        "admissionPolicy.enabled=true",
+        "--set",
+        "admissionPolicy.allowedImagePrefixes={registry.example.com/ml/,ghcr.io/ftrecipe/}",
+        "--set-json",
+        'admissionPolicy.allowedPriorityClasses=["batch-cpu","batch-gpu"]',
+        "--set-json",
+        'admissionPolicy.allowedServiceAccounts=["ftrecipe-jobs"]',
+    )
+    assert policy["spec"] == _policy(rendered)["spec"]
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    for obj in example:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    assert admission_failures(policy, full_recipe()) == [
+        "spec.images may only name images under registry.example.com/ml/, ghcr.io/ftrecipe/"
+    ]
+    assert admission_failures(policy, full_recipe(images=IMAGES_OK)) == []

@@ -31,6 +31,20 @@ app.kubernetes.io/part-of: ftrecipe
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/*
+What must outlive the release and never be pruned: Helm keeps it on uninstall (and when it leaves the
+chart), Argo CD neither deletes it with the Application nor prunes it when it leaves Git.
+*/}}
+{{- define "ftrecipe.keepAnnotations" -}}
+helm.sh/resource-policy: keep
+argocd.argoproj.io/sync-options: Delete=false,Prune=false
+{{- end }}
+
+{{/* A list of strings as a CEL list literal; values.schema.json keeps quotes and backslashes out. */}}
+{{- define "ftrecipe.celList" -}}
+[{{- range $i, $item := . }}{{ if $i }}, {{ end }}'{{ $item }}'{{- end }}]
+{{- end }}
+
 {{- define "ftrecipe.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "ftrecipe.fullname" .) .Values.serviceAccount.name }}
@@ -81,6 +95,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and (not .Values.metrics.service.enabled) .Values.metrics.serviceMonitor.enabled }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes the metrics Service" }}
+{{- end }}
+{{- if and .Values.watch.createNamespaces .Values.watch.allNamespaces }}
+{{- fail "watch.createNamespaces needs a namespace list: set watch.allNamespaces=false and watch.namespaces" }}
+{{- end }}
+{{- if and .Values.admissionPolicy.enabled (not .Values.admissionPolicy.allowedImagePrefixes) }}
+{{- fail "admissionPolicy.enabled needs admissionPolicy.allowedImagePrefixes, e.g. [registry.example.com/ml/]: an empty allow-list would refuse every recipe that sets spec.images" }}
 {{- end }}
 {{- if eq (int .Values.operator.healthPort) (int .Values.metrics.port) }}
 {{- fail "operator.healthPort and metrics.port must differ" }}
