@@ -70,6 +70,7 @@ def test_crd_identity(crd: Manifest) -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {
         "Phase": ".status.phase",
+        "Reason": '.status.conditions[?(@.type=="Ready")].reason',
         "Data points": ".status.dataPreparation.summary.numTrainDataPoints",
         "Eval loss": ".status.training.evalLoss",
         "Accuracy": ".status.evaluation.commandAccuracy",
@@ -81,12 +82,15 @@ def test_crd_identity(crd: Manifest) -> None:
 
 def _printer_columns_resolve(schema: Manifest, json_path: str) -> bool:
     node = schema
-    for part in json_path.strip(".").split("."):
+    for part in re.sub(r"\[\?\(.*?\)\]", "[]", json_path).strip(".").split("."):
         if part == "metadata":
             return True
-        node = node.get("properties", {}).get(part)
+        name, is_list = part.removesuffix("[]"), part.endswith("[]")  # conditions[?(@.type=="Ready")]
+        node = node.get("properties", {}).get(name)
         if node is None:
             return False
+        if is_list:
+            node = node.get("items", {})
     return True
 
 

@@ -1541,13 +1541,16 @@ class KubeCluster:
         return self._locked(lambda e: e.delete_object(res, namespace, name))
 
     def set_job_status(self, name: str, namespace: str, state: str, *, message: str = "") -> Body:
-        """Play the Job controller (the emulator runs none): ``state`` is running, succeeded or failed.
+        """Play the Job controller (the emulator runs none): ``state`` is running, succeeded, failed or
+        suspended (a Job created with ``spec.suspend``, e.g. waiting for Kueue).
 
         Writes ``status`` as Kubernetes 1.31+ does, incl. the terminal conditions operators look for.
         """
         now = _now()
         status: Body = {"startTime": now, "active": 1 if state == "running" else 0, "ready": 0}
-        if state == "succeeded":
+        if state == "suspended":
+            status = {"conditions": [_condition("Suspended", "JobSuspended", "Job suspended", now)]}
+        elif state == "succeeded":
             status |= {
                 "succeeded": 1,
                 "completionTime": now,
@@ -1565,8 +1568,32 @@ class KubeCluster:
                 ],
             }
         elif state != "running":
-            raise ValueError(f"state must be running, succeeded or failed; got {state!r}")
+            raise ValueError(f"state must be running, succeeded, failed or suspended; got {state!r}")
         return self.patch("batch/v1/jobs", name, {"status": status}, namespace, subresource="status")
+
+    def job_pod_metadata(self, job_name: str, namespace: str) -> Body:
+        """The labels and owner a Job's pod gets from the Job controller (Kubernetes 1.27+): the pod
+        template's labels, the Job's name and uid (``batch.kubernetes.io/controller-uid``, the Job's own
+        selector), and an ownerReference to the Job (so its pods go when it goes)."""
+        job = self.get("batch/v1/jobs", job_name, namespace) or {}
+        template = ((job.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        labels = dict(template.get("labels") or {})
+        labels |= {"batch.kubernetes.io/job-name": job_name, "job-name": job_name}
+        metadata: Body = {"labels": labels}
+        uid = (job.get("metadata") or {}).get("uid")
+        if uid:
+            labels |= {"batch.kubernetes.io/controller-uid": uid, "controller-uid": uid}
+            metadata["ownerReferences"] = [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": job_name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
+        return metadata
 
     def set_job_pod(
         self,
@@ -1601,8 +1628,21 @@ class KubeCluster:
             state = {"terminated": terminated}
         else:
             raise ValueError(f"phase must be Running, Succeeded or Failed; got {phase!r}")
+        ready = "True" if phase == "Running" else "False"
         status = {
             "phase": phase,
+            # As the kubelet writes them: scheduled and initialised; ready while it runs.
+            "conditions": [
+                {"type": kind, "status": value, "lastProbeTime": None, "lastTransitionTime": now}
+                | ({} if value == "True" else {"reason": "PodCompleted"})
+                for kind, value in (
+                    ("PodReadyToStartContainers", ready),
+                    ("Initialized", "True"),
+                    ("Ready", ready),
+                    ("ContainersReady", ready),
+                    ("PodScheduled", "True"),
+                )
+            ],
             "containerStatuses": [
                 {
                     "name": container,
@@ -1618,10 +1658,7 @@ class KubeCluster:
             self.create(
                 "v1/pods",
                 {
-                    "metadata": {
-                        "name": name,
-                        "labels": {"batch.kubernetes.io/job-name": job_name, "job-name": job_name},
-                    },
+                    "metadata": {"name": name, **self.job_pod_metadata(job_name, namespace)},
                     "spec": {"restartPolicy": "Never", "containers": [{"name": container, "image": "x"}]},
                 },
                 namespace,
@@ -1633,6 +1670,194 @@ class KubeCluster:
 
             self._locked(store)
         return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
+
+    # ---- pods that cannot start, and evictions: what a real cluster writes into pod status ----
+
+    def _job_pod(
+        self, job_name: str, namespace: str, suffix: str, containers: Sequence[tuple[str, str]]
+    ) -> str:
+        """Create pod ``<job>-<suffix>`` of Job `job_name` unless it exists (labelled as Kubernetes 1.27+
+        labels a Job's pods); `containers` are (name, image), an ``init:`` prefix marks init containers."""
+        name = f"{job_name}-{suffix}"
+        if self.get("v1/pods", name, namespace) is None:
+            spec: Body = {"restartPolicy": "Never", "containers": []}
+            for container, image in containers:
+                if container.startswith("init:"):
+                    spec.setdefault("initContainers", []).append({"name": container[5:], "image": image})
+                else:
+                    spec["containers"].append({"name": container, "image": image})
+            metadata = {"name": name, **self.job_pod_metadata(job_name, namespace)}
+            self.create("v1/pods", {"metadata": metadata, "spec": spec}, namespace)
+        return name
+
+    def set_pod_unschedulable(
+        self,
+        job_name: str,
+        namespace: str,
+        message: str,
+        *,
+        container: str,
+        since: str | None = None,
+        suffix: str = "a1b2c",
+    ) -> Body:
+        """Play the scheduler failing to place the Job's pod: Pending, condition PodScheduled False with
+        reason Unschedulable and the scheduler's `message` (e.g. ``0/3 nodes are available: 3 Insufficient
+        nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming
+        pod.``), since `since` (default now). No node, no container statuses: the kubelet never saw it."""
+        name = self._job_pod(job_name, namespace, suffix, [(container, "x")])
+        scheduled = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastProbeTime": None,
+            "lastTransitionTime": since or _now(),
+        }
+        status = {"phase": "Pending", "conditions": [scheduled], "qosClass": "Burstable"}
+        return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
+
+    def set_pod_waiting(
+        self,
+        job_name: str,
+        namespace: str,
+        *,
+        container: str,
+        reason: str,
+        message: str,
+        image: str = "x",
+        init_container: str | None = None,
+        scheduled_at: str | None = None,
+        suffix: str = "a1b2c",
+    ) -> Body:
+        """Play the kubelet failing to start a scheduled pod: a container waiting with `reason` and the
+        kubelet's `message` (ErrImagePull / ImagePullBackOff with the runtime's words,
+        CreateContainerConfigError with ``secret "x" not found``). With `init_container`, that one waits
+        and the main container waits with PodInitializing, as the kubelet shows it. `scheduled_at`: when
+        the scheduler bound it (default now); the kubelet's waiting states carry no time of their own."""
+        containers = [(container, image)]
+        if init_container is not None:
+            containers.insert(0, (f"init:{init_container}", image))
+        name = self._job_pod(job_name, namespace, suffix, containers)
+        now = _now()
+        bound = scheduled_at or now
+        stuck = init_container or container
+
+        def waiting(who: str, why: str, words: str | None) -> Body:
+            state: Body = {"reason": why}
+            if words is not None:
+                state["message"] = words
+            return {
+                "name": who,
+                "image": image,
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "started": False,
+                "state": {"waiting": state},
+            }
+
+        def unready(kind: str, what: str) -> Body:
+            return {
+                "type": kind,
+                "status": "False",
+                "reason": "ContainersNotReady" if kind != "Initialized" else "ContainersNotInitialized",
+                "message": f"containers with {what} status: [{stuck if kind == 'Initialized' else container}]",
+                "lastProbeTime": None,
+                "lastTransitionTime": bound,
+            }
+
+        conditions: list[Body] = [
+            {
+                "type": "PodReadyToStartContainers",
+                "status": "True",
+                "lastProbeTime": None,
+                "lastTransitionTime": bound,
+            },
+            unready("Initialized", "incomplete")
+            if init_container is not None
+            else {
+                "type": "Initialized",
+                "status": "True",
+                "lastProbeTime": None,
+                "lastTransitionTime": bound,
+            },
+            unready("Ready", "unready"),
+            unready("ContainersReady", "unready"),
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": bound},
+        ]
+        status: Body = {
+            "phase": "Pending",
+            "conditions": conditions,
+            "hostIP": "10.0.0.7",
+            "podIP": "10.42.0.17",
+            "qosClass": "Burstable",
+            "startTime": bound,
+        }
+        if init_container is not None:
+            status["initContainerStatuses"] = [waiting(init_container, reason, message)]
+            status["containerStatuses"] = [waiting(container, "PodInitializing", None)]
+        else:
+            status["containerStatuses"] = [waiting(container, reason, message)]
+        self.patch(
+            "v1/pods", name, {"spec": {"nodeName": "gpu-node-1"}}, namespace
+        )  # the scheduler's binding
+        return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
+
+    def evict_pod(
+        self,
+        job_name: str,
+        namespace: str,
+        *,
+        container: str,
+        reason: str = "EvictionByEvictionAPI",
+        message: str = "Eviction API: evicting",
+        at: str | None = None,
+        suffix: str = "a1b2c",
+    ) -> Body:
+        """Play a disruption of the Job's running pod (a drain's Eviction API call, the scheduler's
+        preemption ``PreemptionByScheduler``, the taint manager ``DeletionByTaintManager``): condition
+        DisruptionTarget True with `reason` and `message`, then the container killed (exit code 143) and the
+        pod Failed, as the kubelet leaves it, at `at` (default now). The Job controller's replacement is the
+        test's next pod."""
+        name = self._job_pod(job_name, namespace, suffix, [(container, "x")])
+        now = at or _now()
+        status = {
+            "phase": "Failed",
+            "conditions": [
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": reason,
+                    "message": message,
+                    "lastProbeTime": None,
+                    "lastTransitionTime": now,
+                },
+                {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": now},
+            ],
+            "containerStatuses": [
+                {
+                    "name": container,
+                    "image": "x",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {
+                        "terminated": {
+                            "exitCode": 143,
+                            "reason": "Error",
+                            "startedAt": now,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+        }
+        return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
+
+    def kueue_admit(self, job_name: str, namespace: str) -> Body:
+        """Play Kueue admitting a Job it holds: it unsuspends it (the Job controller then starts its pods)."""
+        return self.patch("batch/v1/jobs", job_name, {"spec": {"suspend": False}}, namespace)
 
     def ensure_namespace(self, name: str) -> None:
         if self.get("v1/namespaces", name) is None:

@@ -25,6 +25,14 @@ CRD_FILE = f"crds/{CRD_NAME}.yaml"
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Current phase."},
+    # Why it is where it is: the Ready condition's reason (Unschedulable, ImagePullBackOff, SecretMissing,
+    # Queued while a pod cannot start; JobFailed, Evicted, ... once failed).
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+        "description": "The Ready condition's reason: why the recipe is not ready yet, or failed.",
+    },
     {
         "name": "Data points",
         "type": "integer",

@@ -21,7 +21,9 @@ Handlers (added to a registry by `register`, never at import):
 * ``phase-progress`` (a timer, every ``OperatorSettings.progress_seconds``): while a recipe is
   ``Training`` or ``Evaluating``, reads the last progress line from the running pod's log and patches
   ``status.training`` (step, losses, ETA) or ``status.evaluation`` (turns answered, ETA) and the message:
-  at most one status patch per interval, none when nothing moved.
+  at most one status patch per interval, none when nothing moved. Before that, while any phase's Job
+  should run, it lists the Job's pods: when they say what the status does not (a pod that cannot start,
+  a limit passed, too many evictions), it touches ``ftrecipe.dev/resync`` so a reconcile re-plans now.
 * ``recipe-metrics`` (an event handler): keeps the ``ftrecipe_recipes{phase}`` gauge.
 
 What the Jobs did comes from their pods' termination messages (`ftrecipe.termination`), and what
@@ -54,15 +56,25 @@ from ftrecipe.controller.manifests import (
     build_job,
 )
 from ftrecipe.controller.metrics import OperatorMetrics
-from ftrecipe.controller.observe import REPORTS, ReportCache, job_state, list_recipe_jobs, phase_progress
+from ftrecipe.controller.observe import (
+    REPORTS,
+    ReportCache,
+    job_pods,
+    job_state,
+    list_recipe_jobs,
+    phase_progress,
+    replan_needed,
+)
 from ftrecipe.plan.cache_key import Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import (
+    DEFAULT_STUCK_LIMITS,
     Action,
     CreateJob,
     DeleteJob,
     Fail,
     ResumeJob,
     Retry,
+    StuckLimits,
     SuspendJob,
     World,
     phases,
@@ -70,11 +82,15 @@ from ftrecipe.plan.planner import (
 )
 from ftrecipe.plan.status import (
     PROGRESS_PHASES,
+    RUNNING_PHASES,
     compute_status,
+    failure_reasons,
     invalid_status,
     progress_job,
     remembered,
     retry_requested,
+    running_job,
+    stuck_event,
     with_progress,
 )
 from ftrecipe.termination import PhaseReport, report_from_metadata
@@ -106,6 +122,9 @@ class OperatorSettings:
     progress_seconds: float | None = 10.0
     metrics: OperatorMetrics | None = None
     reports: ReportCache = REPORTS
+    # How long a phase's pod may be stuck (unschedulable, image pull, missing Secret, Kueue) or how often
+    # evicted before the phase fails; checked on every reconcile and progress tick.
+    stuck: StuckLimits = DEFAULT_STUCK_LIMITS
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -306,9 +325,16 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
         complete, reports = await _complete_bundles(spec, name, World(jobs=jobs), settings)
         world = World(
-            jobs=jobs, complete=complete, finished=finished, failed=failed, reports=reports, retry=retry
+            jobs=jobs,
+            complete=complete,
+            finished=finished,
+            failed=failed,
+            reports=reports,
+            retry=retry,
+            failure_reasons=failure_reasons(spec, previous, failed),
+            now=_now(),
         )
-        actions = await _apply(plan(name, spec, world), body, spec, settings)
+        actions = await _apply(plan(name, spec, world, limits=settings.stuck), body, spec, settings)
     except ApiException as error:
         if metrics is not None:
             metrics.api_errors.labels("reconcile").inc()
@@ -344,6 +370,30 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
             metrics.job_failures.labels(last.phase or "recipe", reason).inc()
     if actions:
         _post_transition(body, before, status, actions[-1])
+    if (stuck := stuck_event(previous, status)) is not None:
+        kopf.warn(body, reason=stuck[0], message=stuck[1])
+
+
+async def check_stuck(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
+    """While a phase's Job should run: when its pods say what the status does not (stuck, unstuck, past a
+    limit, evicted too often), touch the recipe so that a reconcile re-plans it now. A stuck pod changes
+    nothing in its Job, so no Job event would."""
+    if (body.get("status") or {}).get("phase") not in RUNNING_PHASES:
+        return  # before parsing the status, as in report_progress
+    previous, _ = _previous_status(body)
+    running = running_job(previous)
+    if previous is None or running is None:
+        return
+    phase, job = running
+    try:
+        pods = await job_pods(body.meta.namespace or "", job)
+    except ApiException as error:
+        if settings.metrics is not None:
+            settings.metrics.api_errors.labels("list_pods").inc()
+        _LOG.debug("cannot list the pods of %s: %s", job, error)
+        return
+    if replan_needed(previous, phase, job, pods, _now(), settings.stuck):
+        patch.metadata.annotations[ANNOTATION_RESYNC] = _now().isoformat()
 
 
 async def report_progress(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
@@ -408,6 +458,7 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
             interval=chosen.progress_seconds,
         )
         async def progress_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+            await check_stuck(body, patch, chosen)
             await report_progress(body, patch, chosen)
 
     if chosen.metrics is not None:

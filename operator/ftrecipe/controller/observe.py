@@ -4,6 +4,10 @@
 recipe's Jobs by label with the synchronous `kubernetes` client, run in a worker thread so the operator's
 event loop never blocks.
 
+While a Job has not finished, its pods say whether it can start at all (`pod_blocker`: unschedulable, an
+image that cannot be pulled, a missing Secret; `job_blocker`: a Job that Kueue has not admitted) and how
+often they were evicted (`evictions`): the planner fails a phase that waited or was evicted too long.
+
 A finished phase's result comes from its pod: the main container's termination message carries the
 `PhaseReport` the phase command wrote (figures, and the one-line reason of a failure). Without one (a
 crash, an OOM kill) the container's termination reason and exit code stand in, then the Job's ``Failed``
@@ -15,29 +19,41 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, Final, cast
 
 import kubernetes.client
 
+from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
 from ftrecipe.controller.manifests import (
     ANNOTATION_INPUTS_HASH,
     ANNOTATION_RECIPE,
     LABEL_MANAGED_BY,
     LABEL_PHASE,
+    LABEL_QUEUE,
     LABEL_RECIPE,
     MAIN_CONTAINER,
     MANAGER,
     label_value,
 )
 from ftrecipe.plan.cache_key import PHASES, Phase
-from ftrecipe.plan.planner import JobState, ObservedJob
-from ftrecipe.plan.status import ProgressPhase
+from ftrecipe.plan.planner import Blocker, JobState, ObservedJob, StuckLimits, stopped
+from ftrecipe.plan.status import ProgressPhase, phase_condition
 from ftrecipe.termination import PhaseReport, decode
 
 JOB_NAME_LABEL: Final = "batch.kubernetes.io/job-name"  # set on a Job's pods by Kubernetes 1.27+
+# The Job controller's own selector label on its pods (Kubernetes 1.27+): unlike the name, it never
+# matches the pods of an earlier Job of the same name (a retry deletes the failed Job and creates anew).
+CONTROLLER_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
+
+
+def pods_selector(job_name: str, uid: str | None) -> str:
+    """The label selector of one Job's pods: by its uid when known, else by its name."""
+    return f"{CONTROLLER_UID_LABEL}={uid}" if uid else f"{JOB_NAME_LABEL}={job_name}"
 
 
 def _condition(job: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -71,7 +87,8 @@ def failure_message(job: Mapping[str, Any]) -> str | None:
 
 
 def observed_job(job: Mapping[str, Any]) -> ObservedJob | None:
-    """The planner's view of one Job; None for a Job that is not one of ours (no phase or inputs hash)."""
+    """The planner's view of one Job; None for a Job that is not one of ours (no phase or inputs hash).
+    Its pods are not looked at here (`with_pods`)."""
     metadata = job.get("metadata") or {}
     phase = (metadata.get("labels") or {}).get(LABEL_PHASE)
     inputs_hash = (metadata.get("annotations") or {}).get(ANNOTATION_INPUTS_HASH)
@@ -85,7 +102,177 @@ def observed_job(job: Mapping[str, Any]) -> ObservedJob | None:
         state=job_state(job),
         message=failure_message(job),
         failure_reason=(_condition(job, "Failed") or {}).get("reason"),
+        blocker=job_blocker(job),
     )
+
+
+# --------------------------------------------------------------------------------------------- stuck pods
+
+# Container waiting reasons of an image that cannot be pulled (kubelet's images package).
+_PULL_REASONS: Final = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
+)
+_RPC_PREFIX: Final = re.compile(r"^rpc error: code = \w+ desc = ")
+MESSAGE_LIMIT: Final = 240
+
+
+def parse_time(text: object) -> datetime | None:
+    """A Kubernetes timestamp (``2026-11-21T10:00:00Z``); None when absent or unreadable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def shorten(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """The scheduler's or kubelet's words on one line, without the noise around them: the container
+    runtime's ``rpc error: code = … desc =`` wrapper, the scheduler's ``preemption: …`` tail (it repeats
+    why preempting others would not help), and anything past ``limit`` characters."""
+    line = " ".join(text.split())
+    line = _RPC_PREFIX.sub("", line)
+    line = line.split(" preemption: ", 1)[0]
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def _pod_condition(pod: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return cast(Mapping[str, Any], condition)
+    return None
+
+
+def _finished_pod(pod: Mapping[str, Any]) -> bool:
+    phase = (pod.get("status") or {}).get("phase")
+    return phase in ("Succeeded", "Failed") or bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def pod_blocker(pod: Mapping[str, Any]) -> Blocker | None:
+    """Why this pod has not started, from its status as the scheduler and the kubelet write it; None when
+    nothing keeps it (it runs, is being pulled or created, or has finished).
+
+    * ``Unschedulable``: condition PodScheduled False, reason Unschedulable (the scheduler's message, e.g.
+      ``0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``), since that condition's transition.
+    * ``ImagePullBackOff``: a container (init containers first) waiting with ErrImagePull,
+      ImagePullBackOff, InvalidImageName, ...
+    * ``SecretMissing`` / ``ContainerConfigError``: a container waiting with CreateContainerConfigError
+      (``secret "x" not found``, ``couldn't find key k in Secret ns/x``; other config errors).
+
+    The kubelet's waiting states carry no time: they count from when the pod was scheduled (the kubelet
+    starts pulling then), else from the pod's creation.
+    """
+    if _finished_pod(pod):
+        return None
+    scheduled = _pod_condition(pod, "PodScheduled")
+    if (
+        scheduled is not None
+        and scheduled.get("status") == "False"
+        and scheduled.get("reason") == "Unschedulable"
+    ):
+        words = shorten(str(scheduled.get("message") or "no node fits the pod"))
+        return Blocker(
+            "Unschedulable",
+            f"no node can run the pod: {words}",
+            parse_time(scheduled.get("lastTransitionTime")),
+        )
+    since = None
+    if scheduled is not None and scheduled.get("status") == "True":
+        since = parse_time(scheduled.get("lastTransitionTime"))
+    since = since or parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    status = pod.get("status") or {}
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        name = container.get("name", "?")
+        words = shorten(str(waiting.get("message") or reason or ""))
+        if reason in _PULL_REASONS:
+            image = container.get("image") or "its image"
+            return Blocker("ImagePullBackOff", f"container {name} cannot pull {image}: {words}", since)
+        if reason == "CreateContainerConfigError":
+            if "secret" in words.lower():
+                return Blocker("SecretMissing", f"container {name} needs a missing Secret: {words}", since)
+            return Blocker("ContainerConfigError", f"container {name} cannot be created: {words}", since)
+    return None
+
+
+def job_blocker(job: Mapping[str, Any]) -> Blocker | None:
+    """``Queued`` for a Job created suspended for Kueue (its queue label) that Kueue has not admitted yet;
+    since the Job's creation. Whether the recipe itself is suspended is the planner's business."""
+    metadata = job.get("metadata") or {}
+    queue = (metadata.get("labels") or {}).get(LABEL_QUEUE)
+    if not queue or not (job.get("spec") or {}).get("suspend") or job_state(job) != "suspended":
+        return None
+    return Blocker(
+        "Queued",
+        f"Kueue has not admitted it yet (queue {queue})",
+        parse_time(metadata.get("creationTimestamp")),
+    )
+
+
+def _created(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def pods_blocker(pods: Sequence[Mapping[str, Any]]) -> Blocker | None:
+    """Why the Job's newest pod that has not finished cannot start (`pod_blocker`); None when it can."""
+    live = sorted((p for p in pods if not _finished_pod(p)), key=_created)
+    return pod_blocker(live[-1]) if live else None
+
+
+def evictions(pods: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
+    """How many of a Job's pods were disrupted (condition DisruptionTarget True: preemption, a drain, the
+    taint manager, node pressure), with the last one's reason and message."""
+    disrupted = []
+    for pod in pods:
+        condition = _pod_condition(pod, "DisruptionTarget")
+        if condition is not None and condition.get("status") == "True":
+            disrupted.append((str(condition.get("lastTransitionTime") or ""), _created(pod), condition))
+    if not disrupted:
+        return 0, None
+    *_, last = max(disrupted, key=lambda seen: seen[:2])
+    words = shorten(str(last.get("message") or ""))
+    reason = str(last.get("reason") or "DisruptionTarget")
+    return len(disrupted), f"{reason}: {words}" if words else reason
+
+
+def with_pods(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> ObservedJob:
+    """The unfinished Job with what its pods say: why the current one cannot start, how many were evicted."""
+    count, last = evictions(pods)
+    return replace(job, blocker=pods_blocker(pods) or job.blocker, evictions=count, last_eviction=last)
+
+
+def replan_needed(
+    status: FinetuneRecipeStatus,
+    phase: Phase,
+    job_name: str,
+    pods: Sequence[Mapping[str, Any]],
+    now: datetime,
+    limits: StuckLimits,
+) -> bool:
+    """Whether the running phase's pods say something its status does not: its pod became stuck, stuck for
+    another reason, unstuck, or waited (or was evicted) past the limits. A stuck pod changes nothing in its
+    Job, so no Job event would ask for a re-plan; the progress timer asks this instead.
+
+    A Job waiting for Kueue has no pods: the status's own condition says since when; once it has pods,
+    Kueue admitted it."""
+    condition = phase_condition(status, phase)
+    if condition is None or condition.status != "Unknown" or condition.reason == "Suspended":
+        return False
+    if condition.reason == "Queued":
+        if pods:
+            return True
+        queued = Blocker("Queued", condition.message, condition.last_transition_time)
+        job = ObservedJob(job_name, phase, "", "suspended", blocker=queued)
+        return stopped(job, now, limits) is not None
+    count, last = evictions(pods)
+    job = ObservedJob(
+        job_name, phase, "", "running", blocker=pods_blocker(pods), evictions=count, last_eviction=last
+    )
+    if stopped(job, now, limits) is not None:
+        return True
+    expected = job.blocker.reason if job.blocker is not None else "Running"
+    return condition.reason != expected
 
 
 def _terminated(pod: Mapping[str, Any], container: str) -> Mapping[str, Any] | None:
@@ -246,11 +433,17 @@ async def list_recipe_jobs(
     uids = {(j.get("metadata") or {}).get("name"): (j.get("metadata") or {}).get("uid") or "" for j in items}
     observed = []
     for job in recipe_jobs(recipe_name, items):
-        if job.state in ("succeeded", "failed"):
+        if job.state in ("pending", "running"):
+            # Can its pod start, how often was it evicted: unfinished Jobs' pods are few (one, plus the
+            # evicted ones), and they change without a Job event only while stuck.
+            selector = pods_selector(job.name, uids.get(job.name))
+            pods = await asyncio.to_thread(_list_pods_sync, namespace, selector)
+            job = with_pods(job, pods)
+        elif job.state in ("succeeded", "failed"):
             uid = uids.get(job.name, "")
             known, report = reports.get(uid)
             if not known:
-                pods = await asyncio.to_thread(_list_pods_sync, namespace, f"{JOB_NAME_LABEL}={job.name}")
+                pods = await asyncio.to_thread(_list_pods_sync, namespace, pods_selector(job.name, uid))
                 report = job_report(job, pods)
                 if uid and (report is not None or not pods):
                     # No pods left (garbage-collected) will not change either; a pod without a
@@ -282,6 +475,11 @@ def _running_pod_log_sync(namespace: str, job_name: str, container: str, tail_li
         _preload_content=False,
     )
     return bytes(log.data).decode("utf-8", errors="replace")
+
+
+async def job_pods(namespace: str, job_name: str) -> list[dict[str, Any]]:
+    """The pods of one Job (the sync client, in a worker thread)."""
+    return await asyncio.to_thread(_list_pods_sync, namespace, f"{JOB_NAME_LABEL}={job_name}")
 
 
 async def phase_progress(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import datetime
+from typing import Final, Literal
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes
@@ -19,6 +20,64 @@ from ftrecipe.termination import PhaseReport
 JobState = Literal["pending", "running", "suspended", "succeeded", "failed"]
 MAX_NAME = 63  # Job names become pod label values: at most 63 characters
 PHASE_WORDS: dict[Phase, str] = {"data": "data", "train": "train", "evaluate": "eval"}
+PHASE_HUMAN: Final[dict[Phase, str]] = {
+    "data": "data preparation",
+    "train": "training",
+    "evaluate": "evaluation",
+}
+
+# Why a phase's pod has not started: the condition reason the status shows while it waits, and the
+# phase's failure reason once it waited longer than its `StuckLimits` allow.
+StuckReason = Literal["Unschedulable", "ImagePullBackOff", "SecretMissing", "ContainerConfigError", "Queued"]
+STUCK_REASONS: Final[tuple[StuckReason, ...]] = (
+    "Unschedulable",
+    "ImagePullBackOff",
+    "SecretMissing",
+    "ContainerConfigError",
+    "Queued",
+)
+EVICTED: Final = "Evicted"
+# Reasons of a phase that failed with its Job (the status remembers them after the Job is gone).
+JOB_FAILURE_REASONS: Final = frozenset({"JobFailed", EVICTED, *STUCK_REASONS})
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """What keeps a Job's pod from starting, in the scheduler's, kubelet's or Kueue's words."""
+
+    reason: StuckReason
+    message: str  # what the pod waits for and why, shortened (`ftrecipe.controller.observe.pod_blocker`)
+    since: datetime | None = None  # when it started waiting, as the cluster recorded it; None: unknown
+
+
+@dataclass(frozen=True)
+class StuckLimits:
+    """How long a phase's pod may wait, by reason, before the phase fails (seconds; None: no limit, the
+    Job's own ``activeDeadlineSeconds`` still applies), and how many evictions a Job survives."""
+
+    image_pull: float | None = 300.0
+    # A missing Secret or key (CreateContainerConfigError); a GitOps tool or an external-secrets
+    # controller usually creates it within a minute or two.
+    secret: float | None = 300.0
+    # No limit: a pending pod costs nothing, and GPU autoscalers take minutes (scale-up from zero, capacity
+    # shortages) to bring a node.
+    unschedulable: float | None = None
+    queued: float | None = None  # Kueue decides when a Job runs: waiting in its queue is its job
+    # The eviction (DisruptionTarget) that fails the phase: the Job does not count them (podFailurePolicy
+    # Ignore), so a node pool that keeps evicting would restart it for ever. None: no bound.
+    max_evictions: int | None = 3
+
+    def limit(self, reason: StuckReason) -> float | None:
+        if reason == "Unschedulable":
+            return self.unschedulable
+        if reason == "ImagePullBackOff":
+            return self.image_pull
+        if reason == "Queued":
+            return self.queued
+        return self.secret
+
+
+DEFAULT_STUCK_LIMITS: Final = StuckLimits()
 
 
 @dataclass(frozen=True)
@@ -30,6 +89,9 @@ class ObservedJob:
     message: str | None = None  # the container's termination message when it failed
     report: PhaseReport | None = None  # what the finished phase container reported (figures, one line)
     failure_reason: str | None = None  # the Job controller's reason, e.g. BackoffLimitExceeded
+    blocker: Blocker | None = None  # why its pod has not started (None: it runs, or nothing is known)
+    evictions: int = 0  # its pods evicted so far (DisruptionTarget): the Job itself does not count them
+    last_eviction: str | None = None  # the last eviction's reason and message
 
 
 @dataclass(frozen=True)
@@ -48,6 +110,13 @@ class World:
     # The user asked to run failed phases again (the cause was fixed outside the spec): failed Jobs of the
     # current phase hashes and the failures the status remembers no longer count.
     retry: bool = False
+    # The phase hashes the recipe was planned with (`ftrecipe.plan.status.planned_hashes`: kept across
+    # operator upgrades); None: this version's hashes of the spec.
+    hashes: Mapping[Phase, str] | None = None
+    # The reason of each remembered failure (`failed`), when not JobFailed: e.g. ImagePullBackOff.
+    failure_reasons: Mapping[str, str] = field(default_factory=dict)
+    # When the shell looked; None (e.g. `ftrecipe run`): no stuck Job is ever failed for waiting too long.
+    now: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +156,7 @@ class Retry:
 class Wait:
     phase: Phase
     name: str
+    blocker: Blocker | None = None  # its pod cannot start (yet): why
 
 
 @dataclass(frozen=True)
@@ -146,8 +216,18 @@ def phases(spec: FinetuneRecipeSpec) -> tuple[Phase, ...]:
     return ("data", "train", "evaluate") if spec.evaluation.enabled else ("data", "train")
 
 
-def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: bool = True) -> list[Action]:
-    """The actions that move the recipe forward, in order. The last one says where it stands."""
+def plan(
+    recipe: str,
+    spec: FinetuneRecipeSpec,
+    world: World,
+    *,
+    in_cluster: bool = True,
+    limits: StuckLimits = DEFAULT_STUCK_LIMITS,
+) -> list[Action]:
+    """The actions that move the recipe forward, in order. The last one says where it stands.
+
+    A Job whose pod waited longer than ``limits`` allow (or was evicted too often) is deleted and its
+    phase fails with the reason, instead of waiting for the Job's own active deadline."""
     if in_cluster and (fields := local_paths(spec)):
         return [
             Fail(
@@ -157,7 +237,7 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
                 "configMap or pvc",
             )
         ]
-    hashes = phase_hashes(spec)
+    hashes = world.hashes or phase_hashes(spec)
     wanted = set(phases(spec))
     actions: list[Action] = []
     current: dict[Phase, list[ObservedJob]] = {}
@@ -185,7 +265,8 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
         elif inputs_hash in world.finished and not jobs:
             finished = Done(phase, inputs_hash, world.finished[inputs_hash])
         elif inputs_hash in world.failed and not jobs and not world.retry:
-            actions.append(Fail(phase, "JobFailed", world.failed[inputs_hash]))
+            reason = world.failure_reasons.get(inputs_hash, "JobFailed")
+            actions.append(Fail(phase, reason, world.failed[inputs_hash]))
             return actions
         if finished is not None:
             actions.append(finished)
@@ -206,14 +287,58 @@ def plan(recipe: str, spec: FinetuneRecipeSpec, world: World, *, in_cluster: boo
         if job.state == "failed":
             actions.append(Fail(phase, "JobFailed", job.message or f"Job {job.name} failed"))
             return actions
+        if not spec.suspend and world.now is not None and (stop := stopped(job, world.now, limits)):
+            # Nothing will come of this Job (or it holds a node for nothing): it goes, the status keeps why.
+            actions += [DeleteJob(job.name, f"{stop.reason}: {stop.message}"), stop]
+            return actions
         if spec.suspend and job.state in ("pending", "running"):
             actions.append(SuspendJob(job.name))
         elif job.state == "suspended" and not spec.suspend and spec.queue_name is None:
             actions.append(ResumeJob(job.name))
-        actions.append(Wait(phase, job.name))
+        actions.append(Wait(phase, job.name, None if spec.suspend else job.blocker))
         return actions
     actions.append(Succeed())
     return actions
+
+
+def duration_text(seconds: float) -> str:
+    """45s, 5m00s, 2h05m."""
+    whole = max(0, int(seconds))
+    minutes, rest = divmod(whole, 60)
+    if minutes == 0:
+        return f"{rest}s"
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def waited_too_long(blocker: Blocker, now: datetime, limits: StuckLimits) -> float | None:
+    """The seconds ``blocker`` has lasted when that is at least its limit; None while it may still wait
+    (no limit for its reason, or no known start)."""
+    limit = limits.limit(blocker.reason)
+    if limit is None or blocker.since is None:
+        return None
+    waited = (now - blocker.since).total_seconds()
+    return waited if waited >= limit else None
+
+
+def stopped(job: ObservedJob, now: datetime, limits: StuckLimits) -> Fail | None:
+    """The failure of ``job``'s phase when it must not go on: its pods were evicted ``max_evictions``
+    times, or its pod has waited past the limit for its reason. None: let it run (or wait)."""
+    human = PHASE_HUMAN[job.phase]
+    if limits.max_evictions is not None and job.evictions >= limits.max_evictions:
+        last = f"; last: {job.last_eviction}" if job.last_eviction else ""
+        return Fail(
+            job.phase,
+            EVICTED,
+            f"{human} stopped: its pod was evicted {job.evictions} times (Job {job.name} deleted){last}",
+        )
+    if job.blocker is None or (waited := waited_too_long(job.blocker, now, limits)) is None:
+        return None
+    return Fail(
+        job.phase,
+        job.blocker.reason,
+        f"{human} stopped after {duration_text(waited)} waiting (Job {job.name} deleted): "
+        f"{job.blocker.message}",
+    )
 
 
 def _has_accuracy(report: PhaseReport | None) -> bool:

@@ -18,10 +18,14 @@ from ftrecipe.api.v1alpha1 import (
     EvaluationStatus,
     FinetuneRecipeSpec,
     FinetuneRecipeStatus,
+    PlannedWith,
     TrainingStatus,
 )
-from ftrecipe.plan.cache_key import Phase, phase_hashes
+from ftrecipe.plan.cache_key import PHASES, Phase, phase_hashes
 from ftrecipe.plan.planner import (
+    JOB_FAILURE_REASONS,
+    PHASE_HUMAN,
+    STUCK_REASONS,
     Action,
     CreateJob,
     Done,
@@ -37,7 +41,7 @@ from ftrecipe.plan.planner import (
 from ftrecipe.termination import PhaseReport
 
 CONDITION_OF: dict[Phase, str] = {"data": "DataPrepared", "train": "Trained", "evaluate": "Evaluated"}
-_HUMAN: dict[Phase, str] = {"data": "data preparation", "train": "training", "evaluate": "evaluation"}
+_HUMAN: Final = PHASE_HUMAN
 ConditionStatus = Literal["True", "False", "Unknown"]
 # The phases whose commands print progress lines while they run, by the recipe phase they run in.
 ProgressPhase = Literal["train", "evaluate"]
@@ -87,6 +91,7 @@ def compute_status(
     now: datetime,
     previous: FinetuneRecipeStatus | None = None,
     observed_retry: str | None = None,
+    planned: PlannedWith | None = None,
 ) -> FinetuneRecipeStatus:
     """The status after applying `actions`; `prefixes` are where each phase's bundle is (or will be).
 
@@ -116,6 +121,9 @@ def compute_status(
             cond = _condition(kind, "True", "Cached", message, generation, now, before)
         elif isinstance(fact, Fail):
             cond = _condition(kind, "False", fact.reason, fact.message, generation, now, before)
+        elif isinstance(fact, Wait) and fact.blocker is not None:
+            blocker = fact.blocker
+            cond = _condition(kind, "Unknown", blocker.reason, blocker.message, generation, now, before)
         elif isinstance(fact, CreateJob | Wait):
             reason = "Suspended" if spec.suspend else "Running"
             cond = _condition(kind, "Unknown", reason, f"{_HUMAN[name]} in progress", generation, now, before)
@@ -128,6 +136,9 @@ def compute_status(
         ready = _condition("Ready", "True", "Succeeded", "the adapter is ready", generation, now, before)
     elif isinstance(last, Fail):
         ready = _condition("Ready", "False", last.reason, last.message, generation, now, before)
+    elif isinstance(last, Wait) and last.blocker is not None:
+        waiting = _waiting_line(last.phase, last.name, last.blocker.message)
+        ready = _condition("Ready", "False", last.blocker.reason, waiting, generation, now, before)
     else:
         ready = _condition("Ready", "False", phase, f"recipe is {phase}", generation, now, before)
     conditions.append(ready)
@@ -142,6 +153,7 @@ def compute_status(
         phase=phase,
         observed_generation=generation,
         observed_retry=observed_retry if observed_retry is not None else previous.observed_retry,
+        planned_with=planned if planned is not None else previous.planned_with,
         started_at=previous.started_at or now,
         completed_at=(previous.completed_at or now) if finished else None,
         message=message,
@@ -192,6 +204,8 @@ def _progress_message(
     """The running phase's line; with the progress its section already has for that Job, so a reconcile
     says what the progress timer said (the message does not flap between the two)."""
     last = actions[-1] if actions else None
+    if isinstance(last, Wait) and last.blocker is not None:
+        return _waiting_line(last.phase, last.name, last.blocker.message)
     if isinstance(last, CreateJob | Wait):
         line = _job_line(last.phase, last.name, suspended=spec.suspend)
         section = sections.get(last.phase)
@@ -204,6 +218,11 @@ def _progress_message(
 def _job_line(phase: Phase, job_name: str, *, suspended: bool = False) -> str:
     """`training running (Job X)`: the head of the message while a phase's Job exists."""
     return f"{_HUMAN[phase]} {'suspended' if suspended else 'running'} (Job {job_name})"
+
+
+def _waiting_line(phase: Phase, job_name: str, why: str) -> str:
+    """`training waiting (Job X): <why its pod has not started>`."""
+    return f"{_HUMAN[phase]} waiting (Job {job_name}): {why}"
 
 
 def _figures_message(head: str, section: TrainingStatus | EvaluationStatus) -> str:
@@ -384,6 +403,7 @@ def remembered(
     spec: FinetuneRecipeSpec,
     previous: FinetuneRecipeStatus | None,
     prefixes: Mapping[Phase, str],
+    hashes: Mapping[Phase, str] | None = None,
 ) -> tuple[dict[str, PhaseReport], dict[str, str]]:
     """What the recipe's status says about the current phase hashes: (finished, failed), for `World`.
 
@@ -403,7 +423,7 @@ def remembered(
         "train": previous.training,
         "evaluate": previous.evaluation,
     }
-    for phase, inputs_hash in phase_hashes(spec).items():
+    for phase, inputs_hash in (hashes or phase_hashes(spec)).items():
         section = sections[phase]
         condition = conditions.get(CONDITION_OF[phase])
         if section is None or condition is None:
@@ -420,8 +440,99 @@ def remembered(
             finished[inputs_hash] = PhaseReport(ok=True, message="", figures=figures)
         elif (
             condition.status == "False"
-            and condition.reason == "JobFailed"
+            and condition.reason in JOB_FAILURE_REASONS
             and section.job_name == job_name(recipe, phase, inputs_hash)
         ):
             failed[inputs_hash] = condition.message
     return finished, failed
+
+
+def failure_reasons(
+    spec: FinetuneRecipeSpec,
+    previous: FinetuneRecipeStatus | None,
+    failed: Mapping[str, str],
+    hashes: Mapping[Phase, str] | None = None,
+) -> dict[str, str]:
+    """The condition reason of each remembered failure in ``failed`` (`remembered`'s), for `World`: a
+    phase stopped as ImagePullBackOff stays so after its Job was deleted."""
+    if previous is None:
+        return {}
+    conditions = {c.type: c for c in previous.conditions or []}
+    reasons = {}
+    for phase, inputs_hash in (hashes or phase_hashes(spec)).items():
+        condition = conditions.get(CONDITION_OF[phase])
+        if inputs_hash in failed and condition is not None:
+            reasons[inputs_hash] = condition.reason
+    return reasons
+
+
+def stuck_event(
+    previous: FinetuneRecipeStatus | None, status: FinetuneRecipeStatus
+) -> tuple[str, str] | None:
+    """(reason, message) of the Warning Event to post when a phase's pod has just become stuck, or stuck
+    for another reason; None otherwise (failures have their own Event, on the phase change)."""
+    ready = next((c for c in status.conditions or [] if c.type == "Ready"), None)
+    if ready is None or ready.reason not in STUCK_REASONS or status.phase == "Failed":
+        return None
+    before = next((c for c in (previous.conditions or []) if c.type == "Ready"), None) if previous else None
+    if before is not None and before.reason == ready.reason:
+        return None
+    return ready.reason, status.message or ready.message
+
+
+# The phase whose Job runs while the recipe is in each running phase.
+RUNNING_PHASES: Final[dict[str, Phase]] = {
+    "PreparingData": "data",
+    "Training": "train",
+    "Evaluating": "evaluate",
+}
+
+
+def running_job(status: FinetuneRecipeStatus | None) -> tuple[Phase, str] | None:
+    """The phase whose Job should be running now and that Job's name; None when none should."""
+    phase = RUNNING_PHASES.get(status.phase or "") if status is not None else None
+    if status is None or phase is None:
+        return None
+    section = {"data": status.data_preparation, "train": status.training, "evaluate": status.evaluation}[
+        phase
+    ]
+    return (phase, section.job_name) if section is not None and section.job_name else None
+
+
+def phase_condition(status: FinetuneRecipeStatus, phase: Phase) -> Condition | None:
+    return next((c for c in status.conditions or [] if c.type == CONDITION_OF[phase]), None)
+
+
+def planned_hashes(
+    spec: FinetuneRecipeSpec, generation: int, previous: FinetuneRecipeStatus | None, *, version: str
+) -> tuple[dict[Phase, str], PlannedWith]:
+    """The phase hashes to plan with, and the record the status keeps of them.
+
+    The hashes include the operator's version series and every defaulted field, so an upgraded operator
+    would compute new ones for an unchanged recipe: re-running finished phases and replacing running Jobs.
+    While the spec's generation is the one the status recorded, the recorded hashes stand; a new generation
+    (the user changed the spec) is planned with this operator's hashes, new defaults included.
+    """
+    record = previous.planned_with if previous is not None else None
+    if record is not None and record.generation == generation:
+        return {phase: getattr(record, phase) for phase in PHASES}, record
+    hashes = phase_hashes(spec, version=version)
+    return hashes, PlannedWith(generation=generation, operator_version=version, **hashes)
+
+
+def needs_reconcile(
+    generation: int, retry: str | None, status: FinetuneRecipeStatus | None, *, first_seen: bool
+) -> bool:
+    """Whether a recipe's watch event calls for a reconcile: it was never planned, its spec has a new
+    generation, its ``ftrecipe.dev/retry`` annotation a new value, or the operator sees it for the first
+    time since it started and it is not finished (its Jobs are adopted, whatever happened meanwhile).
+
+    Anything else (the echo of the operator's own status patch, a label someone added) changes nothing
+    to plan. A finished recipe stays as it is when an operator (of any version) starts: only a new
+    generation or a retry moves it.
+    """
+    if status is None or status.phase is None or status.observed_generation != generation:
+        return True
+    if retry_requested(retry, status):
+        return True
+    return first_seen and status.phase not in ("Succeeded", "Failed")
