@@ -1123,3 +1123,19 @@ def test_policy_example_is_what_the_chart_renders(render: Render) -> None:
         "spec.images may only name images under registry.example.com/ml/, ghcr.io/ftrecipe/"
     ]
     assert admission_failures(policy, full_recipe(images=IMAGES_OK)) == []
+
+
+def test_docs_show_the_tested_policy() -> None:
+    shown = [
+        block
+        for block in _yaml_blocks((ROOT / "docs" / "install.md").read_text())
+        if isinstance(block, dict) and block.get("kind", "").startswith("ValidatingAdmissionPolicy")
+    ]
+    assert shown == list(yaml.safe_load_all(POLICY_EXAMPLE.read_text()))
+
+
+def test_docs_tell_how_to_adopt_a_crd_applied_by_hand() -> None:
+    """The labels and annotations Helm checks before taking an existing object into a release."""
+    text = (ROOT / "docs" / "install.md").read_text()
+    assert "kubectl label crd finetunerecipes.ftrecipe.dev app.kubernetes.io/managed-by=Helm" in text
+    assert "meta.helm.sh/release-name=ftrecipe meta.helm.sh/release-namespace=ftrecipe-system" in text
