@@ -650,8 +650,10 @@ def test_a_job_kueue_has_not_admitted_is_queued_not_running(k8s: K8s) -> None:
         assert condition(st, "Ready")["reason"] == "Queued"
         k8s.wait_for(lambda: warnings(k8s, "Queued") == [expected], message="a Queued Event")
 
+        # Kueue admits it: the Job controller starts its pod.
         k8s.kueue_admit(data, NS)
         k8s.set_job_status(data, NS, "running")
+        k8s.set_job_pod(data, NS, "Running", container="prepare-data")
         st = wait_status(
             k8s, lambda s: s.get("message") == f"data preparation running (Job {data})", "admitted"
         )
