@@ -452,3 +452,84 @@ def test_an_undecidable_branch_is_fine_when_both_ways_meet(tmp_path: Path) -> No
         ("emergency", "urgency"),
         ("emergency", "symptom"),
     ]
+
+
+LOOKUP_FLOWS = """
+flows:
+  check_in:
+    description: Check a pet in at the front desk.
+    steps:
+      - action: action_look_up_pet
+        next:
+          - if: slots.pet_on_file
+            then: ask_day
+          - else: ask_species
+      - id: ask_species
+        collect: species
+        description: the kind of animal, dog or cat
+      - id: ask_day
+        collect: visit_day
+        description: the weekday of the visit
+"""
+
+LOOKUP_DOMAIN = """
+version: "3.1"
+slots:
+  species: {type: categorical, values: [dog, cat], mappings: [{type: from_llm}]}
+  visit_day: {type: text, mappings: [{type: from_llm}]}
+  pet_on_file: {type: bool, mappings: [{type: controlled}]}
+actions:
+  - action_look_up_pet
+responses:
+  utter_ask_species: [{text: "Is it a dog or a cat?"}]
+  utter_ask_visit_day: [{text: "Which day suits you?"}]
+"""
+
+LOOKUP_TESTS = """
+{stubs}
+test_cases:
+  - test_case: check_in
+    steps:
+      - user: checking in Rex
+        assertions:
+          - flow_started: check_in
+      - user: Monday
+        assertions:
+          - slot_was_set:
+              - {{name: visit_day, value: Monday}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("stubs", "asked"),
+    [
+        # Stubbed: the action's slot event decides the branch.
+        (
+            "stub_custom_actions:\n  action_look_up_pet:\n    events:\n"
+            "      - {event: slot, name: pet_on_file, value: true}",
+            "visit_day",
+        ),
+        # Not stubbed: only the real action knows pet_on_file; the branches ask different things.
+        ("", None),
+    ],
+)
+def test_a_branch_on_what_an_unstubbed_action_sets_is_not_guessed(
+    tmp_path: Path, stubs: str, asked: str | None
+) -> None:
+    root = tmp_path / "lookup"
+    write(root / "data" / "flows.yml", LOOKUP_FLOWS)
+    write(root / "domain.yml", LOOKUP_DOMAIN)
+    suite = read_test_suite(write(root / "e2e_tests" / "t.yml", LOOKUP_TESTS.format(stubs=stubs)))
+    assistant = load_assistant(root, exclude=((root / "e2e_tests").resolve(),))
+    run = conversation(assistant, suite, suite.test_cases[0])
+    first = next(run)
+    if asked is not None:
+        assert run.send([StartFlow("check_in")]).asked_slot == asked
+        return
+    with pytest.raises(ReplayFailure) as caught:
+        run.send([StartFlow("check_in")])
+    assert str(caught.value) == (
+        "flow 'check_in', step '1_action': cannot decide `slots.pet_on_file`: slot 'pet_on_file' is set by "
+        "custom actions, and action_look_up_pet ran without a stub (and its branches lead to different steps)"
+    )
+    assert first.asked_slot is None
