@@ -231,6 +231,14 @@ def test_request_above_limit_is_refused_while_reading_the_recipe() -> None:
     ]
     manifest["spec"]["training"]["resources"] = {"requests": {"cpu": "1500m"}, "limits": {"cpu": "1.5"}}
     parse_recipe(manifest)
+    # The CRD's pattern is Kubernetes' own and lets odd suffixes through; the models parse the value.
+    manifest["spec"]["training"]["resources"] = {"requests": {"memory": "16KM"}}
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(manifest, "recipe.yaml")
+    assert caught.value.lines == [
+        "recipe.yaml: spec.training.resources.requests.memory: must be a resource quantity such as 2, 500m or "
+        "16Gi (got '16KM')"
+    ]
 
 
 def test_defaults_of_the_new_fields(crd: Manifest) -> None:

@@ -392,10 +392,19 @@ class RephraserSpec(ApiModel):
 # --------------------------------------------------------------------------------------------- resources
 
 
+def _parses(text: str) -> bool:
+    try:
+        parse_quantity(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_quantity(value: Any) -> Any:
     # One check for both spellings, so a bad value gets one message instead of one per union member.
     if isinstance(value, bool) or not (
-        isinstance(value, int) or (isinstance(value, str) and re.fullmatch(_QUANTITY, value))
+        isinstance(value, int)
+        or (isinstance(value, str) and re.fullmatch(_QUANTITY, value) and _parses(value))
     ):
         raise PydanticCustomError(
             "quantity",
