@@ -96,6 +96,7 @@ async def test_a_rerun_a_minute_later_makes_no_call_and_the_same_files(
         "value": "2026-03-01T12:00:30+00:00",
         "source": "recorded",
         "record": str(record),
+        "timezone": "UTC",
     }
     before = files(tmp_path / "out")
     shutil.rmtree(tmp_path / "out")
@@ -158,15 +159,20 @@ async def test_an_explicit_prompt_datetime_is_what_prompts_show(
         prompt_datetime="2026-01-15T09:30:00+01:00",
     )
     await prepare_data(run, now=lambda: FIRST_RUN)
-    assert first_lines(llm_server) == {"Now: 2026-01-15 09:30:00+01:00 (Thursday 15 January 2026, UTC+01:00)"}
+    # That instant, shown as Rasa shows the time: in the generator's timezone (UTC unless config.yml says).
+    assert first_lines(llm_server) == {"Now: 2026-01-15 08:30:00+00:00 (Thursday 15 January 2026, UTC)"}
     assert not (tmp_path / "cache" / "prompt-datetime").exists()  # nothing recorded: the option decides
     params = read(tmp_path / "out" / "params.yaml")
-    assert params["prompt_datetime"] == {"value": "2026-01-15T09:30:00+01:00", "source": "--prompt-datetime"}
+    assert params["prompt_datetime"] == {
+        "value": "2026-01-15T09:30:00+01:00",
+        "source": "--prompt-datetime",
+        "timezone": "UTC",
+    }
     # The training data carries the same prompts.
     records = [
         json.loads(line) for line in (tmp_path / "out" / "3_llm_finetune_data" / "llm_ft_data.jsonl").open()
     ]
-    assert records and all(r["prompt"].startswith("Now: 2026-01-15 09:30:00+01:00 (") for r in records)
+    assert records and all(r["prompt"].startswith("Now: 2026-01-15 08:30:00+00:00 (") for r in records)
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -345,4 +351,58 @@ def test_a_test_with_a_mocked_datetime_fixture_shows_that_instant(tmp_path: Path
     assert bad.stderr.strip().splitlines() == [
         f"error: {tests}: fixture 'leap_day_morning': mocked_datetime '29.02.2024' is not a date and time Rasa "
         "reads; write e.g. 2026-01-15T09:30:00+00:00 or 2026-01-15 09:30:00"
+    ]
+
+
+# --------------------------------------------------------------------------------------------- config.yml
+
+GUARDED_DATE_LINE = "{% if current_datetime %}Now: {{ current_datetime }} ({{ current_datetime.tzname() }}){% else %}No date{% endif %}\n"
+
+
+def rasa_config(folder: Path, **generator: Any) -> Path:
+    """A production config.yml whose command generator uses a template with a guarded date line."""
+    (folder / "guarded_prompt.jinja2").write_text(
+        GUARDED_DATE_LINE + default_template("v2").text, encoding="utf-8"
+    )
+    component = {
+        "name": "CompactLLMCommandGenerator",
+        "prompt_template": "guarded_prompt.jinja2",
+        **generator,
+    }
+    path = folder / "config.yml"
+    path.write_text(yaml.safe_dump({"recipe": "default.v1", "pipeline": [component]}), encoding="utf-8")
+    return path
+
+
+def offline_first_lines(tmp_path: Path, config: Path, tests: Path, *more: str) -> set[str]:
+    out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+    result = run_cli(
+        str(tests), "--assistant", str(EXAMPLE), "--annotator", "assertions", "--num-rephrases", "0",
+        "--config", str(config), "--cache-dir", str(tmp_path / "c"), "--out", str(out), *more,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = (out / "3_llm_finetune_data" / "llm_ft_data.jsonl").read_text().splitlines()
+    return {json.loads(line)["prompt"].split("\n", 1)[0] for line in lines}
+
+
+def test_the_generators_timezone_and_include_date_time_are_rasas(tmp_path: Path) -> None:
+    tests = tmp_path / "mocked.yml"
+    tests.write_text(MOCKED_TESTS, encoding="utf-8")
+    berlin = rasa_config(tmp_path, timezone="Europe/Berlin")
+    assert offline_first_lines(tmp_path, berlin, tests, "--prompt-datetime", "2026-01-15T09:30:00Z") == {
+        "Now: 2026-01-15 10:30:00+01:00 (CET)",  # the run's instant, in the configured zone
+        "Now: 2024-02-29 08:15:00+00:00 (UTC)",  # the fixture's, as Rasa reads it (not converted)
+    }
+    # Rasa passes no current_datetime at all then, not even a test's mocked one.
+    off = rasa_config(tmp_path, include_date_time=False)
+    assert offline_first_lines(tmp_path, off, tests) == {"No date"}
+    assert not (tmp_path / "c").exists()  # nothing to record
+    nowhere = rasa_config(tmp_path, timezone="Mars/Olympus_Mons")
+    result = run_cli(str(tests), "--assistant", str(EXAMPLE), "--annotator", "assertions", "--num-rephrases", "0",
+                     "--config", str(nowhere), "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"error: {nowhere} (CompactLLMCommandGenerator): timezone 'Mars/Olympus_Mons' is not an IANA timezone "
+        "name; write e.g. Europe/Berlin or UTC"
     ]

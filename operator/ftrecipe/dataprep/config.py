@@ -45,6 +45,10 @@ class GeneratorConfig:
     source: str = "defaults"
     syntax_assumed: bool = False  # a custom generator class: the syntax is a guess an explicit one overrides
     warnings: tuple[str, ...] = ()
+    # Rasa's `include_date_time` and `timezone` (defaults true and UTC): whether the template gets
+    # `current_datetime`, and in which zone it is shown.
+    include_date_time: bool = True
+    timezone: str = "UTC"
 
 
 def llm_settings(mapping: Any, origin: str) -> LLMSettings:
@@ -89,6 +93,8 @@ class LLMConfigFile:
             llm=self.llm or rasa.llm,
             source=f"{self.path} over {rasa.source}",
             warnings=rasa.warnings,
+            include_date_time=rasa.include_date_time,
+            timezone=rasa.timezone,
         )
 
 
@@ -155,6 +161,8 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
             source=f"{config} ({name})",
             syntax_assumed=assumed,
             warnings=warnings,
+            include_date_time=bool(component.get("include_date_time", True)),
+            timezone=str(component.get("timezone") or "UTC"),
         )
     known = ", ".join(GENERATOR_SYNTAX)
     raise InputError(

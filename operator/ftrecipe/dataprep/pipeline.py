@@ -53,6 +53,7 @@ from ftrecipe.dataprep.prompt_datetime import (
     PromptInstant,
     check_mocked_datetimes,
     check_prompt_datetime,
+    generator_zone,
     resolve_prompt_datetime,
     utc_now,
 )
@@ -143,11 +144,18 @@ def _params(
         "llm": generator.llm.model_dump(exclude_none=True) if generator.llm else None,
     }
     params["rephraser"] = {"source": rephraser_source}
-    params["prompt_datetime"] = (
-        instant.params()
-        if instant is not None
-        else {"value": None, "source": "unused: the prompt template does not show current_datetime"}
-    )
+    if instant is not None:
+        params["prompt_datetime"] = {**instant.params(), "timezone": generator.timezone}
+    elif not generator.include_date_time:
+        params["prompt_datetime"] = {
+            "value": None,
+            "source": f"unused: include_date_time is false in {generator.source}",
+        }
+    else:
+        params["prompt_datetime"] = {
+            "value": None,
+            "source": "unused: the prompt template does not show current_datetime",
+        }
     return params
 
 
@@ -393,11 +401,12 @@ async def prepare_data(
         )
 
     instant: PromptInstant | None = None
-    if template.shows_datetime:
+    if template.shows_datetime and generator.include_date_time:
+        zone = generator_zone(generator)
         cache_dir = options.cache_dir or default_cache_dir()
         instant = resolve_prompt_datetime(options.prompt_datetime, generator, template, cache_dir, now)
-        template = template.at(instant.value)
-        log(f"current_datetime in prompts: {format_prompt_datetime(instant.value)} ({instant.source})")
+        template = template.at(instant.value.astimezone(zone))  # shown in the zone Rasa shows it in
+        log(f"current_datetime in prompts: {template.current_datetime} ({instant.source})")
         if instant.warning:
             log(instant.warning)
 

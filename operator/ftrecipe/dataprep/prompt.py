@@ -50,7 +50,8 @@ _MOCKED_DATETIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S", "%Y-%m-%
 class PromptTemplate:
     source: str  # a path, or `builtin:<name>`
     text: str
-    # Rendered as `current_datetime`; None leaves it undefined, as Rasa does with `include_date_time: false`.
+    # Rendered as `current_datetime`; None leaves it undefined (even where a test mocks it), as Rasa does
+    # with `include_date_time: false`.
     current_datetime: datetime | None = None
 
     @property
@@ -62,9 +63,12 @@ class PromptTemplate:
         return replace(self, current_datetime=instant)
 
     def render(self, variables: Mapping[str, Any]) -> str:
-        fixed = {} if self.current_datetime is None else {CURRENT_DATETIME: self.current_datetime}
+        if self.current_datetime is None:
+            values = {k: v for k, v in variables.items() if k != CURRENT_DATETIME}
+        else:  # a test's mocked_datetime (in `variables`) wins over the run's instant
+            values = {CURRENT_DATETIME: self.current_datetime, **variables}
         try:
-            return _compiled(self.text).render({**fixed, **variables})
+            return _compiled(self.text).render(values)
         except jinja2.TemplateError as error:
             line = getattr(error, "lineno", None)
             at = f":{line}" if line else ""

@@ -14,9 +14,10 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ftrecipe.dataprep.config import GeneratorConfig
 from ftrecipe.dataprep.e2e import TestSuite
@@ -62,6 +63,19 @@ def check_prompt_datetime(text: str) -> datetime:
         raise InputError(
             f"--prompt-datetime {text!r}: not an ISO 8601 date and time; write e.g. {EXAMPLE} "
             "(without an offset it is UTC)"
+        ) from None
+
+
+def generator_zone(generator: GeneratorConfig) -> tzinfo:
+    """The zone Rasa shows `current_datetime` in: the command generator's `timezone` (default UTC)."""
+    if generator.timezone == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(generator.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InputError(
+            f"{generator.source}: timezone {generator.timezone!r} is not an IANA timezone name; write e.g. "
+            "Europe/Berlin or UTC"
         ) from None
 
 
