@@ -10,7 +10,8 @@ container ends with the phase's report as its termination message, then the Job'
 phase after phase, until every recipe is `Succeeded`. Evaluation is enabled (`--no-evaluation` skips it).
 
 Per N: time until every data Job exists, time of the whole lifecycle, the operator's API requests per
-recipe (by verb and resource), status patches per recipe, the operator's CPU seconds, and its RSS (idle
+recipe (by verb and resource), status patches and Events (by reason) per recipe, the operator's CPU
+seconds, the machine's load average at the start and the end, and the operator's RSS (idle
 before the recipes, after the data Jobs, at the end, and the peak, VmHWM). The operator's log is kept
 beside the JSON file (`<json stem>-<N>.log`). The emulator is the tests' own (a request costs the same
 however many came before), with the OpenAPI/CEL validation of recipe writes off.
@@ -206,6 +207,17 @@ def recipe_patches(cluster: KubeCluster, first: int) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def event_reasons(cluster: KubeCluster, first: int) -> dict[str, int]:
+    """The Events the operator tried to create (also any the API refused), by reason."""
+    counts: collections.Counter[str] = collections.Counter()
+    for request in cluster.requests()[first:]:
+        if request.resource is None or request.resource.plural != "events" or request.method != "POST":
+            continue
+        data = request.data if isinstance(request.data, dict) else {}
+        counts[str(data.get("reason"))] += 1
+    return dict(counts.most_common())
+
+
 def request_counts(cluster: KubeCluster, first: int) -> dict[str, int]:
     counts: collections.Counter[str] = collections.Counter()
     for request in cluster.requests()[first:]:
@@ -234,6 +246,7 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
                 60,
             )
             time.sleep(1.0)  # settle: imports done, watches open
+            load_start = os.getloadavg()
             sampler = RssSampler(process.pid)
             sampler.start()
             rss_idle = rss_mib(process.pid)
@@ -276,6 +289,8 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
             milestones["all recipes Succeeded"] = round(lifecycle_s, 3)
             time.sleep(2.0)  # anything still in flight (Events, the last patches) lands
             counts = request_counts(cluster, first_request)
+            events = event_reasons(cluster, first_request)
+            load_end = os.getloadavg()
             patches = recipe_patches(cluster, first_request)
             scraped = get(f"http://127.0.0.1:{metrics_port}/metrics")
             rss_end = rss_mib(process.pid)
@@ -305,6 +320,10 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
         "requests_to_data_jobs_per_recipe": round(requests_to_data / n, 2),
         "requests_by_kind": counts,
         "status_patches_per_recipe": round(status_patches / n, 2),
+        "events_per_recipe": round(sum(events.values()) / n, 2),
+        "events_by_reason": events,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in load_end],
         "recipe_patches_by_change": patches,
         "status_patches_metric": metric(scraped, "ftrecipe_status_patches_total"),
         "reconciles_metric": metric(scraped, "ftrecipe_reconciles_total"),
@@ -342,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "all Succeeded (s)",
                 "requests / recipe",
                 "status patches / recipe",
+                "Events / recipe",
                 "operator CPU (ms / recipe)",
                 "RSS idle → peak (MiB)",
             ],
@@ -352,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r["lifecycle_s"],
                     r["requests_per_recipe"],
                     r["status_patches_per_recipe"],
+                    r["events_per_recipe"],
                     r["operator_cpu_ms_per_recipe"],
                     f"{r['rss_idle_mib']:.0f} → {r['rss_peak_mib']:.0f}",
                 ]

@@ -1723,7 +1723,7 @@ class KubeCluster:
         *,
         container: str,
         reason: str,
-        message: str,
+        message: str | None,
         image: str = "x",
         init_container: str | None = None,
         scheduled_at: str | None = None,
@@ -1766,10 +1766,12 @@ class KubeCluster:
                 "lastTransitionTime": bound,
             }
 
+        # Volumes are mounted before the sandbox exists: a pod still mounting has no sandbox yet.
+        sandbox = "False" if reason in ("ContainerCreating", "PodInitializing") else "True"
         conditions: list[Body] = [
             {
                 "type": "PodReadyToStartContainers",
-                "status": "True",
+                "status": sandbox,
                 "lastProbeTime": None,
                 "lastTransitionTime": bound,
             },
@@ -1802,6 +1804,56 @@ class KubeCluster:
             "v1/pods", name, {"spec": {"nodeName": "gpu-node-1"}}, namespace
         )  # the scheduler's binding
         return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
+
+    def set_pod_mount_failure(
+        self,
+        job_name: str,
+        namespace: str,
+        *,
+        container: str,
+        volume: str,
+        why: str,
+        init_container: str | None = None,
+        scheduled_at: str | None = None,
+        suffix: str = "a1b2c",
+    ) -> Body:
+        """Play the kubelet failing to mount a volume of the Job's scheduled pod (a Secret or ConfigMap that
+        does not exist): the containers wait with ContainerCreating (PodInitializing with an init
+        container) and no message, and only a ``FailedMount`` Warning Event says why, as on a real node:
+        ``MountVolume.SetUp failed for volume "<volume>" : <why>`` (e.g. ``secret "git-creds" not found``).
+        Returns the Event."""
+        self.set_pod_waiting(
+            job_name,
+            namespace,
+            container=container,
+            reason="PodInitializing" if init_container is not None else "ContainerCreating",
+            message=None,
+            init_container=init_container,
+            scheduled_at=scheduled_at,
+            suffix=suffix,
+        )
+        pod = self.get("v1/pods", f"{job_name}-{suffix}", namespace) or {}
+        now = _now()
+        event = {
+            "metadata": {"name": f"{job_name}-{suffix}.{uuid.uuid4().hex[:16]}"},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": f"{job_name}-{suffix}",
+                "namespace": namespace,
+                "uid": pod.get("metadata", {}).get("uid"),
+            },
+            "reason": "FailedMount",
+            "message": f'MountVolume.SetUp failed for volume "{volume}" : {why}',
+            "type": "Warning",
+            "source": {"component": "kubelet", "host": "gpu-node-1"},
+            "reportingComponent": "kubelet",
+            "reportingInstance": "gpu-node-1",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        return self.create("v1/events", event, namespace)
 
     def evict_pod(
         self,

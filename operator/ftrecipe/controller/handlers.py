@@ -1,30 +1,38 @@
 """The kopf shell around the pure planner: observe a recipe's Jobs, plan, apply the actions, write status.
 
-Handlers (added to a registry by `register`, never at import):
+One `Controller` per operator keeps what it needs between events: each recipe's latest body (from the
+watch) and the status it last wrote (it is the status's only writer), behind one lock per recipe, so
+that no two reconciles of a recipe ever overlap. Handlers (added to a registry by `register`, never at
+import):
 
-* ``reconcile`` on FinetuneRecipe create, update and resume: parse the recipe, list its Jobs by label, ask
-  which phase bundles already exist (S3 output only, when ``OperatorSettings.read_bundle`` is given), run
-  `plan`, apply its actions (create/delete/suspend/resume Jobs), then write `compute_status` through
-  ``patch.status`` and post Events on phase changes. Level-based: a restarted operator re-plans from what
-  exists, and a Job that already exists (409) is simply adopted.
-  A new value of the ``ftrecipe.dev/retry`` annotation (an update like any other) asks to run the failed
-  phase again: the pass that sees it plans with ``World.retry``, posts a ``RetryRequested`` Event and
-  records the value in ``status.observedRetry``.
-* ``job_event`` on our Jobs (label ``app.kubernetes.io/managed-by=ftrecipe-operator``): a Job changed, so its
-  recipe must be re-planned. It writes ``<job>=<state>`` into the recipe's ``ftrecipe.dev/last-job-event``
-  annotation, which kopf sees as an update of the recipe. That keeps every reconcile of one recipe in
-  kopf's single per-object worker (no two reconciles race on the same status), unlike a second handler
-  calling the reconcile directly.
-* ``resync`` (a timer, when ``OperatorSettings.resync_seconds`` is set): touches the
-  ``ftrecipe.dev/resync`` annotation of recipes that are not finished, the same way, as a safety net for
-  missed watch events and for bundles that appear in storage.
-* ``phase-progress`` (a timer, every ``OperatorSettings.progress_seconds``): while a recipe is
-  ``Training`` or ``Evaluating``, reads the last progress line from the running pod's log and patches
-  ``status.training`` (step, losses, ETA) or ``status.evaluation`` (turns answered, ETA) and the message:
-  at most one status patch per interval, none when nothing moved. Before that, while any phase's Job
-  should run, it lists the Job's pods: when they say what the status does not (a pod that cannot start,
-  a limit passed, too many evictions), it touches ``ftrecipe.dev/resync`` so a reconcile re-plans now.
-* ``recipe-metrics`` (an event handler): keeps the ``ftrecipe_recipes{phase}`` gauge.
+* ``recipe-event`` (``@kopf.on.event`` on FinetuneRecipes): keeps the body and, when the event asks for it
+  (`ftrecipe.plan.status.needs_reconcile`: a recipe never planned, a new spec generation, a new value of
+  the ``ftrecipe.dev/retry`` annotation, or an unfinished recipe seen for the first time since the
+  operator started), reconciles it: parse, list its Jobs by label, ask which phase bundles already
+  exist (S3 output only, when ``OperatorSettings.read_bundle`` is given), run `plan`, apply its actions
+  (create/delete/suspend/resume Jobs), write `compute_status` with one status patch, and post Events on
+  phase changes. A finished recipe is not reconciled again at start-up: an upgraded operator leaves it
+  as it is, and the phase hashes the status recorded (``status.plannedWith``) stand until the spec's
+  generation changes. Level-based: a restarted operator re-plans from what exists, and a Job that
+  already exists (409) is simply adopted. Also keeps the ``ftrecipe_recipes{phase}`` gauge.
+* ``job-event`` (``@kopf.on.event`` on our Jobs, watched with a server-side label selector): a Job
+  finished, went away or changed state (admitted by Kueue, running, suspended), so its recipe is
+  reconciled at once; a Job that was just created changes nothing the status shows and costs no request,
+  nor do the Jobs listed when the operator starts (the unfinished recipes are reconciled anyway).
+* one operator-wide task (started by ``@kopf.on.startup``), every few seconds: retries reconciles that
+  hit an API error, re-plans unfinished recipes not reconciled for ``OperatorSettings.resync_seconds`` (a
+  safety net for missed watch events and bundles that appear in storage), and every
+  ``OperatorSettings.progress_seconds`` lists the namespace's unfinished pods of ours once: a phase whose
+  pod says what its status does not (stuck, unstuck, evicted too often) is reconciled, and a Training or
+  Evaluating recipe takes the running pod's latest progress line into ``status.training`` (step, losses,
+  ETA) or ``status.evaluation`` (turns answered, ETA) and the message: at most one status patch per
+  interval, none when nothing moved.
+
+No timers or daemons per object and no on-delete handlers: kopf adds its finalizer to every object that
+has one, and a recipe (or its namespace) deleted while the operator is down would hang. Without them the
+recipes carry no finalizer (kopf removes the one an older version added), deletion is immediate and the
+Jobs go by their ownerReferences. Nothing is written to the recipe but its status: no kopf annotations
+(event handlers keep no state), no annotations of ours.
 
 What the Jobs did comes from their pods' termination messages (`ftrecipe.termination`), and what
 finished before stays known through the recipe's own status (`ftrecipe.plan.status.remembered`), so
@@ -34,9 +42,15 @@ Jobs deleted by their TTL are not run again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -45,27 +59,30 @@ import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from ftrecipe import __version__
 from ftrecipe.api import GROUP, PLURAL, VERSION, RecipeError, parse_recipe
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, FinetuneRecipeStatus
 from ftrecipe.controller.manifests import (
     ANNOTATION_RECIPE,
     DEFAULT_IMAGES,
     LABEL_MANAGED_BY,
+    MAIN_CONTAINER,
     MANAGER,
     Images,
     build_job,
 )
 from ftrecipe.controller.metrics import OperatorMetrics
 from ftrecipe.controller.observe import (
+    CONTROLLER_UID_LABEL,
+    JOB_NAME_LABEL,
     REPORTS,
     ReportCache,
-    job_pods,
     job_state,
+    latest_progress,
     list_recipe_jobs,
-    phase_progress,
     replan_needed,
 )
-from ftrecipe.plan.cache_key import Phase, phase_hashes, phase_prefix
+from ftrecipe.plan.cache_key import Phase, phase_prefix
 from ftrecipe.plan.planner import (
     DEFAULT_STUCK_LIMITS,
     Action,
@@ -81,11 +98,13 @@ from ftrecipe.plan.planner import (
     plan,
 )
 from ftrecipe.plan.status import (
-    PROGRESS_PHASES,
     RUNNING_PHASES,
+    ProgressPhase,
     compute_status,
     failure_reasons,
     invalid_status,
+    needs_reconcile,
+    planned_hashes,
     progress_job,
     remembered,
     retry_requested,
@@ -95,13 +114,18 @@ from ftrecipe.plan.status import (
 )
 from ftrecipe.termination import PhaseReport, report_from_metadata
 
-ANNOTATION_LAST_JOB_EVENT: Final = "ftrecipe.dev/last-job-event"
-ANNOTATION_RESYNC: Final = "ftrecipe.dev/resync"
 # Set by people (`kubectl annotate ... ftrecipe.dev/retry="$(date +%s)" --overwrite`): each new value
 # re-runs the recipe's failed phase.
 ANNOTATION_RETRY: Final = "ftrecipe.dev/retry"
 FINISHED: Final = ("Succeeded", "Failed")
+# At most this many recipes are progressed or resynced at once by the operator-wide task.
+_CONCURRENCY: Final = 16
 _LOG = logging.getLogger(__name__)
+# kopf's own object logger: our lines about a recipe read like kopf's (`[ns/name] ...`, the `object` key
+# in JSON logs); k8s_skip keeps them from ever becoming Events.
+_OBJECTS = logging.getLogger("kopf.objects")
+
+Key = tuple[str, str]  # (namespace, name)
 
 
 @dataclass(frozen=True)
@@ -115,16 +139,19 @@ class OperatorSettings:
     read_bundle: Callable[[str], Mapping[str, Any] | None] | None = None
     # How often unfinished recipes are re-planned even without events; None: never.
     resync_seconds: float | None = 60.0
-    # Delay before kopf retries a reconcile that hit an API error.
+    # Delay before a reconcile that hit an API error is tried again.
     retry_delay: float = 5.0
-    # How often a Training or Evaluating recipe's status takes the running phase's latest progress line;
-    # None: never.
+    # How often running phases' pods are checked (stuck, evicted) and a Training or Evaluating recipe's
+    # status takes the running phase's latest progress line; None: never.
     progress_seconds: float | None = 10.0
     metrics: OperatorMetrics | None = None
     reports: ReportCache = REPORTS
     # How long a phase's pod may be stuck (unschedulable, image pull, missing Secret, Kueue) or how often
     # evicted before the phase fails; checked on every reconcile and progress tick.
     stuck: StuckLimits = DEFAULT_STUCK_LIMITS
+    # The operator's version, recorded with the phase hashes of new and edited recipes (its major.minor
+    # is part of them); recipes planned by another version keep their recorded hashes.
+    version: str = __version__
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -152,13 +179,21 @@ def _dump(status: FinetuneRecipeStatus) -> dict[str, Any]:
     return status.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def _previous_status(body: kopf.Body) -> tuple[FinetuneRecipeStatus | None, dict[str, Any]]:
-    raw = dict(body.get("status") or {})
+def _parse_status(raw: Mapping[str, Any] | None) -> tuple[FinetuneRecipeStatus | None, dict[str, Any]]:
+    """The status model and its normalised JSON form; (None, raw) when it cannot be read."""
     try:
-        previous = FinetuneRecipeStatus.model_validate(raw)
+        previous = FinetuneRecipeStatus.model_validate(dict(raw or {}))
     except ValidationError:
-        return None, raw
+        return None, dict(raw or {})
     return previous, _dump(previous)
+
+
+def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return body.get("metadata") or {}
+
+
+def _annotations(body: Mapping[str, Any]) -> Mapping[str, str]:
+    return _meta(body).get("annotations") or {}
 
 
 def _one_line(error: RecipeError) -> str:
@@ -169,13 +204,29 @@ def _output_root(spec: FinetuneRecipeSpec) -> str | None:
     return spec.output.s3.uri if spec.output.s3 is not None else None
 
 
-def _prefixes(spec: FinetuneRecipeSpec, recipe: str) -> dict[Phase, str]:
+def _prefixes(spec: FinetuneRecipeSpec, recipe: str, hashes: Mapping[Phase, str]) -> dict[Phase, str]:
     root = _output_root(spec) or "(local output)"
-    return {phase: phase_prefix(root, recipe, phase, h) for phase, h in phase_hashes(spec).items()}
+    return {phase: phase_prefix(root, recipe, phase, h) for phase, h in hashes.items()}
+
+
+def _object_log(body: Mapping[str, Any]) -> logging.LoggerAdapter[logging.Logger]:
+    meta = _meta(body)
+    ref = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "namespace": meta.get("namespace"),
+    }
+    return logging.LoggerAdapter(_OBJECTS, {"k8s_ref": ref, "k8s_skip": True})
 
 
 async def _complete_bundles(
-    spec: FinetuneRecipeSpec, recipe: str, world: World, settings: OperatorSettings
+    spec: FinetuneRecipeSpec,
+    recipe: str,
+    world: World,
+    settings: OperatorSettings,
+    hashes: Mapping[Phase, str],
 ) -> tuple[frozenset[str], dict[str, PhaseReport]]:
     """Hashes of phases (without a succeeded Job) whose bundle is already complete in S3, with the
     figures their manifests carry."""
@@ -185,7 +236,7 @@ async def _complete_bundles(
     done = {(j.phase, j.inputs_hash) for j in world.jobs if j.state == "succeeded"}
     complete: set[str] = set()
     reports: dict[str, PhaseReport] = {}
-    for phase, inputs_hash in phase_hashes(spec).items():
+    for phase, inputs_hash in hashes.items():
         if phase not in phases(spec) or (phase, inputs_hash) in done:
             continue
         prefix = phase_prefix(root, recipe, phase, inputs_hash)
@@ -226,14 +277,36 @@ def _suspend_job(namespace: str, name: str, suspend: bool) -> None:
     kubernetes.client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
 
-def _annotate_recipe(namespace: str, name: str, key: str, value: str) -> None:
+def _patch_status(namespace: str, name: str, changes: Mapping[str, Any]) -> bool:
+    """One merge patch of the recipe's status subresource; False when the recipe is gone."""
     try:
-        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"annotations": {key: value}}}
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(changes)}
         )
     except ApiException as error:
-        if error.status != 404:  # the recipe is gone (its Jobs are being garbage-collected)
-            raise
+        if error.status == 404:  # deleted meanwhile (its Jobs are being garbage-collected)
+            return False
+        raise
+    return True
+
+
+def _unfinished_pods(namespace: str) -> list[dict[str, Any]]:
+    """Our pods in `namespace` that have not succeeded (running, waiting, failed or evicted): one request,
+    selected by label on the server, for every recipe of the namespace."""
+    response: Any = kubernetes.client.CoreV1Api().list_namespaced_pod(
+        namespace,
+        label_selector=f"{LABEL_MANAGED_BY}={MANAGER}",
+        field_selector="status.phase!=Succeeded",
+        _preload_content=False,
+    )
+    return list(json.loads(response.data).get("items") or [])
+
+
+def _pod_log(namespace: str, pod: str, container: str, tail_lines: int = 40) -> str:
+    response: Any = kubernetes.client.CoreV1Api().read_namespaced_pod_log(
+        pod, namespace, container=container, tail_lines=tail_lines, _preload_content=False
+    )
+    return bytes(response.data).decode("utf-8", errors="replace")
 
 
 async def _apply(
@@ -241,12 +314,12 @@ async def _apply(
     body: kopf.Body,
     spec: FinetuneRecipeSpec,
     settings: OperatorSettings,
+    prefixes: Mapping[Phase, str],
 ) -> list[Action]:
     """Apply the Job actions in order; returns the actions as they turned out (a Job that cannot be built
     becomes a `Fail`, and nothing after it runs)."""
-    name = body.meta.name or ""
-    namespace = body.meta.namespace or ""
-    prefixes = _prefixes(spec, name)
+    name = _meta(body).get("name") or ""
+    namespace = _meta(body).get("namespace") or ""
     applied: list[Action] = []
     for action in actions:
         if isinstance(action, CreateJob):
@@ -258,15 +331,15 @@ async def _apply(
                     action,
                     output_prefix=prefixes[action.phase],
                     images=settings.images,
+                    data_prefix=prefixes["data"] if _output_root(spec) else None,
+                    adapter_prefix=prefixes["train"] if _output_root(spec) else None,
                 )
             except ValueError as error:
                 applied.append(Fail(action.phase, "InvalidForCluster", str(error)))
                 return applied
             kopf.adopt(job, owner=body)
-            if await asyncio.to_thread(_create_job, namespace, job):
-                kopf.info(body, reason="JobCreated", message=f"created Job {action.name} ({action.phase})")
-                if settings.metrics is not None:
-                    settings.metrics.jobs_created.labels(action.phase).inc()
+            if await asyncio.to_thread(_create_job, namespace, job) and settings.metrics is not None:
+                settings.metrics.jobs_created.labels(action.phase).inc()
         elif isinstance(action, Retry):
             kopf.info(body, reason="RetryRequested", message=f"Retry requested: re-running {action.phase}")
         elif isinstance(action, DeleteJob):
@@ -279,6 +352,7 @@ async def _apply(
 
 
 def _post_transition(body: kopf.Body, before: str | None, status: FinetuneRecipeStatus, last: Action) -> None:
+    """One Event when the recipe's phase changes (a phase started, the recipe succeeded or failed)."""
     if status.phase == before or status.phase is None:
         return
     if isinstance(last, Fail):
@@ -289,14 +363,22 @@ def _post_transition(body: kopf.Body, before: str | None, status: FinetuneRecipe
         kopf.info(body, reason=status.phase, message=status.message or "")
 
 
-async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
-    """Observe, plan, apply, write status: one level-based pass for one recipe."""
-    name = body.meta.name or ""
-    namespace = body.meta.namespace or ""
-    generation = int(body.meta.get("generation") or 0)
-    previous, old = _previous_status(body)
+# --------------------------------------------------------------------------------------------- reconcile
+
+
+async def reconcile(
+    body: kopf.Body, raw_status: Mapping[str, Any] | None, settings: OperatorSettings
+) -> dict[str, Any] | None:
+    """Observe, plan, apply, write status: one level-based pass for one recipe. `raw_status` is the
+    recipe's status as it stands (the one last written). Returns the status now written (None when the
+    recipe is gone); raises ApiException when the API failed (nothing about the status was written)."""
+    meta = _meta(body)
+    name = meta.get("name") or ""
+    namespace = meta.get("namespace") or ""
+    generation = int(meta.get("generation") or 0)
+    previous, old = _parse_status(raw_status)
     before = previous.phase if previous is not None else None
-    retry_value = body.meta.annotations.get(ANNOTATION_RETRY)
+    retry_value = _annotations(body).get(ANNOTATION_RETRY)
     retry = retry_requested(retry_value, previous)
     try:
         recipe = parse_recipe(
@@ -311,36 +393,33 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
     except RecipeError as error:
         message = _one_line(error)
         status = invalid_status(message, generation, _now(), previous, observed_retry=retry_value)
-        patch.status.update(merge_patch(old, _dump(status)))
+        new = _dump(status)
+        if not await _write_status(namespace, name, old, new, settings):
+            return None
         if before != "Failed":
             kopf.warn(body, reason="InvalidRecipe", message=message)
-        return
+        return new
     spec = recipe.spec
     metrics = settings.metrics
     if metrics is not None:
         metrics.reconciles.inc()
-    prefixes = _prefixes(spec, name)
-    finished, failed = remembered(name, spec, previous, prefixes)
-    try:
-        jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
-        complete, reports = await _complete_bundles(spec, name, World(jobs=jobs), settings)
-        world = World(
-            jobs=jobs,
-            complete=complete,
-            finished=finished,
-            failed=failed,
-            reports=reports,
-            retry=retry,
-            failure_reasons=failure_reasons(spec, previous, failed),
-            now=_now(),
-        )
-        actions = await _apply(plan(name, spec, world, limits=settings.stuck), body, spec, settings)
-    except ApiException as error:
-        if metrics is not None:
-            metrics.api_errors.labels("reconcile").inc()
-        raise kopf.TemporaryError(
-            f"Kubernetes API error {error.status}: {error.reason}", delay=settings.retry_delay
-        ) from error
+    hashes, planned = planned_hashes(spec, generation, previous, version=settings.version)
+    prefixes = _prefixes(spec, name, hashes)
+    finished, failed = remembered(name, spec, previous, prefixes, hashes)
+    jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
+    complete, reports = await _complete_bundles(spec, name, World(jobs=jobs), settings, hashes)
+    world = World(
+        jobs=jobs,
+        complete=complete,
+        finished=finished,
+        failed=failed,
+        reports=reports,
+        retry=retry,
+        failure_reasons=failure_reasons(spec, previous, failed, hashes),
+        now=_now(),
+        hashes=hashes,
+    )
+    actions = await _apply(plan(name, spec, world, limits=settings.stuck), body, spec, settings, prefixes)
     status = compute_status(
         spec,
         generation,
@@ -349,7 +428,11 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         now=_now(),
         previous=previous,
         observed_retry=retry_value,
+        planned=planned,
     )
+    new = _dump(status)
+    if not await _write_status(namespace, name, old, new, settings):
+        return None
     if retry and status.phase == "Failed" and not any(isinstance(a, Retry) for a in actions):
         # E.g. a quality gate: the evaluation finished, its figures were just checked again.
         kopf.info(
@@ -357,11 +440,7 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
             reason="RetryRequested",
             message=f"Retry requested: no failed Job to re-run; still failed: {status.message}",
         )
-    changes = merge_patch(old, _dump(status))
-    patch.status.update(changes)
     if metrics is not None:
-        if changes:
-            metrics.status_patches.inc()
         metrics.transitions(previous, status)
         last = actions[-1] if actions else None
         if isinstance(last, Fail) and last.reason == "JobFailed" and before != "Failed":
@@ -372,118 +451,361 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettin
         _post_transition(body, before, status, actions[-1])
     if (stuck := stuck_event(previous, status)) is not None:
         kopf.warn(body, reason=stuck[0], message=stuck[1])
+    return new
 
 
-async def check_stuck(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
-    """While a phase's Job should run: when its pods say what the status does not (stuck, unstuck, past a
-    limit, evicted too often), touch the recipe so that a reconcile re-plans it now. A stuck pod changes
-    nothing in its Job, so no Job event would."""
-    if (body.get("status") or {}).get("phase") not in RUNNING_PHASES:
-        return  # before parsing the status, as in report_progress
-    previous, _ = _previous_status(body)
-    running = running_job(previous)
-    if previous is None or running is None:
-        return
+async def _write_status(
+    namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any], settings: OperatorSettings
+) -> bool:
+    """Patch what changed from `old` to `new` (nothing when nothing did); False when the recipe is gone."""
+    changes = merge_patch(old, new)
+    if not changes:
+        return True
+    written = await asyncio.to_thread(_patch_status, namespace, name, changes)
+    if written and settings.metrics is not None:
+        settings.metrics.status_patches.inc()
+    return written
+
+
+def pods_by_job(pods: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Pods grouped by their Job's uid (the Job controller's own label), else by the Job's name."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        key = labels.get(CONTROLLER_UID_LABEL) or labels.get(JOB_NAME_LABEL)
+        if key:
+            grouped.setdefault(key, []).append(pod)
+    return grouped
+
+
+def check_stuck(
+    status: FinetuneRecipeStatus, pods: Sequence[Mapping[str, Any]], settings: OperatorSettings
+) -> bool:
+    """While a phase's Job should run: whether its pods say what the status does not (stuck, unstuck, past
+    a limit, evicted too often), so that a reconcile must re-plan it now. A stuck pod changes nothing in
+    its Job, so no Job event would."""
+    running = running_job(status)
+    if running is None:
+        return False
     phase, job = running
-    try:
-        pods = await job_pods(body.meta.namespace or "", job)
-    except ApiException as error:
-        if settings.metrics is not None:
-            settings.metrics.api_errors.labels("list_pods").inc()
-        _LOG.debug("cannot list the pods of %s: %s", job, error)
-        return
-    if replan_needed(previous, phase, job, pods, _now(), settings.stuck):
-        patch.metadata.annotations[ANNOTATION_RESYNC] = _now().isoformat()
+    # A Job waiting for Kueue has no pods; once it has some, Kueue admitted it (replan_needed says so).
+    return replan_needed(status, phase, job, pods, _now(), settings.stuck)
 
 
-async def report_progress(body: kopf.Body, patch: kopf.Patch, settings: OperatorSettings) -> None:
-    """While Training or Evaluating: the running phase's latest progress line into its status section
-    and the message."""
-    if (body.get("status") or {}).get("phase") not in PROGRESS_PHASES:
-        return  # before parsing the status: the timer ticks for every recipe, and most run nothing
-    previous, old = _previous_status(body)
-    running = progress_job(previous)
-    if previous is None or running is None:
-        return
-    phase, job = running
-    try:
-        progress = await phase_progress(body.meta.namespace or "", job, phase)
-    except ApiException as error:  # a pod that just went away, a log not there yet: try next time
-        if settings.metrics is not None:
-            settings.metrics.api_errors.labels("read_pod_log").inc()
-        _LOG.debug("no %s progress for %s: %s", phase, job, error)
-        return
-    if progress is None:
-        return
-    changes = merge_patch(old, _dump(with_progress(previous, phase, progress)))
-    if changes:
-        patch.status.update(changes)
-        if settings.metrics is not None:
-            settings.metrics.status_patches.inc()
+def progressed(
+    status: FinetuneRecipeStatus, pods: Sequence[Mapping[str, Any]]
+) -> tuple[ProgressPhase, str, str] | None:
+    """While Training or Evaluating: (phase, pod, container) whose log has the running phase's latest
+    progress line (the newest Running pod of its Job); None when there is none to read."""
+    running = progress_job(status)
+    if running is None:
+        return None
+    phase, _ = running
+    alive = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if not alive:
+        return None
+    newest = max(alive, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    return phase, (newest.get("metadata") or {}).get("name") or "", MAIN_CONTAINER[phase]
+
+
+# --------------------------------------------------------------------------------------------- controller
+
+
+@dataclass
+class _Recipe:
+    """What the operator knows of one recipe between events."""
+
+    body: kopf.Body  # the latest seen on the watch
+    status: dict[str, Any] | None = None  # the status this operator last wrote; None: the body's
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reconciled_at: float = 0.0  # time.monotonic() of the last reconcile
+    progressed_at: float = 0.0
+    retry_at: float | None = None  # when a reconcile that failed is tried again
+
+
+class Controller:
+    """The operator's state and its one periodic task; the kopf handlers call into it."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.recipes: dict[Key, _Recipe] = {}
+        self.jobs: dict[Key, tuple[str, str]] = {}  # (namespace, Job name) -> (uid, state), from the watch
+        self.paused = False
+        self.thread: int | None = None
+        # kopf posts Events through a queue it names in the context of each object's handler task only: the
+        # periodic task borrows a handler's context to post them too.
+        self._context: contextvars.Context | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- what the status is now
+
+    def status_of(self, entry: _Recipe) -> Mapping[str, Any] | None:
+        return entry.status if entry.status is not None else entry.body.get("status")
+
+    # ---- events
+
+    async def recipe_event(self, body: kopf.Body, event_type: str | None) -> None:
+        if self._context is None:
+            self._context = contextvars.copy_context()
+        meta = _meta(body)
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        metrics = self.settings.metrics
+        if event_type == "DELETED":
+            self.recipes.pop(key, None)
+            if metrics is not None:
+                metrics.recipe_seen(f"{key[0]}/{key[1]}", None)
+            return
+        entry = self.recipes.get(key)
+        first = entry is None
+        if entry is None or _meta(entry.body).get("uid") != meta.get("uid"):
+            entry = self.recipes[key] = _Recipe(body=body)
+            first = True
+        entry.body = body
+        previous, _ = _parse_status(self.status_of(entry))
+        generation = int(meta.get("generation") or 0)
+        retry = _annotations(body).get(ANNOTATION_RETRY)
+        if needs_reconcile(generation, retry, previous, first_seen=first):
+            await self.reconcile(key, "recipe changed" if not first else "recipe seen")
+        elif metrics is not None:
+            metrics.recipe_seen(f"{key[0]}/{key[1]}", (previous.phase if previous else None) or "Pending")
+
+    async def job_event(self, body: Mapping[str, Any], event_type: str | None) -> None:
+        meta = _meta(body)
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        seen = self.jobs.get((namespace, name))
+        state: str
+        if event_type == "DELETED":
+            self.jobs.pop((namespace, name), None)
+            state = "deleted"
+        else:
+            state = job_state(body)
+            self.jobs[(namespace, name)] = (meta.get("uid") or "", state)
+        recipe = _annotations(body).get(ANNOTATION_RECIPE)
+        if event_type is None:
+            return  # the listing at start-up: the recipes' own listing reconciles the unfinished ones
+        # A Job just created and pending changes nothing the status shows; one waiting for Kueue does
+        # (Queued), and so does any later change of state (admitted, running, suspended, finished, gone).
+        changed = seen[1] != state if seen is not None else state != "pending"
+
+        if recipe and changed and (namespace, recipe) in self.recipes:
+            await self.reconcile((namespace, recipe), f"Job {name} {state}")
+
+    # ---- reconcile, serialised per recipe
+
+    async def reconcile(self, key: Key, why: str) -> None:
+        entry = self.recipes.get(key)
+        if entry is None:
+            return
+        async with entry.lock:
+            if self.recipes.get(key) is not entry:
+                return  # deleted while waiting
+            log = _object_log(entry.body)
+            entry.retry_at = None
+            entry.reconciled_at = time.monotonic()
+            try:
+                written = await reconcile(entry.body, self.status_of(entry), self.settings)
+            except ApiException as error:
+                if self.settings.metrics is not None:
+                    self.settings.metrics.api_errors.labels("reconcile").inc()
+                log.warning(
+                    "Kubernetes API error %s: %s; retrying in %gs",
+                    error.status,
+                    error.reason,
+                    self.settings.retry_delay,
+                )
+                entry.retry_at = time.monotonic() + self.settings.retry_delay
+                return
+            except Exception:
+                log.exception("reconcile failed (%s); retrying in %gs", why, self.settings.retry_delay)
+                entry.retry_at = time.monotonic() + self.settings.retry_delay
+                return
+            if written is None:  # the recipe is gone
+                self.recipes.pop(key, None)
+                return
+            entry.status = written
+            log.info("reconciled (%s): %s", why, written.get("phase"))
+            if self.settings.metrics is not None:
+                self.settings.metrics.recipe_seen(f"{key[0]}/{key[1]}", written.get("phase") or "Pending")
+
+    # ---- the periodic task
+
+    def start(self) -> None:
+        self.thread = threading.get_ident()
+        self._task = asyncio.create_task(self._run(), name="ftrecipe periodic")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def pause(self, paused: bool) -> None:
+        """kopf paused (or resumed) this replica in favour of another: the statuses it knew may be stale."""
+        self.paused = paused
+        for entry in self.recipes.values():
+            entry.status = None
+
+    def _tick(self) -> float:
+        periods = [self.settings.progress_seconds, self.settings.resync_seconds, self.settings.retry_delay]
+        return max(0.05, min(p for p in periods if p is not None and p > 0))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick())
+            if self.paused:
+                continue
+            try:
+                await self.tick()
+            except Exception:  # never let the periodic task die: the next tick tries again
+                _LOG.exception("periodic task failed")
+
+    async def tick(self) -> None:
+        """Retry failed reconciles, resync stale unfinished recipes, check running phases' pods."""
+        now = time.monotonic()
+        settings = self.settings
+        reconciles: list[tuple[Key, str]] = []
+        progress: dict[str, list[Key]] = {}
+        for key, entry in list(self.recipes.items()):
+            phase = (self.status_of(entry) or {}).get("phase")
+            if entry.retry_at is not None and now >= entry.retry_at:
+                reconciles.append((key, "retry after an error"))
+            elif (
+                settings.resync_seconds is not None
+                and phase not in FINISHED
+                and now - entry.reconciled_at >= settings.resync_seconds
+            ):
+                reconciles.append((key, "resync"))
+            elif (
+                settings.progress_seconds is not None
+                and phase in RUNNING_PHASES
+                and now - entry.progressed_at >= settings.progress_seconds
+            ):
+                entry.progressed_at = now
+                progress.setdefault(key[0], []).append(key)
+        work: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self.reconcile, key, why) for key, why in reconciles
+        ]
+        for namespace, keys in progress.items():
+            try:
+                pods = pods_by_job(await asyncio.to_thread(_unfinished_pods, namespace))
+            except ApiException as error:
+                if settings.metrics is not None:
+                    settings.metrics.api_errors.labels("list_pods").inc()
+                _LOG.debug("cannot list the pods in %s: %s", namespace, error)
+                continue
+            work += [functools.partial(self.progress, key, pods) for key in keys]
+        if work:
+            await asyncio.create_task(_bounded(work, _CONCURRENCY), context=self._context)
+
+    async def progress(self, key: Key, pods: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """A running phase: re-plan when its pods say so, else take the latest progress line."""
+        entry = self.recipes.get(key)
+        if entry is None:
+            return
+        previous, old = _parse_status(self.status_of(entry))
+        running = running_job(previous)
+        if previous is None or running is None:
+            return
+        job = running[1]
+        uid = self.jobs.get((key[0], job), ("", ""))[0]
+        job_pods = list(pods.get(uid, ())) if uid else []
+        job_pods += [p for p in pods.get(job, ()) if p not in job_pods]  # pods without the uid label
+        if check_stuck(previous, job_pods, self.settings):
+            await self.reconcile(key, "its pods changed")
+            return
+        source = progressed(previous, job_pods)
+        if source is None:
+            return
+        phase, pod, container = source
+        try:
+            log = await asyncio.to_thread(_pod_log, key[0], pod, container)
+        except ApiException as error:  # a pod that just went away, a log not there yet: try next time
+            if self.settings.metrics is not None:
+                self.settings.metrics.api_errors.labels("read_pod_log").inc()
+            _LOG.debug("no %s progress for %s: %s", phase, pod, error)
+            return
+        line = latest_progress(log, phase)
+        if line is None:
+            return
+        async with entry.lock:
+            if self.recipes.get(key) is not entry:
+                return
+            current, old = _parse_status(self.status_of(entry))
+            if current is None or progress_job(current) != progress_job(previous):
+                return  # a reconcile moved it on meanwhile
+            new = _dump(with_progress(current, phase, line))
+            try:
+                if not await _write_status(key[0], key[1], old, new, self.settings):
+                    return
+            except ApiException as error:
+                _LOG.debug("cannot write the progress of %s/%s: %s", key[0], key[1], error)
+                return
+            entry.status = new
+
+
+async def _bounded(work: Sequence[Callable[[], Awaitable[None]]], limit: int) -> None:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(run: Callable[[], Awaitable[None]]) -> None:
+        async with semaphore:
+            await run()
+
+    await asyncio.gather(*(one(run) for run in work))
+
+
+class _PauseWatch(logging.Handler):
+    """kopf pauses a replica when a peer of higher priority is alive, and resumes it when that peer is
+    gone; it tells handlers nothing, only its log does. The periodic task must pause with it."""
+
+    def __init__(self, controller: Controller) -> None:
+        super().__init__(logging.INFO)
+        self.controller = controller
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.controller.thread:
+            return  # another operator in this process (tests run replicas side by side)
+        text = record.getMessage()
+        if text.startswith("Pausing"):
+            self.controller.pause(True)
+        elif text.startswith("Resuming operations"):
+            self.controller.pause(False)
+
+
+_PEERING_LOGGER: Final = "kopf._core.engines.peering"
 
 
 # --------------------------------------------------------------------------------------------- registry
 
 
-def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | None = None) -> None:
+def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | None = None) -> Controller:
     """Add ftrecipe's handlers to `registry` (a fresh one per operator, so tests never share handlers)."""
-    chosen = settings or OperatorSettings()
+    controller = Controller(settings or OperatorSettings())
+    pause_watch = _PauseWatch(controller)
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-resume")
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-create")
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-update")
-    async def reconcile_handler(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        await reconcile(body, patch, chosen)
+    @kopf.on.startup(registry=registry, id="ftrecipe-startup")
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Only our Jobs reach the operator: the API server filters the watch (kopf's `labels=` filter on
+        # a handler is applied after the whole stream arrived).
+        settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGER}"
+        # Events are what we post ourselves (phase changes, failures, gate, stuck, retry), never log lines.
+        settings.posting.loggers = False
+        logging.getLogger(_PEERING_LOGGER).addHandler(pause_watch)
+        controller.start()
+
+    @kopf.on.cleanup(registry=registry, id="ftrecipe-cleanup")
+    async def cleanup(**_: Any) -> None:
+        logging.getLogger(_PEERING_LOGGER).removeHandler(pause_watch)
+        await controller.stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="recipe-event")
+    async def recipe_event(event: kopf.RawEvent, **_: Any) -> None:
+        await controller.recipe_event(kopf.Body(event["object"]), event.get("type"))
 
     @kopf.on.event(
         "batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id="job-event"
     )
-    async def job_event(body: kopf.Body, **kwargs: Any) -> None:
-        recipe = body.meta.annotations.get(ANNOTATION_RECIPE)
-        namespace = body.meta.namespace
-        if not recipe or not namespace:
-            return
-        state = "deleted" if kwargs.get("type") == "DELETED" else job_state(body)
-        value = f"{body.meta.name}={state}"
-        await asyncio.to_thread(_annotate_recipe, namespace, recipe, ANNOTATION_LAST_JOB_EVENT, value)
+    async def job_event(event: kopf.RawEvent, **_: Any) -> None:
+        await controller.job_event(event["object"], event.get("type"))
 
-    if chosen.progress_seconds is not None:
-
-        @kopf.timer(
-            GROUP,
-            VERSION,
-            PLURAL,
-            registry=registry,
-            id="phase-progress",
-            interval=chosen.progress_seconds,
-        )
-        async def progress_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-            await check_stuck(body, patch, chosen)
-            await report_progress(body, patch, chosen)
-
-    if chosen.metrics is not None:
-        metrics = chosen.metrics
-
-        @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="recipe-metrics")
-        def recipe_metrics(body: kopf.Body, **kwargs: Any) -> None:
-            key = f"{body.meta.namespace}/{body.meta.name}"
-            deleted = kwargs.get("type") == "DELETED"
-            metrics.recipe_seen(
-                key, None if deleted else (body.get("status") or {}).get("phase") or "Pending"
-            )
-
-    if chosen.resync_seconds is not None:
-        # The initial delay: a new recipe was just reconciled, it needs no resync yet.
-        @kopf.timer(
-            GROUP,
-            VERSION,
-            PLURAL,
-            registry=registry,
-            id="resync",
-            interval=chosen.resync_seconds,
-            initial_delay=chosen.resync_seconds,
-        )
-        def resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-            if (body.get("status") or {}).get("phase") in FINISHED:
-                return
-            patch.metadata.annotations[ANNOTATION_RESYNC] = _now().isoformat()
+    return controller

@@ -41,7 +41,7 @@ from ftrecipe.controller.manifests import (
     label_value,
 )
 from ftrecipe.plan.cache_key import PHASES, Phase
-from ftrecipe.plan.planner import Blocker, JobState, ObservedJob, StuckLimits, stopped
+from ftrecipe.plan.planner import Blocker, JobState, ObservedJob, StuckLimits, StuckReason, stopped
 from ftrecipe.plan.status import ProgressPhase, phase_condition
 from ftrecipe.termination import PhaseReport, decode
 
@@ -196,6 +196,60 @@ def pod_blocker(pod: Mapping[str, Any]) -> Blocker | None:
     return None
 
 
+_MOUNT_FAILURE: Final = re.compile(r'^MountVolume\.\w+ failed for volume "(?P<volume>[^"]+)" : (?P<why>.+)$')
+# Waiting reasons of containers the kubelet has not created yet (volumes, images, the sandbox).
+_NOT_CREATED: Final = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def waiting_to_be_created(pod: Mapping[str, Any]) -> bool:
+    """Scheduled, and none of its containers created yet: the kubelet is still mounting its volumes or
+    pulling its images. A volume that cannot be mounted shows only in the pod's Events (`mount_blocker`)."""
+    if _finished_pod(pod) or (pod.get("status") or {}).get("phase") != "Pending":
+        return False
+    scheduled = _pod_condition(pod, "PodScheduled")
+    if scheduled is None or scheduled.get("status") != "True":
+        return False
+    status = pod.get("status") or {}
+    containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    return all(
+        ((c.get("state") or {}).get("waiting") or {}).get("reason") in _NOT_CREATED for c in containers
+    )
+
+
+def _scheduled_at(pod: Mapping[str, Any]) -> datetime | None:
+    scheduled = _pod_condition(pod, "PodScheduled")
+    since = parse_time(scheduled.get("lastTransitionTime")) if scheduled is not None else None
+    return since or parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+
+
+def mount_blocker(pod: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Blocker | None:
+    """Why a pod that waits to be created cannot mount a volume, from the kubelet's latest ``FailedMount``
+    Event about it (``MountVolume.SetUp failed for volume "git-ssh" : secret "git-creds" not found``):
+    ``SecretMissing`` for a Secret, ``MountFailed`` otherwise (a ConfigMap, a volume plugin); since the
+    pod was scheduled. None when it is not waiting or no such Event is about it."""
+    if not waiting_to_be_created(pod):
+        return None
+    metadata = pod.get("metadata") or {}
+    mine = [
+        event
+        for event in events
+        if event.get("reason") == "FailedMount"
+        and (event.get("involvedObject") or {}).get("name") == metadata.get("name")
+        and (event.get("involvedObject") or {}).get("uid") in (None, metadata.get("uid"))
+    ]
+    if not mine:
+        return None
+    last = max(mine, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    text = " ".join(str(last.get("message") or "").split())
+    found = _MOUNT_FAILURE.match(text)
+    why = shorten(found["why"] if found else text)
+    words = (
+        f"pod cannot mount volume {found['volume']}: {why}" if found else f"pod cannot mount a volume: {why}"
+    )
+    reason: StuckReason = "SecretMissing" if re.search(r'\bsecrets? "', why) else "MountFailed"
+    return Blocker(reason, words, _scheduled_at(pod))
+
+
 def job_blocker(job: Mapping[str, Any]) -> Blocker | None:
     """``Queued`` for a Job created suspended for Kueue (its queue label) that Kueue has not admitted yet;
     since the Job's creation. Whether the recipe itself is suspended is the planner's business."""
@@ -216,8 +270,8 @@ def _created(pod: Mapping[str, Any]) -> str:
 
 def pods_blocker(pods: Sequence[Mapping[str, Any]]) -> Blocker | None:
     """Why the Job's newest pod that has not finished cannot start (`pod_blocker`); None when it can."""
-    live = sorted((p for p in pods if not _finished_pod(p)), key=_created)
-    return pod_blocker(live[-1]) if live else None
+    newest = newest_live_pod(pods)
+    return pod_blocker(newest) if newest is not None else None
 
 
 def evictions(pods: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
@@ -236,10 +290,20 @@ def evictions(pods: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
     return len(disrupted), f"{reason}: {words}" if words else reason
 
 
-def with_pods(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> ObservedJob:
-    """The unfinished Job with what its pods say: why the current one cannot start, how many were evicted."""
+def newest_live_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    live = sorted((p for p in pods if not _finished_pod(p)), key=_created)
+    return live[-1] if live else None
+
+
+def with_pods(
+    job: ObservedJob, pods: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]] = ()
+) -> ObservedJob:
+    """The unfinished Job with what its pods say: why the current one cannot start (its status, else the
+    kubelet's FailedMount `events` about it), how many were evicted."""
     count, last = evictions(pods)
-    return replace(job, blocker=pods_blocker(pods) or job.blocker, evictions=count, last_eviction=last)
+    newest = newest_live_pod(pods)
+    blocker = pods_blocker(pods) or (mount_blocker(newest, events) if newest is not None else None)
+    return replace(job, blocker=blocker or job.blocker, evictions=count, last_eviction=last)
 
 
 def replan_needed(
@@ -266,9 +330,15 @@ def replan_needed(
         job = ObservedJob(job_name, phase, "", "suspended", blocker=queued)
         return stopped(job, now, limits) is not None
     count, last = evictions(pods)
-    job = ObservedJob(
-        job_name, phase, "", "running", blocker=pods_blocker(pods), evictions=count, last_eviction=last
-    )
+    blocker = pods_blocker(pods)
+    newest = newest_live_pod(pods)
+    if blocker is None and newest is not None and waiting_to_be_created(newest):
+        if condition.reason not in ("SecretMissing", "MountFailed"):
+            return False  # mounting or pulling: only its Events could say more, and a reconcile reads them
+        # A volume the reconcile found unmountable (its Events, not read here): it still waits.
+        reason: StuckReason = "SecretMissing" if condition.reason == "SecretMissing" else "MountFailed"
+        blocker = Blocker(reason, condition.message, _scheduled_at(newest))
+    job = ObservedJob(job_name, phase, "", "running", blocker=blocker, evictions=count, last_eviction=last)
     if stopped(job, now, limits) is not None:
         return True
     expected = job.blocker.reason if job.blocker is not None else "Running"
@@ -401,6 +471,15 @@ def _list_pods_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
     return list(json.loads(response.data).get("items") or [])
 
 
+def _list_pod_events_sync(namespace: str, pod: str) -> list[dict[str, Any]]:
+    response: Any = kubernetes.client.CoreV1Api().list_namespaced_event(
+        namespace,
+        field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}",
+        _preload_content=False,
+    )
+    return list(json.loads(response.data).get("items") or [])
+
+
 class ReportCache:
     """Reports of finished Jobs by Job uid (bounded): a finished Job's pods never change."""
 
@@ -438,7 +517,13 @@ async def list_recipe_jobs(
             # evicted ones), and they change without a Job event only while stuck.
             selector = pods_selector(job.name, uids.get(job.name))
             pods = await asyncio.to_thread(_list_pods_sync, namespace, selector)
-            job = with_pods(job, pods)
+            newest = newest_live_pod(pods)
+            events: list[dict[str, Any]] = []
+            if newest is not None and pod_blocker(newest) is None and waiting_to_be_created(newest):
+                # Not created yet: a volume that cannot be mounted says so only in the pod's Events.
+                pod_name = (newest.get("metadata") or {}).get("name", "")
+                events = await asyncio.to_thread(_list_pod_events_sync, namespace, pod_name)
+            job = with_pods(job, pods, events)
         elif job.state in ("succeeded", "failed"):
             uid = uids.get(job.name, "")
             known, report = reports.get(uid)

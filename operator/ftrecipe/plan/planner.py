@@ -28,12 +28,15 @@ PHASE_HUMAN: Final[dict[Phase, str]] = {
 
 # Why a phase's pod has not started: the condition reason the status shows while it waits, and the
 # phase's failure reason once it waited longer than its `StuckLimits` allow.
-StuckReason = Literal["Unschedulable", "ImagePullBackOff", "SecretMissing", "ContainerConfigError", "Queued"]
+StuckReason = Literal[
+    "Unschedulable", "ImagePullBackOff", "SecretMissing", "ContainerConfigError", "MountFailed", "Queued"
+]
 STUCK_REASONS: Final[tuple[StuckReason, ...]] = (
     "Unschedulable",
     "ImagePullBackOff",
     "SecretMissing",
     "ContainerConfigError",
+    "MountFailed",
     "Queued",
 )
 EVICTED: Final = "Evicted"
@@ -56,8 +59,8 @@ class StuckLimits:
     Job's own ``activeDeadlineSeconds`` still applies), and how many evictions a Job survives."""
 
     image_pull: float | None = 300.0
-    # A missing Secret or key (CreateContainerConfigError); a GitOps tool or an external-secrets
-    # controller usually creates it within a minute or two.
+    # A missing Secret or key (CreateContainerConfigError, or a volume that cannot be mounted); a GitOps tool
+    # or an external-secrets controller usually creates it within a minute or two.
     secret: float | None = 300.0
     # No limit: a pending pod costs nothing, and GPU autoscalers take minutes (scale-up from zero, capacity
     # shortages) to bring a node.
