@@ -533,3 +533,17 @@ def test_a_branch_on_what_an_unstubbed_action_sets_is_not_guessed(
         "custom actions, and action_look_up_pet ran without a stub (and its branches lead to different steps)"
     )
     assert first.asked_slot is None
+
+
+def test_a_value_the_test_asserts_is_checked_too(clinic: tuple[Assistant, TestSuite]) -> None:
+    """A value that reaches a slot by the test's `slot_was_set` (a confirmed correction, say), not by this
+    turn's commands, still meets the domain's rejections, as Rasa checks every value set."""
+    assistant, suite = clinic
+    test = next(t for t in suite.test_cases if t.name == "dog_visit_with_refused_values")
+    run = conversation(assistant, suite, test)
+    turn = next(run)
+    for _ in range(3):  # up to the "Sunday" turn, labelled as the assertions say
+        turn = run.send(derive_commands(turn, assistant, "v2"))  # type: ignore[arg-type]
+    assert turn.text == "Sunday"
+    after = run.send([])  # no set slot: the assertion brings Sunday
+    assert (after.asked_slot, after.slots_before["visit_day"]) == ("visit_day", None)

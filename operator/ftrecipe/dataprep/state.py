@@ -347,7 +347,10 @@ class Replay:
             elif isinstance(assertion, SlotWasSet):
                 for check in assertion.slots:
                     if check.has_value and check.name not in own:
+                        before = self.state.slots.get(check.name)
                         self.set_slot(check.name, check.value)
+                        if self.state.slots.get(check.name) != before:  # e.g. a confirmed correction
+                            self.user_set(check.name)
         for assertion in step.assertions:
             if isinstance(assertion, FlowCompleted | FlowCancelled):
                 self.end_flow(assertion.flow_id)
