@@ -97,6 +97,19 @@ def test_an_unschedulable_pod_is_named_in_the_schedulers_words() -> None:
     )
 
 
+def test_a_missing_persistent_volume_claim_is_not_waited_for_like_a_gpu() -> None:
+    message = (
+        '0/3 nodes are available: persistentvolumeclaim "model-cache" not found. preemption: 0/3 nodes are '
+        "available: 3 Preemption is not helpful for scheduling."
+    )
+    condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+    pod = pending_pod(conditions=[{**condition, "lastTransitionTime": STAMP}])
+    assert pod_blocker(pod) == Blocker(
+        "MountFailed", 'pod cannot start: persistentvolumeclaim "model-cache" not found', T0
+    )
+    assert LIMITS.limit("MountFailed") == 300
+
+
 @pytest.mark.parametrize(
     ("reason", "message", "expected"),
     [

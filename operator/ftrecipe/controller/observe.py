@@ -112,6 +112,8 @@ def observed_job(job: Mapping[str, Any]) -> ObservedJob | None:
 _PULL_REASONS: Final = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
 )
+# The scheduler's words for a pod whose PersistentVolumeClaim does not exist.
+_MISSING_CLAIM: Final = re.compile(r'persistentvolumeclaim "[^"]+" not found')
 _RPC_PREFIX: Final = re.compile(r"^rpc error: code = \w+ desc = ")
 MESSAGE_LIMIT: Final = 240
 
@@ -153,7 +155,8 @@ def pod_blocker(pod: Mapping[str, Any]) -> Blocker | None:
     nothing keeps it (it runs, is being pulled or created, or has finished).
 
     * ``Unschedulable``: condition PodScheduled False, reason Unschedulable (the scheduler's message, e.g.
-      ``0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``), since that condition's transition.
+      ``0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``), since that condition's transition;
+      ``MountFailed`` when what it lacks is a PersistentVolumeClaim that does not exist.
     * ``ImagePullBackOff``: a container (init containers first) waiting with ErrImagePull,
       ImagePullBackOff, InvalidImageName, ...
     * ``SecretMissing`` / ``ContainerConfigError``: a container waiting with CreateContainerConfigError
@@ -171,11 +174,11 @@ def pod_blocker(pod: Mapping[str, Any]) -> Blocker | None:
         and scheduled.get("reason") == "Unschedulable"
     ):
         words = shorten(str(scheduled.get("message") or "no node fits the pod"))
-        return Blocker(
-            "Unschedulable",
-            f"no node can run the pod: {words}",
-            parse_time(scheduled.get("lastTransitionTime")),
-        )
+        since = parse_time(scheduled.get("lastTransitionTime"))
+        if (claim := _MISSING_CLAIM.search(words)) is not None:
+            # No node will ever do: a claim the recipe names (base model, model cache) does not exist.
+            return Blocker("MountFailed", f"pod cannot start: {claim[0]}", since)
+        return Blocker("Unschedulable", f"no node can run the pod: {words}", since)
     since = None
     if scheduled is not None and scheduled.get("status") == "True":
         since = parse_time(scheduled.get("lastTransitionTime"))
