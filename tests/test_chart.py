@@ -387,7 +387,7 @@ JOBS = {
 }
 PODS = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}
 POD_LOGS = {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}
-EVENTS = {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}
+EVENTS = {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]}
 CRDS = {
     "apiGroups": ["apiextensions.k8s.io"],
     "resources": ["customresourcedefinitions"],

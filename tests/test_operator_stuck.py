@@ -22,6 +22,7 @@ from ftrecipe.controller.observe import (
     ReportCache,
     evictions,
     job_blocker,
+    list_pod_events_sync,
     mount_blocker,
     pod_blocker,
     pods_blocker,
@@ -731,6 +732,17 @@ def test_a_secret_volume_that_cannot_be_mounted_shows_and_fails_the_phase(k8s: K
         assert condition(st, "Ready")["reason"] == "SecretMissing"
         k8s.wait_for(lambda: job_names(k8s) == [], message="the stuck Job deleted")
     assert not run.errors, run.messages()
+
+
+def test_events_unreadable_by_rbac_leave_the_pod_running_not_the_reconcile_failing(k8s: K8s) -> None:
+    """Listing Events needs `list` on events (the chart grants it); an older Role without it must not
+    break reconciles: the mount failure then just goes unseen."""
+    k8s.ensure_namespace(NS)
+    k8s.create("v1/events", {"metadata": {"name": "e1"}, **failed_mount("m", pod="p-1")}, NS)
+    assert [e["metadata"]["name"] for e in list_pod_events_sync(NS, "p-1")] == ["e1"]
+    assert list_pod_events_sync(NS, "other") == []
+    k8s.emulator[f"get /api/v1/namespaces/{NS}/events"] << 403
+    assert list_pod_events_sync(NS, "p-1") == []
 
 
 def test_a_job_kueue_has_not_admitted_is_queued_not_running(k8s: K8s) -> None:

@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any, Final, cast
 
 import kubernetes.client
+from kubernetes.client.exceptions import ApiException
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
 from ftrecipe.controller.manifests import (
@@ -474,12 +475,19 @@ def _list_pods_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
     return list(json.loads(response.data).get("items") or [])
 
 
-def _list_pod_events_sync(namespace: str, pod: str) -> list[dict[str, Any]]:
-    response: Any = kubernetes.client.CoreV1Api().list_namespaced_event(
-        namespace,
-        field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}",
-        _preload_content=False,
-    )
+def list_pod_events_sync(namespace: str, pod: str) -> list[dict[str, Any]]:
+    """The Events about one pod; none when the operator may not list Events (an older chart's RBAC): the
+    pod then just shows as running, as before."""
+    try:
+        response: Any = kubernetes.client.CoreV1Api().list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}",
+            _preload_content=False,
+        )
+    except ApiException as error:
+        if error.status in (401, 403):
+            return []
+        raise
     return list(json.loads(response.data).get("items") or [])
 
 
@@ -525,7 +533,7 @@ async def list_recipe_jobs(
             if newest is not None and pod_blocker(newest) is None and waiting_to_be_created(newest):
                 # Not created yet: a volume that cannot be mounted says so only in the pod's Events.
                 pod_name = (newest.get("metadata") or {}).get("name", "")
-                events = await asyncio.to_thread(_list_pod_events_sync, namespace, pod_name)
+                events = await asyncio.to_thread(list_pod_events_sync, namespace, pod_name)
             job = with_pods(job, pods, events)
         elif job.state in ("succeeded", "failed"):
             uid = uids.get(job.name, "")
