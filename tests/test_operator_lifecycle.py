@@ -216,3 +216,41 @@ def wait_for_phase_job(k8s: K8s, phase: str) -> str:
     )
     assert found is not None
     return str(found)
+
+
+def test_only_our_jobs_are_watched_and_pods_are_found_by_their_jobs_uid(k8s: K8s) -> None:
+    k8s.ensure_namespace(NS)
+    foreign = {"metadata": {"name": "someone-elses"}, "spec": {"template": {"spec": {"containers": []}}}}
+    k8s.create(JOBS, foreign, NS)
+    body = manifest()
+    with k8s.run_operator(
+        handlers(progress_seconds=0.2), namespaces=[NS], watching=[CRD_RESOURCE, JOBS]
+    ) as run:
+        first = len(k8s.requests())
+        apply(k8s, body)
+        data = wait_for_phase_job(k8s, "data")
+        k8s.set_job_pod(data, NS, "Running", container="prepare-data")
+        k8s.set_job_status(data, NS, "running")
+        time.sleep(0.6)  # progress ticks list the pods
+        finish(k8s, data, "prepare-data", report(True, "data done", num_ft_data_points=3))
+        st = wait_status(k8s, lambda s: s.get("phase") == "Training", "Training")
+        assert st["dataPreparation"]["summary"] == {"numFtDataPoints": 3}  # the report, found by uid
+        k8s.patch(JOBS, "someone-elses", {"metadata": {"labels": {"touched": "yes"}}}, NS)
+        time.sleep(0.3)
+    assert not run.errors, run.messages()
+    selector = "app.kubernetes.io/managed-by=ftrecipe-operator"
+    job_reads = [
+        r
+        for r in k8s.requests()
+        if r.resource is not None and r.resource.plural == "jobs" and r.method == "GET"
+    ]
+    assert job_reads and all(selector in (r.params.get("labelSelector") or "") for r in job_reads)
+    pod_lists = [
+        r.params.get("labelSelector") or ""
+        for r in k8s.requests()[first:]
+        if r.resource is not None and r.resource.plural == "pods" and r.method == "GET" and not r.name
+    ]
+    uid_selector = f"batch.kubernetes.io/controller-uid={uid(k8s, data)}"
+    assert uid_selector in pod_lists and selector in pod_lists
+    assert not [s for s in pod_lists if "job-name" in s]
+    assert not [r for r in run.records if getattr(r, "k8s_ref", {}).get("name") == "someone-elses"]
