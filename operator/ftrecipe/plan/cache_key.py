@@ -4,6 +4,10 @@ Each phase writes to `<output>/<recipe>/<phase>-<hash>/`. The hash covers everyt
 phase's result — the spec fields it reads, the digests of its input files when known, the hash of the phase
 it consumes, and ftrecipe's major.minor version — and nothing else: suspending a recipe, moving it to
 another queue or giving a Job more memory must never cost an hour of GPU time again.
+
+Because the version and every defaulted field are in the hash, an upgraded operator computes other hashes
+for an unchanged recipe. The operator therefore plans with the hashes the recipe's status recorded
+(`status.plannedWith`, see `ftrecipe.plan.status.planned_hashes`) until its spec's generation changes.
 """
 
 from __future__ import annotations
