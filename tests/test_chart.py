@@ -388,6 +388,7 @@ JOBS = {
 PODS = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}
 POD_LOGS = {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}
 EVENTS = {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]}
+WORKLOADS = {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]}
 CRDS = {
     "apiGroups": ["apiextensions.k8s.io"],
     "resources": ["customresourcedefinitions"],
@@ -404,7 +405,7 @@ PEERING = {
     "resources": ["kopfpeerings"],
     "verbs": ["list", "watch", "patch", "create"],
 }
-NAMESPACED_RULES = [RECIPES, RECIPE_STATUS, JOBS, PODS, POD_LOGS, EVENTS]
+NAMESPACED_RULES = [RECIPES, RECIPE_STATUS, JOBS, PODS, POD_LOGS, EVENTS, WORKLOADS]
 
 
 def rbac(objects: list[Manifest]) -> dict[tuple[str, str, str], list[Manifest]]:

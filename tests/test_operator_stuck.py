@@ -23,12 +23,15 @@ from ftrecipe.controller.observe import (
     evictions,
     job_blocker,
     list_pod_events_sync,
+    list_workloads_sync,
     mount_blocker,
     pod_blocker,
     pods_blocker,
     replan_needed,
     shorten,
     waiting_to_be_created,
+    with_workloads,
+    workload_message,
 )
 from ftrecipe.plan.cache_key import Phase, phase_hashes
 from ftrecipe.plan.planner import (
@@ -258,6 +261,36 @@ def test_a_volume_that_cannot_be_mounted_is_named_from_the_kubelets_event() -> N
     running = {"status": {"phase": "Running", "containerStatuses": [{"name": "t", "state": {"running": {}}}]}}
     assert not waiting_to_be_created(running)
     assert mount_blocker(running, [configmap]) is None  # an old Event of a pod that started after all
+
+
+def test_kueue_says_why_in_the_workloads_conditions() -> None:
+    def workload(created: str, **condition: str) -> dict[str, Any]:
+        return {"metadata": {"creationTimestamp": created}, "status": {"conditions": [condition]}}
+
+    old = workload(
+        "2026-11-21T09:00:00Z", type="QuotaReserved", status="False", message="LocalQueue q doesn't exist"
+    )
+    new = workload(
+        STAMP,
+        type="QuotaReserved",
+        status="False",
+        reason="Pending",
+        message="couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in "
+        "flavor a100, 1 more needed",
+    )
+    assert workload_message([old, new]) == (
+        "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor a100, "
+        "1 more needed"
+    )
+    reserved = workload(STAMP, type="QuotaReserved", status="True", message="Quota reserved")
+    assert workload_message([reserved]) is None and workload_message([]) is None
+    queued = observed(
+        "data", "suspended", blocker=Blocker("Queued", "Kueue has not admitted it yet (queue q)")
+    )
+    assert with_workloads(queued, [old]).blocker == Blocker(
+        "Queued", "Kueue has not admitted it yet (queue q): LocalQueue q doesn't exist"
+    )
+    assert with_workloads(queued, [reserved]) == queued
 
 
 def test_a_suspended_job_with_a_queue_label_waits_for_kueue() -> None:
@@ -745,20 +778,42 @@ def test_events_unreadable_by_rbac_leave_the_pod_running_not_the_reconcile_faili
     assert list_pod_events_sync(NS, "p-1") == []
 
 
+def test_without_kueue_or_its_rbac_a_queued_job_just_says_it_waits(k8s: K8s) -> None:
+    k8s.ensure_namespace(NS)
+    workload = {"metadata": {"name": "w", "labels": {"kueue.x-k8s.io/job-uid": "u1"}}, "spec": {}}
+    k8s.create("kueue.x-k8s.io/v1beta1/workloads", workload, NS)
+    assert [w["metadata"]["name"] for w in list_workloads_sync(NS, "u1")] == ["w"]
+    assert list_workloads_sync(NS, "u2") == []
+    k8s.emulator[f"get /apis/kueue.x-k8s.io/v1beta1/namespaces/{NS}/workloads"] << 404  # no Kueue
+    assert list_workloads_sync(NS, "u1") == []
+
+
 def test_a_job_kueue_has_not_admitted_is_queued_not_running(k8s: K8s) -> None:
     body = recipe_manifest(queueName="gpu-queue")
     data = expected_job(body, "data")
-    with operator_run(k8s) as run:
+    # Kueue's Workload may come after the Job's first events: the resync reads it.
+    with operator_run(k8s, resync_seconds=0.5) as run:
         apply_recipe(k8s, body)
         job = wait_job(k8s, data)
         assert job["spec"]["suspend"] is True
+        # Kueue makes a Workload of it and says why it waits; the Job controller marks it suspended.
+        quota = (
+            "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor "
+            "default-flavor, 1 more needed"
+        )
+        k8s.kueue_hold(data, NS, quota)
         k8s.set_job_status(data, NS, "suspended")
-        expected = f"data preparation waiting (Job {data}): Kueue has not admitted it yet (queue gpu-queue)"
+        expected = (
+            f"data preparation waiting (Job {data}): Kueue has not admitted it yet (queue gpu-queue): {quota}"
+        )
         st = wait_status(k8s, lambda s: s.get("message") == expected, "the Queued message")
         assert st["phase"] == "PreparingData"
         assert condition(st, "DataPrepared").items() >= {"status": "Unknown", "reason": "Queued"}.items()
         assert condition(st, "Ready")["reason"] == "Queued"
-        k8s.wait_for(lambda: warnings(k8s, "Queued") == [expected], message="a Queued Event")
+        # One Event, when it became Queued (Kueue's reason may have come later).
+        head = f"data preparation waiting (Job {data}): Kueue has not admitted it yet (queue gpu-queue)"
+        queued_events = k8s.wait_for(lambda: warnings(k8s, "Queued"), message="a Queued Event")
+        assert len(queued_events) == 1 and queued_events[0].startswith(head), queued_events
 
         # Kueue admits it: the Job controller starts its pod.
         k8s.kueue_admit(data, NS)

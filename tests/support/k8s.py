@@ -240,6 +240,16 @@ KOPF_PEERINGS: Final = (
 )
 
 
+# Kueue's Workload (what Kueue makes of a Job in a queue; its conditions say why it is not admitted).
+KUEUE_WORKLOAD: Final = CrdInfo(
+    group="kueue.x-k8s.io",
+    version="v1beta1",
+    kind="Workload",
+    plural="workloads",
+    singular="workload",
+)
+
+
 # --------------------------------------------------------------------------------------------------------
 # kmock gap: the `namespaces` resource itself is mis-parsed (GET /api/v1/namespaces -> ValueError -> 500;
 # GET /api/v1/namespaces/default -> namespace="default", no resource). kopf lists and watches namespaces in
@@ -1279,7 +1289,7 @@ class KubeCluster:
     def __init__(
         self,
         *,
-        crds: Sequence[CrdInfo] = (CRD, *KOPF_PEERINGS),
+        crds: Sequence[CrdInfo] = (CRD, *KOPF_PEERINGS, KUEUE_WORKLOAD),
         namespaces: Sequence[str] = ("default",),
         validation: bool = True,
     ) -> None:
@@ -1906,6 +1916,47 @@ class KubeCluster:
             ],
         }
         return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
+
+    def kueue_hold(self, job_name: str, namespace: str, message: str, *, reason: str = "Pending") -> Body:
+        """Play Kueue holding a suspended Job: its Workload (labelled with the Job's uid, owned by the Job)
+        with condition QuotaReserved False and Kueue's `message`, e.g. ``couldn't assign flavors to pod set
+        main: insufficient unused quota for nvidia.com/gpu in flavor default-flavor, 1 more needed`` (reason
+        Pending), or ``LocalQueue gpu-queue doesn't exist`` (reason Inadmissible)."""
+        job = self.get("batch/v1/jobs", job_name, namespace) or {}
+        uid = (job.get("metadata") or {}).get("uid", "")
+        queue = ((job.get("metadata") or {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name", "")
+        name = f"job-{job_name}-{uid[:5]}"
+        if self.get(KUEUE_WORKLOAD.resource, name, namespace) is None:
+            metadata = {
+                "name": name,
+                "labels": {"kueue.x-k8s.io/job-uid": uid},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": job_name,
+                        "uid": uid,
+                        "controller": True,
+                    }
+                ],
+            }
+            spec = {"queueName": queue, "podSets": [{"name": "main", "count": 1}]}
+            self.create(KUEUE_WORKLOAD.resource, {"metadata": metadata, "spec": spec}, namespace)
+        now = _now()
+        condition = {
+            "type": "QuotaReserved",
+            "status": "False",
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+        }
+        return self.patch(
+            KUEUE_WORKLOAD.resource,
+            name,
+            {"status": {"conditions": [condition]}},
+            namespace,
+            subresource="status",
+        )
 
     def kueue_admit(self, job_name: str, namespace: str) -> Body:
         """Play Kueue admitting a Job it holds: it unsuspends it (the Job controller then starts its pods)."""

@@ -268,6 +268,50 @@ def job_blocker(job: Mapping[str, Any]) -> Blocker | None:
     )
 
 
+# Kueue's Workload of a Job carries the Job's uid in this label.
+KUEUE_JOB_UID_LABEL: Final = "kueue.x-k8s.io/job-uid"
+KUEUE_WORKLOADS: Final = ("kueue.x-k8s.io", "v1beta1", "workloads")
+
+
+def workload_message(workloads: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why Kueue has not admitted a Job, in Kueue's words, from its newest Workload's conditions
+    (``QuotaReserved`` False: ``couldn't assign flavors to pod set main: insufficient unused quota for
+    nvidia.com/gpu in flavor default-flavor, 1 more needed``, ``LocalQueue gpu-queue doesn't exist``; else
+    ``Admitted`` False); None when it says nothing."""
+    for workload in sorted(workloads, key=_created, reverse=True):
+        for kind in ("QuotaReserved", "Admitted"):
+            condition = _pod_condition(workload, kind)  # same shape: status.conditions[type]
+            if condition is not None and condition.get("status") == "False" and condition.get("message"):
+                return shorten(str(condition["message"]))
+    return None
+
+
+def with_workloads(job: ObservedJob, workloads: Sequence[Mapping[str, Any]]) -> ObservedJob:
+    """A Job waiting for Kueue, with Kueue's reason in its blocker's message."""
+    why = workload_message(workloads)
+    if job.blocker is None or job.blocker.reason != "Queued" or why is None:
+        return job
+    return replace(job, blocker=replace(job.blocker, message=f"{job.blocker.message}: {why}"))
+
+
+def list_workloads_sync(namespace: str, job_uid: str) -> list[dict[str, Any]]:
+    """Kueue's Workloads of one Job; none when Kueue is not installed (404) or the operator may not read
+    them (403): the status then says only that the Job waits for Kueue."""
+    try:
+        response: Any = kubernetes.client.CustomObjectsApi().list_namespaced_custom_object(
+            *KUEUE_WORKLOADS[:2],
+            namespace,
+            KUEUE_WORKLOADS[2],
+            label_selector=f"{KUEUE_JOB_UID_LABEL}={job_uid}",
+            _preload_content=False,
+        )
+    except ApiException as error:
+        if error.status in (401, 403, 404):
+            return []
+        raise
+    return list(json.loads(response.data).get("items") or [])
+
+
 def _created(pod: Mapping[str, Any]) -> str:
     return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
 
@@ -535,6 +579,10 @@ async def list_recipe_jobs(
                 pod_name = (newest.get("metadata") or {}).get("name", "")
                 events = await asyncio.to_thread(list_pod_events_sync, namespace, pod_name)
             job = with_pods(job, pods, events)
+        elif job.blocker is not None and job.blocker.reason == "Queued" and uids.get(job.name):
+            # Why Kueue holds it (no quota, no such LocalQueue) is in its Workload.
+            workloads = await asyncio.to_thread(list_workloads_sync, namespace, uids[job.name])
+            job = with_workloads(job, workloads)
         elif job.state in ("succeeded", "failed"):
             uid = uids.get(job.name, "")
             known, report = reports.get(uid)
