@@ -445,6 +445,23 @@ def test_the_status_says_what_the_pod_waits_for_and_remembers_a_stop() -> None:
     assert plan("minimal", BASE, world) == [Fail("data", "ImagePullBackOff", failed.message)]
 
 
+def test_a_job_created_for_kueue_is_queued_from_the_start_never_running() -> None:
+    queued_spec = BASE.model_copy(update={"queue_name": "gpu-queue"})
+    actions = plan("minimal", queued_spec, World(now=T0))
+    st = compute_status(queued_spec, 1, actions, prefixes=PREFIXES, now=T0)
+    name = job_name("minimal", "data", H["data"])
+    assert st.phase == "PreparingData"
+    assert (
+        st.message
+        == f"data preparation waiting (Job {name}): Kueue has not admitted it yet (queue gpu-queue)"
+    )
+    assert reasons(st)["DataPrepared"] == ("Unknown", "Queued") and reasons(st)["Ready"] == (
+        "False",
+        "Queued",
+    )
+    assert st.data_preparation is not None and st.data_preparation.job_name == name
+
+
 def previous_with(reason: str, since: datetime = T0, status: str = "Unknown") -> FinetuneRecipeStatus:
     cond = Condition(
         type="Trained",

@@ -42,7 +42,15 @@ from ftrecipe.controller.manifests import (
     label_value,
 )
 from ftrecipe.plan.cache_key import PHASES, Phase
-from ftrecipe.plan.planner import Blocker, JobState, ObservedJob, StuckLimits, StuckReason, stopped
+from ftrecipe.plan.planner import (
+    Blocker,
+    JobState,
+    ObservedJob,
+    StuckLimits,
+    StuckReason,
+    queued_blocker,
+    stopped,
+)
 from ftrecipe.plan.status import ProgressPhase, phase_condition
 from ftrecipe.termination import PhaseReport, decode
 
@@ -261,11 +269,7 @@ def job_blocker(job: Mapping[str, Any]) -> Blocker | None:
     queue = (metadata.get("labels") or {}).get(LABEL_QUEUE)
     if not queue or not (job.get("spec") or {}).get("suspend") or job_state(job) != "suspended":
         return None
-    return Blocker(
-        "Queued",
-        f"Kueue has not admitted it yet (queue {queue})",
-        parse_time(metadata.get("creationTimestamp")),
-    )
+    return queued_blocker(queue, parse_time(metadata.get("creationTimestamp")))
 
 
 # Kueue's Workload of a Job carries the Job's uid in this label.

@@ -83,6 +83,11 @@ class StuckLimits:
 DEFAULT_STUCK_LIMITS: Final = StuckLimits()
 
 
+def queued_blocker(queue: str, since: datetime | None) -> Blocker:
+    """A Job held in Kueue's ``queue`` (created suspended; Kueue unsuspends it when it admits it)."""
+    return Blocker("Queued", f"Kueue has not admitted it yet (queue {queue})", since)
+
+
 @dataclass(frozen=True)
 class ObservedJob:
     name: str

@@ -36,6 +36,7 @@ from ftrecipe.plan.planner import (
     Wait,
     job_name,
     phases,
+    queued_blocker,
     recipe_phase,
 )
 from ftrecipe.termination import PhaseReport
@@ -99,6 +100,7 @@ def compute_status(
     phase that is retried starts a fresh section: the failed attempt's times and figures are not its own.
     """
     previous = previous or FinetuneRecipeStatus()
+    actions = _queued_creations(actions, spec, now)
     retried = {action.phase for action in actions if isinstance(action, Retry)}
     data_before = None if "data" in retried else previous.data_preparation
     training_before = None if "train" in retried else previous.training
@@ -170,6 +172,19 @@ def compute_status(
         if "evaluate" in phases(spec)
         else None,
     )
+
+
+def _queued_creations(actions: Sequence[Action], spec: FinetuneRecipeSpec, now: datetime) -> list[Action]:
+    """A Job just created for Kueue waits in its queue (suspended until Kueue admits it): shown as waiting
+    from the start, never as running."""
+    if spec.suspend or spec.queue_name is None:
+        return list(actions)
+    return [
+        Wait(a.phase, a.name, queued_blocker(spec.queue_name, now))
+        if isinstance(a, CreateJob) and a.suspended
+        else a
+        for a in actions
+    ]
 
 
 def invalid_status(
