@@ -397,9 +397,13 @@ def _label_selector(text: str) -> Predicate:
     return predicate
 
 
+# Field labels that name another field than their path (the API server's field label conversions).
+_FIELD_LABELS: Final = {"status.successful": "status.succeeded"}  # Jobs
+
+
 def _field_value(obj: Body, dotted: str) -> str:
     node: Json = obj
-    for part in dotted.split("."):
+    for part in _FIELD_LABELS.get(dotted, dotted).split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return "" if node is None else str(node)
 

@@ -20,8 +20,11 @@ import):
   reconciled at once; a Job that was just created changes nothing the status shows and costs no request,
   nor do the Jobs listed when the operator starts (the unfinished recipes are reconciled anyway).
 * one operator-wide task (started by ``@kopf.on.startup``), every few seconds: retries reconciles that
-  hit an API error, re-plans unfinished recipes not reconciled for ``OperatorSettings.resync_seconds`` (a
-  safety net for missed watch events and bundles that appear in storage), and every
+  hit an API error; every ``OperatorSettings.resync_seconds``, as a safety net for lost watch events,
+  lists the namespace's unfinished Jobs of ours once and reconciles the recipes whose Job it shows
+  otherwise than the watch did (one request per namespace, not per recipe: a GPU phase runs for hours),
+  and those whose Job waits for something no Job event reports (Kueue's Workload, a stuck pod);
+  and every
   ``OperatorSettings.progress_seconds`` lists the namespace's unfinished pods of ours once: a phase whose
   pod says what its status does not (stuck, unstuck, evicted too often) is reconciled, and a Training or
   Evaluating recipe takes the running pod's latest progress line into ``status.training`` (step, losses,
@@ -85,6 +88,7 @@ from ftrecipe.controller.observe import (
 from ftrecipe.plan.cache_key import Phase, phase_prefix
 from ftrecipe.plan.planner import (
     DEFAULT_STUCK_LIMITS,
+    STUCK_REASONS,
     Action,
     CreateJob,
     DeleteJob,
@@ -137,7 +141,8 @@ class OperatorSettings:
     # `storage.read_manifest`): asked for phases without a succeeded Job, for S3 output only. None: never
     # reuse earlier runs' bundles.
     read_bundle: Callable[[str], Mapping[str, Any] | None] | None = None
-    # How often unfinished recipes are re-planned even without events; None: never.
+    # How often the unfinished Jobs are listed to catch lost watch events (one request per namespace);
+    # None: never.
     resync_seconds: float | None = 60.0
     # Delay before a reconcile that hit an API error is tried again.
     retry_delay: float = 5.0
@@ -300,6 +305,25 @@ def _unfinished_pods(namespace: str) -> list[dict[str, Any]]:
         _preload_content=False,
     )
     return list(json.loads(response.data).get("items") or [])
+
+
+def _unfinished_jobs(namespace: str) -> dict[str, tuple[str, str]]:
+    """Our Jobs in `namespace` that have not succeeded, by name, with their uid and state: one request,
+    selected on the server (``status.successful`` is a Job's field selector; our Jobs complete once)."""
+    response: Any = kubernetes.client.BatchV1Api().list_namespaced_job(
+        namespace,
+        label_selector=f"{LABEL_MANAGED_BY}={MANAGER}",
+        field_selector="status.successful!=1",
+        _preload_content=False,
+    )
+    items = json.loads(response.data).get("items") or []
+    return {
+        (j.get("metadata") or {}).get("name") or "": (
+            (j.get("metadata") or {}).get("uid") or "",
+            job_state(j),
+        )
+        for j in items
+    }
 
 
 def _pod_log(namespace: str, pod: str, container: str, tail_lines: int = 40) -> str:
@@ -467,6 +491,23 @@ async def _write_status(
     return written
 
 
+def resync_wanted(
+    status: FinetuneRecipeStatus | None, seen: Mapping[str, str], unfinished: Mapping[str, str]
+) -> bool | None:
+    """Whether a resync must re-plan a running recipe: the listing shows what a lost watch event would have
+    said about its Job (it finished or went away: it is not among the `unfinished` Jobs; or its state is
+    not the one the watch showed, `seen`), or its Job waits for something no Job event reports (Kueue's
+    Workload, a pod that cannot start: its Ready condition says Queued, Unschedulable, ...). None when the
+    recipe runs no Job (Pending, Suspended): the listing cannot tell, re-plan it now and then."""
+    running = running_job(status)
+    if running is None or status is None:
+        return None
+    job = running[1]
+    ready = next((c for c in status.conditions or [] if c.type == "Ready"), None)
+    waiting = ready is not None and ready.reason in STUCK_REASONS
+    return waiting or job not in unfinished or seen.get(job) != unfinished[job]
+
+
 def pods_by_job(pods: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
     """Pods grouped by their Job's uid (the Job controller's own label), else by the Job's name."""
     grouped: dict[str, list[Mapping[str, Any]]] = {}
@@ -531,6 +572,7 @@ class Controller:
         self.recipes: dict[Key, _Recipe] = {}
         self.jobs: dict[Key, tuple[str, str]] = {}  # (namespace, Job name) -> (uid, state), from the watch
         self.paused = False
+        self.resynced_at = time.monotonic()
         self.thread: int | None = None
         # kopf posts Events through a queue it names in the context of each object's handler task only: the
         # periodic task borrows a handler's context to post them too.
@@ -661,21 +703,19 @@ class Controller:
                 _LOG.exception("periodic task failed")
 
     async def tick(self) -> None:
-        """Retry failed reconciles, resync stale unfinished recipes, check running phases' pods."""
+        """Retry failed reconciles, resync unfinished recipes, check running phases' pods."""
         now = time.monotonic()
         settings = self.settings
         reconciles: list[tuple[Key, str]] = []
         progress: dict[str, list[Key]] = {}
+        resync = settings.resync_seconds is not None and now - self.resynced_at >= settings.resync_seconds
+        unfinished: dict[str, list[Key]] = {}
         for key, entry in list(self.recipes.items()):
             phase = (self.status_of(entry) or {}).get("phase")
             if entry.retry_at is not None and now >= entry.retry_at:
                 reconciles.append((key, "retry after an error"))
-            elif (
-                settings.resync_seconds is not None
-                and phase not in FINISHED
-                and now - entry.reconciled_at >= settings.resync_seconds
-            ):
-                reconciles.append((key, "resync"))
+            elif resync and phase not in FINISHED:
+                unfinished.setdefault(key[0], []).append(key)
             elif (
                 settings.progress_seconds is not None
                 and phase in RUNNING_PHASES
@@ -683,6 +723,9 @@ class Controller:
             ):
                 entry.progressed_at = now
                 progress.setdefault(key[0], []).append(key)
+        if resync:
+            self.resynced_at = now
+            reconciles += await self._resync(unfinished, now)
         work: list[Callable[[], Awaitable[None]]] = [
             functools.partial(self.reconcile, key, why) for key, why in reconciles
         ]
@@ -697,6 +740,34 @@ class Controller:
             work += [functools.partial(self.progress, key, pods) for key in keys]
         if work:
             await asyncio.create_task(_bounded(work, _CONCURRENCY), context=self._context)
+
+    async def _resync(self, unfinished: Mapping[str, Sequence[Key]], now: float) -> list[tuple[Key, str]]:
+        """The safety net for lost watch events, at one request per namespace (not per recipe): the
+        unfinished recipes whose Job the listing shows otherwise than the watch did, and those running no
+        Job that were not reconciled for an interval."""
+        due: list[tuple[Key, str]] = []
+        for namespace, keys in unfinished.items():
+            try:
+                listed = await asyncio.to_thread(_unfinished_jobs, namespace)
+            except ApiException as error:
+                if self.settings.metrics is not None:
+                    self.settings.metrics.api_errors.labels("list_jobs").inc()
+                _LOG.debug("cannot list the Jobs in %s: %s", namespace, error)
+                continue
+            seen = {name: state for (ns, name), (_, state) in self.jobs.items() if ns == namespace}
+            states = {name: state for name, (_, state) in listed.items()}
+            # What the listing shows is what the watch would have: the next resync compares with it.
+            self.jobs.update({(namespace, name): found for name, found in listed.items()})
+            for key in keys:
+                entry = self.recipes.get(key)
+                if entry is None:
+                    continue
+                status, _ = _parse_status(self.status_of(entry))
+                missed = resync_wanted(status, seen, states)
+                stale = now - entry.reconciled_at >= (self.settings.resync_seconds or 0)
+                if missed or (missed is None and stale):
+                    due.append((key, "resync"))
+        return due
 
     async def progress(self, key: Key, pods: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
         """A running phase: re-plan when its pods say so, else take the latest progress line."""
