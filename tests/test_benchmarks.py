@@ -124,6 +124,10 @@ def test_operator_scale(runs: dict[str, Run]) -> None:
     assert sum(kinds.values()) == run["requests_total"] > 0
     # PreparingData, Training, Evaluating, Succeeded at least; each is one status patch or more.
     assert run["status_patches_per_recipe"] >= 4
+    # An Event per phase change, none about handlers; nothing written to a recipe but its status.
+    assert run["events_by_reason"] == {"PreparingData": 3, "Training": 3, "Evaluating": 3, "Succeeded": 3}
+    assert run["recipe_patches_by_change"] == {}
+    assert len(run["load_average_start"]) == len(run["load_average_end"]) == 3
     assert run["rss_peak_mib"] >= run["rss_idle_mib"] > 0
     assert run["operator_cpu_s"] > 0
 
