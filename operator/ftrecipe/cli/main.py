@@ -549,7 +549,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--resync-seconds",
         type=float,
         default=60.0,
-        help="re-plan unfinished recipes this often even without events (0: never)",
+        help="list unfinished Jobs this often to catch lost watch events (0: never)",
     )
     # How long a phase's pod may be stuck before the phase fails (checked every --progress-seconds).
     for flag, default, what in (
