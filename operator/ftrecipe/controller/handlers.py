@@ -55,7 +55,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import kopf
 import kubernetes.client
@@ -83,7 +83,9 @@ from ftrecipe.controller.observe import (
     job_state,
     latest_progress,
     list_recipe_jobs,
+    newest_live_pod,
     replan_needed,
+    waiting_to_be_created,
 )
 from ftrecipe.plan.cache_key import Phase, phase_prefix
 from ftrecipe.plan.planner import (
@@ -491,21 +493,27 @@ async def _write_status(
     return written
 
 
-def resync_wanted(
+ResyncFinding = Literal["waiting", "differs", "no job"]
+
+
+def resync_finding(
     status: FinetuneRecipeStatus | None, seen: Mapping[str, str], unfinished: Mapping[str, str]
-) -> bool | None:
-    """Whether a resync must re-plan a running recipe: the listing shows what a lost watch event would have
-    said about its Job (it finished or went away: it is not among the `unfinished` Jobs; or its state is
-    not the one the watch showed, `seen`), or its Job waits for something no Job event reports (Kueue's
-    Workload, a pod that cannot start: its Ready condition says Queued, Unschedulable, ...). None when the
-    recipe runs no Job (Pending, Suspended): the listing cannot tell, re-plan it now and then."""
+) -> tuple[ResyncFinding, str] | None:
+    """What a resync finds about a running recipe, with its Job's name: its Job waits for something no Job
+    event reports ("waiting": Kueue's Workload, a pod that cannot start; its Ready condition says Queued,
+    Unschedulable, ...), or the listing shows the Job otherwise than the watch did ("differs": it finished
+    or went away, so it is not among the `unfinished` Jobs, or its state is not the one `seen`), or the
+    recipe runs no Job ("no job": Pending, Suspended; the listing cannot tell). None: nothing to do."""
     running = running_job(status)
     if running is None or status is None:
-        return None
+        return "no job", ""
     job = running[1]
     ready = next((c for c in status.conditions or [] if c.type == "Ready"), None)
-    waiting = ready is not None and ready.reason in STUCK_REASONS
-    return waiting or job not in unfinished or seen.get(job) != unfinished[job]
+    if ready is not None and ready.reason in STUCK_REASONS:
+        return "waiting", job
+    if job not in unfinished or seen.get(job) != unfinished[job]:
+        return "differs", job
+    return None
 
 
 def pods_by_job(pods: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -573,6 +581,8 @@ class Controller:
         self.jobs: dict[Key, tuple[str, str]] = {}  # (namespace, Job name) -> (uid, state), from the watch
         self.paused = False
         self.resynced_at = time.monotonic()
+        # (namespace, Job, state listed) the last resync found otherwise than the watch showed.
+        self.suspects: set[tuple[str, str, str]] = set()
         self.thread: int | None = None
         # kopf posts Events through a queue it names in the context of each object's handler task only: the
         # periodic task borrows a handler's context to post them too.
@@ -743,9 +753,11 @@ class Controller:
 
     async def _resync(self, unfinished: Mapping[str, Sequence[Key]], now: float) -> list[tuple[Key, str]]:
         """The safety net for lost watch events, at one request per namespace (not per recipe): the
-        unfinished recipes whose Job the listing shows otherwise than the watch did, and those running no
-        Job that were not reconciled for an interval."""
+        unfinished recipes whose Job the listing shows otherwise than the watch did at two resyncs in a
+        row, those whose Job waits for Kueue or a stuck pod, and those running no Job that were not
+        reconciled for an interval."""
         due: list[tuple[Key, str]] = []
+        suspects: set[tuple[str, str, str]] = set()
         for namespace, keys in unfinished.items():
             try:
                 listed = await asyncio.to_thread(_unfinished_jobs, namespace)
@@ -756,17 +768,28 @@ class Controller:
                 continue
             seen = {name: state for (ns, name), (_, state) in self.jobs.items() if ns == namespace}
             states = {name: state for name, (_, state) in listed.items()}
-            # What the listing shows is what the watch would have: the next resync compares with it.
-            self.jobs.update({(namespace, name): found for name, found in listed.items()})
             for key in keys:
                 entry = self.recipes.get(key)
                 if entry is None:
                     continue
                 status, _ = _parse_status(self.status_of(entry))
-                missed = resync_wanted(status, seen, states)
-                stale = now - entry.reconciled_at >= (self.settings.resync_seconds or 0)
-                if missed or (missed is None and stale):
-                    due.append((key, "resync"))
+                found = resync_finding(status, seen, states)
+                if found is None:
+                    continue
+                finding, job = found
+                if finding == "differs":
+                    # A watch event in flight (the operator is busy) differs for a moment too: only a
+                    # difference that lasted a whole interval counts as lost.
+                    suspect = (namespace, job, states.get(job, "finished"))
+                    suspects.add(suspect)
+                    if suspect not in self.suspects:
+                        continue
+                    if job in listed:  # what the watch would have said: the next resync compares with it
+                        self.jobs[(namespace, job)] = listed[job]
+                elif finding == "no job" and now - entry.reconciled_at < (self.settings.resync_seconds or 0):
+                    continue
+                due.append((key, "resync"))
+        self.suspects = suspects
         return due
 
     async def progress(self, key: Key, pods: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
@@ -784,6 +807,18 @@ class Controller:
         job_pods += [p for p in pods.get(job, ()) if p not in job_pods]  # pods without the uid label
         if check_stuck(previous, job_pods, self.settings):
             await self.reconcile(key, "its pods changed")
+            return
+        newest = newest_live_pod(job_pods)
+        resync = self.settings.resync_seconds
+        if (
+            newest is not None
+            and waiting_to_be_created(newest)
+            and resync is not None
+            and time.monotonic() - entry.reconciled_at >= resync
+        ):
+            # Mounting a volume or pulling an image: only the kubelet's Events say whether it is stuck, and
+            # a reconcile reads them (at most once per resync interval).
+            await self.reconcile(key, "its pod waits to be created")
             return
         source = progressed(previous, job_pods)
         if source is None:
