@@ -55,7 +55,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import kopf
 import kubernetes.client
@@ -214,6 +214,22 @@ def _output_root(spec: FinetuneRecipeSpec) -> str | None:
 def _prefixes(spec: FinetuneRecipeSpec, recipe: str, hashes: Mapping[Phase, str]) -> dict[Phase, str]:
     root = _output_root(spec) or "(local output)"
     return {phase: phase_prefix(root, recipe, phase, h) for phase, h in hashes.items()}
+
+
+# Big annotations the operator never reads (kubectl's copy of the whole applied object).
+_UNREAD_ANNOTATIONS: Final = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def slim_recipe(raw: Mapping[str, Any]) -> kopf.RawBody:
+    """What the operator keeps of a recipe between events (thousands of them): its spec, status and the
+    metadata it reads or passes on to its Jobs; not managedFields or kubectl's last-applied copy."""
+    meta = raw.get("metadata") or {}
+    kept = {k: meta[k] for k in ("name", "namespace", "uid", "generation", "labels") if k in meta}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in _UNREAD_ANNOTATIONS}
+    if annotations:
+        kept["annotations"] = annotations
+    slim = {k: raw[k] for k in ("apiVersion", "kind", "spec", "status") if k in raw}
+    return cast(kopf.RawBody, slim | {"metadata": kept})
 
 
 def _object_log(body: Mapping[str, Any]) -> logging.LoggerAdapter[logging.Logger]:
@@ -906,7 +922,7 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="recipe-event")
     async def recipe_event(event: kopf.RawEvent, **_: Any) -> None:
-        await controller.recipe_event(kopf.Body(event["object"]), event.get("type"))
+        await controller.recipe_event(kopf.Body(slim_recipe(event["object"])), event.get("type"))
 
     @kopf.on.event(
         "batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id="job-event"
