@@ -260,6 +260,9 @@ WRONG_VALUES = {
     "namespace name": ("--set", "watch.allNamespaces=false", "--set", "watch.namespaces[0]=ML_Team"),
     "metrics port": ("--set", "metrics.port=70000"),
     "resync negative": ("--set", "operator.resyncSeconds=-1"),
+    "stuck limit negative": ("--set", "operator.stuck.pullSeconds=-5"),
+    "unknown stuck kind": ("--set", "operator.stuck.evictedSeconds=5"),
+    "max evictions fraction": ("--set", "operator.maxEvictions=1.5"),
     "crds.keep type": ("--set-string", "crds.keep=yes"),
     "scrape interval": ("--set", "metrics.serviceMonitor.interval=often"),
     "image prefix with a quote": (
@@ -520,6 +523,16 @@ def test_default_deployment(render: Render) -> None:
         "--standalone",
         "--resync-seconds",
         "60",
+        "--stuck-pull-seconds",
+        "300",
+        "--stuck-secret-seconds",
+        "300",
+        "--stuck-unschedulable-seconds",
+        "0",
+        "--stuck-queued-seconds",
+        "0",
+        "--max-evictions",
+        "3",
     ]
     # The Jobs' default images are the operator's own defaults (manifests.Images), set explicitly.
     env = env_of(objects)
@@ -557,6 +570,16 @@ def test_all_options_deployment(render: Render) -> None:
         "--reuse-bundles",
         "--resync-seconds",
         "30",
+        "--stuck-pull-seconds",
+        "120",
+        "--stuck-secret-seconds",
+        "90",
+        "--stuck-unschedulable-seconds",
+        "3600",
+        "--stuck-queued-seconds",
+        "86400",
+        "--max-evictions",
+        "5",
     ]
     env = env_of(objects)
     assert env["FTRECIPE_OPERATOR_IMAGE"] == "registry.example.com/ml/ftrecipe:0.1.0-rc1"
@@ -589,6 +612,14 @@ def test_operator_command_line_parses(render: Render, values: str) -> None:
     assert args.liveness == f"http://0.0.0.0:{main['ports'][0]['containerPort']}/healthz"
     assert args.all_namespaces == (values != "all-options")
     assert (args.peering is None) == (values == "default") == args.standalone
+    if values == "default":  # the chart's stuck-pod limits are the operator's own defaults
+        defaults = make_parser().parse_args(["operator"])
+        for name in ("stuck_pull_seconds", "stuck_secret_seconds", "stuck_unschedulable_seconds"):
+            assert getattr(args, name) == getattr(defaults, name), name
+        assert (args.stuck_queued_seconds, args.max_evictions) == (
+            defaults.stuck_queued_seconds,
+            defaults.max_evictions,
+        )
 
 
 def test_tag_defaults_to_app_version_and_digest_wins(render: Render) -> None:
