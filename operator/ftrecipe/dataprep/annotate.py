@@ -34,7 +34,9 @@ from ftrecipe.dataprep.commands import (
     values_match,
 )
 from ftrecipe.dataprep.e2e import (
+    ActionExecuted,
     BotStep,
+    BotUttered,
     ClarificationContains,
     FlowCancelled,
     FlowStarted,
@@ -49,7 +51,7 @@ from ftrecipe.dataprep.e2e import (
 )
 from ftrecipe.dataprep.llm import LLMClient, LLMError
 from ftrecipe.dataprep.prompt import PromptTemplate
-from ftrecipe.dataprep.state import ReplayFailure, Turn, conversation
+from ftrecipe.dataprep.state import ReplayFailure, Turn, conversation, refused_slots
 from ftrecipe.dataprep.yamlfile import plain
 
 # Built-in patterns whose start means the command generator issued this command.
@@ -191,12 +193,13 @@ def problems(turn: Turn, commands: Sequence[Command], assistant: Assistant, synt
     return found
 
 
-# ------------------------------------------------------------------------------------------ legacy tests
+# ------------------------------------------------------------------------------------------ shown responses
 
 
 @dataclass(frozen=True)
 class ShownAfter:
-    """What a legacy-style test shows between a user step without assertions and the next user step."""
+    """What a test shows the bot doing after a user turn: a legacy-style test's steps up to the next user
+    step, or an assertion-style step's `bot_uttered` / `action_executed` names."""
 
     responses: tuple[str, ...] = ()  # `utter` names, and `bot` texts of a known response, in order
     slots_set: tuple[SlotCheck, ...] = ()
@@ -243,13 +246,22 @@ def shown_after(assistant: Assistant, test: TestCase, index: int) -> ShownAfter:
     return ShownAfter(tuple(dict.fromkeys(responses)), tuple(slots_set), tuple(slots_not_set))
 
 
+def shown_by_assertions(step: UserStep) -> ShownAfter:
+    """The responses (and `action_ask_<slot>` actions) an assertion-style step asserts the bot uttered.
+    Assertions are not exhaustive: only what they name claims anything."""
+    names = [a.utter_name for a in step.assertions if isinstance(a, BotUttered) and a.utter_name]
+    names += [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
+    return ShownAfter(tuple(dict.fromkeys(names)))
+
+
 def _response_owners(assistant: Assistant) -> dict[str, set[str]]:
     """Each response a flow utters (a collect's question, an `action: utter_…` step) and the flows that do."""
     owners: dict[str, set[str]] = {}
     for flow in assistant.flows.values():
         for step in flow.steps:
             if step.kind == "collect":
-                owners.setdefault(assistant.ask_response(step), set()).add(flow.id)
+                for name in assistant.ask_names(step):  # its response, or action_ask_<slot>
+                    owners.setdefault(name, set()).add(flow.id)
             elif step.kind == "action" and step.target is not None and step.target in assistant.responses:
                 owners.setdefault(step.target, set()).add(flow.id)
     return owners
@@ -274,7 +286,13 @@ def _set_by_flows(assistant: Assistant) -> set[str]:
     return {name for flow in assistant.flows.values() for s in flow.steps for name in s.set_slots}
 
 
-def _legacy_slot_requirements(
+def _ends_without_asking(assistant: Assistant, flow_id: str) -> bool:
+    """A flow with no question (itself or in what it links to / calls) can end within the turn that starts
+    it; the bot then goes on with the flow it interrupted, whose responses may be all a test shows."""
+    return not any(assistant.flows[f].collect_steps() for f in _reachable(assistant, {flow_id}))
+
+
+def _shown_slot_requirements(
     turn: Turn, shown: ShownAfter, assistant: Assistant
 ) -> tuple[list[SetSlot], list[str]]:
     """The `set slot`s the following slot_was_set steps need (LLM-filled slots no flow sets itself), and the
@@ -297,13 +315,14 @@ def _legacy_slot_requirements(
     return list(dict.fromkeys(with_value)), list(dict.fromkeys(any_value))
 
 
-def legacy_problems(
+def shown_problems(
     turn: Turn, commands: Sequence[Command], assistant: Assistant, syntax: Syntax, shown: ShownAfter
 ) -> list[str]:
-    """Where the commands make the bot do other than a legacy-style test shows next, as Rasa's test runner
-    would find the test failing: a response of a user flow needs that flow started (or already active, or
-    reached by a link / call), a newly started flow must be the one the bot goes on with, a slot asked next
-    must stay empty, and the slot_was_set / slot_was_not_set steps must match the `set slot`s."""
+    """Where the commands make the bot do other than the test shows next (a legacy-style test's steps, or
+    `bot_uttered` assertions), as Rasa's test runner would find the test failing: a response of a user flow
+    needs that flow started (or already active, or reached by a link / call; a response of several flows, any
+    of them), a newly started flow that stops at a question must be the one the bot goes on with, a slot
+    asked next must stay empty, and the slot_was_set / slot_was_not_set steps must match the `set slot`s."""
     found: list[str] = []
     owners = _response_owners(assistant)
     before = list(turn.active_flows)
@@ -314,9 +333,12 @@ def legacy_problems(
         for c in commands
         if isinstance(c, StartFlow) and c.flow in assistant.flows and not c.flow.startswith("pattern_")
     }
-    live = _reachable(assistant, set(before) | started)
+    # A pattern the commands start (an assistant may redefine it to link to a flow of its own) counts too.
+    by_command = {pattern for pattern, command in PATTERN_COMMANDS.items() if command in commands}
+    live = _reachable(assistant, set(before) | started | by_command)
     new = started - set(turn.active_flows)
     by_new = _reachable(assistant, new)
+    stops_at_question = all(not _ends_without_asking(assistant, f) for f in new)
     flow_responses: dict[str, set[str]] = {}
     for response in shown.responses:
         flows = owners.get(response, set())
@@ -328,16 +350,24 @@ def legacy_problems(
             found.append(
                 f"the bot then says {response} of {', '.join(sorted(flows))}, which this turn neither starts nor continues"
             )
-    if new and flow_responses and not any(flows & by_new for flows in flow_responses.values()):
+    if (
+        new
+        and stops_at_question
+        and flow_responses
+        and not any(flows & by_new for flows in flow_responses.values())
+    ):
         response, flows = next(iter(flow_responses.items()))
         found.append(
             f"starts {', '.join(sorted(new))}, but the bot then says {response} of {', '.join(sorted(flows))}"
         )
+    refused = refused_slots(assistant, shown.responses)
     for response in shown.responses:
         for flow in assistant.flows.values():
             for collect in flow.collect_steps():
                 slot = collect.target
-                if assistant.ask_response(collect) != response or slot is None or slot in turn.next_asks:
+                if response not in assistant.ask_names(collect) or slot is None:
+                    continue
+                if slot in turn.next_asks or slot in refused:  # `problems` covers it / a rejection re-asks
                     continue
                 fills = [
                     c for c in commands if isinstance(c, SetSlot) and c.name == slot and c.value is not None
@@ -345,7 +375,7 @@ def legacy_problems(
                 message = f"sets {slot}, but the bot asks for {slot} right after"
                 if fills and not _asks_before_filling(assistant, slot) and message not in found:
                     found.append(message)
-    with_value, any_value = _legacy_slot_requirements(turn, shown, assistant)
+    with_value, any_value = _shown_slot_requirements(turn, shown, assistant)
     for wanted in with_value:
         if not _has(commands, wanted):
             found.append(f"missing `{format_command(wanted, syntax)}`")
@@ -362,8 +392,8 @@ def legacy_problems(
     return found
 
 
-def _legacy_expected(turn: Turn, assistant: Assistant, syntax: Syntax, shown: ShownAfter) -> list[str]:
-    with_value, any_value = _legacy_slot_requirements(turn, shown, assistant)
+def _shown_expected(turn: Turn, assistant: Assistant, syntax: Syntax, shown: ShownAfter) -> list[str]:
+    with_value, any_value = _shown_slot_requirements(turn, shown, assistant)
     owners = _response_owners(assistant)
     lines = [format_command(c, syntax) for c in with_value]
     lines += [f"set slot {name} <any value>" for name in any_value]
@@ -454,15 +484,19 @@ def _expected_text(turn: Turn, assistant: Assistant, syntax: Syntax, shown: Show
     parts += [f"start flow one of {', '.join(g)}" for g in expected.start_one_of]
     parts += [f"set slot {name} <any value>" for name in expected.slots_without_value]
     if shown:
-        parts += _legacy_expected(turn, assistant, syntax, shown)
+        parts += _shown_expected(turn, assistant, syntax, shown)
     return "\n".join(parts) or "(nothing asserted)"
 
 
-def _shown_after_legacy_step(assistant: Assistant, test: TestCase, turn: Turn) -> ShownAfter | None:
-    """What the test shows after this turn when the step is legacy-style (no assertions), else None."""
-    if turn.step.assertions:
+def _shown_to_check(assistant: Assistant, test: TestCase, turn: Turn) -> ShownAfter | None:
+    """What the test shows after this turn that the commands must lead to, or None: a legacy-style step's
+    following steps; an assertion-style step's `bot_uttered` names when its assertions do not determine the
+    commands (assertions that do, `flow_started` etc., keep only their own checks)."""
+    if not turn.step.assertions:
+        return shown_after(assistant, test, turn.step_index) or None
+    if not expectations(turn, assistant).undetermined:
         return None
-    return shown_after(assistant, test, turn.step_index) or None
+    return shown_by_assertions(turn.step) or None
 
 
 async def annotate_conversation(
@@ -498,7 +532,7 @@ async def annotate_conversation(
         return AnnotatedConversation(suite, test, (), unfollowable(error, 0))
 
     def failed(actual: str) -> Failure:
-        shown = _shown_after_legacy_step(assistant, test, turn)
+        shown = _shown_to_check(assistant, test, turn)
         expected = _expected_text(turn, assistant, syntax, shown)
         return Failure(
             test.key, str(suite.path), turn.turn_index, turn.step_index, turn.text, expected, actual
@@ -511,9 +545,9 @@ async def annotate_conversation(
             return AnnotatedConversation(suite, test, tuple(turns), failed(outcome))
         commands, raw = outcome
         disagreements = problems(turn, commands, assistant, syntax)
-        shown = _shown_after_legacy_step(assistant, test, turn)
+        shown = _shown_to_check(assistant, test, turn)
         if shown is not None:
-            disagreements += legacy_problems(turn, commands, assistant, syntax, shown)
+            disagreements += shown_problems(turn, commands, assistant, syntax, shown)
         if disagreements:
             actual = "\n".join(format_command(c, syntax) for c in commands) or "(no commands)"
             failure = failed(f"{actual}\n({'; '.join(disagreements)})")

@@ -709,12 +709,18 @@ def _next_asks(assistant: Assistant, test: TestCase, index: int) -> tuple[str, .
             for collect in flow.collect_steps():
                 if name in assistant.ask_names(collect) and collect.target is not None:
                     asks.append(collect.target)
-    # Asked again after the test shows its value refused: a rejection, not a sign the value was not set.
-    owners = _rejection_owners(assistant)
-    refused = {slot for name in names for slot in owners.get(name, set())}
-    if INTERNAL_ERROR_RESPONSE in names:
-        refused |= {slot for slots in owners.values() for slot in slots}
+    refused = refused_slots(assistant, names)
     return tuple(dict.fromkeys(a for a in asks if a not in refused))
+
+
+def refused_slots(assistant: Assistant, shown: Sequence[str]) -> set[str]:
+    """Slots whose value these shown responses say was refused: asked again after a rejection, which is no
+    sign the value was not set (an internal error, from a rejection that failed to evaluate, refuses any)."""
+    owners = _rejection_owners(assistant)
+    refused = {slot for name in shown for slot in owners.get(name, set())}
+    if INTERNAL_ERROR_RESPONSE in shown:
+        refused |= {slot for slots in owners.values() for slot in slots}
+    return refused
 
 
 def _shown_responses(test: TestCase, index: int) -> list[str]:

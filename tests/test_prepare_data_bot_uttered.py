@@ -1,0 +1,262 @@
+"""`--annotator llm` on assertion-style turns that only `bot_uttered` checks: the LLM's commands must lead the
+bot to say what the test asserts, as Rasa's test runner would find the test failing otherwise. A response
+of a user flow needs that flow started, on the stack, or reached by link / call; patterns' responses claim
+nothing; a response several flows say is satisfied by any of them."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
+from support.llm_server import ChatRequest, LLMServer
+
+FLOWS = """
+flows:
+  rent_bike:
+    name: rent a bike
+    description: Rent a bike for some days, picked up at a station.
+    steps:
+      - collect: bike_type
+        description: city, mountain or electric bike
+      - collect: rental_days
+        description: for how many days
+      - collect: station
+        description: the station where the bike is picked up
+      - action: utter_bike_rented
+  return_bike:
+    name: return a bike
+    description: Return a rented bike at a station.
+    steps:
+      - collect: station
+        description: the station where the bike is returned
+      - action: utter_bike_returned
+  check_weather:
+    name: check the weather
+    description: Tell the user the weather forecast for a ride.
+    steps:
+      - action: utter_weather
+"""
+
+DOMAIN = """
+version: "3.1"
+slots:
+  bike_type:
+    type: categorical
+    values: [city, mountain, electric]
+    mappings:
+      - type: from_llm
+  rental_days:
+    type: float
+    mappings:
+      - type: from_llm
+  station:
+    type: text
+    mappings:
+      - type: from_llm
+responses:
+  utter_ask_bike_type:
+    - text: Which bike would you like?
+  utter_ask_rental_days:
+    - text: For how many days?
+  utter_ask_station:
+    - text: Which station?
+  utter_bike_rented:
+    - text: Your {bike_type} bike is waiting at {station}.
+  utter_bike_returned:
+    - text: Thanks for bringing it back.
+  utter_weather:
+    - text: Sunny, no rain.
+  utter_can_do_something_else:
+    - text: Anything else for your ride?
+"""
+
+# Each user turn is checked by `bot_uttered` alone: the assertions do not say which commands the LLM gave.
+TESTS = """
+test_cases:
+  - test_case: rents a bike
+    steps:
+      - user: I'd like to rent a bike
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_bike_type
+      - user: an electric one
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_rental_days
+      - user: what's the weather tomorrow?
+        assertions:
+          - bot_uttered:
+              utter_name: utter_weather
+          - bot_uttered:
+              utter_name: utter_ask_continue_interrupted_flow_confirmation
+      - user: two days
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_station
+      - user: Central Station
+        assertions:
+          - bot_uttered:
+              utter_name: utter_bike_rented
+          - bot_uttered:
+              utter_name: utter_can_do_something_else
+
+  - test_case: returns a bike
+    steps:
+      - user: I'm bringing my bike back
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_station
+      - user: will it rain today?
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_station
+
+  - test_case: the LLM starts another flow
+    steps:
+      - user: can I hire a bike for the weekend?
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_bike_type
+
+  - test_case: the LLM cannot handle it
+    steps:
+      - user: a city bike for me please
+        assertions:
+          - bot_uttered:
+              utter_name: utter_ask_rental_days
+"""
+
+# What the scripted command generator answers to each user message (the prompt ends with it, quoted).
+ANSWERS = {
+    "I'd like to rent a bike": "start flow rent_bike",
+    "an electric one": "set slot bike_type electric",
+    "what's the weather tomorrow?": "start flow check_weather",
+    "two days": "set slot rental_days 2",
+    "Central Station": "set slot station Central Station",
+    # utter_ask_station is said by rent_bike and by return_bike: either one satisfies it.
+    "I'm bringing my bike back": "start flow return_bike",
+    # check_weather asks nothing, so it can end within the turn and the bot re-asks return_bike's question.
+    "will it rain today?": "start flow check_weather",
+    "can I hire a bike for the weekend?": "start flow return_bike",  # wrong: the bot asks for the bike type
+    "a city bike for me please": "cannot handle",  # wrong: the bot asks for the days of the rental
+}
+
+TESTS_FILE = "bikes/e2e/bikes.yml"
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+
+
+def read(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def bikes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The bike-rental assistant and its tests; the working directory is tmp_path, so outputs name `bikes/...`."""
+    write(tmp_path / "bikes" / "data" / "flows.yml", FLOWS)
+    write(tmp_path / "bikes" / "domain.yml", DOMAIN)
+    write(tmp_path / TESTS_FILE, TESTS)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "bikes"
+
+
+def user_message(request: ChatRequest) -> str:
+    match = re.search(r'last message, "(.*)", one per line', request.prompt)
+    assert match is not None, request.prompt[-300:]
+    return match.group(1)
+
+
+async def run(bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OPENAI_API_KEY", llm_server.api_key or "")
+    config = bikes.parent / "llm.yml"
+    llm = {"provider": "self-hosted", "model": "m", "api_base": llm_server.base_url}
+    config.write_text(yaml.safe_dump({"syntax": "v2", "llm": llm}))
+    out = bikes.parent / "out"
+    options = PrepareDataOptions(
+        e2e_paths=(Path("bikes/e2e"),),
+        assistant=Path("bikes"),
+        out=out,
+        cache_dir=bikes.parent / "cache",
+        num_rephrases=0,
+        concurrency=2,
+        llm_config=config,
+    )
+    await prepare_data(options)
+    return out
+
+
+async def test_bot_uttered_turns_accept_only_answers_that_lead_to_the_asserted_responses(
+    bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm_server.script(lambda request: ANSWERS[user_message(request)])
+    out = await run(bikes, llm_server, monkeypatch)
+    summary = read(out / "result_summary.yaml")
+    assert summary["num_input_e2e_tests"] == 4
+    assert summary["num_annotated_conversations"] == 2
+    assert summary["num_failed_conversations"] == 2
+
+    # The right answers are kept, with the pattern's responses (continue interrupted, completed) unchecked.
+    annotations = out / "1_command_annotations"
+    rents, returns = read(annotations / "bikes.yml")["conversations"]
+    assert rents["original_test_case"] == f"{TESTS_FILE}::rents a bike"
+    assert [s.get("llm_commands") for s in rents["steps"] if "user" in s] == [
+        ["start flow rent_bike"],
+        ["set slot bike_type electric"],
+        ["start flow check_weather"],
+        ["set slot rental_days 2"],
+        ["set slot station Central Station"],
+    ]
+    assert returns["original_test_case"] == f"{TESTS_FILE}::returns a bike"
+    assert [s.get("llm_commands") for s in returns["steps"] if "user" in s] == [
+        ["start flow return_bike"],
+        ["start flow check_weather"],
+    ]
+
+    # A flow the bot's next question does not belong to: rejected, with the reason on one line.
+    failures = {f["test_case"]: f for f in read(annotations / "failed_test_cases.yml")["failed_test_cases"]}
+    assert sorted(failures) == ["the LLM cannot handle it", "the LLM starts another flow"]
+    other = failures["the LLM starts another flow"]
+    assert (other["turn_index"], other["user_message"]) == (0, "can I hire a bike for the weekend?")
+    assert other["expected"] == "start or continue rent_bike (the bot then says utter_ask_bike_type)"
+    assert other["actual"] == (
+        "start flow return_bike\n(the bot then says utter_ask_bike_type of rent_bike, which this turn neither "
+        "starts nor continues; starts return_bike, but the bot then says utter_ask_bike_type of rent_bike)"
+    )
+    cannot = failures["the LLM cannot handle it"]
+    assert (cannot["turn_index"], cannot["user_message"]) == (0, "a city bike for me please")
+    assert cannot["expected"] == "start or continue rent_bike (the bot then says utter_ask_rental_days)"
+    assert cannot["actual"] == (
+        "cannot handle\n(the bot then says utter_ask_rental_days of rent_bike, which this turn neither starts "
+        "nor continues)"
+    )
+
+
+async def test_an_llm_that_always_cannot_handle_labels_no_bot_uttered_turn(
+    bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a stub LLM got through before: every test whose first turn the bot answers with a user flow's
+    response fails at that turn."""
+    llm_server.script(lambda request: "cannot handle")
+    out = await run(bikes, llm_server, monkeypatch)
+    summary = read(out / "result_summary.yaml")
+    assert (summary["num_input_e2e_tests"], summary["num_annotated_conversations"]) == (4, 0)
+    failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
+    assert [(f["test_case"], f["turn_index"]) for f in failures] == [
+        ("rents a bike", 0),
+        ("returns a bike", 0),
+        ("the LLM starts another flow", 0),
+        ("the LLM cannot handle it", 0),
+    ]
+    assert failures[1]["actual"] == (
+        "cannot handle\n(the bot then says utter_ask_station of rent_bike, return_bike, which this turn neither "
+        "starts nor continues)"
+    )
