@@ -117,6 +117,13 @@ test_cases:
           - bot_uttered:
               utter_name: utter_ask_station
 
+  - test_case: asks about the weather
+    steps:
+      - user: how's the weather for a ride?
+        assertions:
+          - bot_uttered:
+              text_matches: Sunny, no rain.
+
   - test_case: the LLM starts another flow
     steps:
       - user: can I hire a bike for the weekend?
@@ -143,6 +150,7 @@ ANSWERS = {
     "I'm bringing my bike back": "start flow return_bike",
     # check_weather asks nothing, so it can end within the turn and the bot re-asks return_bike's question.
     "will it rain today?": "start flow check_weather",
+    "how's the weather for a ride?": "start flow check_weather",  # text_matches renders utter_weather
     "can I hire a bike for the weekend?": "start flow return_bike",  # wrong: the bot asks for the bike type
     "a city bike for me please": "cannot handle",  # wrong: the bot asks for the days of the rental
 }
@@ -200,13 +208,13 @@ async def test_bot_uttered_turns_accept_only_answers_that_lead_to_the_asserted_r
     llm_server.script(lambda request: ANSWERS[user_message(request)])
     out = await run(bikes, llm_server, monkeypatch)
     summary = read(out / "result_summary.yaml")
-    assert summary["num_input_e2e_tests"] == 4
-    assert summary["num_annotated_conversations"] == 2
+    assert summary["num_input_e2e_tests"] == 5
+    assert summary["num_annotated_conversations"] == 3
     assert summary["num_failed_conversations"] == 2
 
     # The right answers are kept, with the pattern's responses (continue interrupted, completed) unchecked.
     annotations = out / "1_command_annotations"
-    rents, returns = read(annotations / "bikes.yml")["conversations"]
+    rents, returns, weather = read(annotations / "bikes.yml")["conversations"]
     assert rents["original_test_case"] == f"{TESTS_FILE}::rents a bike"
     assert [s.get("llm_commands") for s in rents["steps"] if "user" in s] == [
         ["start flow rent_bike"],
@@ -220,6 +228,8 @@ async def test_bot_uttered_turns_accept_only_answers_that_lead_to_the_asserted_r
         ["start flow return_bike"],
         ["start flow check_weather"],
     ]
+    assert weather["original_test_case"] == f"{TESTS_FILE}::asks about the weather"
+    assert [s.get("llm_commands") for s in weather["steps"] if "user" in s] == [["start flow check_weather"]]
 
     # A flow the bot's next question does not belong to: rejected, with the reason on one line.
     failures = {f["test_case"]: f for f in read(annotations / "failed_test_cases.yml")["failed_test_cases"]}
@@ -248,15 +258,20 @@ async def test_an_llm_that_always_cannot_handle_labels_no_bot_uttered_turn(
     llm_server.script(lambda request: "cannot handle")
     out = await run(bikes, llm_server, monkeypatch)
     summary = read(out / "result_summary.yaml")
-    assert (summary["num_input_e2e_tests"], summary["num_annotated_conversations"]) == (4, 0)
+    assert (summary["num_input_e2e_tests"], summary["num_annotated_conversations"]) == (5, 0)
     failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
     assert [(f["test_case"], f["turn_index"]) for f in failures] == [
         ("rents a bike", 0),
         ("returns a bike", 0),
+        ("asks about the weather", 0),
         ("the LLM starts another flow", 0),
         ("the LLM cannot handle it", 0),
     ]
     assert failures[1]["actual"] == (
         "cannot handle\n(the bot then says utter_ask_station of rent_bike, return_bike, which this turn neither "
         "starts nor continues)"
+    )
+    assert failures[2]["actual"] == (
+        "cannot handle\n(the bot then says utter_weather of check_weather, which this turn neither starts nor "
+        "continues)"
     )

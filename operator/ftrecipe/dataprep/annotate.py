@@ -215,14 +215,21 @@ def _response_pattern(text: str) -> re.Pattern[str]:
     return re.compile(".+?".join(re.escape(part) for part in parts), re.DOTALL)
 
 
-def _response_of_text(assistant: Assistant, text: str) -> str | None:
-    """The response a `bot:` line is a rendering of; a variant that is only placeholders matches nothing."""
+def _responses_of_text(assistant: Assistant, text: str) -> list[str]:
+    """The responses a bot text is a rendering of; a variant that is only placeholders matches nothing."""
+    names: list[str] = []
     for response in assistant.responses.values():
         for variant in response.texts:
             literal = re.sub(r"\{\w+\}", "", variant).strip()
             if literal and _response_pattern(variant).fullmatch(text.strip()):
-                return response.name
-    return None
+                names.append(response.name)
+                break
+    return names
+
+
+def _response_of_text(assistant: Assistant, text: str) -> str | None:
+    """The response a `bot:` line is a rendering of (the first the domain lists)."""
+    return next(iter(_responses_of_text(assistant, text)), None)
 
 
 def shown_after(assistant: Assistant, test: TestCase, index: int) -> ShownAfter:
@@ -246,10 +253,17 @@ def shown_after(assistant: Assistant, test: TestCase, index: int) -> ShownAfter:
     return ShownAfter(tuple(dict.fromkeys(responses)), tuple(slots_set), tuple(slots_not_set))
 
 
-def shown_by_assertions(step: UserStep) -> ShownAfter:
-    """The responses (and `action_ask_<slot>` actions) an assertion-style step asserts the bot uttered.
-    Assertions are not exhaustive: only what they name claims anything."""
-    names = [a.utter_name for a in step.assertions if isinstance(a, BotUttered) and a.utter_name]
+def shown_by_assertions(assistant: Assistant, step: UserStep) -> ShownAfter:
+    """The responses (and `action_ask_<slot>` actions) an assertion-style step asserts the bot uttered: by
+    `utter_name`, or by a `text_matches` that renders exactly one response (a pattern, or a text several
+    responses share, claims nothing). Assertions are not exhaustive: only what they name claims anything."""
+    names: list[str] = []
+    for assertion in step.assertions:
+        if isinstance(assertion, BotUttered) and assertion.utter_name:
+            names.append(assertion.utter_name)
+        elif isinstance(assertion, BotUttered) and assertion.text_matches:
+            rendered = _responses_of_text(assistant, assertion.text_matches)
+            names += rendered if len(rendered) == 1 else []
     names += [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
     return ShownAfter(tuple(dict.fromkeys(names)))
 
@@ -496,7 +510,7 @@ def _shown_to_check(assistant: Assistant, test: TestCase, turn: Turn) -> ShownAf
         return shown_after(assistant, test, turn.step_index) or None
     if not expectations(turn, assistant).undetermined:
         return None
-    return shown_by_assertions(turn.step) or None
+    return shown_by_assertions(assistant, turn.step) or None
 
 
 async def annotate_conversation(
