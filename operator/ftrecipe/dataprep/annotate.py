@@ -51,7 +51,7 @@ from ftrecipe.dataprep.e2e import (
 )
 from ftrecipe.dataprep.llm import LLMClient, LLMError
 from ftrecipe.dataprep.prompt import PromptTemplate
-from ftrecipe.dataprep.state import ReplayFailure, Turn, conversation, refused_slots
+from ftrecipe.dataprep.state import Replay, ReplayFailure, Turn, conversation, refused_slots
 from ftrecipe.dataprep.yamlfile import plain
 
 # Built-in patterns whose start means the command generator issued this command.
@@ -66,6 +66,8 @@ PATTERN_COMMANDS: dict[str, Command] = {
 }
 
 Annotator = Literal["llm", "assertions"]
+
+NOTHING_SAID = "the assertions do not say what the user's message did"
 
 
 # ------------------------------------------------------------------------------------------ expectations
@@ -154,7 +156,7 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
             "label it with --annotator llm"
         )
     elif not unique and not start_one_of and not without_value and not correction:
-        undetermined.append("the assertions do not say what the user's message did")
+        undetermined.append(NOTHING_SAID)
     return Expectations(unique, tuple(start_one_of), tuple(without_value), correction, tuple(undetermined))
 
 
@@ -425,18 +427,107 @@ def _asks_before_filling(assistant: Assistant, slot: str) -> bool:
     )
 
 
+def _replay_asks(turn: Turn, commands: Sequence[Command], assistant: Assistant) -> str | None:
+    """The slot the bot asks next when these commands start a flow that was not active: the turn's slots,
+    its commands and asserted slots, then the flows run as the replay runs them (a started flow from its
+    first step: a collect whose slot is already filled is passed by). None when nothing is asked."""
+    replay = Replay(assistant, {})
+    replay.state.slots = dict(turn.slots_before)
+    replay.apply_commands(commands)
+    replay.apply_assertions(turn.step, commands)
+    try:
+        replay.follow_flows()
+    except ReplayFailure:
+        return None
+    return replay.state.asked
+
+
+def _unexplained_flows(
+    turn: Turn, commands: Sequence[Command], assistant: Assistant, shown: ShownAfter
+) -> set[str]:
+    """User flows whose responses the bot says next although the commands neither start nor continue them
+    (the same `live` flows `shown_problems` counts), with the responses that name them."""
+    owners = _response_owners(assistant)
+    started = {c.flow for c in commands if isinstance(c, StartFlow)}
+    by_command = {pattern for pattern, command in PATTERN_COMMANDS.items() if command in commands}
+    live = _reachable(assistant, set(turn.active_flows) | started | by_command)
+    unexplained: set[str] = set()
+    for response in shown.responses:
+        flows = owners.get(response, set())
+        if flows and not any(f.startswith("pattern_") for f in flows) and not flows & live:
+            unexplained |= flows
+    return unexplained
+
+
+def _question_of(assistant: Assistant, flow_id: str, shown: ShownAfter) -> tuple[str, str] | None:
+    """The (response, slot) of the first shown response that asks a collect of `flow_id`."""
+    for response in shown.responses:
+        for collect in assistant.flows[flow_id].collect_steps():
+            if collect.target is not None and response in assistant.ask_names(collect):
+                return response, collect.target
+    return None
+
+
 def derive_commands(turn: Turn, assistant: Assistant, syntax: Syntax) -> list[Command] | str:
-    """Commands from the assertions alone, or why they do not determine them."""
+    """Commands from the assertions alone, or why they do not determine them. They must pass the check the
+    LLM's answers pass (`shown_problems`, against the asserted `bot_uttered` names). The one inference:
+    the bot next asks a question of ONE user flow F that is not active and that the asserted commands
+    neither start nor reach by link / call: Rasa only asks it because the message started F, so
+    `start flow F` joins the commands when no other flow reaches F by link / call (which one started would
+    be unknown), the check then passes and the replay, with them, asks exactly
+    the slot the test shows next (else an unasserted earlier collect of F was filled by the message, and
+    the label would miss that `set slot`).
+
+    A turn whose assertions say nothing but `bot_uttered` gets the same inference, from no commands: the
+    same evidence (F's question, F not active, exactly one flow) and the same replay check (the asked slot
+    is F's first empty collect, so the message filled none of F's earlier slots) determine `start flow F`
+    as well as they do beside a slot_was_set. Assertions are not exhaustive in either case: a slot of a
+    LATER collect the message filled stays unknown, which the asserted turns accept too."""
     expected = expectations(turn, assistant)
-    if expected.undetermined:
+    nothing_said = expected.undetermined == (NOTHING_SAID,)
+    if expected.undetermined and not nothing_said:
         return "; ".join(expected.undetermined)
     if expected.correction and not any(
         isinstance(c, SetSlot) and turn.slots_before.get(c.name) is not None for c in expected.required
     ):
         return "pattern_correction without the corrected slot's new value"
     order = {StartFlow: 0, CancelFlow: 0, SetSlot: 1}
-    ordered = sorted(expected.required, key=lambda c: order.get(type(c), 2))
-    return fold_for_syntax(ordered, syntax)
+
+    def ordered(commands: Sequence[Command]) -> list[Command]:
+        return fold_for_syntax(sorted(commands, key=lambda c: order.get(type(c), 2)), syntax)
+
+    derived = ordered(expected.required)
+    shown = shown_by_assertions(assistant, turn.step)
+    found = shown_problems(turn, derived, assistant, syntax, shown) if shown else []
+    if not found:
+        return NOTHING_SAID if nothing_said else derived
+    unexplained = _unexplained_flows(turn, derived, assistant, shown)
+    question = _question_of(assistant, next(iter(unexplained)), shown) if len(unexplained) == 1 else None
+    # A clarification waits for the user's choice: a flow's question next contradicts it, it starts nothing.
+    if question is None or any(isinstance(c, Clarify) for c in derived):
+        if nothing_said:  # no question to infer from: what the message did stays unknown
+            return NOTHING_SAID
+        return f"the derived commands disagree with what the bot then says: {'; '.join(found)}"
+    response, slot = question
+    flow_id = next(iter(unexplained))
+    reason = (
+        f"the bot then asks {response} of {flow_id}, which the asserted commands neither start nor continue"
+    )
+    # Another flow that links to / calls F would ask the same question: which one started is unknown.
+    callers = sorted(
+        f.id
+        for f in assistant.user_flows()
+        if f.id != flow_id and flow_id in _reachable(assistant, {f.id}) and f.id not in turn.active_flows
+    )
+    if callers:
+        return f"{reason}, and {', '.join(callers)} reach it by link / call: the assertions do not say which flow started"
+    started = ordered([*expected.required, StartFlow(flow_id)])
+    if shown_problems(turn, started, assistant, syntax, shown) or problems(turn, started, assistant, syntax):
+        return reason
+    asked = _replay_asks(turn, started, assistant)
+    if asked != slot:
+        return f"{reason} (starting it, the bot would ask {asked or 'nothing'}, not {slot}: the message may have filled slots the assertions do not show)"
+    return started
 
 
 # ------------------------------------------------------------------------------------------ results
