@@ -163,6 +163,40 @@ def test_deleting_a_recipe_while_the_operator_is_down_is_immediate(k8s: K8s) -> 
     k8s.wait_for(lambda: k8s.list(PODS, NS) == [], message="its pod garbage-collected")
 
 
+def test_deleting_the_namespace_while_the_operator_is_down_completes(k8s: K8s) -> None:
+    body = manifest()
+    data = job_at(body, "data", "0.0.0")
+    settings = handlers(version="0.0.0", progress_seconds=0.2, resync_seconds=0.3)
+    with k8s.run_operator(settings, namespaces=[NS], watching=[CRD_RESOURCE, JOBS]) as run:
+        apply(k8s, body)
+        wait_job(k8s, data)
+        k8s.set_job_pod(data, NS, "Running", container="prepare-data")
+        k8s.set_job_status(data, NS, "running")
+        wait_phase(k8s, "PreparingData")
+        time.sleep(1.0)  # progress and resync ticks
+    assert not run.errors, run.messages()
+    # The operator is down: the namespace controller deletes everything in it, then the namespace itself.
+    k8s.delete("v1/namespaces", NS)
+    assert k8s.get("v1/namespaces", NS) is None
+    assert k8s.get(CRD_RESOURCE, "minimal", NS) is None
+    assert job_names(k8s) == [] and k8s.list(PODS, NS) == []
+
+
+def test_a_recipe_finalizer_nobody_removes_holds_its_namespace_terminating(k8s: K8s) -> None:
+    """What the namespace test above guards against: the emulator, like a cluster, keeps a namespace
+    Terminating while an object in it carries a finalizer (kopf's, with the operator down)."""
+    body = manifest()
+    body["metadata"]["finalizers"] = [KOPF_FINALIZER]
+    k8s.ensure_namespace(NS)
+    apply(k8s, body)
+    k8s.delete("v1/namespaces", NS)
+    namespace = k8s.get("v1/namespaces", NS)
+    assert namespace is not None and namespace["status"]["phase"] == "Terminating"
+    assert k8s.get(CRD_RESOURCE, "minimal", NS)["metadata"].get("deletionTimestamp")  # type: ignore[index]
+    k8s.patch(CRD_RESOURCE, "minimal", {"metadata": {"finalizers": None}}, NS)
+    assert k8s.get(CRD_RESOURCE, "minimal", NS) is None and k8s.get("v1/namespaces", NS) is None
+
+
 def test_the_finalizer_an_older_operator_added_is_removed(k8s: K8s) -> None:
     body = manifest()
     body["metadata"]["finalizers"] = [KOPF_FINALIZER]  # what a kopf timer made every recipe carry

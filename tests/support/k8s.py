@@ -974,6 +974,8 @@ class FakeKubernetes(kmock.KubernetesEmulator):
                 raise ApiError(409, f"Precondition failed: {key} in precondition: {preconditions[key]}")
         if meta.get("deletionTimestamp"):
             return copy.deepcopy(obj.raw)
+        if resource == "v1/namespaces":
+            return await self._delete_namespace(name)
         if meta.get("finalizers"):
             new = copy.deepcopy(obj.raw)
             new["metadata"]["deletionTimestamp"] = _now()
@@ -996,7 +998,37 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         await self._emit(resource, "DELETED", last)
         if self.garbage_collection:
             await self._collect_dependents(last["metadata"]["uid"], propagation or "Background")
+        if namespace is not None and resource != "v1/namespaces":
+            await self._remove_namespace_when_empty(namespace)
         return last
+
+    async def _delete_namespace(self, name: str) -> Body:
+        """Kubernetes' namespace controller: the namespace turns Terminating, everything in it is deleted
+        (each object honouring its finalizers), and the namespace goes once nothing is left in it. An
+        object whose finalizer nobody removes keeps the namespace Terminating, as on a real cluster."""
+        namespaces = kmock.resource("", "v1", "namespaces")
+        obj = self._require(namespaces, None, name)
+        new = copy.deepcopy(obj.raw)
+        new["metadata"]["deletionTimestamp"] = _now()
+        new.setdefault("status", {})["phase"] = "Terminating"
+        new["metadata"]["resourceVersion"] = self._next_rv()
+        obj.history.append(new)
+        await self._emit(namespaces, "MODIFIED", new)
+        for resource, namespace, object_name in self._objects_in(name):
+            live = self._live(resource, namespace, object_name)
+            if live is not None and not live.raw["metadata"].get("deletionTimestamp"):
+                await self.delete_object(resource, namespace, object_name)
+        return await self._remove_namespace_when_empty(name) or copy.deepcopy(new)
+
+    def _objects_in(self, namespace: str) -> builtins.list[tuple[kmock.resource, str | None, str]]:
+        return [key for key, obj in self.objects.items() if key[1] == namespace and not obj.deleted]
+
+    async def _remove_namespace_when_empty(self, name: str) -> Body | None:
+        namespaces = kmock.resource("", "v1", "namespaces")
+        obj = self._live(namespaces, None, name)
+        if obj is None or not obj.raw["metadata"].get("deletionTimestamp") or self._objects_in(name):
+            return None
+        return await self._finalise(namespaces, None, name)
 
     async def _collect_dependents(self, owner_uid: str, propagation: str) -> None:
         """Kubernetes' garbage collector, synchronously: delete what the owner owned, or orphan it.
