@@ -142,7 +142,8 @@ def test_a_retry_after_an_upgrade_reruns_only_the_failed_phase_with_its_recorded
     assert not new.errors, new.messages()
 
 
-def test_deleting_a_recipe_while_the_operator_is_down_is_immediate(k8s: K8s) -> None:
+def run_data_phase_then_stop_the_operator(k8s: K8s) -> None:
+    """A recipe whose data Job runs, with the operator's progress and resync ticks, then the operator gone."""
     body = manifest()
     data = job_at(body, "data", "0.0.0")
     settings = handlers(version="0.0.0", progress_seconds=0.2, resync_seconds=0.3)
@@ -156,6 +157,10 @@ def test_deleting_a_recipe_while_the_operator_is_down_is_immediate(k8s: K8s) -> 
         recipe = k8s.get(CRD_RESOURCE, "minimal", NS)
         assert recipe is not None and not recipe["metadata"].get("finalizers")
     assert not run.errors, run.messages()
+
+
+def test_deleting_a_recipe_while_the_operator_is_down_is_immediate(k8s: K8s) -> None:
+    run_data_phase_then_stop_the_operator(k8s)
     # The operator is down: the recipe goes at once, its Job by its ownerReference, the pod by the Job's.
     k8s.delete(CRD_RESOURCE, "minimal", NS)
     assert k8s.get(CRD_RESOURCE, "minimal", NS) is None
@@ -164,17 +169,7 @@ def test_deleting_a_recipe_while_the_operator_is_down_is_immediate(k8s: K8s) -> 
 
 
 def test_deleting_the_namespace_while_the_operator_is_down_completes(k8s: K8s) -> None:
-    body = manifest()
-    data = job_at(body, "data", "0.0.0")
-    settings = handlers(version="0.0.0", progress_seconds=0.2, resync_seconds=0.3)
-    with k8s.run_operator(settings, namespaces=[NS], watching=[CRD_RESOURCE, JOBS]) as run:
-        apply(k8s, body)
-        wait_job(k8s, data)
-        k8s.set_job_pod(data, NS, "Running", container="prepare-data")
-        k8s.set_job_status(data, NS, "running")
-        wait_phase(k8s, "PreparingData")
-        time.sleep(1.0)  # progress and resync ticks
-    assert not run.errors, run.messages()
+    run_data_phase_then_stop_the_operator(k8s)
     # The operator is down: the namespace controller deletes everything in it, then the namespace itself.
     k8s.delete("v1/namespaces", NS)
     assert k8s.get("v1/namespaces", NS) is None
