@@ -183,11 +183,7 @@ def user_message(request: ChatRequest) -> str:
     return match.group(1)
 
 
-async def run(bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("OPENAI_API_KEY", llm_server.api_key or "")
-    config = bikes.parent / "llm.yml"
-    llm = {"provider": "self-hosted", "model": "m", "api_base": llm_server.base_url}
-    config.write_text(yaml.safe_dump({"syntax": "v2", "llm": llm}))
+async def run(bikes: Path, llm_config: Path) -> Path:
     out = bikes.parent / "out"
     options = PrepareDataOptions(
         e2e_paths=(Path("bikes/e2e"),),
@@ -196,17 +192,17 @@ async def run(bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatc
         cache_dir=bikes.parent / "cache",
         num_rephrases=0,
         concurrency=2,
-        llm_config=config,
+        llm_config=llm_config,
     )
     await prepare_data(options)
     return out
 
 
 async def test_bot_uttered_turns_accept_only_answers_that_lead_to_the_asserted_responses(
-    bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+    bikes: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
     llm_server.script(lambda request: ANSWERS[user_message(request)])
-    out = await run(bikes, llm_server, monkeypatch)
+    out = await run(bikes, llm_config)
     summary = read(out / "result_summary.yaml")
     assert summary["num_input_e2e_tests"] == 5
     assert summary["num_annotated_conversations"] == 3
@@ -251,12 +247,12 @@ async def test_bot_uttered_turns_accept_only_answers_that_lead_to_the_asserted_r
 
 
 async def test_an_llm_that_always_cannot_handle_labels_no_bot_uttered_turn(
-    bikes: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+    bikes: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
     """What a stub LLM got through before: every test whose first turn the bot answers with a user flow's
     response fails at that turn."""
     llm_server.script(lambda request: "cannot handle")
-    out = await run(bikes, llm_server, monkeypatch)
+    out = await run(bikes, llm_config)
     summary = read(out / "result_summary.yaml")
     assert (summary["num_input_e2e_tests"], summary["num_annotated_conversations"]) == (5, 0)
     failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]

@@ -250,20 +250,6 @@ def answer(request: ChatRequest) -> str:
     return ANSWERS[match.group(1)]
 
 
-def llm_config(tmp_path: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("OPENAI_API_KEY", llm_server.api_key or "")
-    path = tmp_path / "llm.yml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "syntax": "v2",
-                "llm": {"provider": "self-hosted", "model": "m", "api_base": llm_server.base_url},
-            }
-        )
-    )
-    return path
-
-
 def options(cafe: Path, **changes: Any) -> PrepareDataOptions:
     values: dict[str, Any] = {
         "e2e_paths": (Path("cafe/e2e"),),
@@ -284,12 +270,11 @@ SKIPPED = [
 
 
 async def test_llm_path_names_repeated_tests_apart_and_checks_legacy_tests(
-    cafe: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+    cafe: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
     llm_server.script(answer)
     logs = io.StringIO()
-    config = llm_config(cafe.parent, llm_server, monkeypatch)
-    result = await prepare_data(options(cafe, llm_config=config), LineReporter(logs))
+    result = await prepare_data(options(cafe, llm_config=llm_config), LineReporter(logs))
     out = cafe.parent / "out"
     summary = read(out / "result_summary.yaml")
 
