@@ -375,6 +375,21 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "resource quantity",
     ),
     ("empty-target-modules", _set("spec.training.lora.targetModules", []), "targetModules", "at least 1"),
+    # What vLLM would refuse to serve (facts from vLLM's source, docs/training.md).
+    ("lora-rank-above-vllm", _set("spec.training.lora.r", 640), "spec.training.lora.r", "must be <= 512"),
+    (
+        "lm-head-target",
+        _set("spec.training.lora.targetModules", ["q_proj", "lm_head"]),
+        "spec.training.lora.targetModules[1]",
+        "lm_head cannot carry a LoRA that vLLM serves",
+    ),
+    (
+        "embed-tokens-target",
+        _set("spec.training.lora.targetModules", ["model.embed_tokens"]),
+        "targetModules[0]",
+        "remove it from targetModules",
+    ),
+    ("lora-bias", _set("spec.training.lora.bias", "all"), "spec.training.lora", "use bias: none"),
     ("temperature-too-high", _set("spec.commandGenerator.llm.temperature", 3), "temperature", "<= 2"),
     ("bad-queue-name", _set("spec.queueName", "GPU Queue"), "queueName", "lowercase name"),
     (

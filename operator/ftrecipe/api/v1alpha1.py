@@ -810,20 +810,89 @@ class BaseModelSource(ExactlyOne):
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# What vLLM serves, so a recipe cannot train an adapter the server then refuses (sources in docs/training.md).
+# `--max-lora-rank` accepts only these values (vllm/config/lora.py, MaxLoRARanks; default 16).
+VLLM_LORA_RANKS: Final = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM wraps these only for model classes that list them in `embedding_modules` and vocabularies it
+# supports; elsewhere loading fails ("expected target modules in … but received …"). A command generator
+# needs neither.
+VLLM_UNSERVABLE_TARGETS: Final = ("lm_head", "embed_tokens")
+MAX_TARGET_MODULES: Final = 64  # bounds the CEL cost of checking every name
+
+
+def _servable_target(name: str) -> str:
+    if name.rsplit(".", 1)[-1] in VLLM_UNSERVABLE_TARGETS:
+        raise PydanticCustomError(
+            "vllm_unservable_target",
+            "{name} cannot carry a LoRA that vLLM serves on every model (vLLM adapts lm_head and embed_tokens "
+            "only on some architectures and vocabularies); remove it from targetModules",
+            {"name": name},
+        )
+    return name
+
+
+def _unservable_target_rule() -> str:
+    names = _cel_list(VLLM_UNSERVABLE_TARGETS)
+    ends = " && ".join(f"!m.endsWith('.{name}')" for name in VLLM_UNSERVABLE_TARGETS)
+    return f"!has(self.targetModules) || self.targetModules.all(m, !(m in {names}) && {ends})"
+
 
 class LoraSpec(ApiModel):
     """LoRA adapter shape (peft LoraConfig)."""
 
-    r: Annotated[int, Field(description="Rank of the update matrices.", ge=1, le=1024)] = 16
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                _unservable_target_rule(),
+                "targetModules: lm_head and embed_tokens cannot carry a LoRA that vLLM serves on every model; "
+                "remove them",
+            ),
+            (
+                "!has(self.bias) || self.bias == 'none'",
+                "bias: vLLM does not load adapter biases (support removed in 2025); use none",
+            ),
+        )
+    )
+
+    r: Annotated[
+        int,
+        Field(
+            description="Rank of the update matrices; at most 512, the largest rank vLLM serves "
+            "(`--max-lora-rank` accepts 1, 8, 16, 32, 64, 128, 256, 320 or 512; the model card's command "
+            "takes the next one up).",
+            ge=1,
+            le=VLLM_LORA_RANKS[-1],
+        ),
+    ] = 16
     alpha: Annotated[int, Field(description="Scaling numerator (lora_alpha).", ge=1, le=4096)] = 16
     dropout: Annotated[float, Field(description="Dropout on the LoRA input.", ge=0.0, lt=1.0)] = 0.05
-    bias: Annotated[Literal["none", "all", "lora_only"], Field(description="Which biases are trained.")] = (
-        "none"
-    )
+    bias: Annotated[
+        Literal["none", "all", "lora_only"],
+        Field(
+            description="Which biases are trained; only none is accepted, because vLLM does not load the "
+            "biases an adapter would ship."
+        ),
+    ] = "none"
     target_modules: Annotated[
-        list[Annotated[str, Field(min_length=1)]],
-        Field(description="Module names that get adapters.", min_length=1),
+        list[Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_servable_target)]],
+        Field(
+            description="Module names that get adapters; not lm_head or embed_tokens, which vLLM does not "
+            "serve adapted on every model.",
+            min_length=1,
+            max_length=MAX_TARGET_MODULES,
+        ),
     ] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    @model_validator(mode="after")
+    def _servable_bias(self) -> LoraSpec:
+        if self.bias != "none":
+            raise PydanticCustomError(
+                "vllm_lora_bias",
+                "bias {bias}: vLLM does not load adapter biases (support removed in 2025), so the adapter would "
+                "not be served; use bias: none",
+                {"bias": self.bias},
+            )
+        return self
 
 
 class HyperparametersSpec(ApiModel):
