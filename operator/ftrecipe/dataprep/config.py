@@ -43,6 +43,7 @@ class GeneratorConfig:
     prompt_template: Path | None = None
     llm: LLMSettings | None = None
     source: str = "defaults"
+    generator_class: str | None = None  # the pipeline component's class name, when a Rasa config names one
     syntax_assumed: bool = False  # a custom generator class: the syntax is a guess an explicit one overrides
     warnings: tuple[str, ...] = ()
     # Rasa's `include_date_time` and `timezone` (defaults true and UTC): whether the template gets
@@ -92,6 +93,7 @@ class LLMConfigFile:
             prompt_template=self.prompt_template or rasa.prompt_template,
             llm=self.llm or rasa.llm,
             source=f"{self.path} over {rasa.source}",
+            generator_class=rasa.generator_class,
             warnings=rasa.warnings,
             include_date_time=rasa.include_date_time,
             timezone=rasa.timezone,
@@ -159,6 +161,7 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
             prompt_template=(config.parent / str(template)) if template else None,
             llm=llm,
             source=f"{config} ({name})",
+            generator_class=name,
             syntax_assumed=assumed,
             warnings=warnings,
             include_date_time=bool(component.get("include_date_time", True)),

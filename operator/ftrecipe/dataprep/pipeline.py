@@ -134,13 +134,18 @@ def _params(
     template_source: str,
     rephraser_source: str,
     instant: PromptInstant | None = None,
+    *,
+    template_text: str,
 ) -> dict[str, Any]:
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     params["e2e_paths"] = [str(p) for p in options.e2e_paths]
     params["command_generator"] = {
         "source": generator.source,
+        "class": generator.generator_class,  # None: no Rasa config named one
         "syntax": generator.syntax,
         "prompt_template": template_source,
+        # What `train` copies into the bundle, so production's template can be checked against it.
+        "prompt_template_sha256": hashlib.sha256(template_text.encode("utf-8")).hexdigest(),
         "llm": generator.llm.model_dump(exclude_none=True) if generator.llm else None,
     }
     params["rephraser"] = {"source": rephraser_source}
@@ -533,7 +538,10 @@ async def prepare_data(
         summary["warnings"] = [*load_warnings, *summary["skipped_test_files"]]
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
         _dump_yaml(
-            staging / "params.yaml", _params(options, generator, template.source, rephraser.source, instant)
+            staging / "params.yaml",
+            _params(
+                options, generator, template.source, rephraser.source, instant, template_text=template.text
+            ),
         )
         _dump_yaml(staging / "result_summary.yaml", summary)
         publish_bundle(
