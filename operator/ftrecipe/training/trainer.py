@@ -52,6 +52,7 @@ from ftrecipe.training.data import (
     tokenize_file,
 )
 from ftrecipe.training.launch import is_main_process
+from ftrecipe.training.sampling import with_epoch_seeded_order
 
 RANK_WAIT_SECONDS = 7200  # how long ranks wait for one another (collectives, rank 0's downloads)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
@@ -457,6 +458,16 @@ def apply_lora(model: Any, config: TrainConfig) -> Any:
 # --------------------------------------------------------------------------------------------- loop
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators (every device) from `seed`.
+
+    Called before the model is built: LoRA draws its A matrices then, before the Trainer seeds anything.
+    """
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
 def _steps_per_epoch(examples: int, config: TrainConfig, world_size: int) -> int:
     hp = config.hyperparameters
     batches = math.ceil(examples / (hp.batch_size * world_size))
@@ -821,6 +832,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
             "mixed_precision": precision.mixed_precision,
         }
     )
+    seed_everything(hp.seed)  # LoRA's A matrices are drawn at random: from the seed, not from the clock
     model = load_model(config, base, precision)
     model = apply_lora(model, config)  # once: the Trainer gets the PeftModel, never a peft_config
 
@@ -868,7 +880,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         stop["requested"] = True
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    trainer = Trainer(
+    trainer = with_epoch_seeded_order(Trainer)(
         model=model,
         args=args,
         train_dataset=train.examples,
