@@ -13,7 +13,7 @@ import yaml
 from ftrecipe.dataprep.e2e import read_e2e_tests, read_test_suite
 from ftrecipe.dataprep.pipeline import prepare_data
 from support.llm_server import ChatRequest, LLMServer
-from support.moneybank import EXAMPLE, TESTS, options
+from support.moneybank import EXAMPLE, LABELS, TESTS, TableGenerator, options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,19 +23,23 @@ def read(path: Path) -> Any:
 
 
 async def test_llm_annotation_of_the_example_suite(
-    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
-    llm_server.script(lambda request: answers[request.prompt])
+    generator = TableGenerator()
+    llm_server.script(generator)
     result = await prepare_data(options(tmp_path, llm_config))
     out = tmp_path / "out"
+    assert llm_server.script_errors == []
     n_tests = sum(len(s.test_cases) for s in read_e2e_tests([TESTS]))
-    assert n_tests >= 20
+    assert n_tests == 35 == len({label.test for label in LABELS})
     assert result.summary["num_input_e2e_tests"] == n_tests
     assert result.summary["num_annotated_conversations"] == n_tests
-    assert result.summary["num_user_messages_to_rephrase_across_conversations"] == len(answers)
-    # Exactly one call per annotated turn, each sending the rendered production prompt as one user message.
-    assert len(llm_server.chat_requests) == len(answers)
-    assert {r.prompt for r in llm_server.chat_requests} == set(answers)
+    # 91 turns: every user message of the suite but the two button clicks (payloads skip the LLM).
+    assert result.summary["num_user_messages_to_rephrase_across_conversations"] == len(LABELS) == 91
+    # Exactly one call per annotated turn, each sending the rendered production prompt as one user message,
+    # each showing the state the table expects for its message (else the generator would have raised).
+    assert len(llm_server.chat_requests) == len(LABELS)
+    assert sorted(label.state for label in generator.answered) == sorted(label.state for label in LABELS)
     assert all(len(r.messages) == 1 and r.messages[0]["role"] == "user" for r in llm_server.chat_requests)
     assert read(out / "1_command_annotations" / "failed_test_cases.yml") == {"failed_test_cases": []}
     # Every conversation of every file is kept (Rasa's own tool keeps only the last one per file).
@@ -58,19 +62,20 @@ async def test_llm_annotation_of_the_example_suite(
     first = read(out / "1_command_annotations" / "transfers.yml")["conversations"][0]
     assert first["original_test_case"].startswith("examples/moneybank/e2e_tests/payments/transfers.yml::")
     labelled = [s for c in conversations for s in c["steps"] if "llm_commands" in s]
-    assert len(labelled) == len(answers)
+    assert len(labelled) == len(LABELS)
     params = read(out / "params.yaml")
     assert params["command_generator"]["syntax"] == "v2"
     assert params["command_generator"]["prompt_template"] == "builtin:command_prompt_v2.jinja2"
     usage = result.summary["llm_usage"]["purposes"]["annotate"]
-    assert usage["calls"] == len(answers)
+    assert usage["calls"] == len(LABELS)
     assert usage["cache_hits"] == 0
 
 
 async def test_same_labels_as_the_assertions_annotator(
-    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
-    llm_server.script(lambda request: answers[request.prompt])
+    """The hand-written labels are what the offline annotator derives from the assertions, byte for byte."""
+    llm_server.script(TableGenerator())
     await prepare_data(options(tmp_path, llm_config, out=tmp_path / "by-llm"))
     await prepare_data(options(tmp_path, llm_config, out=tmp_path / "by-assertions", annotator="assertions"))
     for path in (tmp_path / "by-llm" / "1_command_annotations").glob("*.yml"):
@@ -80,12 +85,14 @@ async def test_same_labels_as_the_assertions_annotator(
 
 
 async def test_a_wrong_answer_fails_only_its_test(
-    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
+    table = TableGenerator()
+
     def script(request: ChatRequest) -> str:
         if '"Transfer 40 to Priya"' in request.prompt:
             return "start flow check_balance"
-        return answers[request.prompt]
+        return table(request)
 
     llm_server.script(script)
     result = await prepare_data(options(tmp_path, llm_config))
@@ -113,24 +120,24 @@ async def test_a_wrong_answer_fails_only_its_test(
     assert "transfer_correct_amount_before_confirming" not in split_names
     assert len(split_names) == result.summary["num_annotated_conversations"]
     # The failing test stopped at its first turn: no calls for its two later turns.
-    assert len(llm_server.chat_requests) == len(answers) - 2
+    assert len(llm_server.chat_requests) == len(LABELS) - 2
 
 
 async def test_errors_are_retried_and_a_rerun_is_served_from_the_cache(
-    tmp_path: Path, llm_server: LLMServer, llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path
 ) -> None:
-    llm_server.script(lambda request: answers[request.prompt])
+    llm_server.script(TableGenerator())
     llm_server.fail_next(1, status=500, retry_after=0.01)
     llm_server.fail_next(1, status=429, retry_after=0.01)
     first = await prepare_data(options(tmp_path, llm_config))
     assert first.summary["num_annotated_conversations"] == first.summary["num_input_e2e_tests"]
-    assert len(llm_server.chat_requests) == len(answers) + 2
+    assert len(llm_server.chat_requests) == len(LABELS) + 2
     assert first.summary["llm_usage"]["purposes"]["annotate"]["failures"] == 2
 
     before = len(llm_server.requests)
     second = await prepare_data(options(tmp_path, llm_config, out=tmp_path / "again"))
     assert len(llm_server.requests) == before  # zero calls
-    assert second.summary["llm_usage"]["purposes"]["annotate"]["cache_hits"] == len(answers)
+    assert second.summary["llm_usage"]["purposes"]["annotate"]["cache_hits"] == len(LABELS)
     for path in (tmp_path / "out" / "1_command_annotations").glob("*.yml"):
         assert path.read_text() == (tmp_path / "again" / "1_command_annotations" / path.name).read_text()
 
@@ -314,7 +321,7 @@ def test_cli_missing_api_key_is_one_line(tmp_path: Path) -> None:
 
 
 async def test_labelled_by_the_production_llm_named_in_config_and_endpoints(
-    tmp_path: Path, llm_server: LLMServer, answers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No --llm-config at all: Rasa's own files name the generator, its model group and its key variable."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -343,10 +350,10 @@ async def test_labelled_by_the_production_llm_named_in_config_and_endpoints(
             }
         )
     )
-    llm_server.script(lambda request: answers[request.prompt])
+    llm_server.script(TableGenerator())
     result = await prepare_data(options(tmp_path, None, config=config, endpoints=endpoints))
     assert result.summary["num_annotated_conversations"] == result.summary["num_input_e2e_tests"]
-    assert len(llm_server.chat_requests) == len(answers)
+    assert len(llm_server.chat_requests) == len(LABELS)
     assert {r.bearer for r in llm_server.requests if r.chat is not None} == {llm_server.api_key}
     params = read(tmp_path / "out" / "params.yaml")["command_generator"]
     assert params["syntax"] == "v2" and "CompactLLMCommandGenerator" in params["source"]

@@ -22,8 +22,8 @@ from ftrecipe.dataprep.prompt import PromptTemplate, default_template
 from ftrecipe.dataprep.yamlfile import InputError
 from ftrecipe.local.layout import resolve
 from ftrecipe.local.runner import phase_args
-from support.llm_server import ChatRequest, LLMServer
-from support.moneybank import EXAMPLE, TESTS, options
+from support.llm_server import LLMServer
+from support.moneybank import EXAMPLE, LABELS, TESTS, TableGenerator, options
 
 ROOT = Path(__file__).resolve().parents[1]
 # Our v2 prompt with the date on top, as production templates often have it: printed whole, and formatted
@@ -61,16 +61,6 @@ def dated_llm_config(tmp_path: Path, llm_server: LLMServer, monkeypatch: pytest.
     return path
 
 
-def answer_after_the_date(answers: dict[str, str]) -> Any:
-    """The perfect command generator, for prompts that carry the date line above the v2 prompt."""
-
-    def script(request: ChatRequest) -> str:
-        _date, rest = request.prompt.split("\n", 1)
-        return answers[rest]
-
-    return script
-
-
 def first_lines(server: LLMServer) -> set[str]:
     return {r.prompt.split("\n", 1)[0] for r in server.chat_requests}
 
@@ -80,13 +70,13 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 async def test_a_rerun_a_minute_later_makes_no_call_and_the_same_files(
-    tmp_path: Path, llm_server: LLMServer, dated_llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, dated_llm_config: Path
 ) -> None:
-    llm_server.script(answer_after_the_date(answers))
+    llm_server.script(TableGenerator())  # the date line above the v2 prompt is no part of its state
     run = options(tmp_path, dated_llm_config)
     first = await prepare_data(run, now=lambda: FIRST_RUN)
     assert first.summary["num_annotated_conversations"] == first.summary["num_input_e2e_tests"]
-    assert len(llm_server.chat_requests) == len(answers)
+    assert len(llm_server.chat_requests) == len(LABELS)
     # Whole seconds, UTC: what str() of Rasa's timezone-aware datetime prints.
     assert first_lines(llm_server) == {"Now: 2026-03-01 12:00:30+00:00 (Sunday 01 March 2026, UTC)"}
     record = next((tmp_path / "cache" / "prompt-datetime").glob("*.json"))
@@ -104,7 +94,7 @@ async def test_a_rerun_a_minute_later_makes_no_call_and_the_same_files(
     calls = len(llm_server.requests)
     second = await prepare_data(run, now=lambda: FIRST_RUN + timedelta(minutes=1))
     assert len(llm_server.requests) == calls  # zero calls
-    assert second.summary["llm_usage"]["purposes"]["annotate"]["cache_hits"] == len(answers)
+    assert second.summary["llm_usage"]["purposes"]["annotate"]["cache_hits"] == len(LABELS)
     after = files(tmp_path / "out")
     assert after.keys() == before.keys()
     # Every file byte for byte, but for what records the run itself: the bundle's markers (creation time),
@@ -121,21 +111,21 @@ async def test_a_rerun_a_minute_later_makes_no_call_and_the_same_files(
 
 
 async def test_an_edited_test_keeps_the_instant_and_costs_only_its_own_calls(
-    tmp_path: Path, llm_server: LLMServer, dated_llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, dated_llm_config: Path
 ) -> None:
     """The recorded instant belongs to the template and LLM, not to the tests (pipeline's documented choice)."""
-    llm_server.script(answer_after_the_date(answers))
+    llm_server.script(TableGenerator())  # the date line above the v2 prompt is no part of its state
     some = await prepare_data(
         options(tmp_path, dated_llm_config, e2e_paths=(TESTS / "accounts.yml",)), now=lambda: FIRST_RUN
     )
     first_calls = len(llm_server.chat_requests)
-    assert 0 < first_calls < len(answers)
+    assert 0 < first_calls < len(LABELS)
     assert some.summary["num_input_e2e_tests"] == 5
 
     later = FIRST_RUN + timedelta(days=30)
     every = await prepare_data(options(tmp_path, dated_llm_config, out=tmp_path / "all"), now=lambda: later)
     assert every.summary["num_annotated_conversations"] == every.summary["num_input_e2e_tests"]
-    assert len(llm_server.chat_requests) == len(answers)  # the 5 tests' prompts came from the cache
+    assert len(llm_server.chat_requests) == len(LABELS)  # the 5 tests' prompts came from the cache
     assert first_lines(llm_server) == {"Now: 2026-03-01 12:00:30+00:00 (Sunday 01 March 2026, UTC)"}
     # Another template is another instant (its prompts miss the cache anyway): now the later clock.
     template = tmp_path / "dated_prompt.jinja2"
@@ -149,9 +139,9 @@ async def test_an_edited_test_keeps_the_instant_and_costs_only_its_own_calls(
 
 
 async def test_an_explicit_prompt_datetime_is_what_prompts_show(
-    tmp_path: Path, llm_server: LLMServer, dated_llm_config: Path, answers: dict[str, str]
+    tmp_path: Path, llm_server: LLMServer, dated_llm_config: Path
 ) -> None:
-    llm_server.script(answer_after_the_date(answers))
+    llm_server.script(TableGenerator())  # the date line above the v2 prompt is no part of its state
     run = options(
         tmp_path,
         dated_llm_config,

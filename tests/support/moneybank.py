@@ -1,21 +1,26 @@
-"""The example MoneyBank assistant as test material: paths, a perfect command generator, run options."""
+"""The example MoneyBank assistant as test material: paths, run options, and the scripted command generator
+(a hand-written table of labels keyed by the message and the state its prompt must show)."""
 
 from __future__ import annotations
 
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import yaml
 
 from ftrecipe.dataprep.annotate import derive_commands
 from ftrecipe.dataprep.assistant import load_assistant
-from ftrecipe.dataprep.commands import format_commands
+from ftrecipe.dataprep.commands import Syntax, format_commands
 from ftrecipe.dataprep.e2e import UserStep, read_e2e_tests
 from ftrecipe.dataprep.pipeline import PrepareDataOptions
 from ftrecipe.dataprep.prompt import default_template
 from ftrecipe.dataprep.state import conversation, is_button_payload
-from support.llm_server import LLMServer
+from support.llm_server import ChatRequest, LLMServer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "moneybank"
@@ -86,3 +91,533 @@ def options(tmp_path: Path, llm_config: Path, **changes: Any) -> PrepareDataOpti
 @pytest.fixture(scope="session")
 def answers() -> dict[str, str]:
     return oracle_answers()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The scripted command generator: a hand-written table of labels, keyed by the message and the state the
+# prompt must show. Nothing here comes from the code under test: the labels are what the example suite's
+# assertions say, written out by hand; the prompt is read with regexes written for each template's layout.
+# A prompt that lost its flow list, its current state or the message is answered with an error (the
+# server's non-retryable 500), so the conversation fails and the test with it.
+
+# The flows the prompt offers: every user flow of the example but verify_identity (`if: False`: startable
+# only from transfer_money's `call`), which the prompt lists only while it runs.
+OFFERED: Final = frozenset(
+    {"check_balance", "show_recent_transactions", "block_card", "replace_card", "transfer_money", "add_payee"}
+)
+WHILE_VERIFYING: Final = OFFERED | {"verify_identity"}
+
+
+@dataclass(frozen=True)
+class Label:
+    """One annotated turn of the example suite: the message, the state its prompt shows, the commands (v2)."""
+
+    test: str
+    message: str
+    flow: str | None  # the active flow the prompt shows; None: "no flow is active"
+    asked: str | None  # the slot the assistant just asked for
+    commands: tuple[str, ...]
+    offered: frozenset[str] = OFFERED
+
+    @property
+    def state(self) -> tuple[str, str | None, str | None]:
+        return (self.message, self.flow, self.asked)
+
+
+def _turns(test: str, *turns: tuple[str, str | None, str | None, str]) -> list[Label]:
+    """A test's turns as (message, active flow, asked slot, commands separated by ';')."""
+    return [
+        Label(test, message, flow, asked, tuple(c.strip() for c in commands.split(";")))
+        for message, flow, asked, commands in turns
+    ]
+
+
+T = "transfer_money"
+LABELS: Final[tuple[Label, ...]] = (
+    # accounts.yml
+    *_turns(
+        "check_checking_balance_in_one_message",
+        (
+            "what's my checking balance?",
+            None,
+            None,
+            "start flow check_balance; set slot account_type checking",
+        ),
+    ),
+    *_turns(
+        "check_balance_via_button", ("how much money do I have?", None, None, "start flow check_balance")
+    ),
+    *_turns(
+        "account_question_clarification",
+        ("my account", None, None, "disambiguate flows check_balance show_recent_transactions"),
+        # A clarification starts no flow: the choice is made with no flow active.
+        ("the recent transactions", None, None, "start flow show_recent_transactions"),
+        ("checking", "show_recent_transactions", "account_type", "set slot account_type checking"),
+    ),
+    *_turns(
+        "recent_savings_transactions_in_one_message",
+        (
+            "show me the last payments on my savings account",
+            None,
+            None,
+            "start flow show_recent_transactions; set slot account_type savings",
+        ),
+    ),
+    *_turns(
+        "balance_then_transactions_back_to_back",
+        ("How much is in my savings?", None, None, "start flow check_balance; set slot account_type savings"),
+        (
+            "and what came in and out of my checking account lately?",
+            None,
+            None,
+            "start flow show_recent_transactions; set slot account_type checking",
+        ),
+    ),
+    # cards.yml
+    *_turns(
+        "block_lost_debit_card_and_order_replacement",
+        (
+            "I lost my debit card",
+            None,
+            None,
+            "start flow block_card; set slot card_type debit; set slot reason_for_blocking lost",
+        ),
+        ("yes, block it right away", "block_card", "confirm_block_card", "set slot confirm_block_card True"),
+        (
+            "yes please, send me a new one",
+            "block_card",
+            "wants_replacement",
+            "set slot wants_replacement True",
+        ),
+        # block_card linked to replace_card, which skipped the card type (persisted) and asks the delivery.
+        ("express", "replace_card", "delivery_speed", "set slot delivery_speed express"),
+    ),
+    *_turns(
+        "block_stolen_credit_card_step_by_step",
+        ("I need to freeze my card", None, None, "start flow block_card"),
+        ("the credit one", "block_card", "card_type", "set slot card_type credit"),
+        ("it was stolen", "block_card", "reason_for_blocking", "set slot reason_for_blocking stolen"),
+        ("yes do it", "block_card", "confirm_block_card", "set slot confirm_block_card True"),
+        (
+            "no thanks, I have another card",
+            "block_card",
+            "wants_replacement",
+            "set slot wants_replacement False",
+        ),
+    ),
+    *_turns(
+        "block_card_declined_at_confirmation",
+        (
+            "please block my credit card, I think it was used for fraud",
+            None,
+            None,
+            "start flow block_card; set slot card_type credit; set slot reason_for_blocking fraud",
+        ),
+        (
+            "hmm, no, keep it active for now",
+            "block_card",
+            "confirm_block_card",
+            "set slot confirm_block_card False",
+        ),
+    ),
+    *_turns(
+        "card_problem_clarification_then_replace",
+        ("I have a problem with my card", None, None, "disambiguate flows block_card replace_card"),
+        ("it's damaged, I just need a new one", None, None, "start flow replace_card"),
+        ("my debit card", "replace_card", "card_type", "set slot card_type debit"),
+        ("standard is fine", "replace_card", "delivery_speed", "set slot delivery_speed standard"),
+        ("yes, order it", "replace_card", "confirm_replace_card", "set slot confirm_replace_card True"),
+    ),
+    *_turns(
+        "replace_expiring_card_skip_delivery_question",
+        (
+            "My credit card expires next month, can I get a new one?",
+            None,
+            None,
+            "start flow replace_card; set slot card_type credit",
+        ),
+        ("can I skip this one?", "replace_card", "delivery_speed", "skip question"),
+        ("ok, express then", "replace_card", "delivery_speed", "set slot delivery_speed express"),
+        ("no, not for $5", "replace_card", "confirm_replace_card", "set slot confirm_replace_card False"),
+    ),
+    *_turns(
+        "block_card_human_handoff_mid_flow",
+        ("block my debit card", None, None, "start flow block_card; set slot card_type debit"),
+        ("this is urgent, let me speak to a human agent", "block_card", "reason_for_blocking", "hand over"),
+    ),
+    *_turns(
+        "block_card_knowledge_question_mid_flow",
+        ("I want to block my credit card", None, None, "start flow block_card; set slot card_type credit"),
+        (
+            "before that, is there a fee for blocking a card?",
+            "block_card",
+            "reason_for_blocking",
+            "provide info",
+        ),
+        (
+            "ok good. it's damaged, the chip stopped working",
+            "block_card",
+            "reason_for_blocking",
+            "set slot reason_for_blocking damaged",
+        ),
+    ),
+    # conversation_repair/repair.yml
+    *_turns(
+        "chitchat_greeting_then_balance",
+        ("hey there, how's your day going?", None, None, "offtopic reply"),
+        (
+            "can you check my savings balance?",
+            None,
+            None,
+            "start flow check_balance; set slot account_type savings",
+        ),
+    ),
+    *_turns(
+        "chitchat_in_the_middle_of_a_transfer",
+        ("send money to Ana", None, None, f"start flow {T}; set slot recipient Ana"),
+        ("are you a robot, by the way?", T, "amount", "offtopic reply"),
+        ("200", T, "amount", "set slot amount 200"),
+    ),
+    *_turns(
+        "knowledge_question_savings_interest_rate",
+        ("what's the interest rate on your savings account?", None, None, "provide info"),
+    ),
+    *_turns(
+        "knowledge_question_branch_hours",
+        ("When are your branches open on Saturdays?", None, None, "provide info"),
+        # No fixture: the customer is not verified, the transfer goes on to verify_identity.
+        (
+            "thanks! now I'd like to send money to Tom Becker",
+            None,
+            None,
+            f"start flow {T}; set slot recipient Tom Becker",
+        ),
+    ),
+    *_turns("human_handoff_direct_request", ("I want to talk to a real person", None, None, "hand over")),
+    *_turns(
+        "repeat_question_during_transfer",
+        ("I want to transfer money to Kenji", None, None, f"start flow {T}; set slot recipient Kenji"),
+        ("sorry, what did you say?", T, "amount", "repeat message"),
+        ("eighty-five dollars", T, "amount", "set slot amount 85"),
+    ),
+    *_turns(
+        "repeat_balance_answer",
+        (
+            "checking account balance please",
+            None,
+            None,
+            "start flow check_balance; set slot account_type checking",
+        ),
+        ("can you say that again?", None, None, "repeat message"),
+    ),
+    *_turns(
+        "cannot_handle_gibberish",
+        ("asdf jkl qwerty", None, None, "cannot handle"),
+        (
+            "sorry, I meant: block my credit card",
+            None,
+            None,
+            "start flow block_card; set slot card_type credit",
+        ),
+    ),
+    *_turns(
+        "cannot_handle_in_the_middle_of_a_flow",
+        ("what's my balance", None, None, "start flow check_balance"),
+        ("blorp zzz 42 ??", "check_balance", "account_type", "cannot handle"),
+        ("savings", "check_balance", "account_type", "set slot account_type savings"),
+    ),
+    # payments/payees.yml
+    *_turns(
+        "add_payee_step_by_step",
+        ("I want to add a new payee", None, None, "start flow add_payee"),
+        ("Hannah Schmidt", "add_payee", "payee_name", "set slot payee_name Hannah Schmidt"),
+        ("DE89 3704 0044 0532 0130 00", "add_payee", "iban", "set slot iban DE89370400440532013000"),
+        ("yes, save her", "add_payee", "confirm_add_payee", "set slot confirm_add_payee True"),
+    ),
+    *_turns(
+        "add_payee_in_one_message_then_fix_iban",
+        (
+            "Save Luca Rossi as a payee, his IBAN is IT60X0542811101000000123456",
+            None,
+            None,
+            "start flow add_payee; set slot payee_name Luca Rossi; set slot iban IT60X0542811101000000123456",
+        ),
+        (
+            "sorry, the IBAN ends in 457, not 456",
+            "add_payee",
+            "confirm_add_payee",
+            "set slot iban IT60X0542811101000000123457",
+        ),
+    ),
+    *_turns(
+        "add_payee_cancelled_without_iban",
+        ("add a payee please", None, None, "start flow add_payee"),
+        ("Oscar Nilsson", "add_payee", "payee_name", "set slot payee_name Oscar Nilsson"),
+        ("forget it, I don't have his bank details yet", "add_payee", "iban", "cancel flow"),
+    ),
+    # payments/transfers.yml
+    *_turns(
+        "transfer_happy_path_step_by_step",
+        ("I want to send some money", None, None, f"start flow {T}"),
+        ("Emma Clarke", T, "recipient", "set slot recipient Emma Clarke"),
+        ("$50", T, "amount", "set slot amount 50"),
+        ("yes, go ahead", T, "confirm_transfer", "set slot confirm_transfer True"),
+    ),
+    *_turns(
+        "transfer_start_with_slots_and_button_confirm",
+        (
+            "send 50 dollars to John",
+            None,
+            None,
+            f"start flow {T}; set slot recipient John; set slot amount 50",
+        ),
+    ),
+    *_turns(
+        "transfer_correct_amount_before_confirming",
+        ("Transfer 40 to Priya", None, None, f"start flow {T}; set slot recipient Priya; set slot amount 40"),
+        ("actually make it 60", T, "confirm_transfer", "set slot amount 60"),
+        ("yep, that's right", T, "confirm_transfer", "set slot confirm_transfer True"),
+    ),
+    *_turns(
+        "transfer_correct_recipient",
+        ("I need to pay Marco", None, None, f"start flow {T}; set slot recipient Marco"),
+        ("1,250.75", T, "amount", "set slot amount 1250.75"),
+        ("oh wait, not Marco, it's for Marta", T, "confirm_transfer", "set slot recipient Marta"),
+        ("correct, send it", T, "confirm_transfer", "set slot confirm_transfer True"),
+    ),
+    *_turns(
+        "transfer_insufficient_funds",
+        (
+            "move 2,400 dollars to my landlord Oliver Grant",
+            None,
+            None,
+            f"start flow {T}; set slot recipient Oliver Grant; set slot amount 2400",
+        ),
+        ("yes", T, "confirm_transfer", "set slot confirm_transfer True"),
+    ),
+    *_turns(
+        "transfer_cancelled_while_asking_amount",
+        ("I want to send money to Dimitri", None, None, f"start flow {T}; set slot recipient Dimitri"),
+        ("hmm never mind, I already paid him yesterday", T, "amount", "cancel flow"),
+    ),
+    *_turns(
+        "transfer_declined_at_confirmation",
+        (
+            "pay fifty dollars to Sam Lee",
+            None,
+            None,
+            f"start flow {T}; set slot recipient Sam Lee; set slot amount 50",
+        ),
+        ("no, don't send it", T, "confirm_transfer", "set slot confirm_transfer False"),
+    ),
+    # An unverified customer: transfer_money calls verify_identity, whose question shows among the
+    # transfer's own (a `call` inlines the called flow), and which the prompt lists while it runs.
+    *_turns(
+        "transfer_with_identity_verification",
+        ("send $75.50 to Noah", None, None, f"start flow {T}; set slot recipient Noah; set slot amount 75.5"),
+    ),
+    Label(
+        "transfer_with_identity_verification",
+        "my birthday is 14 March 1988",
+        T,
+        "date_of_birth",
+        ("set slot date_of_birth 1988-03-14",),
+        WHILE_VERIFYING,
+    ),
+    *_turns(
+        "transfer_with_identity_verification",
+        ("yes please", T, "confirm_transfer", "set slot confirm_transfer True"),
+    ),
+    *_turns(
+        "transfer_identity_verification_fails", ("I'd like to make a transfer", None, None, f"start flow {T}")
+    ),
+    Label(
+        "transfer_identity_verification_fails",
+        "1990-01-01",
+        T,
+        "date_of_birth",
+        ("set slot date_of_birth 1990-01-01",),
+        WHILE_VERIFYING,
+    ),
+    *_turns(
+        "transfer_digression_to_check_balance",
+        ("I want to send money to Sudarshana", None, None, f"start flow {T}; set slot recipient Sudarshana"),
+        # A digression: the balance flow starts on top of the transfer, which resumes afterwards.
+        (
+            "wait, how much do I have in savings?",
+            T,
+            "amount",
+            "start flow check_balance; set slot account_type savings",
+        ),
+        ("ok, send 300 then", T, "amount", "set slot amount 300"),
+    ),
+    *_turns(
+        "transfer_skip_recipient_question",
+        ("I want to send money", None, None, f"start flow {T}"),
+        ("can we skip this question?", T, "recipient", "skip question"),
+        ("fine, Lucy Park", T, "recipient", "set slot recipient Lucy Park"),
+        ("100 bucks", T, "amount", "set slot amount 100"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Where one prompt template shows what the table checks, as regexes written by hand for it."""
+
+    syntax: Syntax  # the syntax the answers are written in
+    message: re.Pattern[str]  # group 1: the user's last message
+    active_flow: re.Pattern[str]  # group 1: the active flow
+    no_flow: re.Pattern[str]  # what the prompt says when no flow is active
+    asked: re.Pattern[str]  # group 1: the slot the assistant asked for
+    flow_list: re.Pattern[str]  # group 1: the section listing the flows
+    flow_name: re.Pattern[str]  # group 1 of each match in that section: a flow's id
+    conversation: re.Pattern[str]  # group 1: the conversation, the latest user message last
+
+
+_ML = re.MULTILINE
+_SECTION = re.MULTILINE | re.DOTALL
+# Our v2 and v3 templates (same layout; different command lists).
+V2_LAYOUT: Final = PromptLayout(
+    syntax="v2",
+    message=re.compile(r'^Write the commands for the user\'s last message, "(.*)", one per line\.$', _ML),
+    active_flow=re.compile(r"^## Current state\nActive flow: (\w+)$", _ML),
+    no_flow=re.compile(r"^## Current state\nNo flow is active\.$", _ML),
+    asked=re.compile(r"^The assistant asked for: (\w+)", _ML),
+    flow_list=re.compile(r"^## Flows the user can start\n(.*?)^## Commands you can use$", _SECTION),
+    flow_name=re.compile(r"^- (\w+): \S", _ML),
+    conversation=re.compile(r"^## Conversation\n(.*?)\n\n## Your task$", _SECTION),
+)
+V3_LAYOUT: Final = replace(V2_LAYOUT, syntax="v3")
+V1_LAYOUT: Final = PromptLayout(
+    syntax="v1",
+    message=re.compile(r'^The user just said: """(.*)"""$', _ML),
+    active_flow=re.compile(r'^The active flow is "(\w+)"\.$', _ML),
+    no_flow=re.compile(r"^No flow is active\.$", _ML),
+    asked=re.compile(r'^The assistant is asking for "(\w+)"', _ML),
+    flow_list=re.compile(
+        r"^These are the flows the assistant can run:\n(.*?)^The conversation so far:$", _SECTION
+    ),
+    flow_name=re.compile(r"^(\w+): \S", _ML),
+    conversation=re.compile(r'^The conversation so far:\n"""\n(.*?)\n"""$', _SECTION),
+)
+
+# Each v2 command as v1 and v3 write it (the table of docs in shared/rasa-formats.md), by its first words.
+_V1: Final = {
+    "start flow": "StartFlow({})",
+    "set slot": "SetSlot({}, {})",
+    "cancel flow": "CancelFlow()",
+    "disambiguate flows": "Clarify({})",
+    "provide info": "SearchAndReply()",
+    "offtopic reply": "ChitChat()",
+    "skip question": "SkipQuestion()",
+    "hand over": "HumanHandoff()",
+    "repeat message": "RepeatLastBotMessages()",
+    "cannot handle": "CannotHandle()",
+}
+
+
+def in_syntax(command: str, syntax: Syntax) -> str:
+    """One v2 command of the table as written in `syntax`."""
+    if syntax == "v2":
+        return command
+    if syntax == "v3":
+        return "search and reply" if command in ("provide info", "offtopic reply") else command
+    for head, form in _V1.items():
+        if command == head or command.startswith(head + " "):
+            rest = command[len(head) :].split()
+            if head == "set slot":
+                return form.format(rest[0], " ".join(rest[1:]))
+            return form.format(", ".join(rest))
+    raise ValueError(f"not a v2 command: {command!r}")
+
+
+class StateMismatch(AssertionError):
+    """The prompt does not show what the table expects for its message (or the message has no label)."""
+
+
+@dataclass(frozen=True)
+class PromptState:
+    message: str
+    flow: str | None
+    asked: str | None
+    flows: frozenset[str]
+    last_line: str
+
+
+def _one(pattern: re.Pattern[str], prompt: str, what: str) -> str:
+    found = pattern.findall(prompt)
+    if len(found) != 1:
+        raise StateMismatch(f"the prompt shows {what} {len(found)} times, not once: {prompt[-400:]!r}")
+    return str(found[0])
+
+
+def read_state(prompt: str, layout: PromptLayout) -> PromptState:
+    """What the prompt shows, read with the layout's regexes; StateMismatch where a part is missing."""
+    message = _one(layout.message, prompt, "the user's message")
+    active = layout.active_flow.findall(prompt)
+    if len(active) + len(layout.no_flow.findall(prompt)) != 1:
+        raise StateMismatch(f"{message!r}: the prompt shows no current state (active flow or none)")
+    asked = layout.asked.findall(prompt)
+    if len(asked) > 1:
+        raise StateMismatch(f"{message!r}: the prompt shows {len(asked)} asked slots")
+    flow_list = _one(layout.flow_list, prompt, "the flow list")
+    conversation = _one(layout.conversation, prompt, "the conversation")
+    return PromptState(
+        message,
+        active[0] if active else None,
+        asked[0] if asked else None,
+        frozenset(layout.flow_name.findall(flow_list)),
+        conversation.splitlines()[-1],
+    )
+
+
+_BY_STATE: Final = {label.state: label for label in LABELS}
+_BY_MESSAGE: Final = {label.message: label for label in LABELS}
+assert len(_BY_STATE) == len(LABELS), "two labels for one message and state"
+
+
+class TableGenerator:
+    """The scripted command generator: `llm_server.script(TableGenerator())`.
+
+    Answers a prompt with the label of its (message, active flow, asked slot), once it has checked that the
+    prompt lists the flows the label says and ends its conversation with the message; anything else raises
+    StateMismatch (the server answers a non-retryable 500 and keeps the error in `script_errors`).
+    `rewrite` turns a prompt into the one the table knows (e.g. a rephrased message back into the original).
+    """
+
+    def __init__(self, layout: PromptLayout = V2_LAYOUT, rewrite: Callable[[str], str] | None = None) -> None:
+        self.layout = layout
+        self.rewrite = rewrite
+        self._lock = threading.Lock()
+        self.answered: list[Label] = []
+
+    def label(self, prompt: str) -> Label:
+        state = read_state(self.rewrite(prompt) if self.rewrite else prompt, self.layout)
+        if state.message not in _BY_MESSAGE:
+            raise StateMismatch(f"no label for the message {state.message!r}")
+        label = _BY_STATE.get((state.message, state.flow, state.asked))
+        if label is None:
+            expected = [(x.flow, x.asked) for x in LABELS if x.message == state.message]
+            raise StateMismatch(
+                f"{state.message!r}: the prompt shows active flow {state.flow}, asked slot {state.asked}; "
+                f"the table expects (flow, asked) in {expected}"
+            )
+        if state.flows != label.offered:
+            raise StateMismatch(
+                f"{state.message!r}: the prompt lists the flows {sorted(state.flows)}, "
+                f"not {sorted(label.offered)}"
+            )
+        if state.last_line != self._user_line(state.message):
+            raise StateMismatch(f"{state.message!r}: the conversation ends with {state.last_line!r}")
+        return label
+
+    @staticmethod
+    def _user_line(message: str) -> str:
+        return f"USER: {message}"
+
+    def __call__(self, request: ChatRequest) -> str:
+        label = self.label(request.prompt)
+        with self._lock:
+            self.answered.append(label)
+        return "\n".join(in_syntax(c, self.layout.syntax) for c in label.commands)
