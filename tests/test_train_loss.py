@@ -159,3 +159,25 @@ def test_models_that_transform_their_logits_are_named() -> None:
 def test_bad_shapes_are_one_line() -> None:
     with pytest.raises(ValueError, match=r"expected hidden_states \(batch, tokens, hidden\)"):
         label_positions_loss(torch.zeros(4, 8), torch.zeros(1, 4, dtype=torch.long), torch.zeros(3, 8))
+
+
+def test_tiny_model_with_llama3_vocabulary(tmp_path: Path) -> None:
+    """`model_vocab_size`: Llama 3's 128,256 output rows behind the small tokenizer; the loss still agrees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftrecipe.training.tiny_model import LLAMA3_VOCAB_SIZE, build_tiny_model
+
+    assert LLAMA3_VOCAB_SIZE == 128256
+    path = build_tiny_model(tmp_path / "m", model_vocab_size=LLAMA3_VOCAB_SIZE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert model.config.vocab_size == 128256 and len(tokenizer) == 512
+    assert tuple(model.lm_head.weight.shape) == (128256, 64)
+    assert tuple(model.model.embed_tokens.weight.shape) == (128256, 64)
+    batch = _batch(model.config.pad_token_id)
+    with torch.no_grad():
+        reference = model(**batch).loss.item()
+        ours = causal_lm_label_loss(model, batch).item()
+    assert ours == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(ValueError, match="model_vocab_size must be at least vocab_size"):
+        build_tiny_model(tmp_path / "n", model_vocab_size=300)

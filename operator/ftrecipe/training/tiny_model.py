@@ -26,6 +26,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "END_OF_TEXT_TOKEN",
     "EOS_TOKEN",
+    "LLAMA3_VOCAB_SIZE",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "build_tiny_model",
@@ -125,6 +126,10 @@ BUILTIN_CORPUS: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog. Thank you, that is all for now. Goodbye!",
 )
 
+# Rows of Llama 3's embedding and LM head (128,000 BPE tokens + 256 reserved special tokens). At this size
+# the logits of a long prompt dominate a training step's memory, as they do at 8B.
+LLAMA3_VOCAB_SIZE = 128256
+
 _NUM_ATTENTION_HEADS = 4
 _NUM_KEY_VALUE_HEADS = 2
 _MAX_POSITION_EMBEDDINGS = 4096
@@ -139,8 +144,15 @@ def build_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
     overwrite: bool = False,
+    model_vocab_size: int | None = None,
 ) -> Path:
     """Build a tiny random Llama + tokenizer and save it to ``out_dir``; return ``out_dir``.
+
+    ``vocab_size`` is the BPE tokenizer's; ``model_vocab_size`` (default: the tokenizer's size) the rows of
+    the embedding and the LM head. A larger one, e.g. ``LLAMA3_VOCAB_SIZE``, gives the model Llama 3's
+    output layer while the tokenizer stays small (a 128k BPE cannot be learnt from the built-in corpus,
+    and building one would take minutes): the ids above the tokenizer's are never produced by it, as
+    Llama 3's reserved tokens are not, but they cost what they cost at 8B: a logit per row.
 
     Deterministic: the same arguments give the same tokenizer and the same weights. The build
     happens in a hidden sibling directory that is renamed into place at the end, so ``out_dir``
@@ -155,6 +167,8 @@ def build_tiny_model(
     min_vocab = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be at least {min_vocab} (all bytes plus special tokens)")
+    if model_vocab_size is not None and model_vocab_size < vocab_size:
+        raise ValueError(f"model_vocab_size must be at least vocab_size ({vocab_size})")
 
     out_dir = Path(out_dir).absolute()
     if _is_nonempty_dir(out_dir) and not overwrite:
@@ -165,7 +179,13 @@ def build_tiny_model(
     tmp_dir.mkdir()
     try:
         tokenizer = _build_tokenizer(itertools.chain(BUILTIN_CORPUS, corpus or ()), vocab_size)
-        model = _build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+        model = _build_model(
+            tokenizer,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            seed=seed,
+            model_vocab_size=max(model_vocab_size or 0, len(tokenizer)),
+        )
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
         _fsync_tree(tmp_dir)
@@ -205,7 +225,12 @@ def _build_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokeniz
 
 
 def _build_model(
-    tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, num_layers: int, seed: int
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    seed: int,
+    model_vocab_size: int,
 ) -> LlamaForCausalLM:
     """Random Llama with GQA and untied embeddings, like the 8B models it stands in for."""
     bos_id = _token_id(tokenizer, BOS_TOKEN)
@@ -213,7 +238,7 @@ def _build_model(
     end_of_text_id = _token_id(tokenizer, END_OF_TEXT_TOKEN)
     pad_id = _token_id(tokenizer, PAD_TOKEN)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=model_vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
