@@ -22,18 +22,13 @@ from ftrecipe.api.v1alpha1 import TrainingSpec
 from ftrecipe.cli.main import main
 from ftrecipe.termination import decode
 from ftrecipe.training.config import ConfigError, load_train_config
-from ftrecipe.training.data import (
-    DEFAULT_CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    ensure_chat_template,
-    find_splits,
-    to_messages,
-    tokenize_file,
-    tokenize_messages,
-)
+from ftrecipe.training.data import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, find_splits
 from ftrecipe.training.launch import launch_command
+from ftrecipe.training.sft import FtrecipeSFTTrainer, SplitCounts, read_dataset
 from ftrecipe.training.tiny_model import EOS_TOKEN
-from ftrecipe.training.trainer import Precision, choose_precision
+from ftrecipe.training.trainer import Precision, TrainError, choose_precision
+
+IGNORE_INDEX = -100  # the label of a token without loss (transformers, TRL)
 
 FLOWS = {
     "transfer_money": "I want to send some money to my friend.",
@@ -156,49 +151,110 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- data
 
 
-def test_labels_mask_the_prompt_exactly(tokenizer: Any) -> None:
-    messages = to_messages(_instruction(0))
-    example = tokenize_messages(tokenizer, messages)
-    assert len(example.input_ids) == len(example.labels)
-    n_prompt = sum(1 for label in example.labels if label == IGNORE_INDEX)
-    # the masked part is exactly the served prompt, generation prompt included
-    served = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    assert tokenizer.decode(example.input_ids[:n_prompt]) == served
-    assert all(label == IGNORE_INDEX for label in example.labels[:n_prompt])
-    # every other token is labelled with itself, and decodes to the completion + end of turn
-    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
-    labelled = [t for t in example.labels if t != IGNORE_INDEX]
-    assert tokenizer.decode(labelled) == "start flow transfer_money" + EOS_TOKEN
+def _sft_trainer(
+    model_dir: Path, tokenizer: Any, train: Path, val: Path | None = None, **kwargs: Any
+) -> FtrecipeSFTTrainer:
+    """ftrecipe's SFTTrainer over the split files, as `ftrecipe train` builds it (nothing trained here)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_config import SFTConfig
+
+    args = SFTConfig(
+        output_dir=str(train.parent / "sft-out"),
+        max_length=None,
+        completion_only_loss=True,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    return FtrecipeSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=read_dataset(train),
+        eval_dataset=read_dataset(val) if val is not None else None,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+        max_seq_length=kwargs.pop("max_seq_length", 256),
+        **kwargs,
+    )
 
 
-def test_both_formats_tokenize_the_same(tokenizer: Any) -> None:
-    a = tokenize_messages(tokenizer, to_messages(_instruction(1)))
-    b = tokenize_messages(tokenizer, to_messages(_conversational(1)))
-    assert a == b
+def _labelled(example: dict[str, Any]) -> list[int]:
+    return [label for label in example["labels"] if label != IGNORE_INDEX]
 
 
-def test_too_long_examples_are_dropped_and_counted(tokenizer: Any, tmp_path: Path) -> None:
+def test_loss_covers_exactly_the_completion(tokenizer: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """TRL tokenizes; the loss is on the answer and its end of turn, never on the prompt."""
+    train = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0), _conversational(1)])
+    trainer = _sft_trainer(tiny_model, tokenizer, train)
+    first, second = trainer.train_dataset[0], trainer.train_dataset[1]
+    # Written down from the tiny model's tokenizer: 78 and 68 tokens, of which the answer is 6 each
+    # ("start flow transfer_money" is 5 tokens, then <|eot_id|>).
+    assert (len(first["input_ids"]), len(_labelled(first))) == (78, 6)
+    assert (len(second["input_ids"]), len(_labelled(second))) == (68, 6)
+    assert tokenizer.decode(_labelled(first)) == "start flow transfer_money" + EOS_TOKEN
+    assert tokenizer.decode(_labelled(second)) == "start flow check_balance" + EOS_TOKEN
+    # the labelled tokens are the last ones, labelled with themselves; the rest is the served prompt
+    n_prompt = len(first["input_ids"]) - 6
+    assert first["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert first["labels"][n_prompt:] == first["input_ids"][n_prompt:]
+    messages = [{"role": "user", "content": _instruction(0)["prompt"]}]
+    served = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(first["input_ids"][:n_prompt]) == served
+
+
+def test_both_formats_tokenize_the_same(tokenizer: Any, tiny_model: Path, tmp_path: Path) -> None:
+    train = _write_jsonl(tmp_path / "train.jsonl", [_instruction(1), _conversational(1)])
+    trainer = _sft_trainer(tiny_model, tokenizer, train)
+    a, b = trainer.train_dataset[0], trainer.train_dataset[1]
+    assert (a["input_ids"], a["labels"]) == (b["input_ids"], b["labels"])
+
+
+def test_too_long_examples_are_dropped_and_counted(tokenizer: Any, tiny_model: Path, tmp_path: Path) -> None:
     long = {"prompt": "what is my balance? " * 200, "completion": "start flow check_balance"}
-    path = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0), long, _conversational(2), long])
-    split = tokenize_file(tokenizer, path, max_seq_length=128)
-    assert (split.total, len(split.examples), split.dropped_too_long) == (4, 2, 2)
-    assert all(len(ex["input_ids"]) <= 128 for ex in split.examples)
-    # nothing is ever cut: every kept example still ends with the end of turn
-    assert all(ex["labels"][-1] == tokenizer.convert_tokens_to_ids(EOS_TOKEN) for ex in split.examples)
+    train = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0), long, _conversational(2), long])
+    val = _write_jsonl(tmp_path / "val.jsonl", [long, _instruction(1)])
+    trainer = _sft_trainer(tiny_model, tokenizer, train, val, max_seq_length=128)
+    assert trainer.counts == {
+        "train": SplitCounts(total=4, dropped_too_long=2),
+        "eval": SplitCounts(total=2, dropped_too_long=1),
+    }
+    assert len(trainer.train_dataset) == 2 and len(trainer.eval_dataset) == 1
+    kept = [*trainer.train_dataset, *trainer.eval_dataset]
+    assert all(len(ex["input_ids"]) <= 128 for ex in kept)
+    # nothing is ever cut: every kept example still ends with its end of turn
+    eot = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert all(ex["input_ids"][-1] == eot and ex["labels"][-1] == eot for ex in kept)
 
 
-def test_default_chat_template_when_the_model_has_none(tokenizer: Any, tmp_path: Path) -> None:
+def test_default_chat_template_when_the_model_has_none(
+    tokenizer: Any, tiny_model: Path, tmp_path: Path
+) -> None:
     from transformers import AutoTokenizer
 
     tokenizer.save_pretrained(tmp_path / "tok")
     bare = AutoTokenizer.from_pretrained(tmp_path / "tok")
     bare.chat_template = None
     assert ensure_chat_template(bare) is True
-    example = tokenize_messages(bare, to_messages(_instruction(0)))
-    labelled = [t for t in example.labels if t != IGNORE_INDEX]
-    assert bare.decode(labelled) == "start flow transfer_money" + bare.eos_token
+    train = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0)])
+    example = _sft_trainer(tiny_model, bare, train).train_dataset[0]
+    # the answer and eos, nothing after it (the template puts no separator after the assistant's turn)
+    assert bare.decode(_labelled(example)) == "start flow transfer_money" + bare.eos_token
+    prompt = bare.decode(example["input_ids"][: len(example["input_ids"]) - len(_labelled(example))])
+    assert prompt.endswith("### User:\n" + _instruction(0)["prompt"] + "\n\n### Assistant:\n")
     bare.save_pretrained(tmp_path / "saved")
     assert AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_a_broken_record_names_its_line(tmp_path: Path) -> None:
+    from ftrecipe.training.data import DataError
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(_instruction(0)) + "\n" + '{"prompt": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{train}:2: instruction record without a string 'completion'$"):
+        read_dataset(train)
 
 
 def test_find_splits_layouts(tmp_path: Path) -> None:
@@ -681,21 +737,23 @@ def test_hub_errors_are_told_apart() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cuda", "bf16", "capability", "flash", "expected"),
+    ("cuda", "capability", "flash", "expected"),
     [
-        (False, False, None, True, Precision("float32", "sdpa", None)),
+        (False, None, True, Precision("float32", "sdpa", None)),
         # H100 / A100 with flash-attn installed: bf16 weights and autocast, flash attention 2
-        (True, True, (9, 0), True, Precision("bfloat16", "flash_attention_2", "bf16")),
-        (True, True, (8, 0), False, Precision("bfloat16", "sdpa", "bf16")),
-        # T4 / V100: no bf16, and flash attention 2 has no kernels for them even when installed
-        (True, False, (7, 5), True, Precision("float16", "sdpa", "fp16")),
-        (True, False, (7, 0), False, Precision("float16", "sdpa", "fp16")),
+        (True, (9, 0), True, Precision("bfloat16", "flash_attention_2", "bf16")),
+        (True, (8, 0), False, Precision("bfloat16", "sdpa", "bf16")),
+        (True, (8, 6), True, Precision("bfloat16", "flash_attention_2", "bf16")),  # A10, RTX 30xx
+        # T4 / V100: torch.cuda.is_bf16_supported() says yes there (emulated), but bf16 is not native:
+        # fp16 with a gradient scaler; flash attention 2 has no kernels for them even when installed
+        (True, (7, 5), True, Precision("float16", "sdpa", "fp16")),
+        (True, (7, 0), False, Precision("float16", "sdpa", "fp16")),
     ],
 )
 def test_precision_follows_the_gpu(
-    cuda: bool, bf16: bool, capability: tuple[int, int] | None, flash: bool, expected: Precision
+    cuda: bool, capability: tuple[int, int] | None, flash: bool, expected: Precision
 ) -> None:
-    assert choose_precision(cuda, bf16, capability, flash) == expected
+    assert choose_precision(cuda, capability, flash) == expected
 
 
 def test_training_arguments_and_weights_use_the_chosen_precision(tmp_path: Path, tiny_model: Path) -> None:
@@ -711,6 +769,104 @@ def test_training_arguments_and_weights_use_the_chosen_precision(tmp_path: Path,
     model = load_model(TrainConfig(), base, precision)
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_weights_go_straight_to_this_process_gpu() -> None:
+    """Under torchrun each rank loads onto its own GPU, quantized or not: never the whole model in host memory."""
+    from ftrecipe.training.trainer import device_map_for
+
+    assert device_map_for(True, False, {"LOCAL_RANK": "3", "WORLD_SIZE": "4"}) == {"": 3}
+    assert device_map_for(True, True, {"LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == {"": 1}
+    assert device_map_for(True, False, {}) == {"": 0}  # one GPU, no launcher
+    assert device_map_for(False, True, {}) == "cpu"  # bitsandbytes' CPU backend
+    assert device_map_for(False, False, {"LOCAL_RANK": "1"}) is None  # CPU ranks (gloo)
+
+
+LLAMA_8B = {  # Llama-3.1-8B's config.json, the fields the memory estimate reads
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+
+
+def test_gradient_checkpointing_from_the_gpu_memory() -> None:
+    from transformers import LlamaConfig
+
+    from ftrecipe.training.trainer import (
+        ModelShape,
+        choose_gradient_checkpointing,
+        training_memory_bytes,
+    )
+
+    shape = ModelShape.from_config(LlamaConfig(**LLAMA_8B))
+    assert shape.parameters() == 8_030_261_248  # Llama-3.1-8B has 8.03 B parameters
+    gib = 1024**3
+    one_row = training_memory_bytes(shape, 4096, "none", 2, full_logits=False)
+    two_rows = training_memory_bytes(shape, 2 * 4096, "none", 2, full_logits=False)
+    qlora = training_memory_bytes(shape, 2 * 4096, "4bit", 2, full_logits=False)
+    full = training_memory_bytes(shape, 2 * 4096, "none", 2, full_logits=True)
+    # by hand: bf16 weights 8.03e9 x 2 B = 14.96 GiB; activations 32 layers x (12 x 4096 + 4 x 14336)
+    # values x 2 B = 6.5 MiB per token, 26.0 GiB per 4096 tokens
+    assert (round(one_row / gib, 1), round(two_rows / gib, 1)) == (41.0, 67.0)
+    assert round(qlora / gib, 1) == 56.2  # 4-bit weights: 4.2 GiB instead of 15.0
+    assert round((full - two_rows) / gib, 1) == 9.8  # the full logits of 8192 tokens, bf16 + float32
+    h100 = 80 * gib
+    assert choose_gradient_checkpointing(None, h100, one_row) is False  # 41 GiB of 80: fits
+    assert choose_gradient_checkpointing(None, h100, two_rows) is True  # 67 GiB > 80% of 80
+    assert choose_gradient_checkpointing(None, 141 * gib, two_rows) is False  # H200
+    assert choose_gradient_checkpointing(None, None, two_rows) is False  # CPU: nothing to save
+    assert choose_gradient_checkpointing(True, 141 * gib, one_row) is True  # the recipe's choice wins
+    assert choose_gradient_checkpointing(False, 16 * gib, two_rows) is False
+
+
+def test_padding_free_only_where_attention_keeps_examples_apart() -> None:
+    from ftrecipe.training.trainer import choose_padding_free
+
+    assert choose_padding_free(None, "flash_attention_2") is True
+    assert choose_padding_free(None, "sdpa") is False  # padded, grouped by length
+    assert choose_padding_free(False, "flash_attention_2") is False
+    with pytest.raises(TrainError, match="paddingFree needs flash attention 2"):
+        choose_padding_free(True, "sdpa")
+
+
+def test_embeddings_back_to_the_compute_dtype_after_kbit_preparation(tiny_model: Path) -> None:
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from ftrecipe.training.trainer import embeddings_to_compute_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # what peft does
+    embeddings_to_compute_dtype(model, torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32  # norms stay float32 (small, and stabler)
+
+
+def test_adapters_stay_float32_unless_bf16_computes(tiny_model: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftrecipe.training.sft import adapters_to_float32
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    for param in model.parameters():  # as TRL leaves them under quantization
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    assert adapters_to_float32(model) == 8  # 2 layers x 2 modules x (A, B)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert adapters_to_float32(model) == 0
 
 
 def test_launch_command_runs_one_process_per_gpu() -> None:

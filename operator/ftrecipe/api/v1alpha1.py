@@ -916,8 +916,31 @@ class HyperparametersSpec(ApiModel):
     ] = "linear"
     seed: Annotated[int, Field(description="Seed of initialisation and data order.", ge=0)] = 42
     gradient_checkpointing: Annotated[
-        bool, Field(description="Recompute activations to save GPU memory (slower).")
-    ] = True
+        bool | None,
+        Field(
+            description="Recompute activations in the backward pass to save GPU memory (about a third "
+            "slower). Empty: on only when the weights and the activations of a full micro-batch "
+            "(batchSize x maxSeqLength tokens) would not fit in 80% of the GPU's memory; off on the CPU."
+        ),
+    ] = None
+    padding_free: Annotated[
+        bool | None,
+        Field(
+            description="Flatten each micro-batch into one row with no padding (TRL padding_free; position "
+            "ids restart at each example). Only flash attention 2 (flash-attn installed, an Ampere or newer "
+            "GPU) keeps the examples of a row apart, so true needs it; empty: on there, else padded batches "
+            "grouped by length. The examples, and so the tokens, per optimizer step are the same either way."
+        ),
+    ] = None
+    loss_logits: Annotated[
+        Literal["labels", "all"],
+        Field(
+            description="Where the output layer is computed for the loss: labels computes it only at the "
+            "positions that carry loss (the completion; TRL's fused chunked head on CUDA), all builds the "
+            "full logits as a plain transformers Trainer does (batch x tokens x vocabulary: about 2 GB per "
+            "4096 tokens of a 128k-vocabulary model in bf16, with their float32 softmax more)."
+        ),
+    ] = "labels"
     eval_every_steps: Annotated[
         int, Field(description="Validation loss every N optimizer steps (and at each epoch end).", ge=1)
     ] = 200

@@ -1,12 +1,10 @@
-"""Training data: find the splits, read both record formats, tokenize with the chat template.
+"""Training data: find the splits, read both record formats as chats, give a bare tokenizer a template.
 
 Every record becomes one chat: the instruction format `{"prompt", "completion"}` is a one-turn chat
 (user = prompt, assistant = completion); the conversational format `{"messages": [...]}` is used as is,
-its last assistant message being the completion. The prompt is rendered with `add_generation_prompt`,
-exactly what the model sees when it is served, and the completion is the rest of the rendered chat
-(the answer plus the end-of-turn token). Labels are -100 on every prompt token (and on padding, in the
-collator), so the loss is on the completion only. An example longer than `maxSeqLength` is dropped and
-counted, never truncated: a cut completion would teach the model to stop mid-command.
+its last assistant message being the completion. TRL renders and tokenizes them for training
+(`training.sft`: the prompt with the generation prompt, exactly what the model is served, the loss on
+the completion only); `prompt_token_ids` renders a prompt the same way for local evaluation.
 """
 
 from __future__ import annotations
@@ -14,36 +12,38 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IGNORE_INDEX = -100
 SPLIT_DIRS = (Path("4_train_test_split") / "ft_splits", Path("ft_splits"), Path())
 
 # Used only when the base model has no chat template of its own (a pretrained, not instruction-tuned,
-# model). Plain-text role headers that any tokenizer can encode; the assistant turn ends with the
-# tokenizer's eos token so generation stops there. It is saved with the tokenizer in the bundle, so
+# model). Plain-text role headers that any tokenizer can encode, turns separated by a blank line; the
+# assistant turn ends with the tokenizer's eos token so generation stops there, and nothing follows it
+# (the loss covers the answer and eos, no separator). It is saved with the tokenizer in the bundle, so
 # vLLM and Rasa render prompts exactly as in training.
 DEFAULT_CHAT_TEMPLATE = (
     "{{- bos_token if bos_token else '' -}}"
     "{%- for message in messages -%}"
+    "{%- if not loop.first -%}"
+    "{{- '\n\n' -}}"
+    "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
-    "{{- '### System:\n' + message['content'] | trim + '\n\n' -}}"
+    "{{- '### System:\n' + message['content'] | trim -}}"
     "{%- elif message['role'] == 'user' -%}"
-    "{{- '### User:\n' + message['content'] | trim + '\n\n' -}}"
+    "{{- '### User:\n' + message['content'] | trim -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{- '### Assistant:\n' -}}"
     "{%- generation -%}"
     "{{- message['content'] | trim + eos_token -}}"
     "{%- endgeneration -%}"
-    "{{- '\n\n' -}}"
     "{%- else -%}"
     "{{- raise_exception('Unsupported chat role: ' + message['role']) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
-    "{{- '### Assistant:\n' -}}"
+    "{{- ('\n\n' if messages else '') + '### Assistant:\n' -}}"
     "{%- endif -%}"
 )
 
@@ -56,23 +56,6 @@ class DataError(ValueError):
 class Splits:
     train: Path
     val: Path | None
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
-@dataclass
-class TokenizedSplit:
-    examples: list[dict[str, list[int]]] = field(default_factory=list)
-    dropped_too_long: int = 0
-    total: int = 0
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(sum(1 for label in ex["labels"] if label != IGNORE_INDEX) for ex in self.examples)
 
 
 def find_splits(data_dir: Path) -> Splits:
@@ -161,55 +144,3 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def prompt_token_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """The prompt of a record (every message but the answer) as the model sees it in training and serving."""
     return _ids(tokenizer, _render(tokenizer, messages[:-1], generation_prompt=True))
-
-
-def tokenize_messages(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Example:
-    """input_ids = prompt (with the generation prompt) + completion; labels mask the prompt with -100."""
-    prompt_text = _render(tokenizer, messages[:-1], generation_prompt=True)
-    full_text = _render(tokenizer, messages, generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise DataError(
-            "the chat template renders the prompt differently once the answer is added; "
-            "cannot tell prompt tokens from completion tokens"
-        )
-    prompt_ids = _ids(tokenizer, prompt_text)
-    completion_ids = _ids(tokenizer, full_text[len(prompt_text) :].rstrip("\n"))
-    return Example(
-        input_ids=prompt_ids + completion_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
-    )
-
-
-def tokenize_file(tokenizer: Any, path: Path, max_seq_length: int) -> TokenizedSplit:
-    split = TokenizedSplit()
-    for messages in read_records(path):
-        split.total += 1
-        example = tokenize_messages(tokenizer, messages)
-        if len(example.input_ids) > max_seq_length:
-            split.dropped_too_long += 1
-            continue
-        split.examples.append({"input_ids": example.input_ids, "labels": example.labels})
-    return split
-
-
-class Collator:
-    """Right-pads a batch: pad id in input_ids, 0 in attention_mask, -100 in labels."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids, labels, attention = [], [], []
-        for f in features:
-            pad = width - len(f["input_ids"])
-            input_ids.append(f["input_ids"] + [self.pad_token_id] * pad)
-            labels.append(f["labels"] + [IGNORE_INDEX] * pad)
-            attention.append([1] * len(f["input_ids"]) + [0] * pad)
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "attention_mask": torch.tensor(attention, dtype=torch.long),
-        }

@@ -32,27 +32,23 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
 from ftrecipe.plan.cache_key import stable_hash
-from ftrecipe.training.bundle import KEEP_CHECKPOINTS, BundleInfo, write_bundle, write_loss_curve
-from ftrecipe.training.config import TrainConfig
-from ftrecipe.training.data import (
-    Collator,
-    DataError,
-    Splits,
-    TokenizedSplit,
-    dataset_hash,
-    ensure_chat_template,
-    find_splits,
-    tokenize_file,
+from ftrecipe.training.bundle import (
+    KEEP_CHECKPOINTS,
+    BundleInfo,
+    data_provenance,
+    write_bundle,
+    write_loss_curve,
 )
+from ftrecipe.training.config import TrainConfig
+from ftrecipe.training.data import DataError, Splits, dataset_hash, ensure_chat_template, find_splits
 from ftrecipe.training.launch import is_main_process
-from ftrecipe.training.sampling import with_epoch_seeded_order
 
 RANK_WAIT_SECONDS = 7200  # how long ranks wait for one another (collectives, rank 0's downloads)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
@@ -342,12 +338,14 @@ class Precision:
 
 
 def choose_precision(
-    cuda: bool, bf16_supported: bool, compute_capability: tuple[int, int] | None, flash_attention: bool
+    cuda: bool, compute_capability: tuple[int, int] | None, flash_attention: bool
 ) -> Precision:
-    """bf16 on GPUs that have it (Ampere and newer), else fp16 autocast; float32 on the CPU.
+    """bf16 where the GPU has it natively (compute capability 8.0+: Ampere and newer), else fp16 autocast
+    with a gradient scaler; float32 on the CPU.
 
-    Flash attention 2 when installed and the GPU can run it (compute capability 8.0 or more: its kernels
-    need Ampere); PyTorch's SDPA kernels otherwise (they pick flash / memory-efficient kernels themselves).
+    `torch.cuda.is_bf16_supported()` is not asked: it also says yes where bf16 is only emulated (T4,
+    V100), which is several times slower than fp16 there. Flash attention 2 when installed and the GPU
+    can run it (its kernels need Ampere too); PyTorch's SDPA kernels otherwise.
     """
     if not cuda:
         return Precision("float32", "sdpa", None)
@@ -355,7 +353,7 @@ def choose_precision(
     attention: Literal["flash_attention_2", "sdpa"] = (
         "flash_attention_2" if flash_attention and ampere else "sdpa"
     )
-    if bf16_supported:
+    if ampere:
         return Precision("bfloat16", attention, "bf16")
     return Precision("float16", attention, "fp16")
 
@@ -365,27 +363,147 @@ def machine_precision() -> Precision:
     import torch
 
     if not torch.cuda.is_available():
-        return choose_precision(False, False, None, _has_flash_attention())
+        return choose_precision(False, None, _has_flash_attention())
     device = int(os.environ.get("LOCAL_RANK", "0"))
     capability = tuple(torch.cuda.get_device_capability(device))
-    return choose_precision(
-        True, torch.cuda.is_bf16_supported(), (capability[0], capability[1]), _has_flash_attention()
+    return choose_precision(True, (capability[0], capability[1]), _has_flash_attention())
+
+
+def device_map_for(cuda: bool, quantized: bool, env: Mapping[str, str]) -> dict[str, int] | str | None:
+    """Where `from_pretrained` puts the weights: straight onto this process's GPU (`LOCAL_RANK` under
+    torchrun), so no rank first builds the whole model in host memory; bitsandbytes' CPU backend for a
+    quantized model without a GPU; else nowhere in particular (the CPU)."""
+    if cuda:
+        return {"": int(env.get("LOCAL_RANK", "0"))}
+    return "cpu" if quantized else None
+
+
+def embeddings_to_compute_dtype(model: Any, dtype: Any) -> None:
+    """Input embeddings and lm_head back to `dtype` after `prepare_model_for_kbit_training`.
+
+    peft casts every non-quantized weight to float32 there; norms are small, but an 8B model's embeddings
+    and lm_head (2 × 128k × 4096) grow by 2 GB that way, and LoRA gains nothing from it.
+    """
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.to(dtype)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs of a model's config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_hidden: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = int(text.hidden_size)
+        heads = int(getattr(text, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(text, "num_key_value_heads", heads) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        return cls(
+            layers=int(text.num_hidden_layers),
+            hidden=hidden,
+            intermediate=int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden),
+            vocab=int(text.vocab_size),
+            kv_hidden=kv_heads * head_dim,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def parameters(self) -> int:
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_hidden
+        mlp = 3 * self.hidden * self.intermediate
+        norms = 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.layers * (attention + mlp + norms) + self.hidden + embeddings
+
+
+WEIGHT_BYTES = {"none": 2.0, "8bit": 1.0, "4bit": 0.56}  # per parameter, compute dtype 16-bit; nf4 + scales
+MEMORY_HEADROOM = 0.8  # of the GPU: CUDA context, allocator fragmentation, optimizer state, eval batches
+
+
+def training_memory_bytes(
+    shape: ModelShape, tokens: int, quantization: str, dtype_bytes: int, full_logits: bool
+) -> int:
+    """Weights plus what backward keeps of one micro-batch of `tokens` without gradient checkpointing.
+
+    Per token and layer, the inputs of the norms, projections and activations a Llama-shaped block saves
+    (~12 hidden + 4 intermediate values with LoRA's extra inputs; attention by flash/SDPA kernels keeps
+    no tokens × tokens scores). The full logits (and their float32 softmax) when the loss builds them.
+    """
+    weights = shape.parameters() * WEIGHT_BYTES[quantization] * dtype_bytes / 2
+    activations = tokens * shape.layers * (12 * shape.hidden + 4 * shape.intermediate) * dtype_bytes
+    logits = tokens * shape.vocab * (dtype_bytes + 8) if full_logits else 0
+    return int(weights + activations + logits)
+
+
+def choose_gradient_checkpointing(setting: bool | None, device_memory: int | None, needed: int) -> bool:
+    """The recipe's choice when it made one; else on only when a micro-batch would not fit without it.
+
+    No GPU (`device_memory` None): off, recomputing would only cost time.
+    """
+    if setting is not None:
+        return setting
+    if device_memory is None:
+        return False
+    return needed > MEMORY_HEADROOM * device_memory
+
+
+def gradient_checkpointing_for(config: TrainConfig, base: BaseModelRef, precision: Precision) -> bool:
+    """`choose_gradient_checkpointing` for this machine's GPU and the base model's config."""
+    hp = config.hyperparameters
+    if hp.gradient_checkpointing is not None:
+        return hp.gradient_checkpointing
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(base.load_from, revision=base.revision)
+    except OSError as exc:
+        raise TrainError(hub_error_message(base.source, exc)) from None
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    needed = training_memory_bytes(
+        ModelShape.from_config(model_config),
+        tokens=hp.batch_size * hp.max_seq_length,
+        quantization=config.quantization,
+        dtype_bytes=4 if precision.dtype == "float32" else 2,
+        full_logits=hp.loss_logits == "all",
     )
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    return choose_gradient_checkpointing(None, total, needed)
 
 
-def load_model(config: TrainConfig, base: BaseModelRef, precision: Precision | None = None) -> Any:
-    """The base model in `precision` (this machine's by default), quantized when the config says so."""
+def load_model(
+    config: TrainConfig,
+    base: BaseModelRef,
+    precision: Precision | None = None,
+    gradient_checkpointing: bool = False,
+) -> Any:
+    """The base model in `precision` (this machine's by default), quantized when the config says so.
+
+    A quantized model is prepared for k-bit training (frozen, norms in float32, checkpointing as asked),
+    with its embeddings and lm_head kept in the compute dtype.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     precision = precision or machine_precision()
-    cuda = torch.cuda.is_available()
+    quantized = config.quantization != "none"
     kwargs: dict[str, Any] = {
         "revision": base.revision,
         "dtype": precision.torch_dtype(),
         "attn_implementation": precision.attention,
     }
-    if config.quantization != "none":
+    if quantized:
         from transformers import BitsAndBytesConfig
 
         if config.quantization == "4bit":
@@ -397,21 +515,23 @@ def load_model(config: TrainConfig, base: BaseModelRef, precision: Precision | N
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
-        # bitsandbytes places the weights when loading: this process's GPU, or the CPU backend
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else "cpu"
+    device_map = device_map_for(torch.cuda.is_available(), quantized, os.environ)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(base.load_from, **kwargs)
     except OSError as exc:
         raise TrainError(hub_error_message(base.source, exc)) from None
-    if config.quantization != "none":
+    if quantized:
         from peft import prepare_model_for_kbit_training
 
-        # Same checkpointing flavour as TrainingArguments asks for: non-reentrant needs no inputs with grad
+        # Same checkpointing flavour as the trainer asks for: non-reentrant needs no inputs with grad
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model,
-            use_gradient_checkpointing=config.hyperparameters.gradient_checkpointing,
+            use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        embeddings_to_compute_dtype(model, precision.torch_dtype())
     return model
 
 
@@ -434,25 +554,30 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: Any, config: TrainConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+ALL_LINEAR = "all-linear"  # peft's own discovery: every linear layer but the output head
 
-    existing = linear_module_names(model)
-    missing = [t for t in config.lora.target_modules if t not in existing]
-    if missing:
-        raise TrainError(
-            f"lora.targetModules {', '.join(missing)} not in the model; its linear modules are: "
-            f"{', '.join(existing)}"
-        )
-    lora = LoraConfig(
+
+def lora_config(model: Any, config: TrainConfig) -> Any:
+    """The peft LoraConfig TRL wraps the model with; TrainError naming targets the model does not have."""
+    from peft import LoraConfig
+
+    targets = list(config.lora.target_modules)
+    if targets != [ALL_LINEAR]:
+        existing = linear_module_names(model)
+        missing = [t for t in targets if t not in existing]
+        if missing:
+            raise TrainError(
+                f"lora.targetModules {', '.join(missing)} not in the model; its linear modules are: "
+                f"{', '.join(existing)} (or [{ALL_LINEAR}])"
+            )
+    return LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
         bias=config.lora.bias,
-        target_modules=list(config.lora.target_modules),
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -472,6 +597,25 @@ def _steps_per_epoch(examples: int, config: TrainConfig, world_size: int) -> int
     hp = config.hyperparameters
     batches = math.ceil(examples / (hp.batch_size * world_size))
     return max(1, math.ceil(batches / hp.gradient_accumulation_steps))
+
+
+def choose_padding_free(setting: bool | None, attention: str) -> bool:
+    """Padding-free micro-batches (TRL `padding_free`) unless the recipe says otherwise.
+
+    The micro-batch is flattened into one row whose position ids restart at each example; the attention
+    kernels must keep the examples apart by those boundaries: flash attention's varlen kernels do, at no
+    cost. SDPA and eager attention (transformers 5.24) do not: every example would attend to the ones
+    before it in the row, so there batches are padded and grouped by length, and asking for padding-free
+    is an error. The examples per optimizer step, and so the tokens, are the same either way.
+    """
+    varlen = attention == "flash_attention_2"
+    if setting and not varlen:
+        raise TrainError(
+            f"hyperparameters.paddingFree needs flash attention 2 (flash-attn installed, an Ampere or newer "
+            f"GPU); with {attention} attention the examples of a row would attend to each other: "
+            "leave paddingFree empty or set it to false"
+        )
+    return varlen if setting is None else setting
 
 
 def _length_grouping(arguments_class: type) -> dict[str, Any]:
@@ -798,30 +942,22 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         resume = _resume_from_durable(durable, checkpoints)
 
     import torch
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers import IntervalStrategy, PrinterCallback, ProgressCallback
+    from trl.trainer.sft_config import SFTConfig
+
+    from ftrecipe.training.sft import FtrecipeSFTTrainer, SplitCounts, read_dataset
 
     tokenizer, template_added = load_tokenizer(base)
     hp = config.hyperparameters
-    train = tokenize_file(tokenizer, splits.train, hp.max_seq_length)
-    val = (
-        tokenize_file(tokenizer, splits.val, hp.max_seq_length)
-        if splits.val is not None
-        else TokenizedSplit()
-    )
-    emit(
-        {
-            "event": "data",
-            "train_examples": len(train.examples),
-            "val_examples": len(val.examples),
-            "dropped_too_long": train.dropped_too_long + val.dropped_too_long,
-            "max_seq_length": hp.max_seq_length,
-        }
-    )
-    if not train.examples:
-        raise TrainError(
-            f"{splits.train}: no training example fits in maxSeqLength {hp.max_seq_length} "
-            f"({train.dropped_too_long} dropped as too long); raise hyperparameters.maxSeqLength"
-        )
+    try:
+        train_records = read_dataset(splits.train)
+        val_records = read_dataset(splits.val) if splits.val is not None else None
+    except DataError as exc:
+        raise TrainError(str(exc)) from None
+    if len(train_records) == 0:
+        raise TrainError(f"{splits.train}: no training records; point --data at prepare-data's output")
+    if val_records is not None and len(val_records) == 0:
+        val_records = None
 
     precision = machine_precision()
     emit(
@@ -833,14 +969,17 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         }
     )
     seed_everything(hp.seed)  # LoRA's A matrices are drawn at random: from the seed, not from the clock
-    model = load_model(config, base, precision)
-    model = apply_lora(model, config)  # once: the Trainer gets the PeftModel, never a peft_config
+    gradient_checkpointing = gradient_checkpointing_for(config, base, precision)
+    padding_free = choose_padding_free(hp.padding_free, precision.attention)
+    model = load_model(config, base, precision, gradient_checkpointing)
+    peft_config = lora_config(model, config)  # TRL wraps the model once, after seeding
 
     cuda = torch.cuda.is_available()
-    steps_per_epoch = _steps_per_epoch(len(train.examples), config, world_size)
+    # From the records before too-long ones are dropped: it only sets how often progress is logged.
+    steps_per_epoch = _steps_per_epoch(len(train_records), config, world_size)
     total_steps = steps_per_epoch * hp.epochs
-    has_val = bool(val.examples)
-    args = TrainingArguments(
+    has_val = val_records is not None
+    args = SFTConfig(
         output_dir=str(checkpoints),
         num_train_epochs=hp.epochs,
         learning_rate=hp.learning_rate,
@@ -852,8 +991,8 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         lr_scheduler_type=hp.scheduler,
         seed=hp.seed,
         data_seed=hp.seed,
-        gradient_checkpointing=hp.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         eval_strategy="steps" if has_val else "no",
         eval_steps=hp.eval_every_steps if has_val else None,
         save_strategy="steps",
@@ -861,8 +1000,11 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         logging_strategy="steps",
         logging_steps=max(1, min(10, hp.eval_every_steps, total_steps // 20)),
         include_num_input_tokens_seen="non_padding",
-        **_length_grouping(TrainingArguments),
-        remove_unused_columns=False,
+        # Padding-free batches have no padding to avoid: length grouping only for padded ones.
+        **({} if padding_free else _length_grouping(SFTConfig)),
+        padding_free=padding_free,
+        max_length=None,  # never cut: FtrecipeSFTTrainer drops what is longer than maxSeqLength
+        completion_only_loss=True,
         # Every LoRA weight takes part in every step: without this, Trainer asks DDP to search the graph
         # for unused parameters on each step when gradient checkpointing is off (a slower backward).
         ddp_find_unused_parameters=False,
@@ -880,17 +1022,40 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         stop["requested"] = True
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    trainer = with_epoch_seeded_order(Trainer)(
+    trainer = FtrecipeSFTTrainer(
         model=model,
         args=args,
-        train_dataset=train.examples,
-        eval_dataset=val.examples if has_val else None,
-        data_collator=Collator(int(tokenizer.pad_token_id)),
+        train_dataset=train_records,
+        eval_dataset=val_records,
         processing_class=tokenizer,
+        peft_config=peft_config,
         callbacks=_make_callbacks(
             metrics_path, checkpoints, emit, lambda: stop["requested"], durable.publish
         ),
+        max_seq_length=hp.max_seq_length,
+        loss_logits=hp.loss_logits,
+        adapters_in_float32=precision.mixed_precision != "bf16",
     )
+    train_counts = trainer.counts["train"]
+    val_counts = trainer.counts.get("eval", SplitCounts())
+    dropped_too_long = train_counts.dropped_too_long + val_counts.dropped_too_long
+    emit(
+        {
+            "event": "data",
+            "train_examples": train_counts.kept,
+            "val_examples": val_counts.kept,
+            "dropped_too_long": dropped_too_long,
+            "max_seq_length": hp.max_seq_length,
+        }
+    )
+    if not train_counts.kept:
+        raise TrainError(
+            f"{splits.train}: no training example fits in maxSeqLength {hp.max_seq_length} "
+            f"({train_counts.dropped_too_long} dropped as too long); raise hyperparameters.maxSeqLength"
+        )
+    if has_val and not val_counts.kept:  # every validation example too long: train without evaluating
+        trainer.eval_dataset = None
+        trainer.args.eval_strategy = IntervalStrategy.NO
     trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only
     trainer.remove_callback(ProgressCallback)
 
@@ -917,8 +1082,8 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         return TrainResult(
             steps=trainer.state.global_step,
             resumed_from=resume[0] if resume else None,
-            train_examples=len(train.examples),
-            dropped_too_long=train.dropped_too_long + val.dropped_too_long,
+            train_examples=train_counts.kept,
+            dropped_too_long=dropped_too_long,
             final_eval_loss=evals[-1] if evals else None,
             out=options.out,
             metrics=metrics,
@@ -936,11 +1101,13 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         dataset_hash=data_hash,
         inputs_hash=run_hash,
         chat_template_added=template_added,
-        train_examples=len(train.examples),
-        val_examples=len(val.examples),
-        dropped_too_long=train.dropped_too_long + val.dropped_too_long,
+        train_examples=train_counts.kept,
+        val_examples=val_counts.kept,
+        dropped_too_long=dropped_too_long,
         steps=trainer.state.global_step,
         final_eval_loss=evals[-1] if evals else None,
+        serving_dtype=precision.dtype,
+        data_provenance=data_provenance(splits.train, data_hash),
     )
     run_metadata = write_bundle(bundle_dir, trainer.model, tokenizer, config, metrics_path, info)
     if options.merge:
@@ -962,7 +1129,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     result = TrainResult(
         steps=trainer.state.global_step,
         resumed_from=resume[0] if resume else None,
-        train_examples=len(train.examples),
+        train_examples=train_counts.kept,
         dropped_too_long=info.dropped_too_long,
         final_eval_loss=info.final_eval_loss,
         out=options.out,
