@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import tomllib
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -939,15 +938,6 @@ def test_watched_namespaces_are_created_only_when_asked(render: Render) -> None:
         assert "namespace" not in namespace["metadata"]
 
 
-def _emulator_for_helm(k8s: KubeCluster) -> None:
-    """What helm needs of the emulator beyond kmock's defaults: a Kubernetes version the chart accepts
-    (kmock says 1.26) and core discovery with the groupVersion client-go expects (kmock says `/v1`)."""
-    core = json.loads(urllib.request.urlopen(f"{k8s.url}/api/v1", timeout=10).read())
-    core["groupVersion"] = "v1"
-    k8s.emulator["get /version"] << {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}
-    k8s.emulator["get /api/v1"] << core
-
-
 def test_existing_namespaces_are_left_to_their_owners(
     helm: Path, helm_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -958,7 +948,6 @@ def test_existing_namespaces_are_left_to_their_owners(
     ours = {"meta.helm.sh/release-name": "ftrecipe", "meta.helm.sh/release-namespace": NAMESPACE}
     theirs = {"meta.helm.sh/release-name": "other", "meta.helm.sh/release-namespace": NAMESPACE}
     with KubeCluster(crds=(), namespaces=("default", "ml-plain")) as k8s:
-        _emulator_for_helm(k8s)
         k8s.create("v1/namespaces", {"metadata": {"name": "ml-ours", "annotations": ours}})
         k8s.create("v1/namespaces", {"metadata": {"name": "ml-theirs", "annotations": theirs}})
         env = {**helm_env, "KUBECONFIG": str(k8s.kubeconfig(tmp_path / "kubeconfig"))}

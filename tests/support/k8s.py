@@ -31,6 +31,7 @@ so re-run ``tests/test_fixture_k8s.py`` after upgrades.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import collections
 import contextlib
@@ -313,6 +314,107 @@ class ApiError(Exception):
             "details": self.details,
             "code": self.code,
         }
+
+
+# --------------------------------------------------------------------------------------------------------
+# What helm needs beyond kmock's JSON: Secrets written as Kubernetes protobuf. helm keeps its release
+# record in a Secret through client-go's typed clientset, which sends protobuf (and accepts JSON back).
+# Only a Secret's fields are decoded; anything else is refused with 415, never guessed.
+# --------------------------------------------------------------------------------------------------------
+
+PROTOBUF: Final = "application/vnd.kubernetes.protobuf"
+_PROTOBUF_MAGIC: Final = b"k8s\x00"
+# Field numbers from generated.proto of k8s.io/apimachinery (ObjectMeta) and k8s.io/api core/v1 (Secret).
+_META_STRINGS: Final = {1: "name", 2: "generateName", 3: "namespace", 5: "uid", 6: "resourceVersion"}
+_META_MAPS: Final = {11: "labels", 12: "annotations"}
+_META_FINALIZERS: Final = 14
+_META_SERVER_SET: Final = frozenset({4, 7, 8, 9, 10})  # selfLink, generation, timestamps: set by the server
+
+
+def _protobuf_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of one protobuf message: varints as int, length-delimited fields as bytes."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(data):
+                raise ApiError(400, "truncated protobuf body")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while pos < len(data):
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            yield number, varint()
+        elif wire_type == 2:
+            length = varint()
+            yield number, data[pos : pos + length]
+            pos += length
+        else:
+            raise ApiError(
+                415, f"the emulator does not decode protobuf wire type {wire_type} (field {number})"
+            )
+
+
+def _protobuf_bytes(value: int | bytes) -> bytes:
+    if isinstance(value, int):
+        raise ApiError(400, "protobuf varint where a string or message belongs")
+    return value
+
+
+def _protobuf_map_entry(entry: int | bytes) -> tuple[str, bytes]:
+    fields = {number: _protobuf_bytes(value) for number, value in _protobuf_fields(_protobuf_bytes(entry))}
+    return fields.get(1, b"").decode(), fields.get(2, b"")
+
+
+def _object_meta_from_protobuf(data: bytes) -> Body:
+    meta: Body = {}
+    for number, value in _protobuf_fields(data):
+        if number in _META_STRINGS:
+            if text := _protobuf_bytes(value).decode():
+                meta[_META_STRINGS[number]] = text
+        elif number in _META_MAPS:
+            key, item = _protobuf_map_entry(value)
+            meta.setdefault(_META_MAPS[number], {})[key] = item.decode()
+        elif number == _META_FINALIZERS:
+            meta.setdefault("finalizers", []).append(_protobuf_bytes(value).decode())
+        elif number not in _META_SERVER_SET:
+            raise ApiError(415, f"the emulator does not decode protobuf ObjectMeta field {number}; send JSON")
+    return meta
+
+
+def secret_from_protobuf(body: bytes) -> Body:
+    """A v1 Secret sent as Kubernetes protobuf (``k8s\\0`` + runtime.Unknown) as the JSON object it means."""
+    if not body.startswith(_PROTOBUF_MAGIC):
+        raise ApiError(400, "protobuf body without the k8s\\0 envelope")
+    unknown = {n: _protobuf_bytes(v) for n, v in _protobuf_fields(body[len(_PROTOBUF_MAGIC) :])}
+    type_meta = {n: _protobuf_bytes(v).decode() for n, v in _protobuf_fields(unknown.get(1, b""))}
+    if (type_meta.get(1), type_meta.get(2)) != ("v1", "Secret"):
+        raise ApiError(415, f"the emulator decodes only v1 Secrets from protobuf, not {type_meta}; send JSON")
+    secret: Body = {"apiVersion": "v1", "kind": "Secret", "metadata": {}}
+    for number, value in _protobuf_fields(unknown.get(2, b"")):
+        if number == 1:
+            secret["metadata"] = _object_meta_from_protobuf(_protobuf_bytes(value))
+        elif number == 2:
+            key, item = _protobuf_map_entry(value)
+            secret.setdefault("data", {})[key] = base64.b64encode(item).decode()
+        elif number == 3:
+            secret["type"] = _protobuf_bytes(value).decode()
+        elif number == 4:
+            key, item = _protobuf_map_entry(value)
+            secret.setdefault("stringData", {})[key] = item.decode()
+        elif number == 5:
+            secret["immutable"] = bool(value)
+        else:
+            raise ApiError(415, f"the emulator does not decode protobuf Secret field {number}; send JSON")
+    return secret
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -713,6 +815,8 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         # kmock gap: PUT (replace) has no action and fell through to "404 endpoint not found".
         self.fallback[kmock.method.PUT] << self._serve_replace
+        self.fallback["get /openapi/v3"] << self._serve_openapi_index
+        self.fallback["get", re.compile(r"/openapi/v3/.+")] << self._serve_openapi_group_version
         # = self.resources.load_bundled(), minus its DeprecationWarning and the re-reading.
         self.resources.load_data(_bundled_resources())
         for crd in self.crds:
@@ -729,6 +833,69 @@ class FakeKubernetes(kmock.KubernetesEmulator):
                 self._schemas[kmock.resource(crd.resource)] = crd.schema
                 self._validators[kmock.resource(crd.resource)] = jsonschema.Draft4Validator(crd.schema)
                 self._cel[kmock.resource(crd.resource)] = _CelMemo(crd.schema)
+
+    # ---- what helm asks beyond kmock: the server version, discovery, OpenAPI v3, protobuf Secrets ----
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock reads every body as JSON text; helm's release record (a Secret) comes as protobuf. Decode it
+        # into the JSON the API server would have made of it before kmock parses the request.
+        if raw_request.content_type == PROTOBUF:
+            try:
+                decoded = secret_from_protobuf(await raw_request.read())
+            except ApiError as exc:
+                return await self._render_error(exc)
+            raw_request._read_bytes = json.dumps(decoded).encode()  # aiohttp's cached body, read by kmock
+        return await super().__call__(raw_request)
+
+    async def _serve_server_version(self, request: kmock.Request) -> kmock.Payload:
+        # kmock says v1.26 (k3s); helm checks charts' kubeVersion (ours: >=1.29) against this.
+        return {"major": "1", "minor": "31", "gitVersion": "v1.31.0", "platform": "linux/amd64"}
+
+    async def _serve_version(self, request: kmock.Request) -> kmock.Payload:
+        # kmock names the core group-version `/v1`; client-go (helm, kubectl) needs `v1` to find core kinds.
+        served = await super()._serve_version(request)
+        if isinstance(served, dict) and served.get("groupVersion") == "/v1":
+            served["groupVersion"] = "v1"
+        return served
+
+    def _group_versions(self) -> dict[str, builtins.list[tuple[kmock.resource, kmock.ResourceInfo]]]:
+        """The served resources by their OpenAPI v3 group-version path (``api/v1``, ``apis/apps/v1``)."""
+        groups: dict[str, builtins.list[tuple[kmock.resource, kmock.ResourceInfo]]] = {}
+        for resource in builtins.list(self.resources):
+            if resource.group is None or not isinstance(resource.version, str) or not resource.plural:
+                continue
+            path = (
+                f"apis/{resource.group}/{resource.version}" if resource.group else f"api/{resource.version}"
+            )
+            groups.setdefault(path, []).append((resource, self.resources[resource]))
+        return groups
+
+    async def _serve_openapi_index(self, request: kmock.Request) -> kmock.Payload:
+        paths = self._group_versions()
+        return {"paths": {path: {"serverRelativeURL": f"/openapi/v3/{path}?hash=emulator"} for path in paths}}
+
+    async def _serve_openapi_group_version(self, request: kmock.Request) -> kmock.Payload:
+        """Each resource's PATCH operation with its GVK and the ``fieldValidation`` parameter, no schemas.
+
+        That is what kubectl's validation (used by helm) asks first: does the server validate fields itself
+        (every API server since 1.27 does)? Then it sends objects as they are and leaves validation to the
+        server. The emulator validates custom resources (schema, CEL) but not built-in ones' fields.
+        """
+        path = request.url.path.removeprefix("/openapi/v3/")
+        if (resources := self._group_versions().get(path)) is None:
+            raise ApiError(404, f"no OpenAPI v3 document for {path}")
+        operations: Body = {}
+        for resource, info in resources:
+            scope = "/namespaces/{namespace}" if info.namespaced else ""
+            gvk = {"group": resource.group, "version": resource.version, "kind": self._kind(resource)}
+            parameter = {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+            patch = {"x-kubernetes-group-version-kind": gvk, "parameters": [parameter], "responses": {}}
+            operations[f"/{path}{scope}/{resource.plural}/{{name}}"] = {"patch": patch}
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "v1.31.0"},
+            "paths": operations,
+        }
 
     # ---- bookkeeping ----
 
