@@ -9,8 +9,9 @@ payloads and every assertion stay as they are, so the commands a test expects do
 `OracleServer` runs `support.llm_server.LLMServer` in a child process (the LLM is not in the measured
 process, and the two do not share one GIL) with a fixed latency per request and a script that answers
 like a perfect command generator: the commands the generated suite's assertions determine, computed by
-the replay (as `support.moneybank.oracle_answers` does for the example), and `n` rewordings per user
-message for the rephraser (each one passes validation).
+the replay (any generated prompt; the tests answer from a hand-written table instead, whose 91 turns the
+benchmark's 546 outgrow), and `n` rewordings per user message for the rephraser (each one passes
+validation).
 """
 
 from __future__ import annotations

@@ -847,13 +847,13 @@ def test_error_empty_val_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_prepare_data_output_against_a_perfect_generator(
     llm_server: LLMServer, tmp_path: Path, termination: Path
 ) -> None:
-    """The phases' hand-off: prepare-data's real output, scored against the oracle its labels came from."""
-    from support.moneybank import EXAMPLE, TESTS, oracle_answers
+    """The phases' hand-off: prepare-data's real output, scored against a generator that answers with the
+    hand-written labels (support.moneybank), the labels the assertions annotator must have derived."""
+    from support.moneybank import EXAMPLE, TESTS, TableGenerator
 
     prepare = ["prepare-data", str(TESTS), "--assistant", str(EXAMPLE), "--annotator", "assertions"]
     assert main([*prepare, "--num-rephrases", "0", "--out", str(tmp_path / "data")]) == 0
-    answers = oracle_answers()
-    llm_server.script(lambda request: answers[request.prompt])
+    llm_server.script(TableGenerator())
     out = tmp_path / "eval"
     args = [
         "evaluate",

@@ -113,6 +113,11 @@ async def test_full_pipeline_counts(
     assert len(rephrased) == rephrased_turns
     assert all(r["rephrased_user_utterance"].endswith("(reworded A)") for r in rephrased)
     assert all(r["rephrased_user_utterance"] in r["prompt"] for r in rephrased)
+    # Every training prompt, the synthetic conversations' too (rendered, never sent), shows the state the
+    # hand-written table expects for its message, and is labelled with the table's commands.
+    table = TableGenerator(rewrite=lambda prompt: SUFFIX.sub("", prompt))
+    for record in records:
+        assert record["output"] == "\n".join(table.label(record["prompt"]).commands)
 
     # --- stage 4: the split, by test case --------------------------------------------------------------
     # Worked out by hand from the labels (support.moneybank.LABELS), in split.py's rules:

@@ -13,39 +13,15 @@ from typing import Any, Final
 import pytest
 import yaml
 
-from ftrecipe.dataprep.annotate import derive_commands
-from ftrecipe.dataprep.assistant import load_assistant
-from ftrecipe.dataprep.commands import Syntax, format_commands
+from ftrecipe.dataprep.commands import Syntax
 from ftrecipe.dataprep.e2e import UserStep, read_e2e_tests
 from ftrecipe.dataprep.pipeline import PrepareDataOptions
-from ftrecipe.dataprep.prompt import default_template
-from ftrecipe.dataprep.state import conversation, is_button_payload
+from ftrecipe.dataprep.state import is_button_payload
 from support.llm_server import ChatRequest, LLMServer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "moneybank"
 TESTS = EXAMPLE / "e2e_tests"
-
-
-def oracle_answers() -> dict[str, str]:
-    """What a perfect command generator answers to each prompt of the example suite: the commands its
-    assertions determine (computed by the replay, independently of the pipeline under test)."""
-    assistant = load_assistant(EXAMPLE, exclude=(TESTS.resolve(), (EXAMPLE / "e2e_tests_legacy").resolve()))
-    template = default_template("v2")
-    answers: dict[str, str] = {}
-    for suite in read_e2e_tests([TESTS]):
-        for test in suite.test_cases:
-            replay = conversation(assistant, suite, test)
-            turn = next(replay, None)
-            while turn is not None:
-                commands = derive_commands(turn, assistant, "v2")
-                assert not isinstance(commands, str), f"{test.name}: {commands}"
-                answers[template.render(turn.variables)] = format_commands(commands, "v2")
-                try:
-                    turn = replay.send(commands)
-                except StopIteration:
-                    turn = None
-    return answers
 
 
 def annotated_messages() -> dict[str, list[str]]:
@@ -86,11 +62,6 @@ def options(tmp_path: Path, llm_config: Path, **changes: Any) -> PrepareDataOpti
     }
     values.update(changes)
     return PrepareDataOptions(**values)
-
-
-@pytest.fixture(scope="session")
-def answers() -> dict[str, str]:
-    return oracle_answers()
 
 
 # --------------------------------------------------------------------------------------------------------
