@@ -377,7 +377,7 @@ def test_bundle_is_complete_and_published(trained: dict[str, Any]) -> None:
     assert run["baseModel"]["id"] and len(run["dataset_hash"]) == 64
     assert (run["train_examples"], run["val_examples"], run["dropped_too_long"]) == (24, 6, 0)
     readme = (out / "README.md").read_text(encoding="utf-8")
-    assert "--enable-lora --lora-modules moneybank-lora=" in readme
+    assert "--lora-modules moneybank-lora=/adapters/moneybank-lora" in readme  # test_train_bundle.py
     assert "provider: self-hosted" in readme
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = decode(trained["termination"])
