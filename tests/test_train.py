@@ -257,6 +257,46 @@ def test_a_broken_record_names_its_line(tmp_path: Path) -> None:
         read_dataset(train)
 
 
+@pytest.mark.parametrize("num_items_in_batch", [None, 40])
+def test_label_only_loss_equals_the_full_logits_loss(
+    tokenizer: Any, tiny_model: Path, tmp_path: Path, num_items_in_batch: int | None
+) -> None:
+    """lossLogits labels (the default) and all: the same loss and LoRA gradients on a padded batch;
+    the label-only path returns no logits at all."""
+    import torch
+
+    train = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0), _conversational(1), _instruction(2)])
+    trainer = _sft_trainer(tiny_model, tokenizer, train)
+    assert trainer.loss_logits == "labels" and trainer.label_head_problem is None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # really padded
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == 18  # 6 per example
+    model = trainer.model
+    model.eval()  # no dropout: both passes see the same network
+
+    def loss_and_grads(setting: str) -> tuple[float, list[Any]]:
+        trainer.loss_logits = setting
+        model.zero_grad()
+        loss, outputs = trainer.compute_loss(
+            model, dict(batch), return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        loss.backward()
+        if setting == "labels":
+            assert getattr(outputs, "logits", None) is None
+        else:
+            assert outputs.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return float(loss), grads
+
+    labels_loss, labels_grads = loss_and_grads("labels")
+    full_loss, full_grads = loss_and_grads("all")
+    assert labels_loss == pytest.approx(full_loss, rel=1e-5)
+    assert len(labels_grads) == len(full_grads) == 4  # q_proj LoRA A and B, 2 layers
+    for a, b in zip(labels_grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in labels_grads)
+
+
 def test_find_splits_layouts(tmp_path: Path) -> None:
     nested = _make_data(tmp_path / "nested")
     assert find_splits(nested).train == nested / "4_train_test_split" / "ft_splits" / "train.jsonl"
@@ -915,10 +955,12 @@ def test_merge_writes_a_full_model_equal_to_base_plus_adapter(tiny_model: Path, 
                 "train",
                 *("--data", str(data), "--base-model", str(tiny_model), "--out", str(out)),
                 *("--work-dir", str(tmp_path / "work"), "--merge"),
-                *_sets("hyperparameters.epochs=1"),
+                # no LoRA dropout: what fused LoRA kernels need
+                *_sets("hyperparameters.epochs=1", "lora.dropout=0"),
             ]
         )
     assert code == 0
+    assert json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["lora_dropout"] == 0
     assert (out / "merged" / "config.json").is_file() and (out / "merged" / "tokenizer.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)

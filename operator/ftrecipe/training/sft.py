@@ -9,8 +9,11 @@ before the adapter is initialised) and, by default, a fused LM head that never b
   the model to stop mid-command, so `max_length` is left unset and every example longer than
   `maxSeqLength` is dropped after TRL tokenized it, and counted (`counts`);
 - the loss lever (`hyperparameters.lossLogits`): `labels` computes the LM head only where the labels are
-  (TRL's fused head on CUDA, `loss.label_positions_loss` elsewhere), `all` builds the full logits as a
-  plain transformers `Trainer` does;
+  (`loss.label_loss`: Liger's fused linear cross-entropy on CUDA when `liger-kernel` is installed, else
+  the head on the labelled rows alone; TRL's fused head for models that scale or soft-cap their logits),
+  `all` builds the full logits as a plain transformers `Trainer` does. The label-only loss runs inside
+  the model's forward (a `label_positions_loss=True` keyword, as TRL adds `fused_lm_head`), so under
+  torchrun it goes through DistributedDataParallel's forward and the gradients are synchronised;
 - the adapter weights in float32 wherever bf16 is not the compute dtype (TRL casts them to bf16 under
   quantization, which a GPU without native bf16 emulates and a float32 CPU run would round);
 - `_get_train_sampler`: the override point for the order of the training examples (see there).
@@ -18,6 +21,8 @@ before the adapter is initialised) and, by default, a fused LM head that never b
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +90,13 @@ class FtrecipeSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if adapters_in_float32:
             adapters_to_float32(self.model)
+        from ftrecipe.training.loss import plain_lm_head_problem
+
+        wrapped: Any = self.model
+        inner = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+        # Logits scaled or soft-capped after the head: TRL's fused head applies those, the plain one not.
+        self.label_head_problem = plain_lm_head_problem(inner.config)
+        add_label_positions_head(inner)
 
     def _prepare_dataset(
         self,
@@ -117,7 +129,14 @@ class FtrecipeSFTTrainer(SFTTrainer):
             from transformers import Trainer
 
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[no-untyped-call]
+        if self.label_head_problem is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[no-untyped-call]
+        outputs = model(**inputs, label_positions_loss=True, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: the divisor counts every rank's tokens, and DDP averages gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """The order of the training examples: transformers' (`train_sampling_strategy`, `data_seed`),
@@ -126,6 +145,38 @@ class FtrecipeSFTTrainer(SFTTrainer):
         """
         sampler = epoch_seeded_sampler(self, train_dataset)
         return super()._get_train_sampler(train_dataset) if sampler is None else sampler
+
+
+def add_label_positions_head(model: Any) -> None:
+    """`model(..., labels=..., label_positions_loss=True)` returns the label-only loss, no logits.
+
+    Without the keyword the forward is the model's own (generation, evaluation with logits, TRL's
+    `fused_lm_head`). Patched on the transformers model, under peft and DDP, which pass keywords through.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ftrecipe.training.loss import causal_lm_label_loss
+
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(
+        self: Any,
+        *args: Any,
+        label_positions_loss: bool = False,
+        num_items_in_batch: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not label_positions_loss:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original(*args, **kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        loss = causal_lm_label_loss(self, kwargs, num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
 
 
 def adapters_to_float32(model: Any) -> int:
