@@ -298,6 +298,7 @@ def test_vllm_serve_in_the_card_would_accept_the_demo_bundle(
     assert options["--max-model-len"] == "4096"  # the training maxSeqLength (default)
     assert options["--dtype"] == "float32"  # what it was trained in on this CPU
     assert "--chat-template" not in options  # the base model's own template serves
+    assert "not a hub id" not in readme
     name, adapter_dir = served_copy(demo_bundle, options, tmp_path)
     assert name == ADAPTER_NAME
     run = json.loads((demo_bundle / "run.json").read_text(encoding="utf-8"))
@@ -360,6 +361,7 @@ def test_a_template_ftrecipe_added_is_shipped_and_passed_to_vllm(
     model, options = serve_command(readme)
     assert model == str(templateless_bundle["base"].resolve())  # a local folder: the path given
     assert "--revision" not in options
+    assert "not a hub id: copy that model to the vLLM host" in readme
     assert options["--max-model-len"] == "256"
     assert options["--chat-template"] == f"/adapters/{ADAPTER_NAME}/chat_template.jinja"
     _, adapter_dir = served_copy(bundle, options, tmp_path)

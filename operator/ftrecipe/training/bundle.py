@@ -260,7 +260,7 @@ Copy this folder's files to `{adapter_dir}` on the vLLM host (or change that pat
 {serve}
 ```
 
-`--max-lora-rank {vllm_max_lora_rank(config.lora.r)}` is the smallest value vLLM accepts that holds rank {config.lora.r} (its default, 16,
+{_local_base_note(info)}`--max-lora-rank {vllm_max_lora_rank(config.lora.r)}` is the smallest value vLLM accepts that holds rank {config.lora.r} (its default, 16,
 refuses larger adapters); `--max-model-len` is the training maxSeqLength; `--dtype` the dtype it was trained
 in. Requests name the model `{info.adapter_name}` to get the adapter (the base model's name gets the base
 model alone).
@@ -274,6 +274,15 @@ model alone).
 and in config.yml point the command generator's `llm` at `model_group: {RASA_MODEL_GROUP}`; set
 `api_base` to where vLLM listens.
 """
+
+
+def _local_base_note(info: BundleInfo) -> str:
+    if info.base_model_source.startswith("hf:"):
+        return ""
+    return (
+        f"The base model is `{info.base_model_id}` as the recipe named it, not a hub id: copy that model to "
+        "the vLLM host and give its folder to `vllm serve` instead.\n\n"
+    )
 
 
 def _provenance_section(info: BundleInfo) -> str:
