@@ -902,10 +902,13 @@ def _resume_from_durable(durable: DurableCheckpoints, checkpoints: Path) -> tupl
 
 def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
     """Train, write and publish the bundle. TrainError for user errors, Preempted after SIGTERM."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stderr stays readable: progress is in the JSON lines
+    dataset_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # TRL tokenizes with Dataset.map, a bar per step otherwise
     try:
         with warnings.catch_warnings():
             # transformers 5 renamed gradient_checkpointing; the old name keeps 4.x working
@@ -916,6 +919,8 @@ def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
     finally:
         if bars:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+        if dataset_bars:
+            datasets.enable_progress_bars()
 
 
 def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
