@@ -128,6 +128,14 @@ async def test_check_rephrasing_labels_with_the_candidates_own_commands(
     def script(request: ChatRequest) -> str:
         if '"forty bucks"' in request.prompt:
             assert "USER: send money to Ann\nAI: How much?\nUSER: forty bucks" in request.prompt
+            # The candidate is checked in the original turn's state: the flow it offers, the question asked.
+            assert (
+                "- transfer_money: Send money to someone.\n    - slot `recipient`: who gets the money\n"
+                "    - slot `amount`: how much\n" in request.prompt
+            )
+            assert (
+                "Active flow: transfer_money\nThe assistant asked for: amount (how much)\n" in request.prompt
+            )
             return "set slot amount forty"
         if '"40 or so"' in request.prompt:
             return "set slot recipient 40"

@@ -200,6 +200,7 @@ async def test_same_inputs_and_seed_give_byte_identical_outputs(
     llm_server.script(make_script(annotated_messages()))
     for name in ("a", "b"):
         await prepare_data(options(tmp_path, llm_config, num_rephrases=2, out=tmp_path / name, seed=3))
+    assert llm_server.script_errors == []  # every conversation annotated: the files are not empty alike
     for path in sorted((tmp_path / "a").rglob("*")):
         if path.is_file() and path.name not in (
             "result_summary.yaml",
@@ -234,6 +235,7 @@ async def test_progress_on_a_terminal_and_in_logs(
         options(tmp_path, llm_config, num_rephrases=2, out=tmp_path / "log"), LineReporter(logs)
     )
     lines = logs.getvalue().splitlines()
+    assert llm_server.script_errors == []
     assert sum(line.startswith("annotate [") for line in lines) == n_tests
     assert sum(line.startswith("rephrase [") for line in lines) == n_tests
     assert f"annotate [{n_tests}/{n_tests}]" in logs.getvalue()
