@@ -613,13 +613,54 @@ def test_error_target_modules_not_in_the_model(
     assert "q_proj" in err and "down_proj" in err  # the modules that exist are listed
 
 
-def test_error_quantization_when_bitsandbytes_cannot_run(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from ftrecipe.training import trainer
+def _no_kernel(*_: object, **__: object) -> None:
+    raise RuntimeError("No kernel registered for this device\n(details on the next line)")
 
-    reason = "bitsandbytes cannot run on cpu: RuntimeError: no backend"
-    monkeypatch.setattr(trainer, "bitsandbytes_problem", lambda: reason)
+
+def _not_implemented(*_: object, **__: object) -> None:
+    raise NotImplementedError("int8 quantization is not implemented on this backend")
+
+
+# How bitsandbytes fails on a machine it cannot serve, made to happen in the library itself (not in our
+# probe): the import fails, or the import works and a kernel is missing. Our bitsandbytes_problem() runs for
+# real and must turn each into its one line.
+BITSANDBYTES_FAILURES = {
+    "not-importable": (
+        {"bitsandbytes": None, "bitsandbytes.functional": None},
+        {},
+        "ModuleNotFoundError: import of bitsandbytes.functional halted; None in sys.modules",
+    ),
+    "no-4bit-kernel": (
+        {},
+        {"quantize_4bit": _no_kernel},
+        "RuntimeError: No kernel registered for this device",
+    ),
+    "no-int8": (
+        {},
+        {"int8_vectorwise_quant": _not_implemented},
+        "NotImplementedError: int8 quantization is not implemented on this backend",
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(BITSANDBYTES_FAILURES))
+def test_error_quantization_when_bitsandbytes_cannot_run(
+    failure: str,
+    tiny_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bitsandbytes.functional
+    import torch
+
+    modules, functions, error = BITSANDBYTES_FAILURES[failure]
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name, function in functions.items():
+        monkeypatch.setattr(bitsandbytes.functional, name, function)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = f"bitsandbytes cannot run on {device}: {error}"
     data = _make_data(tmp_path / "data", n_train=4, n_val=0)
     err = _train_error(
         capsys,

@@ -40,8 +40,9 @@ def test_quantized_training_writes_a_reloadable_adapter(
     settings: list[str], tiny_model: Path, tmp_path: Path
 ) -> None:
     problem = _bitsandbytes_problem()
+    # bitsandbytes is in the train extra and has a CPU backend: a machine it fails on fails the test.
     if problem is not None:
-        pytest.skip(problem)
+        pytest.fail(f"the quantized path cannot be tested here: {problem}", pytrace=False)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
