@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,6 +188,64 @@ def test_adopted_crd_installs_and_keeps_the_recipes(
     ]
     listed = run_helm(helm, env, "list", "--namespace", RELEASE_NAMESPACE, "--output", "json")
     assert [(r["name"], r["status"]) for r in json.loads(listed.stdout)] == [("ftrecipe", "deployed")]
+
+
+def test_take_ownership_adopts_the_crd_without_the_labels_first(
+    helm: Path, cluster_env: tuple[KubeCluster, dict[str, str]]
+) -> None:
+    """docs/install.md: Helm 3.17 and later can adopt at install time with `--take-ownership`."""
+    k8s, env = cluster_env
+    stored = k8s.create(RECIPES, recipe("kept"), namespace="ml")
+    helm_install(helm, env, [*docs_helm_installs()[0], "--take-ownership"])
+    crd = k8s.get(CRDS, CRD.name)
+    assert crd is not None
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert {k: crd["metadata"]["annotations"][k] for k in OWNED_BY_RELEASE} == OWNED_BY_RELEASE
+    assert k8s.list(RECIPES, namespace="ml") == [stored]
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (payloads here are shorter than 128 bytes)."""
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def test_emulator_refuses_protobuf_it_does_not_decode() -> None:
+    """The emulator decodes a Secret's fields from protobuf (what helm's release storage sends); any other
+    kind, or a field it does not know, is refused with 415 instead of being stored half-read."""
+    secret_meta = _field(1, b"s") + _field(11, _field(1, b"owner") + _field(2, b"helm"))
+    secret = (
+        _field(1, secret_meta)
+        + _field(2, _field(1, b"release") + _field(2, b"\x00\xff"))
+        + _field(3, b"Opaque")
+    )
+    configmap = _field(1, _field(1, b"v1") + _field(2, b"ConfigMap")) + _field(2, _field(1, _field(1, b"c")))
+    odd_secret = _field(1, _field(1, b"v1") + _field(2, b"Secret")) + _field(2, _field(1, _field(13, b"x")))
+
+    def post(kind: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            f"{k8s.url}/api/v1/namespaces/default/{kind}",
+            data=b"k8s\x00" + body,
+            headers={"Content-Type": "application/vnd.kubernetes.protobuf", "Accept": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    with KubeCluster(crds=()) as k8s:
+        code, stored = post("secrets", _field(1, _field(1, b"v1") + _field(2, b"Secret")) + _field(2, secret))
+        assert code == 201, stored
+        assert stored["metadata"]["labels"] == {"owner": "helm"}
+        assert (stored["type"], stored["data"]) == ("Opaque", {"release": "AP8="})
+        code, status = post("configmaps", configmap)
+        assert (code, status["reason"]) == (415, "UnsupportedMediaType"), status
+        assert "decodes only v1 Secrets from protobuf" in status["message"]
+        code, status = post("secrets", odd_secret)
+        assert (code, status["reason"]) == (415, "UnsupportedMediaType"), status
+        assert "ObjectMeta field 13" in status["message"]  # ownerReferences: not decoded, so refused
 
 
 # ------------------------------------------------------------------------------------ watched namespaces
