@@ -30,6 +30,7 @@ from support.moneybank import (
     V2_LAYOUT,
     V3_LAYOUT,
     PromptLayout,
+    StateMismatch,
     TableGenerator,
     options,
     read_state,
@@ -126,6 +127,10 @@ OWN_LAYOUT = PromptLayout(
     flow_list=re.compile(r"Known flows:\n(.*?)\n\nState: ", re.DOTALL),
     flow_name=re.compile(r'^\d+\. (\w+) "', re.MULTILINE),
     conversation=re.compile(r"^Conversation:\n(.*?)\nMessage: ", re.MULTILINE | re.DOTALL),
+    # It shows only the slots that hold a value, each as a JSON string.
+    slot_section=re.compile(r"^State: .*?\n(.*?)^Conversation:$", re.MULTILINE | re.DOTALL),
+    slot_line=re.compile(r'^(\w+) := "(.*)"$', re.MULTILINE),
+    unset="",
 )
 
 
@@ -168,3 +173,31 @@ async def test_the_assistants_own_template(
     check_pinned(out, llm_server, OWN_LAYOUT, expected, "set slot confirm_block_card True")
     params = yaml.safe_load((out / "params.yaml").read_text(encoding="utf-8"))["command_generator"]
     assert params["prompt_template"] == str(tmp_path / "own_template.jinja2")
+
+
+V2_PROMPT = (PINNED / "moneybank_v2.txt").read_text(encoding="utf-8")
+FLOW_LIST = V2_PROMPT[V2_PROMPT.index("- check_balance:") : V2_PROMPT.index("\n## Commands you can use")]
+
+
+def test_the_table_answers_the_pinned_prompt() -> None:
+    assert TableGenerator().label(V2_PROMPT).commands == ("set slot confirm_block_card True",)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        (FLOW_LIST, "", "lists the flows []"),
+        ("- add_payee: Save", "- pay_bills: Save", "lists the flows"),
+        ("Active flow: block_card\n", "", "shows no current state"),
+        ("Active flow: block_card", "Active flow: replace_card", "shows active flow replace_card"),
+        ("asked for: confirm_block_card", "asked for: reason_for_blocking", "asked slot reason_for_blocking"),
+        ("- reason_for_blocking (text): lost", "- reason_for_blocking (text): not set", "shows the slots"),
+        ("- card_type (categorical): debit", "- card_type (categorical): credit", "shows the slots"),
+        ("USER: yes, block it right away\n\n", "\n", "the conversation ends with"),
+        ('message, "yes, block it right away"', 'message, "yes, block it"', "no label for the message"),
+    ],
+)
+def test_the_table_refuses_a_prompt_that_lost_its_state(old: str, new: str, complaint: str) -> None:
+    assert old in V2_PROMPT
+    with pytest.raises(StateMismatch, match=re.escape(complaint)):
+        TableGenerator().label(V2_PROMPT.replace(old, new, 1))

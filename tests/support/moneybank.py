@@ -66,10 +66,11 @@ def options(tmp_path: Path, llm_config: Path, **changes: Any) -> PrepareDataOpti
 
 # --------------------------------------------------------------------------------------------------------
 # The scripted command generator: a hand-written table of labels, keyed by the message and the state the
-# prompt must show. Nothing here comes from the code under test: the labels are what the example suite's
+# prompt must show (active flow, asked slot), which also says the flows listed and the slot values shown.
+# Nothing here comes from the code under test: the labels and states are what the example suite and its
 # assertions say, written out by hand; the prompt is read with regexes written for each template's layout.
-# A prompt that lost its flow list, its current state or the message is answered with an error (the
-# server's non-retryable 500), so the conversation fails and the test with it.
+# A prompt that lost its flow list, its current state, a slot value or the message is answered with an error
+# (the server's non-retryable 500), so the conversation fails and the test with it.
 
 # The flows the prompt offers: every user flow of the example but verify_identity (`if: False`: startable
 # only from transfer_money's `call`), which the prompt lists only while it runs.
@@ -89,18 +90,31 @@ class Label:
     asked: str | None  # the slot the assistant just asked for
     commands: tuple[str, ...]
     offered: frozenset[str] = OFFERED
+    # The active flow's slots that hold a value, as the prompt shows them (the others show as unset).
+    slots: tuple[tuple[str, str], ...] = ()
 
     @property
     def state(self) -> tuple[str, str | None, str | None]:
         return (self.message, self.flow, self.asked)
 
 
-def _turns(test: str, *turns: tuple[str, str | None, str | None, str]) -> list[Label]:
-    """A test's turns as (message, active flow, asked slot, commands separated by ';')."""
-    return [
-        Label(test, message, flow, asked, tuple(c.strip() for c in commands.split(";")))
-        for message, flow, asked, commands in turns
-    ]
+def _slots(text: str) -> tuple[tuple[str, str], ...]:
+    """`"a=1, b=x y"` as ((a, 1), (b, x y))."""
+    pairs = [item.split("=", 1) for item in text.split(", ") if item]
+    return tuple((name, value) for name, value in pairs)
+
+
+def _turns(test: str, *turns: tuple[str, ...]) -> list[Label]:
+    """A test's turns as (message, active flow or "", asked slot or "", commands separated by ';', and in a
+    flow the slots holding a value as `"name=value, ..."`)."""
+    labels = []
+    for message, flow, asked, commands, *filled in turns:
+        assert bool(flow) == bool(filled), f"{message!r}: a turn in a flow, and only one, lists its slots"
+        commands_ = tuple(c.strip() for c in commands.split(";"))
+        labels.append(
+            Label(test, message, flow or None, asked or None, commands_, slots=_slots(*filled or [""]))
+        )
+    return labels
 
 
 T = "transfer_money"
@@ -110,37 +124,35 @@ LABELS: Final[tuple[Label, ...]] = (
         "check_checking_balance_in_one_message",
         (
             "what's my checking balance?",
-            None,
-            None,
+            "",
+            "",
             "start flow check_balance; set slot account_type checking",
         ),
     ),
-    *_turns(
-        "check_balance_via_button", ("how much money do I have?", None, None, "start flow check_balance")
-    ),
+    *_turns("check_balance_via_button", ("how much money do I have?", "", "", "start flow check_balance")),
     *_turns(
         "account_question_clarification",
-        ("my account", None, None, "disambiguate flows check_balance show_recent_transactions"),
+        ("my account", "", "", "disambiguate flows check_balance show_recent_transactions"),
         # A clarification starts no flow: the choice is made with no flow active.
-        ("the recent transactions", None, None, "start flow show_recent_transactions"),
-        ("checking", "show_recent_transactions", "account_type", "set slot account_type checking"),
+        ("the recent transactions", "", "", "start flow show_recent_transactions"),
+        ("checking", "show_recent_transactions", "account_type", "set slot account_type checking", ""),
     ),
     *_turns(
         "recent_savings_transactions_in_one_message",
         (
             "show me the last payments on my savings account",
-            None,
-            None,
+            "",
+            "",
             "start flow show_recent_transactions; set slot account_type savings",
         ),
     ),
     *_turns(
         "balance_then_transactions_back_to_back",
-        ("How much is in my savings?", None, None, "start flow check_balance; set slot account_type savings"),
+        ("How much is in my savings?", "", "", "start flow check_balance; set slot account_type savings"),
         (
             "and what came in and out of my checking account lately?",
-            None,
-            None,
+            "",
+            "",
             "start flow show_recent_transactions; set slot account_type checking",
         ),
     ),
@@ -149,39 +161,59 @@ LABELS: Final[tuple[Label, ...]] = (
         "block_lost_debit_card_and_order_replacement",
         (
             "I lost my debit card",
-            None,
-            None,
+            "",
+            "",
             "start flow block_card; set slot card_type debit; set slot reason_for_blocking lost",
         ),
-        ("yes, block it right away", "block_card", "confirm_block_card", "set slot confirm_block_card True"),
+        (
+            "yes, block it right away",
+            "block_card",
+            "confirm_block_card",
+            "set slot confirm_block_card True",
+            "card_type=debit, reason_for_blocking=lost",
+        ),
         (
             "yes please, send me a new one",
             "block_card",
             "wants_replacement",
             "set slot wants_replacement True",
+            "card_type=debit, reason_for_blocking=lost, confirm_block_card=True",
         ),
         # block_card linked to replace_card, which skipped the card type (persisted) and asks the delivery.
-        ("express", "replace_card", "delivery_speed", "set slot delivery_speed express"),
+        ("express", "replace_card", "delivery_speed", "set slot delivery_speed express", "card_type=debit"),
     ),
     *_turns(
         "block_stolen_credit_card_step_by_step",
-        ("I need to freeze my card", None, None, "start flow block_card"),
-        ("the credit one", "block_card", "card_type", "set slot card_type credit"),
-        ("it was stolen", "block_card", "reason_for_blocking", "set slot reason_for_blocking stolen"),
-        ("yes do it", "block_card", "confirm_block_card", "set slot confirm_block_card True"),
+        ("I need to freeze my card", "", "", "start flow block_card"),
+        ("the credit one", "block_card", "card_type", "set slot card_type credit", ""),
+        (
+            "it was stolen",
+            "block_card",
+            "reason_for_blocking",
+            "set slot reason_for_blocking stolen",
+            "card_type=credit",
+        ),
+        (
+            "yes do it",
+            "block_card",
+            "confirm_block_card",
+            "set slot confirm_block_card True",
+            "card_type=credit, reason_for_blocking=stolen",
+        ),
         (
             "no thanks, I have another card",
             "block_card",
             "wants_replacement",
             "set slot wants_replacement False",
+            "card_type=credit, reason_for_blocking=stolen, confirm_block_card=True",
         ),
     ),
     *_turns(
         "block_card_declined_at_confirmation",
         (
             "please block my credit card, I think it was used for fraud",
-            None,
-            None,
+            "",
+            "",
             "start flow block_card; set slot card_type credit; set slot reason_for_blocking fraud",
         ),
         (
@@ -189,128 +221,173 @@ LABELS: Final[tuple[Label, ...]] = (
             "block_card",
             "confirm_block_card",
             "set slot confirm_block_card False",
+            "card_type=credit, reason_for_blocking=fraud",
         ),
     ),
     *_turns(
         "card_problem_clarification_then_replace",
-        ("I have a problem with my card", None, None, "disambiguate flows block_card replace_card"),
-        ("it's damaged, I just need a new one", None, None, "start flow replace_card"),
-        ("my debit card", "replace_card", "card_type", "set slot card_type debit"),
-        ("standard is fine", "replace_card", "delivery_speed", "set slot delivery_speed standard"),
-        ("yes, order it", "replace_card", "confirm_replace_card", "set slot confirm_replace_card True"),
+        ("I have a problem with my card", "", "", "disambiguate flows block_card replace_card"),
+        ("it's damaged, I just need a new one", "", "", "start flow replace_card"),
+        ("my debit card", "replace_card", "card_type", "set slot card_type debit", ""),
+        (
+            "standard is fine",
+            "replace_card",
+            "delivery_speed",
+            "set slot delivery_speed standard",
+            "card_type=debit",
+        ),
+        (
+            "yes, order it",
+            "replace_card",
+            "confirm_replace_card",
+            "set slot confirm_replace_card True",
+            "card_type=debit, delivery_speed=standard",
+        ),
     ),
     *_turns(
         "replace_expiring_card_skip_delivery_question",
         (
             "My credit card expires next month, can I get a new one?",
-            None,
-            None,
+            "",
+            "",
             "start flow replace_card; set slot card_type credit",
         ),
-        ("can I skip this one?", "replace_card", "delivery_speed", "skip question"),
-        ("ok, express then", "replace_card", "delivery_speed", "set slot delivery_speed express"),
-        ("no, not for $5", "replace_card", "confirm_replace_card", "set slot confirm_replace_card False"),
+        ("can I skip this one?", "replace_card", "delivery_speed", "skip question", "card_type=credit"),
+        (
+            "ok, express then",
+            "replace_card",
+            "delivery_speed",
+            "set slot delivery_speed express",
+            "card_type=credit",
+        ),
+        (
+            "no, not for $5",
+            "replace_card",
+            "confirm_replace_card",
+            "set slot confirm_replace_card False",
+            "card_type=credit, delivery_speed=express",
+        ),
     ),
     *_turns(
         "block_card_human_handoff_mid_flow",
-        ("block my debit card", None, None, "start flow block_card; set slot card_type debit"),
-        ("this is urgent, let me speak to a human agent", "block_card", "reason_for_blocking", "hand over"),
+        ("block my debit card", "", "", "start flow block_card; set slot card_type debit"),
+        (
+            "this is urgent, let me speak to a human agent",
+            "block_card",
+            "reason_for_blocking",
+            "hand over",
+            "card_type=debit",
+        ),
     ),
     *_turns(
         "block_card_knowledge_question_mid_flow",
-        ("I want to block my credit card", None, None, "start flow block_card; set slot card_type credit"),
+        ("I want to block my credit card", "", "", "start flow block_card; set slot card_type credit"),
         (
             "before that, is there a fee for blocking a card?",
             "block_card",
             "reason_for_blocking",
             "provide info",
+            "card_type=credit",
         ),
         (
             "ok good. it's damaged, the chip stopped working",
             "block_card",
             "reason_for_blocking",
             "set slot reason_for_blocking damaged",
+            "card_type=credit",
         ),
     ),
     # conversation_repair/repair.yml
     *_turns(
         "chitchat_greeting_then_balance",
-        ("hey there, how's your day going?", None, None, "offtopic reply"),
+        ("hey there, how's your day going?", "", "", "offtopic reply"),
         (
             "can you check my savings balance?",
-            None,
-            None,
+            "",
+            "",
             "start flow check_balance; set slot account_type savings",
         ),
     ),
     *_turns(
         "chitchat_in_the_middle_of_a_transfer",
-        ("send money to Ana", None, None, f"start flow {T}; set slot recipient Ana"),
-        ("are you a robot, by the way?", T, "amount", "offtopic reply"),
-        ("200", T, "amount", "set slot amount 200"),
+        ("send money to Ana", "", "", f"start flow {T}; set slot recipient Ana"),
+        ("are you a robot, by the way?", T, "amount", "offtopic reply", "recipient=Ana"),
+        ("200", T, "amount", "set slot amount 200", "recipient=Ana"),
     ),
     *_turns(
         "knowledge_question_savings_interest_rate",
-        ("what's the interest rate on your savings account?", None, None, "provide info"),
+        ("what's the interest rate on your savings account?", "", "", "provide info"),
     ),
     *_turns(
         "knowledge_question_branch_hours",
-        ("When are your branches open on Saturdays?", None, None, "provide info"),
+        ("When are your branches open on Saturdays?", "", "", "provide info"),
         # No fixture: the customer is not verified, the transfer goes on to verify_identity.
         (
             "thanks! now I'd like to send money to Tom Becker",
-            None,
-            None,
+            "",
+            "",
             f"start flow {T}; set slot recipient Tom Becker",
         ),
     ),
-    *_turns("human_handoff_direct_request", ("I want to talk to a real person", None, None, "hand over")),
+    *_turns("human_handoff_direct_request", ("I want to talk to a real person", "", "", "hand over")),
     *_turns(
         "repeat_question_during_transfer",
-        ("I want to transfer money to Kenji", None, None, f"start flow {T}; set slot recipient Kenji"),
-        ("sorry, what did you say?", T, "amount", "repeat message"),
-        ("eighty-five dollars", T, "amount", "set slot amount 85"),
+        ("I want to transfer money to Kenji", "", "", f"start flow {T}; set slot recipient Kenji"),
+        ("sorry, what did you say?", T, "amount", "repeat message", "recipient=Kenji"),
+        ("eighty-five dollars", T, "amount", "set slot amount 85", "recipient=Kenji"),
     ),
     *_turns(
         "repeat_balance_answer",
         (
             "checking account balance please",
-            None,
-            None,
+            "",
+            "",
             "start flow check_balance; set slot account_type checking",
         ),
-        ("can you say that again?", None, None, "repeat message"),
+        ("can you say that again?", "", "", "repeat message"),
     ),
     *_turns(
         "cannot_handle_gibberish",
-        ("asdf jkl qwerty", None, None, "cannot handle"),
+        ("asdf jkl qwerty", "", "", "cannot handle"),
         (
             "sorry, I meant: block my credit card",
-            None,
-            None,
+            "",
+            "",
             "start flow block_card; set slot card_type credit",
         ),
     ),
     *_turns(
         "cannot_handle_in_the_middle_of_a_flow",
-        ("what's my balance", None, None, "start flow check_balance"),
-        ("blorp zzz 42 ??", "check_balance", "account_type", "cannot handle"),
-        ("savings", "check_balance", "account_type", "set slot account_type savings"),
+        ("what's my balance", "", "", "start flow check_balance"),
+        ("blorp zzz 42 ??", "check_balance", "account_type", "cannot handle", ""),
+        ("savings", "check_balance", "account_type", "set slot account_type savings", ""),
     ),
     # payments/payees.yml
     *_turns(
         "add_payee_step_by_step",
-        ("I want to add a new payee", None, None, "start flow add_payee"),
-        ("Hannah Schmidt", "add_payee", "payee_name", "set slot payee_name Hannah Schmidt"),
-        ("DE89 3704 0044 0532 0130 00", "add_payee", "iban", "set slot iban DE89370400440532013000"),
-        ("yes, save her", "add_payee", "confirm_add_payee", "set slot confirm_add_payee True"),
+        ("I want to add a new payee", "", "", "start flow add_payee"),
+        ("Hannah Schmidt", "add_payee", "payee_name", "set slot payee_name Hannah Schmidt", ""),
+        (
+            "DE89 3704 0044 0532 0130 00",
+            "add_payee",
+            "iban",
+            "set slot iban DE89370400440532013000",
+            "payee_name=Hannah Schmidt",
+        ),
+        (
+            "yes, save her",
+            "add_payee",
+            "confirm_add_payee",
+            "set slot confirm_add_payee True",
+            "payee_name=Hannah Schmidt, iban=DE89370400440532013000",
+        ),
     ),
     *_turns(
         "add_payee_in_one_message_then_fix_iban",
         (
             "Save Luca Rossi as a payee, his IBAN is IT60X0542811101000000123456",
-            None,
-            None,
+            "",
+            "",
             "start flow add_payee; set slot payee_name Luca Rossi; set slot iban IT60X0542811101000000123456",
         ),
         (
@@ -318,74 +395,117 @@ LABELS: Final[tuple[Label, ...]] = (
             "add_payee",
             "confirm_add_payee",
             "set slot iban IT60X0542811101000000123457",
+            "payee_name=Luca Rossi, iban=IT60X0542811101000000123456",
         ),
     ),
     *_turns(
         "add_payee_cancelled_without_iban",
-        ("add a payee please", None, None, "start flow add_payee"),
-        ("Oscar Nilsson", "add_payee", "payee_name", "set slot payee_name Oscar Nilsson"),
-        ("forget it, I don't have his bank details yet", "add_payee", "iban", "cancel flow"),
+        ("add a payee please", "", "", "start flow add_payee"),
+        ("Oscar Nilsson", "add_payee", "payee_name", "set slot payee_name Oscar Nilsson", ""),
+        (
+            "forget it, I don't have his bank details yet",
+            "add_payee",
+            "iban",
+            "cancel flow",
+            "payee_name=Oscar Nilsson",
+        ),
     ),
     # payments/transfers.yml
     *_turns(
         "transfer_happy_path_step_by_step",
-        ("I want to send some money", None, None, f"start flow {T}"),
-        ("Emma Clarke", T, "recipient", "set slot recipient Emma Clarke"),
-        ("$50", T, "amount", "set slot amount 50"),
-        ("yes, go ahead", T, "confirm_transfer", "set slot confirm_transfer True"),
+        ("I want to send some money", "", "", f"start flow {T}"),
+        ("Emma Clarke", T, "recipient", "set slot recipient Emma Clarke", ""),
+        ("$50", T, "amount", "set slot amount 50", "recipient=Emma Clarke"),
+        (
+            "yes, go ahead",
+            T,
+            "confirm_transfer",
+            "set slot confirm_transfer True",
+            "recipient=Emma Clarke, amount=50.0",
+        ),
     ),
     *_turns(
         "transfer_start_with_slots_and_button_confirm",
         (
             "send 50 dollars to John",
-            None,
-            None,
+            "",
+            "",
             f"start flow {T}; set slot recipient John; set slot amount 50",
         ),
     ),
     *_turns(
         "transfer_correct_amount_before_confirming",
-        ("Transfer 40 to Priya", None, None, f"start flow {T}; set slot recipient Priya; set slot amount 40"),
-        ("actually make it 60", T, "confirm_transfer", "set slot amount 60"),
-        ("yep, that's right", T, "confirm_transfer", "set slot confirm_transfer True"),
+        ("Transfer 40 to Priya", "", "", f"start flow {T}; set slot recipient Priya; set slot amount 40"),
+        ("actually make it 60", T, "confirm_transfer", "set slot amount 60", "recipient=Priya, amount=40.0"),
+        (
+            "yep, that's right",
+            T,
+            "confirm_transfer",
+            "set slot confirm_transfer True",
+            "recipient=Priya, amount=60.0",
+        ),
     ),
     *_turns(
         "transfer_correct_recipient",
-        ("I need to pay Marco", None, None, f"start flow {T}; set slot recipient Marco"),
-        ("1,250.75", T, "amount", "set slot amount 1250.75"),
-        ("oh wait, not Marco, it's for Marta", T, "confirm_transfer", "set slot recipient Marta"),
-        ("correct, send it", T, "confirm_transfer", "set slot confirm_transfer True"),
+        ("I need to pay Marco", "", "", f"start flow {T}; set slot recipient Marco"),
+        ("1,250.75", T, "amount", "set slot amount 1250.75", "recipient=Marco"),
+        (
+            "oh wait, not Marco, it's for Marta",
+            T,
+            "confirm_transfer",
+            "set slot recipient Marta",
+            "recipient=Marco, amount=1250.75",
+        ),
+        (
+            "correct, send it",
+            T,
+            "confirm_transfer",
+            "set slot confirm_transfer True",
+            "recipient=Marta, amount=1250.75",
+        ),
     ),
     *_turns(
         "transfer_insufficient_funds",
         (
             "move 2,400 dollars to my landlord Oliver Grant",
-            None,
-            None,
+            "",
+            "",
             f"start flow {T}; set slot recipient Oliver Grant; set slot amount 2400",
         ),
-        ("yes", T, "confirm_transfer", "set slot confirm_transfer True"),
+        (
+            "yes",
+            T,
+            "confirm_transfer",
+            "set slot confirm_transfer True",
+            "recipient=Oliver Grant, amount=2400.0",
+        ),
     ),
     *_turns(
         "transfer_cancelled_while_asking_amount",
-        ("I want to send money to Dimitri", None, None, f"start flow {T}; set slot recipient Dimitri"),
-        ("hmm never mind, I already paid him yesterday", T, "amount", "cancel flow"),
+        ("I want to send money to Dimitri", "", "", f"start flow {T}; set slot recipient Dimitri"),
+        ("hmm never mind, I already paid him yesterday", T, "amount", "cancel flow", "recipient=Dimitri"),
     ),
     *_turns(
         "transfer_declined_at_confirmation",
         (
             "pay fifty dollars to Sam Lee",
-            None,
-            None,
+            "",
+            "",
             f"start flow {T}; set slot recipient Sam Lee; set slot amount 50",
         ),
-        ("no, don't send it", T, "confirm_transfer", "set slot confirm_transfer False"),
+        (
+            "no, don't send it",
+            T,
+            "confirm_transfer",
+            "set slot confirm_transfer False",
+            "recipient=Sam Lee, amount=50.0",
+        ),
     ),
     # An unverified customer: transfer_money calls verify_identity, whose question shows among the
     # transfer's own (a `call` inlines the called flow), and which the prompt lists while it runs.
     *_turns(
         "transfer_with_identity_verification",
-        ("send $75.50 to Noah", None, None, f"start flow {T}; set slot recipient Noah; set slot amount 75.5"),
+        ("send $75.50 to Noah", "", "", f"start flow {T}; set slot recipient Noah; set slot amount 75.5"),
     ),
     Label(
         "transfer_with_identity_verification",
@@ -394,13 +514,20 @@ LABELS: Final[tuple[Label, ...]] = (
         "date_of_birth",
         ("set slot date_of_birth 1988-03-14",),
         WHILE_VERIFYING,
+        slots=_slots("recipient=Noah, amount=75.5"),
     ),
     *_turns(
         "transfer_with_identity_verification",
-        ("yes please", T, "confirm_transfer", "set slot confirm_transfer True"),
+        (
+            "yes please",
+            T,
+            "confirm_transfer",
+            "set slot confirm_transfer True",
+            "date_of_birth=1988-03-14, recipient=Noah, amount=75.5",
+        ),
     ),
     *_turns(
-        "transfer_identity_verification_fails", ("I'd like to make a transfer", None, None, f"start flow {T}")
+        "transfer_identity_verification_fails", ("I'd like to make a transfer", "", "", f"start flow {T}")
     ),
     Label(
         "transfer_identity_verification_fails",
@@ -409,25 +536,27 @@ LABELS: Final[tuple[Label, ...]] = (
         "date_of_birth",
         ("set slot date_of_birth 1990-01-01",),
         WHILE_VERIFYING,
+        slots=_slots(""),
     ),
     *_turns(
         "transfer_digression_to_check_balance",
-        ("I want to send money to Sudarshana", None, None, f"start flow {T}; set slot recipient Sudarshana"),
+        ("I want to send money to Sudarshana", "", "", f"start flow {T}; set slot recipient Sudarshana"),
         # A digression: the balance flow starts on top of the transfer, which resumes afterwards.
         (
             "wait, how much do I have in savings?",
             T,
             "amount",
             "start flow check_balance; set slot account_type savings",
+            "recipient=Sudarshana",
         ),
-        ("ok, send 300 then", T, "amount", "set slot amount 300"),
+        ("ok, send 300 then", T, "amount", "set slot amount 300", "recipient=Sudarshana"),
     ),
     *_turns(
         "transfer_skip_recipient_question",
-        ("I want to send money", None, None, f"start flow {T}"),
-        ("can we skip this question?", T, "recipient", "skip question"),
-        ("fine, Lucy Park", T, "recipient", "set slot recipient Lucy Park"),
-        ("100 bucks", T, "amount", "set slot amount 100"),
+        ("I want to send money", "", "", f"start flow {T}"),
+        ("can we skip this question?", T, "recipient", "skip question", ""),
+        ("fine, Lucy Park", T, "recipient", "set slot recipient Lucy Park", ""),
+        ("100 bucks", T, "amount", "set slot amount 100", "recipient=Lucy Park"),
     ),
 )
 
@@ -444,6 +573,9 @@ class PromptLayout:
     flow_list: re.Pattern[str]  # group 1: the section listing the flows
     flow_name: re.Pattern[str]  # group 1 of each match in that section: a flow's id
     conversation: re.Pattern[str]  # group 1: the conversation, the latest user message last
+    slot_section: re.Pattern[str]  # group 1: the active flow's slots (no match: none shown)
+    slot_line: re.Pattern[str]  # in that section, groups 1 and 2: a slot's name and the value shown
+    unset: str  # the value shown for a slot that holds none
 
 
 _ML = re.MULTILINE
@@ -458,6 +590,9 @@ V2_LAYOUT: Final = PromptLayout(
     flow_list=re.compile(r"^## Flows the user can start\n(.*?)^## Commands you can use$", _SECTION),
     flow_name=re.compile(r"^- (\w+): \S", _ML),
     conversation=re.compile(r"^## Conversation\n(.*?)\n\n## Your task$", _SECTION),
+    slot_section=re.compile(r"^Slots of the active flow:\n(.*?)\n\n", _SECTION),
+    slot_line=re.compile(r"^- (\w+) \(\w+\): (.*)$", _ML),
+    unset="not set",
 )
 V3_LAYOUT: Final = replace(V2_LAYOUT, syntax="v3")
 V1_LAYOUT: Final = PromptLayout(
@@ -471,6 +606,9 @@ V1_LAYOUT: Final = PromptLayout(
     ),
     flow_name=re.compile(r"^(\w+): \S", _ML),
     conversation=re.compile(r'^The conversation so far:\n"""\n(.*?)\n"""$', _SECTION),
+    slot_section=re.compile(r"^Its slots:\n(.*?)\n\n", _SECTION),
+    slot_line=re.compile(r"^(\w+): (.*) \(\w+\)$", _ML),
+    unset="undefined",
 )
 
 # Each v2 command as v1 and v3 write it (the table of docs in shared/rasa-formats.md), by its first words.
@@ -514,6 +652,7 @@ class PromptState:
     asked: str | None
     flows: frozenset[str]
     last_line: str
+    slots: dict[str, str]  # the active flow's slots that hold a value, as shown
 
 
 def _one(pattern: re.Pattern[str], prompt: str, what: str) -> str:
@@ -534,12 +673,17 @@ def read_state(prompt: str, layout: PromptLayout) -> PromptState:
         raise StateMismatch(f"{message!r}: the prompt shows {len(asked)} asked slots")
     flow_list = _one(layout.flow_list, prompt, "the flow list")
     conversation = _one(layout.conversation, prompt, "the conversation")
+    sections = layout.slot_section.findall(prompt)
+    if len(sections) > 1:
+        raise StateMismatch(f"{message!r}: the prompt shows the active flow's slots {len(sections)} times")
+    shown = layout.slot_line.findall(sections[0]) if sections else []
     return PromptState(
         message,
         active[0] if active else None,
         asked[0] if asked else None,
         frozenset(layout.flow_name.findall(flow_list)),
         conversation.splitlines()[-1],
+        {name: value for name, value in shown if value != layout.unset},
     )
 
 
@@ -552,7 +696,8 @@ class TableGenerator:
     """The scripted command generator: `llm_server.script(TableGenerator())`.
 
     Answers a prompt with the label of its (message, active flow, asked slot), once it has checked that the
-    prompt lists the flows the label says and ends its conversation with the message; anything else raises
+    prompt lists the flows the label says, shows the slot values it says and ends its conversation with the
+    message; anything else raises
     StateMismatch (the server answers a non-retryable 500 and keeps the error in `script_errors`).
     `rewrite` turns a prompt into the one the table knows (e.g. a rephrased message back into the original).
     """
@@ -581,6 +726,10 @@ class TableGenerator:
             )
         if state.last_line != self._user_line(state.message):
             raise StateMismatch(f"{state.message!r}: the conversation ends with {state.last_line!r}")
+        if state.slots != dict(label.slots):
+            raise StateMismatch(
+                f"{state.message!r}: the prompt shows the slots {state.slots}, not {dict(label.slots)}"
+            )
         return label
 
     @staticmethod
