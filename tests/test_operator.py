@@ -111,6 +111,36 @@ def job_names(k8s: K8s) -> list[str]:
     return sorted(j["metadata"]["name"] for j in k8s.list(JOBS, NS))
 
 
+# The operator's periodic task leaves a trace of each tick in the API's request log: a progress tick lists
+# the namespace's unfinished pods, a resync its unfinished Jobs (each with its field selector). Tests that
+# need "N ticks happened" wait for N such listings, so a timer that never runs fails them.
+PROGRESS_LISTING = ("pods", "status.phase!=Succeeded")
+RESYNC_LISTING = ("jobs", "status.successful!=1")
+
+
+def tick_listings(k8s: K8s, listing: tuple[str, str], since: int = 0) -> list[Any]:
+    plural, field_selector = listing
+    return [
+        r
+        for r in k8s.requests()[since:]
+        if r.resource is not None
+        and r.resource.plural == plural
+        and r.method == "GET"
+        and not r.name
+        and r.params.get("fieldSelector") == field_selector
+        and r.params.get("watch") not in ("true", "1")
+    ]
+
+
+def wait_ticks(k8s: K8s, listing: tuple[str, str], count: int, since: int, timeout: float = 30.0) -> None:
+    """Wait until the operator's timer has made `count` more listings of `listing` since request `since`."""
+    k8s.wait_for(
+        lambda: len(tick_listings(k8s, listing, since)) >= count,
+        timeout=timeout,
+        message=f"{count} timer ticks listing {listing[0]}",
+    )
+
+
 def test_full_lifecycle(k8s: K8s, operator: Any) -> None:
     body = manifest()
     body["spec"]["evaluation"] = {"enabled": True}
@@ -232,21 +262,56 @@ def test_retry_annotation_runs_the_failed_phase_again(k8s: K8s, operator: Any) -
     assert job_names(k8s) == sorted([data_name, train_name])
 
 
+def requests_since(k8s: K8s, first: int, plural: str, method: str) -> list[Any]:
+    return [
+        r
+        for r in k8s.requests()[first:]
+        if r.resource is not None and r.resource.plural == plural and r.method == method
+    ]
+
+
 def test_restart_adopts_the_running_job(k8s: K8s) -> None:
+    """A restarted operator finds the running Job and creates nothing: not a second Job, not a create
+    request answered 409, not a second "PreparingData" Event; it then carries the recipe on."""
     body = manifest()
     data_name = expected_job(body, "data")
-    with k8s.run_operator(handlers(), namespaces=[NS], watching=[CRD_RESOURCE]) as first:
+    options: dict[str, Any] = {"namespaces": [NS], "posting": True, "watching": [CRD_RESOURCE, JOBS]}
+    with k8s.run_operator(handlers(), **options) as first:
         apply(k8s, body)
         wait_job(k8s, data_name)
         wait_phase(k8s, "PreparingData")
-    k8s.set_job_status(data_name, NS, "running")
-    with k8s.run_operator(handlers(), namespaces=[NS], watching=[CRD_RESOURCE]) as second:
         k8s.wait_for(
-            lambda: any("reconciled (recipe seen)" in m for m in second.messages()),
+            lambda: [e["reason"] for e in k8s.events(NS)] == ["PreparingData"], message="the phase's Event"
+        )
+    k8s.set_job_status(data_name, NS, "running")
+    data_uid = k8s.get(JOBS, data_name, NS)["metadata"]["uid"]  # type: ignore[index]
+    before = len(k8s.requests())
+    with k8s.run_operator(handlers(), **options) as second:
+        k8s.wait_for(
+            lambda: any("reconciled (recipe seen): PreparingData" in m for m in second.messages()),
             message="the recipe reconciled at start-up",
         )
+        # Adopted: no create request at all (a 409 would have meant it did not see the Job).
+        assert requests_since(k8s, before, "jobs", "POST") == []
         assert job_names(k8s) == [data_name]
         assert status(k8s)["phase"] == "PreparingData"
+
+        # The restarted operator carries on: the data Job finishes, it creates the train Job.
+        finish(k8s, data_name, "prepare-data", report(True, "data published", num_ft_data_points=40))
+        train_name = expected_job(body, "train")
+        wait_job(k8s, train_name)
+        st = wait_phase(k8s, "Training")
+        assert st["dataPreparation"]["summary"] == {"numFtDataPoints": 40}
+        k8s.wait_for(
+            lambda: sorted(e["reason"] for e in k8s.events(NS)) == ["PreparingData", "Training"],
+            message="the Training Event",
+        )
+        created = [r.data["metadata"]["name"] for r in requests_since(k8s, before, "jobs", "POST")]
+        assert created == [train_name]
+        # Events go out in order: a second "PreparingData" from the restart would precede "Training".
+        posted = [r.data["reason"] for r in requests_since(k8s, before, "events", "POST")]
+        assert posted == ["Training"]
+        assert k8s.get(JOBS, data_name, NS)["metadata"]["uid"] == data_uid  # type: ignore[index]
     assert not first.errors and not second.errors, second.messages()
 
 
@@ -421,14 +486,21 @@ def test_resync_catches_a_lost_job_event_with_one_request_per_namespace(k8s: K8s
             wait_job(k8s, expected_job(body, "data"))
             wait_phase(k8s, "PreparingData", body["metadata"]["name"])
         first = len(k8s.requests())
-        time.sleep(1.5)  # about five resyncs: nothing changed, nothing is reconciled
+        started = time.monotonic()
+        wait_ticks(k8s, RESYNC_LISTING, 5, first)  # five resyncs: nothing changed, nothing is reconciled
+        # One listing per resync for the namespace, not one per recipe: five listings took at least four
+        # 0.3 s intervals (two per resync would have taken two); a busy machine only makes it longer.
+        assert time.monotonic() - started >= 4 * 0.3 - 0.05
         listings = [
             r
             for r in k8s.requests()[first:]
             if r.resource is not None and r.resource.plural == "jobs" and r.method == "GET"
         ]
-        assert 3 <= len(listings) <= 6  # one per resync for the namespace, not one per recipe
         assert all(r.params.get("fieldSelector") == "status.successful!=1" for r in listings)
+        assert all(
+            r.params.get("labelSelector") == "app.kubernetes.io/managed-by=ftrecipe-operator"
+            for r in listings
+        )
         assert not any("(resync)" in m for m in run.messages())
 
         finish_without_a_watch_event(k8s, expected_job(bodies[0], "data"))
@@ -539,9 +611,11 @@ def test_phase_reports_and_training_progress_fill_the_status(k8s: K8s) -> None:
         assert (
             st["message"] == f"training running (Job {train_name}): step 30/120, train loss 1.25, ETA 7m30s"
         )
+        # The counter counts a patch once the API answered it: one tick later, the step-30 patch is in.
+        wait_ticks(k8s, PROGRESS_LISTING, 1, len(k8s.requests()))
         patches = metrics.status_patches._value.get()
-        time.sleep(1.0)  # five timer ticks without new progress: no new status patch
-        assert metrics.status_patches._value.get() == patches
+        wait_ticks(k8s, PROGRESS_LISTING, 5, len(k8s.requests()))  # five ticks without new progress
+        assert metrics.status_patches._value.get() == patches  # no new status patch
 
         figures = {"step": 120, "total_steps": 120, "train_loss": 0.4, "eval_loss": 0.52, "adapter_uri": "x"}
         finish(k8s, train_name, "train", report(True, "trained 120 steps", **figures))

@@ -14,6 +14,8 @@ from support.k8s import CRD_RESOURCE, K8s
 from test_operator import (
     JOBS,
     NS,
+    PROGRESS_LISTING,
+    RESYNC_LISTING,
     apply,
     condition,
     finish,
@@ -27,6 +29,7 @@ from test_operator import (
     wait_job,
     wait_phase,
     wait_status,
+    wait_ticks,
 )
 
 OLD, NEW = "0.1.3", "0.2.0"
@@ -153,7 +156,9 @@ def run_data_phase_then_stop_the_operator(k8s: K8s) -> None:
         k8s.set_job_pod(data, NS, "Running", container="prepare-data")
         k8s.set_job_status(data, NS, "running")
         wait_phase(k8s, "PreparingData")
-        time.sleep(1.0)  # progress and resync ticks: still nothing on the recipe but its status
+        since = len(k8s.requests())
+        wait_ticks(k8s, PROGRESS_LISTING, 5, since)  # progress and resync ticks while it runs:
+        wait_ticks(k8s, RESYNC_LISTING, 3, since)  # still nothing on the recipe but its status
         recipe = k8s.get(CRD_RESOURCE, "minimal", NS)
         assert recipe is not None and not recipe["metadata"].get("finalizers")
     assert not run.errors, run.messages()
@@ -224,7 +229,9 @@ def test_a_recipe_run_end_to_end_posts_an_event_per_phase_and_none_about_handler
             name = wait_for_phase_job(k8s, phase)
             k8s.set_job_pod(name, NS, "Running", container=container)
             k8s.set_job_status(name, NS, "running")
-            time.sleep(0.5)  # progress ticks and resyncs while it runs
+            since = len(k8s.requests())
+            wait_ticks(k8s, PROGRESS_LISTING, 2, since)  # progress ticks and resyncs while it runs
+            wait_ticks(k8s, RESYNC_LISTING, 2, since)
             figures = {"command_accuracy": 0.9, "per_command_f1": {}} if phase == "evaluate" else {}
             finish(k8s, name, container, report(True, f"{phase} done", **figures))
         wait_phase(k8s, "Succeeded")
@@ -260,7 +267,7 @@ def test_only_our_jobs_are_watched_and_pods_are_found_by_their_jobs_uid(k8s: K8s
         data = wait_for_phase_job(k8s, "data")
         k8s.set_job_pod(data, NS, "Running", container="prepare-data")
         k8s.set_job_status(data, NS, "running")
-        time.sleep(0.6)  # progress ticks list the pods
+        wait_ticks(k8s, PROGRESS_LISTING, 3, len(k8s.requests()))  # progress ticks list the pods
         finish(k8s, data, "prepare-data", report(True, "data done", num_ft_data_points=3))
         st = wait_status(k8s, lambda s: s.get("phase") == "Training", "Training")
         assert st["dataPreparation"]["summary"] == {"numFtDataPoints": 3}  # the report, found by uid

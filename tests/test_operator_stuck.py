@@ -5,7 +5,6 @@ deadlines (pure), and seen end to end through the operator against the emulated 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +50,7 @@ from ftrecipe.plan.planner import (
 from ftrecipe.plan.status import compute_status, failure_reasons, remembered, stuck_event
 from ftrecipe.termination import PhaseReport, encode
 from support.k8s import CRD_GROUP, CRD_PLURAL, CRD_RESOURCE, CRD_VERSION, K8s
+from test_operator import PROGRESS_LISTING, wait_ticks
 from test_planner import BASE, H
 from test_status import PREFIXES
 
@@ -712,7 +712,10 @@ def test_an_image_that_cannot_be_pulled_fails_the_phase_after_its_deadline(k8s: 
         # First the stuck one, then the failure: one Event each.
         assert sorted(warnings(k8s, "ImagePullBackOff")) == sorted([expected, st["message"]])
         # The deletion's own reconcile (or the next one) keeps it failed: nothing is created again.
-        time.sleep(1.0)  # five progress ticks
+        k8s.wait_for(
+            lambda: any(f"reconciled (Job {data} deleted): Failed" in m for m in run.messages()),
+            message="the reconcile of the deleted Job",
+        )
         time_st = status(k8s)
         assert time_st["phase"] == "Failed" and condition(time_st, "Ready")["reason"] == "ImagePullBackOff"
         assert job_names(k8s) == []
@@ -864,7 +867,7 @@ def test_the_third_eviction_fails_training_instead_of_an_endless_loop(k8s: K8s) 
             )
             if attempt < len(drains):
                 # The Job controller replaces an evicted pod (podFailurePolicy Ignore): training goes on.
-                time.sleep(0.6)  # three timer ticks
+                wait_ticks(k8s, PROGRESS_LISTING, 3, len(k8s.requests()))  # three timer ticks
                 assert status(k8s)["phase"] == "Training" and job_names(k8s) == sorted(
                     [expected_job(body, "data"), train]
                 )
