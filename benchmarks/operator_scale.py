@@ -16,8 +16,16 @@ before the recipes, after the data Jobs, at the end, and the peak, VmHWM). The o
 beside the JSON file (`<json stem>-<N>.log`). The emulator is the tests' own (a request costs the same
 however many came before), with the OpenAPI/CEL validation of recipe writes off.
 
+``--heap FRAMES`` (a developer's option) runs the operator under `traced_operator.py` and takes its heap
+figures when idle, once every recipe is PreparingData, and at the end (RSS, glibc's and pymalloc's
+arenas, live objects by type; kept in ``<json stem>-<N>-heap/``). With FRAMES > 0 tracemalloc traces the
+operator's allocations (FRAMES frames each): the largest allocation sites and what grew from idle go
+into the JSON and on the terminal. Tracing slows the operator and adds to its RSS (its own
+bookkeeping), so RSS figures of a traced run are not the untraced ones; ``--heap 0`` leaves them as
+they are.
+
     .venv/bin/python benchmarks/operator_scale.py [--recipes 200 500] [--no-evaluation]
-        [--json output/benchmarks/operator_scale.json]
+        [--json output/benchmarks/operator_scale.json] [--heap FRAMES]
 """
 
 from __future__ import annotations
@@ -26,18 +34,23 @@ import argparse
 import collections
 import contextlib
 import copy
+import dataclasses
 import functools
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -78,6 +91,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-evaluation", action="store_true", help="recipes with evaluation.enabled false")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for each milestone")
     parser.add_argument("--json", type=Path, default=OUTPUT / "operator_scale.json")
+    parser.add_argument(
+        "--heap",
+        type=int,
+        default=None,
+        metavar="FRAMES",
+        help="take the operator's heap figures; FRAMES > 0 also traces its allocations with tracemalloc",
+    )
     return parser.parse_args(argv)
 
 
@@ -119,13 +139,27 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+@dataclasses.dataclass(frozen=True)
+class Tracing:
+    """Where a traced operator (`traced_operator.py`) dumps its snapshots, and how many frames it keeps."""
+
+    directory: Path
+    frames: int
+
+
 @contextlib.contextmanager
-def operator_process(cluster: KubeCluster, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+def operator_process(
+    cluster: KubeCluster, work: Path, tracing: Tracing | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
     kubeconfig = cluster.kubeconfig(work / "kubeconfig")
     metrics_port, health_port = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FTRECIPE_OPERATOR_IMAGE": "registry.test/op:1"}
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    argv = [sys.executable, "-m", "ftrecipe.cli.main", "operator", "--namespace", NS, "--standalone"]
+    argv = [sys.executable, "-m", "ftrecipe.cli.main"]
+    if tracing is not None:
+        traced = Path(__file__).resolve().with_name("traced_operator.py")
+        argv = [sys.executable, str(traced), str(tracing.directory), str(tracing.frames)]
+    argv += ["operator", "--namespace", NS, "--standalone"]
     argv += ["--liveness", f"http://127.0.0.1:{health_port}/healthz", "--metrics-port", str(metrics_port)]
     with (work / "operator.log").open("wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
@@ -133,6 +167,81 @@ def operator_process(cluster: KubeCluster, work: Path) -> Iterator[tuple[subproc
         yield process, metrics_port, health_port
     finally:
         stop_gracefully(process)
+
+
+def snapshot(process: subprocess.Popen[bytes], tracing: Tracing | None, label: str) -> None:
+    """Ask a traced operator for a tracemalloc snapshot and wait until it is written."""
+    if tracing is None:
+        return
+    index = len(list(tracing.directory.glob("snapshot-*.done")))
+    process.send_signal(signal.SIGUSR1)
+    done = tracing.directory / f"snapshot-{index}.done"
+    wait_until(done.exists, f"tracemalloc snapshot {label}", process, 600)
+    (tracing.directory / f"snapshot-{index}.label").write_text(label)
+
+
+def _site(statistic: tracemalloc.Statistic | tracemalloc.StatisticDiff) -> str:
+    frames = statistic.traceback
+    where = " <- ".join(f"{_short(frame.filename)}:{frame.lineno}" for frame in frames)
+    return where
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "operator/", "lib/python3"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+_PYMALLOC_FIGURES: Final = {
+    "arenas": "arenas allocated current",
+    "in_blocks": "bytes in allocated blocks",
+    "free_blocks": "bytes in available blocks",
+}
+
+
+def heap_report(directory: Path, top: int = 25) -> dict[str, Any]:
+    """Each snapshot's RSS, glibc and pymalloc figures and live objects by type; when traced, the
+    largest live allocation sites (by file, line and traceback) and what grew from the first snapshot
+    (idle) to each later one."""
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<unknown>")]
+    report: dict[str, Any] = {}
+    stems = sorted(directory.glob("snapshot-*.done"), key=lambda p: int(p.stem.split("-")[1]))
+    first: tracemalloc.Snapshot | None = None
+    for done in stems:
+        stem = done.with_suffix("")
+        label = stem.with_suffix(".label").read_text() if stem.with_suffix(".label").exists() else stem.name
+        facts = json.loads(stem.with_suffix(".json").read_text())
+        pymalloc = facts.get("pymalloc") or {}
+        entry: dict[str, Any] = {
+            "rss_mib": round(facts["rss_kib"] / 1024, 1),
+            "traced_mib": round(facts["traced_bytes"] / 2**20, 1),
+            "tracemalloc_overhead_mib": round(facts["tracemalloc_overhead_bytes"] / 2**20, 1),
+            "glibc_heap_mib": {k: round(v / 2**20, 1) for k, v in (facts["glibc_heap"] or {}).items()},
+            "pymalloc_mib": {
+                key: round(pymalloc.get(name, 0) / (1 if key == "arenas" else 2**20), 1)
+                for key, name in _PYMALLOC_FIGURES.items()
+            },
+            "gc_objects_by_type": facts["gc_objects_by_type"],
+        }
+        report[label] = entry
+        traces = stem.with_suffix(".tracemalloc")
+        if not traces.exists():
+            continue
+        loaded = tracemalloc.Snapshot.load(str(traces)).filter_traces(ignore)
+        for group in ("filename", "lineno", "traceback"):
+            entry[f"by_{group}"] = [
+                f"{s.size / 2**20:8.2f} MiB {s.count:9d} {_site(s)}" for s in loaded.statistics(group)[:top]
+            ]
+        if first is None:
+            first = loaded
+            continue
+        for group in ("filename", "lineno", "traceback"):
+            entry[f"grown_by_{group}"] = [
+                f"{s.size_diff / 2**20:+8.2f} MiB {s.count_diff:+9d} {_site(s)}"
+                for s in loaded.compare_to(first, group)[:top]
+            ]
+    return report
 
 
 def wait_until(probe: Callable[[], Any], what: str, process: subprocess.Popen[bytes], timeout: float) -> Any:
@@ -228,7 +337,9 @@ def request_counts(cluster: KubeCluster, first: int) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[str, Any]:
+def run_scale(
+    n: int, evaluation: bool, timeout: float, log_copy: Path, heap_frames: int | None = None
+) -> dict[str, Any]:
     phases: list[Phase] = ["data", "train", "evaluate"] if evaluation else ["data", "train"]
     # Validation off: the operator's writes are valid (tests/test_operator.py checks them with it on), and
     # here the emulator's OpenAPI checks of every recipe write would only take CPU from the operator.
@@ -237,7 +348,11 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
         KubeCluster(validation=False) as cluster,
     ):
         cluster.ensure_namespace(NS)
-        with operator_process(cluster, Path(tmp)) as (process, metrics_port, health_port):
+        tracing = None
+        if heap_frames is not None:
+            tracing = Tracing(log_copy.with_name(f"{log_copy.stem}-heap"), heap_frames)
+            shutil.rmtree(tracing.directory, ignore_errors=True)
+        with operator_process(cluster, Path(tmp), tracing) as (process, metrics_port, health_port):
             wait_until(lambda: get(f"http://127.0.0.1:{health_port}/healthz"), "health", process, 60)
             wait_until(
                 lambda: cluster.watching(CRD_RESOURCE, NS) and cluster.watching(JOBS, NS),
@@ -246,6 +361,7 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
                 60,
             )
             time.sleep(1.0)  # settle: imports done, watches open
+            snapshot(process, tracing, "idle")
             load_start = os.getloadavg()
             sampler = RssSampler(process.pid)
             sampler.start()
@@ -269,6 +385,7 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
             )
             requests_to_data = len(cluster.requests()) - first_request
             rss_data = rss_mib(process.pid)
+            snapshot(process, tracing, "PreparingData")
             milestones = {"all data Jobs exist": round(data_jobs_s, 3)}
             jobs: dict[str, str] = data_jobs
             for index, phase in enumerate(phases):
@@ -301,6 +418,7 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
                 int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")
             )
             cpu = cpu_seconds(process.pid) - cpu_idle
+            snapshot(process, tracing, "Succeeded")
         log = (Path(tmp) / "operator.log").read_text(errors="replace")
         log_copy.parent.mkdir(parents=True, exist_ok=True)
         log_copy.write_text(log)
@@ -336,6 +454,7 @@ def run_scale(n: int, evaluation: bool, timeout: float, log_copy: Path) -> dict[
         "rss_peak_mib": round(max(peak, hwm), 1),
         "rss_growth_per_recipe_kib": round(1024 * (max(peak, hwm) - rss_idle) / n, 1),
         "operator_errors": errors[:10],
+        "heap": heap_report(tracing.directory) if tracing is not None else None,
     }
 
 
@@ -346,8 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in args.recipes:
         print(f"{n} recipes, evaluation {'off' if args.no_evaluation else 'on'} ...", flush=True)
         log = args.json.with_name(f"{args.json.stem}-{n}.log")
-        result = run_scale(n, not args.no_evaluation, args.timeout, log)
+        result = run_scale(n, not args.no_evaluation, args.timeout, log, args.heap)
         results.append(result)
+        for label, entry in (result["heap"] or {}).items():
+            print(f"\n  heap {label}: RSS {entry['rss_mib']} MiB, traced {entry['traced_mib']} MiB")
+            print(f"  glibc {entry['glibc_heap_mib']}\n  pymalloc {entry['pymalloc_mib']}")
+            for key in ("grown_by_filename", "grown_by_lineno"):
+                if key not in entry:
+                    continue
+                print(f"  {key}:")
+                print("\n".join(f"    {line}" for line in entry[key][:15]))
         print(
             f"  data Jobs after {result['data_jobs_s']:.2f} s, all Succeeded after {result['lifecycle_s']:.2f} s, "
             f"{result['requests_per_recipe']:.1f} requests per recipe, peak RSS {result['rss_peak_mib']:.0f} MiB"

@@ -53,12 +53,11 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, cast
 
 import kopf
-import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -80,10 +79,15 @@ from ftrecipe.controller.observe import (
     JOB_NAME_LABEL,
     REPORTS,
     ReportCache,
+    core_path,
     job_state,
+    jobs_path,
+    kube_request,
     latest_progress,
+    list_items,
     list_recipe_jobs,
     newest_live_pod,
+    pod_log_sync,
     replan_needed,
     waiting_to_be_created,
 )
@@ -280,7 +284,7 @@ async def _complete_bundles(
 def _create_job(namespace: str, job: dict[str, Any]) -> bool:
     """Create the Job; False when it already exists (a restarted operator adopts it)."""
     try:
-        kubernetes.client.BatchV1Api().create_namespaced_job(namespace, job)  # type: ignore[arg-type]
+        kube_request("POST", jobs_path(namespace), body=job, content_type="application/json")
     except ApiException as error:
         if error.status == 409:
             return False
@@ -290,21 +294,29 @@ def _create_job(namespace: str, job: dict[str, Any]) -> bool:
 
 def _delete_job(namespace: str, name: str) -> None:
     try:
-        kubernetes.client.BatchV1Api().delete_namespaced_job(name, namespace, propagation_policy="Background")
+        kube_request("DELETE", jobs_path(namespace, name), query={"propagationPolicy": "Background"})
     except ApiException as error:
         if error.status != 404:
             raise
 
 
 def _suspend_job(namespace: str, name: str, suspend: bool) -> None:
-    kubernetes.client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+    kube_request(
+        "PATCH",
+        jobs_path(namespace, name),
+        body={"spec": {"suspend": suspend}},
+        content_type="application/strategic-merge-patch+json",
+    )
 
 
 def _patch_status(namespace: str, name: str, changes: Mapping[str, Any]) -> bool:
     """One merge patch of the recipe's status subresource; False when the recipe is gone."""
     try:
-        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(changes)}
+        kube_request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            body={"status": dict(changes)},
+            content_type="application/merge-patch+json",
         )
     except ApiException as error:
         if error.status == 404:  # deleted meanwhile (its Jobs are being garbage-collected)
@@ -316,25 +328,21 @@ def _patch_status(namespace: str, name: str, changes: Mapping[str, Any]) -> bool
 def _unfinished_pods(namespace: str) -> list[dict[str, Any]]:
     """Our pods in `namespace` that have not succeeded (running, waiting, failed or evicted): one request,
     selected by label on the server, for every recipe of the namespace."""
-    response: Any = kubernetes.client.CoreV1Api().list_namespaced_pod(
-        namespace,
-        label_selector=f"{LABEL_MANAGED_BY}={MANAGER}",
-        field_selector="status.phase!=Succeeded",
-        _preload_content=False,
+    return list_items(
+        core_path(namespace, "pods"),
+        labelSelector=f"{LABEL_MANAGED_BY}={MANAGER}",
+        fieldSelector="status.phase!=Succeeded",
     )
-    return list(json.loads(response.data).get("items") or [])
 
 
 def _unfinished_jobs(namespace: str) -> dict[str, tuple[str, str]]:
     """Our Jobs in `namespace` that have not succeeded, by name, with their uid and state: one request,
     selected on the server (``status.successful`` is a Job's field selector; our Jobs complete once)."""
-    response: Any = kubernetes.client.BatchV1Api().list_namespaced_job(
-        namespace,
-        label_selector=f"{LABEL_MANAGED_BY}={MANAGER}",
-        field_selector="status.successful!=1",
-        _preload_content=False,
+    items = list_items(
+        jobs_path(namespace),
+        labelSelector=f"{LABEL_MANAGED_BY}={MANAGER}",
+        fieldSelector="status.successful!=1",
     )
-    items = json.loads(response.data).get("items") or []
     return {
         (j.get("metadata") or {}).get("name") or "": (
             (j.get("metadata") or {}).get("uid") or "",
@@ -345,10 +353,7 @@ def _unfinished_jobs(namespace: str) -> dict[str, tuple[str, str]]:
 
 
 def _pod_log(namespace: str, pod: str, container: str, tail_lines: int = 40) -> str:
-    response: Any = kubernetes.client.CoreV1Api().read_namespaced_pod_log(
-        pod, namespace, container=container, tail_lines=tail_lines, _preload_content=False
-    )
-    return bytes(response.data).decode("utf-8", errors="replace")
+    return pod_log_sync(namespace, pod, container, tail_lines)
 
 
 async def _apply(
@@ -576,16 +581,70 @@ def progressed(
 # --------------------------------------------------------------------------------------------- controller
 
 
-@dataclass
-class _Recipe:
-    """What the operator knows of one recipe between events."""
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
-    body: kopf.Body  # the latest seen on the watch
-    status: dict[str, Any] | None = None  # the status this operator last wrote; None: the body's
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    reconciled_at: float = 0.0  # time.monotonic() of the last reconcile
-    progressed_at: float = 0.0
-    retry_at: float | None = None  # when a reconcile that failed is tried again
+
+class RecipeState:
+    """What the operator keeps of one recipe between events, for thousands of recipes: the metadata it
+    reads (`slim_recipe`), and the spec and statuses as compact JSON text, decoded when a reconcile or a
+    resync needs them (a decoded spec and status take tens of KiB in Python objects; the text a few),
+    with the phase at hand for the periodic task."""
+
+    __slots__ = (
+        "api_version",
+        "kind",
+        "lock",
+        "meta",
+        "phase",
+        "progressed_at",
+        "reconciled_at",
+        "retry_at",
+        "spec",
+        "watched",
+        "written",
+    )
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.written: str | None = None  # the status this operator last wrote; None: the watched one
+        self.lock = asyncio.Lock()
+        self.reconciled_at = 0.0  # time.monotonic() of the last reconcile
+        self.progressed_at = 0.0
+        self.retry_at: float | None = None  # when a reconcile that failed is tried again
+        self.see(body)
+
+    def see(self, body: Mapping[str, Any]) -> None:
+        """The recipe as the watch shows it now."""
+        slim = slim_recipe(body)
+        self.api_version: str = slim.get("apiVersion") or f"{GROUP}/{VERSION}"
+        self.kind: str = slim.get("kind") or "FinetuneRecipe"
+        self.meta: dict[str, Any] = dict(slim["metadata"])
+        self.spec = _compact(slim.get("spec") or {})
+        status = slim.get("status")
+        self.watched = _compact(status) if status is not None else None
+        self._phase()
+
+    def write(self, status: Mapping[str, Any] | None) -> None:
+        """The status this operator just wrote (None: forget it, the watched one counts again)."""
+        self.written = _compact(status) if status is not None else None
+        self._phase()
+
+    def _phase(self) -> None:
+        self.phase: str | None = (self.status() or {}).get("phase")
+
+    def status(self) -> dict[str, Any] | None:
+        """The status as it stands: the one this operator last wrote, else the watched one."""
+        text = self.written if self.written is not None else self.watched
+        return cast(dict[str, Any], json.loads(text)) if text is not None else None
+
+    def body(self) -> kopf.Body:
+        """The recipe's body (without its status) for a reconcile, Job owner references and Events."""
+        raw = {"apiVersion": self.api_version, "kind": self.kind, "metadata": self.meta}
+        return kopf.Body(cast(kopf.RawBody, raw | {"spec": json.loads(self.spec)}))
+
+    def ref(self) -> Mapping[str, Any]:
+        """Enough of the body to name the recipe in log lines."""
+        return {"apiVersion": self.api_version, "kind": self.kind, "metadata": self.meta}
 
 
 class Controller:
@@ -593,13 +652,14 @@ class Controller:
 
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
-        self.recipes: dict[Key, _Recipe] = {}
+        self.recipes: dict[Key, RecipeState] = {}
         self.jobs: dict[Key, tuple[str, str]] = {}  # (namespace, Job name) -> (uid, state), from the watch
         self.paused = False
         self.resynced_at = time.monotonic()
         # (namespace, Job, state listed) the last resync found otherwise than the watch showed.
         self.suspects: set[tuple[str, str, str]] = set()
         self.thread: int | None = None
+        self._reconciling = asyncio.Semaphore(_CONCURRENCY)
         # kopf posts Events through a queue it names in the context of each object's handler task only: the
         # periodic task borrows a handler's context to post them too.
         self._context: contextvars.Context | None = None
@@ -607,12 +667,12 @@ class Controller:
 
     # ---- what the status is now
 
-    def status_of(self, entry: _Recipe) -> Mapping[str, Any] | None:
-        return entry.status if entry.status is not None else entry.body.get("status")
+    def status_of(self, entry: RecipeState) -> Mapping[str, Any] | None:
+        return entry.status()
 
     # ---- events
 
-    async def recipe_event(self, body: kopf.Body, event_type: str | None) -> None:
+    async def recipe_event(self, body: Mapping[str, Any], event_type: str | None) -> None:
         if self._context is None:
             self._context = contextvars.copy_context()
         meta = _meta(body)
@@ -625,10 +685,11 @@ class Controller:
             return
         entry = self.recipes.get(key)
         first = entry is None
-        if entry is None or _meta(entry.body).get("uid") != meta.get("uid"):
-            entry = self.recipes[key] = _Recipe(body=body)
+        if entry is None or entry.meta.get("uid") != meta.get("uid"):
+            entry = self.recipes[key] = RecipeState(body)
             first = True
-        entry.body = body
+        else:
+            entry.see(body)
         previous, _ = _parse_status(self.status_of(entry))
         generation = int(meta.get("generation") or 0)
         retry = _annotations(body).get(ANNOTATION_RETRY)
@@ -667,33 +728,37 @@ class Controller:
         async with entry.lock:
             if self.recipes.get(key) is not entry:
                 return  # deleted while waiting
-            log = _object_log(entry.body)
-            entry.retry_at = None
-            entry.reconciled_at = time.monotonic()
-            try:
-                written = await reconcile(entry.body, self.status_of(entry), self.settings)
-            except ApiException as error:
+            # At most a few reconciles at once hold a parsed recipe, its Jobs and their API responses:
+            # thousands of recipes arriving together would otherwise all be mid-reconcile, waiting for the
+            # same few worker threads, and the memory of that burst stays with the process.
+            async with self._reconciling:
+                log = _object_log(entry.ref())
+                entry.retry_at = None
+                entry.reconciled_at = time.monotonic()
+                try:
+                    written = await reconcile(entry.body(), self.status_of(entry), self.settings)
+                except ApiException as error:
+                    if self.settings.metrics is not None:
+                        self.settings.metrics.api_errors.labels("reconcile").inc()
+                    log.warning(
+                        "Kubernetes API error %s: %s; retrying in %gs",
+                        error.status,
+                        error.reason,
+                        self.settings.retry_delay,
+                    )
+                    entry.retry_at = time.monotonic() + self.settings.retry_delay
+                    return
+                except Exception:
+                    log.exception("reconcile failed (%s); retrying in %gs", why, self.settings.retry_delay)
+                    entry.retry_at = time.monotonic() + self.settings.retry_delay
+                    return
+                if written is None:  # the recipe is gone
+                    self.recipes.pop(key, None)
+                    return
+                entry.write(written)
+                log.info("reconciled (%s): %s", why, written.get("phase"))
                 if self.settings.metrics is not None:
-                    self.settings.metrics.api_errors.labels("reconcile").inc()
-                log.warning(
-                    "Kubernetes API error %s: %s; retrying in %gs",
-                    error.status,
-                    error.reason,
-                    self.settings.retry_delay,
-                )
-                entry.retry_at = time.monotonic() + self.settings.retry_delay
-                return
-            except Exception:
-                log.exception("reconcile failed (%s); retrying in %gs", why, self.settings.retry_delay)
-                entry.retry_at = time.monotonic() + self.settings.retry_delay
-                return
-            if written is None:  # the recipe is gone
-                self.recipes.pop(key, None)
-                return
-            entry.status = written
-            log.info("reconciled (%s): %s", why, written.get("phase"))
-            if self.settings.metrics is not None:
-                self.settings.metrics.recipe_seen(f"{key[0]}/{key[1]}", written.get("phase") or "Pending")
+                    self.settings.metrics.recipe_seen(f"{key[0]}/{key[1]}", written.get("phase") or "Pending")
 
     # ---- the periodic task
 
@@ -712,7 +777,7 @@ class Controller:
         """kopf paused (or resumed) this replica in favour of another: the statuses it knew may be stale."""
         self.paused = paused
         for entry in self.recipes.values():
-            entry.status = None
+            entry.write(None)
 
     def _tick(self) -> float:
         periods = [self.settings.progress_seconds, self.settings.resync_seconds, self.settings.retry_delay]
@@ -737,7 +802,7 @@ class Controller:
         resync = settings.resync_seconds is not None and now - self.resynced_at >= settings.resync_seconds
         unfinished: dict[str, list[Key]] = {}
         for key, entry in list(self.recipes.items()):
-            phase = (self.status_of(entry) or {}).get("phase")
+            phase = entry.phase
             if entry.retry_at is not None and now >= entry.retry_at:
                 reconciles.append((key, "retry after an error"))
             elif resync and phase not in FINISHED:
@@ -863,7 +928,7 @@ class Controller:
             except ApiException as error:
                 _LOG.debug("cannot write the progress of %s/%s: %s", key[0], key[1], error)
                 return
-            entry.status = new
+            entry.write(new)
 
 
 async def _bounded(work: Sequence[Callable[[], Awaitable[None]]], limit: int) -> None:
@@ -922,7 +987,7 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="recipe-event")
     async def recipe_event(event: kopf.RawEvent, **_: Any) -> None:
-        await controller.recipe_event(kopf.Body(slim_recipe(event["object"])), event.get("type"))
+        await controller.recipe_event(event["object"], event.get("type"))
 
     @kopf.on.event(
         "batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id="job-event"

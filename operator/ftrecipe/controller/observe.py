@@ -301,19 +301,16 @@ def with_workloads(job: ObservedJob, workloads: Sequence[Mapping[str, Any]]) -> 
 def list_workloads_sync(namespace: str, job_uid: str) -> list[dict[str, Any]]:
     """Kueue's Workloads of one Job; none when Kueue is not installed (404) or the operator may not read
     them (403): the status then says only that the Job waits for Kueue."""
+    group, version, plural = KUEUE_WORKLOADS
     try:
-        response: Any = kubernetes.client.CustomObjectsApi().list_namespaced_custom_object(
-            *KUEUE_WORKLOADS[:2],
-            namespace,
-            KUEUE_WORKLOADS[2],
-            label_selector=f"{KUEUE_JOB_UID_LABEL}={job_uid}",
-            _preload_content=False,
+        return list_items(
+            f"/apis/{group}/{version}/namespaces/{namespace}/{plural}",
+            labelSelector=f"{KUEUE_JOB_UID_LABEL}={job_uid}",
         )
     except ApiException as error:
         if error.status in (401, 403, 404):
             return []
         raise
-    return list(json.loads(response.data).get("items") or [])
 
 
 def _created(pod: Mapping[str, Any]) -> str:
@@ -508,35 +505,73 @@ def recipe_jobs(recipe_name: str, jobs: Sequence[Mapping[str, Any]]) -> tuple[Ob
     return tuple(sorted(observed, key=lambda j: j.name))
 
 
+# --------------------------------------------------------------------------------------------- requests
+
+
+def kube_request(
+    method: str,
+    path: str,
+    *,
+    query: Mapping[str, str | int] | None = None,
+    body: Any = None,
+    content_type: str | None = None,
+) -> bytes:
+    """One request to the API server with the `kubernetes` client's default configuration (the pod's
+    service account, or kubeconfig): the response's body as it came. Raises `ApiException` on a status
+    other than 2xx, as the client's API methods do. Not through the client's generated API classes:
+    importing BatchV1Api and CoreV1Api loads some 280 pydantic models (about 22 MiB of the operator's
+    memory, a tenth of it at 2,000 recipes) for the handful of calls the operator makes."""
+    with kubernetes.client.ApiClient() as client:
+        headers = {"Accept": "application/json"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        request = client.param_serialize(
+            method,
+            path,
+            query_params=[(k, v) for k, v in (query or {}).items()],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = client.call_api(*request)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return bytes(response.data or b"")
+
+
+def list_items(path: str, **query: str) -> list[dict[str, Any]]:
+    """The items of one list request (``labelSelector=``, ``fieldSelector=`` ... as keywords)."""
+    return list(json.loads(kube_request("GET", path, query=query)).get("items") or [])
+
+
+def jobs_path(namespace: str, name: str | None = None) -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs" + (f"/{name}" if name else "")
+
+
+def core_path(namespace: str, plural: str, name: str | None = None) -> str:
+    return f"/api/v1/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
+
+
 def _list_jobs_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
-    response: Any = kubernetes.client.BatchV1Api().list_namespaced_job(
-        namespace, label_selector=selector, _preload_content=False
-    )
-    data = json.loads(response.data)
-    return list(data.get("items") or [])
+    return list_items(jobs_path(namespace), labelSelector=selector)
 
 
 def _list_pods_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
-    response: Any = kubernetes.client.CoreV1Api().list_namespaced_pod(
-        namespace, label_selector=selector, _preload_content=False
-    )
-    return list(json.loads(response.data).get("items") or [])
+    return list_items(core_path(namespace, "pods"), labelSelector=selector)
 
 
 def list_pod_events_sync(namespace: str, pod: str) -> list[dict[str, Any]]:
     """The Events about one pod; none when the operator may not list Events (an older chart's RBAC): the
     pod then just shows as running, as before."""
     try:
-        response: Any = kubernetes.client.CoreV1Api().list_namespaced_event(
-            namespace,
-            field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}",
-            _preload_content=False,
+        return list_items(
+            core_path(namespace, "events"), fieldSelector=f"involvedObject.kind=Pod,involvedObject.name={pod}"
         )
     except ApiException as error:
         if error.status in (401, 403):
             return []
         raise
-    return list(json.loads(response.data).get("items") or [])
 
 
 class ReportCache:
@@ -603,26 +638,22 @@ async def list_recipe_jobs(
 
 
 def _running_pod_log_sync(namespace: str, job_name: str, container: str, tail_lines: int) -> str | None:
-    core = kubernetes.client.CoreV1Api()
-    response: Any = core.list_namespaced_pod(
-        namespace, label_selector=f"{JOB_NAME_LABEL}={job_name}", _preload_content=False
-    )
     pods = [
         p
-        for p in json.loads(response.data).get("items") or []
+        for p in _list_pods_sync(namespace, f"{JOB_NAME_LABEL}={job_name}")
         if (p.get("status") or {}).get("phase") == "Running"
     ]
     if not pods:
         return None
     newest = max(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
-    log: Any = core.read_namespaced_pod_log(
-        newest["metadata"]["name"],
-        namespace,
-        container=container,
-        tail_lines=tail_lines,
-        _preload_content=False,
-    )
-    return bytes(log.data).decode("utf-8", errors="replace")
+    return pod_log_sync(namespace, newest["metadata"]["name"], container, tail_lines)
+
+
+def pod_log_sync(namespace: str, pod: str, container: str, tail_lines: int) -> str:
+    """The last `tail_lines` lines of one container's log."""
+    path = core_path(namespace, "pods", pod) + "/log"
+    data = kube_request("GET", path, query={"container": container, "tailLines": tail_lines})
+    return data.decode("utf-8", errors="replace")
 
 
 async def job_pods(namespace: str, job_name: str) -> list[dict[str, Any]]:
