@@ -379,6 +379,10 @@ def test_metrics_and_progress_lines(trained: dict[str, Any]) -> None:
     assert precision == [
         {"event": "precision", "dtype": "float32", "attention": "sdpa", "mixed_precision": None}
     ]
+    speed = [e for e in events if e["event"] == "speed"]  # CPU: no checkpointing, padded, label-only loss
+    assert speed == [
+        {"event": "speed", "gradient_checkpointing": False, "padding_free": False, "loss_logits": "labels"}
+    ]
     progress = [e for e in events if e["event"] == "progress"]
     assert progress
     assert set(progress[-1]) == {

@@ -976,6 +976,14 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
     seed_everything(hp.seed)  # LoRA's A matrices are drawn at random: from the seed, not from the clock
     gradient_checkpointing = gradient_checkpointing_for(config, base, precision)
     padding_free = choose_padding_free(hp.padding_free, precision.attention)
+    emit(  # what the unset speed settings resolved to on this machine
+        {
+            "event": "speed",
+            "gradient_checkpointing": gradient_checkpointing,
+            "padding_free": padding_free,
+            "loss_logits": hp.loss_logits,
+        }
+    )
     model = load_model(config, base, precision, gradient_checkpointing)
     peft_config = lora_config(model, config)  # TRL wraps the model once, after seeding
 
