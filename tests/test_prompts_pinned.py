@@ -201,3 +201,18 @@ def test_the_table_refuses_a_prompt_that_lost_its_state(old: str, new: str, comp
     assert old in V2_PROMPT
     with pytest.raises(StateMismatch, match=re.escape(complaint)):
         TableGenerator().label(V2_PROMPT.replace(old, new, 1))
+
+
+async def test_the_offline_annotator_trains_on_the_same_prompt(tmp_path: Path) -> None:
+    """`--annotator assertions` (no LLM) writes the pinned v2 prompt, labelled by the assertions."""
+    result = await prepare_data(
+        options(tmp_path, None, e2e_paths=(TESTS / "cards.yml",), annotator="assertions")
+    )
+    assert result.summary["num_annotated_conversations"] == CARDS_TESTS
+    (record,) = [
+        r
+        for r in jsonl(tmp_path / "out" / "3_llm_finetune_data" / "llm_ft_data.jsonl")
+        if r["original_user_utterance"] == MESSAGE
+    ]
+    assert record["prompt"] == V2_PROMPT
+    assert record["output"] == "set slot confirm_block_card True"
