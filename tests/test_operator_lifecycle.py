@@ -7,9 +7,7 @@ import copy
 import time
 from typing import Any
 
-from ftrecipe.api import parse_recipe
-from ftrecipe.plan.cache_key import Phase, phase_hashes
-from ftrecipe.plan.planner import job_name
+from ftrecipe.plan.cache_key import Phase
 from support.k8s import CRD_RESOURCE, K8s
 from test_operator import (
     JOBS,
@@ -18,6 +16,7 @@ from test_operator import (
     RESYNC_LISTING,
     apply,
     condition,
+    expected_job,
     finish,
     handlers,
     job_names,
@@ -38,9 +37,8 @@ KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
 
 
 def job_at(body: dict[str, Any], phase: Phase, version: str) -> str:
-    """The Job name an operator of `version` gives a new recipe's `phase`."""
-    spec = parse_recipe(body).spec
-    return job_name(body["metadata"]["name"], phase, phase_hashes(spec, version=version)[phase])
+    """The Job name an operator of `version` gives a new recipe's `phase` (pinned for 0.1.x)."""
+    return expected_job(body, phase, version)
 
 
 def reconciled(run: Any, recipe: str) -> list[str]:

@@ -13,7 +13,6 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from ftrecipe.api import parse_recipe
 from ftrecipe.api.v1alpha1 import Condition, FinetuneRecipeStatus, TrainingStatus
 from ftrecipe.controller.handlers import ANNOTATION_RETRY, OperatorSettings, register
 from ftrecipe.controller.manifests import LABEL_QUEUE, Images
@@ -32,7 +31,6 @@ from ftrecipe.controller.observe import (
     with_workloads,
     workload_message,
 )
-from ftrecipe.plan.cache_key import Phase, phase_hashes
 from ftrecipe.plan.planner import (
     Blocker,
     DeleteJob,
@@ -50,7 +48,7 @@ from ftrecipe.plan.planner import (
 from ftrecipe.plan.status import compute_status, failure_reasons, remembered, stuck_event
 from ftrecipe.termination import PhaseReport, encode
 from support.k8s import CRD_GROUP, CRD_PLURAL, CRD_RESOURCE, CRD_VERSION, K8s
-from test_operator import PROGRESS_LISTING, wait_ticks
+from test_operator import PROGRESS_LISTING, expected_job, wait_ticks
 from test_planner import BASE, H
 from test_status import PREFIXES
 
@@ -538,10 +536,6 @@ def recipe_manifest(**spec: Any) -> Body:
     body["spec"]["evaluation"] = {"enabled": False}
     body["spec"].update(spec)
     return body
-
-
-def expected_job(body: Body, phase: Phase) -> str:
-    return job_name(body["metadata"]["name"], phase, phase_hashes(parse_recipe(body).spec)[phase])
 
 
 def apply_recipe(k8s: K8s, body: Body) -> None:
