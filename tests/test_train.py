@@ -647,6 +647,26 @@ BITSANDBYTES_FAILURES = {
 }
 
 
+def test_all_linear_lets_peft_find_the_targets(tiny_model: Path) -> None:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftrecipe.training.config import load_train_config
+    from ftrecipe.training.trainer import lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    config = load_train_config(None, ["lora.targetModules=[all-linear]", "lora.dropout=0"])
+    lora = lora_config(model, config)
+    assert (lora.target_modules, lora.lora_dropout) == ("all-linear", 0.0)
+    adapted = {
+        name.split(".")[-2]
+        for name, _ in get_peft_model(model, lora).named_modules()
+        if name.endswith(".lora_A")
+    }
+    # every linear layer of the 2-layer Llama but the output head: the 7 projections
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 @pytest.mark.parametrize("failure", sorted(BITSANDBYTES_FAILURES))
 def test_error_quantization_when_bitsandbytes_cannot_run(
     failure: str,
