@@ -529,9 +529,8 @@ def test_killed_run_resumes_from_the_latest_checkpoint(tiny_model: Path, tmp_pat
 
     manifest = read_manifest(out)
     assert manifest is not None and not any(f.path.startswith("checkpoints/") for f in manifest.files)
-    # the last two are kept; older ones deleted, files and folders
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-9"]
-    assert all((out / "checkpoints" / name / "trainer_state.json").exists() for name in ("step-9", "step-12"))
+    # once the adapter is published its checkpoints are deleted: a copy of `out` carries none along
+    assert not (out / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -742,31 +741,44 @@ def test_data_base_model_and_out_on_s3(
 def test_checkpoints_on_s3_outlive_the_work_folder(
     tiny_model: Path, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Checkpoints go to `<out>/checkpoints/step-<N>/` on S3; a rerun on a fresh machine resumes from them."""
+    """Checkpoints go to `<out>/checkpoints/step-<N>/` on S3 (the last two kept); a run preempted there is
+    resumed from them on a fresh machine, and they are deleted once the adapter is published."""
     import shutil
+    import threading
 
     from ftrecipe.storage import bundle_complete, read_manifest
+    from ftrecipe.storage.listing import list_bundles
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
 
     for key, value in {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}.items():
         monkeypatch.setenv(key, value)
     out = f"s3://{s3_bucket.bucket}/recipes/demo/train/"
+    bucket, _, prefix = out.removeprefix("s3://").partition("/")
     data = _make_data(tmp_path / "data", n_train=8, n_val=0)
     argv = [
         "train",
         *("--data", str(data), "--base-model", str(tiny_model), "--out", out),
         *("--work-dir", str(tmp_path / "work")),
-        *_sets("hyperparameters.epochs=3", "checkpointEverySteps=2"),  # 6 steps: checkpoints 2, 4, 6
+        *_sets("hyperparameters.epochs=6", "checkpointEverySteps=2"),  # 12 steps, checkpoints every 2
     ]
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(argv) == 0
-    manifest = read_manifest(out)
-    assert manifest is not None and not any(f.path.startswith("checkpoints/") for f in manifest.files)
-    kept = {}
-    for step in (2, 4, 6):
-        checkpoint = read_manifest(f"{out}checkpoints/step-{step}/")
-        kept[step] = checkpoint is not None and any(f.path == "trainer_state.json" for f in checkpoint.files)
-    assert kept == {2: False, 4: True, 6: True}  # the last two kept, the older one deleted
-    bucket, _, prefix = out.removeprefix("s3://").partition("/")
+
+    def preempt_after_step_4() -> None:  # a real SIGTERM to this process, once step-4 is on S3
+        deadline = time.monotonic() + 120
+        while not bundle_complete(f"{out}checkpoints/step-4/") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    preempter = threading.Thread(target=preempt_after_step_4)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        preempter.start()
+        assert main(argv) == EXIT_PREEMPTED
+    preempter.join()
+    assert read_manifest(out) is None  # no adapter yet
+    steps = sorted(int(name.removeprefix("step-")) for name in list_bundles(f"{out}checkpoints/"))
+    stopped = steps[-1]  # the one SIGTERM wrote, at the step end after it
+    assert 4 < stopped < 12 and steps == sorted({*range(2, stopped + 1, 2), stopped})[-2:], steps
+    assert all(read_manifest(f"{out}checkpoints/step-{step}/") is not None for step in steps)
     listed = s3_bucket.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}checkpoints/step-2/")
     assert listed.get("KeyCount") == 0, "nothing of the pruned checkpoint is left"
 
@@ -774,8 +786,12 @@ def test_checkpoints_on_s3_outlive_the_work_folder(
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(argv) == 0
-    assert "resuming from step 6" in stdout.getvalue().splitlines()
+    assert f"resuming from step {stopped}" in stdout.getvalue().splitlines()
     assert bundle_complete(out)
+    manifest = read_manifest(out)
+    assert manifest is not None and not any(f.path.startswith("checkpoints/") for f in manifest.files)
+    listed = s3_bucket.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}checkpoints/")
+    assert listed.get("KeyCount") == 0, "the checkpoints are deleted once the adapter is published"
 
 
 def test_error_hub_model_unreachable(

@@ -1,9 +1,10 @@
-"""`ftrecipe train` is reproducible and resumes exactly (tiny model, CPU).
+"""`ftrecipe train` is reproducible, resumes exactly and stops cleanly (tiny model, CPU).
 
 Two runs with the same inputs and seed end with the same adapter; a run stopped by SIGTERM in the middle
 of epoch 2 and rerun logs the same losses at every step as the uninterrupted one and ends with the same
 adapter (the data order of an epoch depends on the seed and the epoch only, the rest of the random state
-comes back from the checkpoint).
+comes back from the checkpoint). Checkpoints are pruned to the last two, locally and durably, and deleted
+once the adapter is published. Under torchrun, a SIGTERM that reaches one rank stops both at the same step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,7 +39,7 @@ SETTINGS = [
     "hyperparameters.gradientCheckpointing=false",
     f"hyperparameters.epochs={EPOCHS}",
     "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
-    "checkpointEverySteps=1000",  # the only checkpoint: the one SIGTERM writes
+    "checkpointEverySteps=4",
     "lora.dropout=0.1",  # dropout draws from the global generator: its state must come back too
 ]
 LOSS_TOLERANCE = 1e-5
@@ -67,12 +70,21 @@ def _write_data(root: Path, n_train: int = 24, n_val: int = 4) -> Path:
     return root
 
 
-def _argv(data: Path, model: Path, root: Path) -> list[str]:
+def _argv(data: Path, model: Path, root: Path, *extra: str) -> list[str]:
     argv = ["train", "--data", str(data), "--base-model", str(model)]
     argv += ["--out", str(root / "out"), "--work-dir", str(root / "work")]
-    for item in SETTINGS:
+    for item in (*SETTINGS, *extra):
         argv += ["--set", item]
     return argv
+
+
+def _steps(folder: Path) -> list[int]:
+    """The step-<N> checkpoints in a folder (work or durable), ascending."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        int(child.name.removeprefix("step-")) for child in folder.iterdir() if child.name.startswith("step-")
+    )
 
 
 def _train_in_process(argv: list[str]) -> str:
@@ -122,12 +134,19 @@ def straight(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFact
     return root / "out"
 
 
-def test_straight_run_logs_every_step(straight: Path) -> None:
+def test_straight_run_logs_every_step_and_deletes_its_checkpoints(straight: Path) -> None:
+    from ftrecipe.storage import read_manifest
+
     losses = _losses(straight)
     train_steps = [step for step, train, _ in losses if train is not None]
     assert train_steps == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
     eval_steps = [step for step, _, evaluation in losses if evaluation is not None]
     assert eval_steps == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+    # checkpoints every 4 steps while it ran; none once the adapter is out, beside it or in the work folder
+    assert not (straight / "checkpoints").exists()
+    assert _steps(straight.parent / "work" / "checkpoints") == []
+    manifest = read_manifest(straight)
+    assert manifest is not None and "adapter_model.safetensors" in {f.path for f in manifest.files}
 
 
 def test_two_runs_with_the_same_inputs_end_with_the_same_adapter(
@@ -160,15 +179,153 @@ def test_a_run_stopped_in_epoch_2_resumes_exactly(
         assert time.monotonic() < deadline, "no progress in epoch 2"
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
-    checkpoints = sorted((tmp_path / "out" / "checkpoints").iterdir())
-    assert len(checkpoints) == 1, checkpoints
-    stopped_at = int(checkpoints[0].name.removeprefix("step-"))
+    stopped_at = int(re.findall(r"stopped at step (\d+) after SIGTERM", stderr)[0])
     assert STEPS_PER_EPOCH < stopped_at < 2 * STEPS_PER_EPOCH, f"not stopped inside epoch 2: {stopped_at}"
+    # every 4 steps, and the one SIGTERM wrote: the last two kept, durably and in the work folder
+    last_two = sorted({*range(4, stopped_at + 1, 4), stopped_at})[-2:]
+    assert _steps(tmp_path / "out" / "checkpoints") == last_two
+    assert _steps(tmp_path / "work" / "checkpoints") == last_two
 
     stdout = _train_in_process(argv)
     assert f"resuming from step {stopped_at}" in stdout.splitlines()
     _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
     assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+    assert _steps(tmp_path / "out" / "checkpoints") == []
+
+
+def test_sigterm_while_loading_is_not_ignored(tiny_model: Path, data: Path, tmp_path: Path) -> None:
+    """The handler is there before the model loads (as PID 1 in a pod, a signal without one is ignored)."""
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ftrecipe.cli.main", *_argv(data, tiny_model, tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:  # printed just before the model is loaded
+        if line.startswith('{"event": "precision"'):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert "preempted: SIGTERM before training began" in stderr or "after SIGTERM" in stderr, stderr[-2000:]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+# --------------------------------------------------------------------------------------------- torchrun
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _rank_process(root: int, rank: int) -> int:
+    """The pid of torchrun's worker `rank` under the process `root` (from the environments in /proc)."""
+    for pid in _descendants(root):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no rank {rank} under {root}")
+
+
+def _launcher(argv: list[str]) -> list[str]:
+    """`ftrecipe train` on a pod with two GPUs: its torchrun command, run by `run_launched` (CPU ranks, gloo)."""
+    from ftrecipe.training.launch import launch_command
+
+    command = launch_command(argv, visible_gpus=2, env={})
+    assert command is not None
+    code = (
+        "import sys; from ftrecipe.training.trainer import run_launched; sys.exit(run_launched(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code, *command]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(
+    tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    from ftrecipe.storage import bundle_complete
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    # two ranks of batch 2: 6 steps per epoch, 18 in all; no periodic checkpoint
+    argv = _argv(data, tiny_model, tmp_path, "checkpointEverySteps=1000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        _launcher(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:  # rank 0 reports progress; the SIGTERM goes to rank 1 alone
+            if line.startswith('{"event": "progress"') and json.loads(line)["step"] >= 2:
+                os.kill(_rank_process(process.pid, 1), signal.SIGTERM)
+                break
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks
+        stderr = process.communicate()[1]
+        pytest.fail(f"the ranks did not stop together (one waits in a collective): {stderr[-3000:]}")
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    stopped = re.findall(r"preempted: stopped at step (\d+) after SIGTERM", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]  # both ranks, the same step
+    step = int(stopped[0])
+    assert 2 <= step < 18
+    assert _steps(tmp_path / "out" / "checkpoints") == [step]
+    written = {path.name for path in (tmp_path / "out" / "checkpoints" / f"step-{step}").iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= written  # each rank's part
+
+    rerun = subprocess.run(_launcher(argv), capture_output=True, text=True, env=env, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from step {step}" in rerun.stdout.splitlines()
+    events = [json.loads(line) for line in rerun.stdout.splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "done" and events[-1]["steps"] == 18
+    assert bundle_complete(tmp_path / "out")
+    assert _steps(tmp_path / "out" / "checkpoints") == []
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def test_inputs_hash_holds_the_process_count_and_the_per_device_batch(tiny_model: Path) -> None:
+    """Resuming with another GPU count or batch per GPU would change the global batch and the schedule."""
+    from ftrecipe.training.config import load_train_config
+    from ftrecipe.training.trainer import BaseModelRef, inputs_hash
+
+    base = BaseModelRef(str(tiny_model), None, str(tiny_model), str(tiny_model))
+    config = load_train_config(None, [])
+    one = inputs_hash(config, base, "data", world_size=1)
+    assert one == inputs_hash(load_train_config(None, ["checkpointEverySteps=7"]), base, "data", world_size=1)
+    assert one != inputs_hash(config, base, "data", world_size=2)
+    assert one != inputs_hash(
+        load_train_config(None, ["hyperparameters.batchSize=4"]), base, "data", world_size=1
+    )
+
+
+def test_local_checkpoints_are_pruned_to_the_last_ones(tmp_path: Path) -> None:
+    from ftrecipe.training.trainer import prune_local_checkpoints
+
+    for name in ("step-2", "step-10", "step-4", "checkpoint-12", "notes"):
+        (tmp_path / name).mkdir()
+    assert prune_local_checkpoints(tmp_path, 2) == [4, 10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "notes", "step-10", "step-4"]
+    assert prune_local_checkpoints(tmp_path, 0) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "notes"]
 
 
 def test_epoch_order_depends_on_the_seed_and_the_epoch_only() -> None:

@@ -11,6 +11,9 @@ from typing import Any
 
 # Set by torchrun / accelerate launch / deepspeed / a Kubernetes PyTorchJob: already one process per GPU.
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK", "RANK")
+# A file the launcher names to its ranks; one that stopped for a preemption creates it. torchrun exits 1
+# whatever its ranks' codes, so this is how `ftrecipe train` still exits EXIT_PREEMPTED for them.
+PREEMPTED_FILE_ENV = "FTRECIPE_PREEMPTED_FILE"
 
 
 def launch_command(argv: Sequence[str], visible_gpus: int, env: Mapping[str, str]) -> list[str] | None:

@@ -48,7 +48,7 @@ from ftrecipe.training.bundle import (
 )
 from ftrecipe.training.config import TrainConfig
 from ftrecipe.training.data import DataError, Splits, dataset_hash, ensure_chat_template, find_splits
-from ftrecipe.training.launch import is_main_process
+from ftrecipe.training.launch import PREEMPTED_FILE_ENV, is_main_process
 
 RANK_WAIT_SECONDS = 7200  # how long ranks wait for one another (collectives, rank 0's downloads)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
@@ -78,6 +78,63 @@ class TrainError(Exception):
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved."""
+
+
+class StopSignal:
+    """SIGTERM recorded from the very start of a run (before the inputs are fetched and the model loads),
+    and acted on at the next step end, when every rank agrees (`agreed_stop`).
+
+    Installed early because the process may be PID 1 of its container, where a signal without a handler is
+    ignored: a pod preempted while loading its model would otherwise sit out its grace period.
+    """
+
+    def __init__(self) -> None:
+        self.received = False  # by this process
+        self.agreed = False  # by every rank: training stops (set by `agree`)
+        self._previous: Any = None
+
+    def agree(self, device: Any = None) -> bool:
+        """Whether to stop now: asked of every rank at the same point (`agreed_stop`)."""
+        self.agreed = self.agreed or agreed_stop(self.received, device)
+        return self.agreed
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+
+    def __enter__(self) -> StopSignal:
+        self._previous = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # A preempted process is on its way out (EXIT_PREEMPTED). Under torchrun the agent sends SIGTERM to
+        # the ranks left once one has exited: it must not cut rank 0's report short, so the handler stays.
+        if exc_type is not Preempted:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def agreed_stop(requested: bool, device: Any = None) -> bool:
+    """Whether any rank was asked to stop: the flags all-reduced (max); the flag itself in one process.
+
+    Every rank calls this at the same point (each step end), so all stop at the same step and save one
+    checkpoint together; a rank stopping alone would leave the others waiting in a collective.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return requested
+    import torch
+
+    flag = torch.tensor([1 if requested else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _preempted(message: str) -> Preempted:
+    """The exception to raise, after leaving the launcher's marker (torchrun itself exits 1, whatever why)."""
+    marker = os.environ.get(PREEMPTED_FILE_ENV)
+    if marker:
+        Path(marker).touch()
+    return Preempted(message)
 
 
 Emit = Callable[[dict[str, Any]], None]
@@ -194,10 +251,20 @@ def resolve_base_model(base_model: str, work_dir: Path) -> BaseModelRef:
     return BaseModelRef(str(folder.resolve()), None, str(folder.resolve()), base_model)
 
 
-def inputs_hash(config: TrainConfig, base: BaseModelRef, data_hash: str) -> str:
+def inputs_hash(config: TrainConfig, base: BaseModelRef, data_hash: str, world_size: int) -> str:
+    """What a checkpoint must share with the run that resumes it: the settings that change the weights,
+    the base model, the data, and the number of processes with the batch each takes (together they make
+    the global batch, hence the schedule and which examples each step sees)."""
     dumped = config.model_dump(mode="json", by_alias=True, exclude=_NOT_IN_HASH)
     return stable_hash(
-        {"training": dumped, "baseModel": base.model_id, "revision": base.revision, "data": data_hash}
+        {
+            "training": dumped,
+            "baseModel": base.model_id,
+            "revision": base.revision,
+            "data": data_hash,
+            "worldSize": world_size,
+            "perDeviceBatch": config.hyperparameters.batch_size,
+        }
     )
 
 
@@ -211,6 +278,18 @@ def latest_checkpoint(checkpoints: Path) -> tuple[int, Path] | None:
         if match and child.is_dir() and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
     return max(found) if found else None
+
+
+def prune_local_checkpoints(checkpoints: Path, keep: int) -> list[int]:
+    """Delete the `step-<N>` folders under `checkpoints` but the last `keep`; returns the steps kept."""
+    steps = sorted(
+        int(match.group(1))
+        for child in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+        if child.is_dir() and (match := _STEP_DIR.match(child.name))
+    )
+    for step in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(checkpoints / f"{CHECKPOINT_PREFIX}{step}", ignore_errors=True)
+    return steps[max(0, len(steps) - keep) :]
 
 
 def _prepare_work_dir(work_dir: Path, run_hash: str) -> None:
@@ -697,7 +776,7 @@ def _make_callbacks(
     metrics_path: Path,
     checkpoints: Path,
     emit: Emit,
-    stop_requested: Callable[[], bool],
+    stop_agreed: Callable[[Any], bool],
     on_checkpoint: Callable[[int, Path], None],
 ) -> list[Any]:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -737,7 +816,7 @@ def _make_callbacks(
         def on_step_end(
             self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
         ) -> None:
-            if stop_requested():
+            if stop_agreed(args.device):  # every rank asks at every step end: all stop at the same one
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -755,6 +834,7 @@ def _make_callbacks(
                     if metrics_path.is_file():  # the rows so far travel with it (a new pod has none)
                         shutil.copyfile(metrics_path, target / CHECKPOINT_METRICS)
                     on_checkpoint(state.global_step, target)
+                    prune_local_checkpoints(checkpoints, KEEP_CHECKPOINTS)  # as the durable copies are
             _barrier()
 
         def on_log(
@@ -875,6 +955,23 @@ class DurableCheckpoints:
         except StorageError as exc:
             raise TrainError(f"publishing checkpoint {step} to {self._location(step)}: {exc}") from None
 
+    def delete_all(self) -> None:
+        """Delete every checkpoint under the root: the adapter is published, and a copy of its prefix
+        (to a server, to another bucket) would otherwise carry them along."""
+        from ftrecipe.storage import LocalLocation, StorageError, delete_bundle
+        from ftrecipe.storage.listing import list_bundles
+
+        try:
+            for name in list_bundles(self.root):
+                if _STEP_DIR.match(name):
+                    delete_bundle(self._location(int(name.removeprefix(CHECKPOINT_PREFIX))))
+        except StorageError as exc:
+            raise TrainError(f"deleting the checkpoints under {self.root}: {exc}") from None
+        self.steps = []
+        if isinstance(self.root, LocalLocation):
+            with contextlib.suppress(OSError):  # not empty: files that are not ours stay, and the folder
+                self.root.path.rmdir()
+
 
 class _CheckpointsAreNotStrangers(logging.Filter):
     """Publishing the adapter to `<out>` sees the checkpoint bundles beside it: they are ours, no warning."""
@@ -915,7 +1012,8 @@ def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
             warnings.filterwarnings(
                 "ignore", message=".*gradient_checkpointing` is deprecated", category=FutureWarning
             )
-            return _run_train(options, emit)
+            with StopSignal() as stop:  # first: a preemption while fetching or loading counts too
+                return _run_train(options, emit, stop)
     finally:
         if bars:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
@@ -923,7 +1021,7 @@ def run_train(options: TrainOptions, emit: Emit = print_event) -> TrainResult:
             datasets.enable_progress_bars()
 
 
-def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
+def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResult:
     config = options.config
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = is_main_process(os.environ)
@@ -937,7 +1035,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         base = resolve_base_model(options.base_model, fetch_dir)
         _check_quantization(config)
         data_hash = dataset_hash(splits)
-        run_hash = inputs_hash(config, base, data_hash)
+        run_hash = inputs_hash(config, base, data_hash, world_size)
         work_dir = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / run_hash[:12]
         _prepare_work_dir(work_dir, run_hash)
         checkpoints = work_dir / CHECKPOINTS_DIR
@@ -1029,12 +1127,6 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         save_only_model=False,
         dataloader_num_workers=0,
     )
-    stop = {"requested": False}
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        stop["requested"] = True
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     trainer = FtrecipeSFTTrainer(
         model=model,
         args=args,
@@ -1042,9 +1134,7 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         eval_dataset=val_records,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=_make_callbacks(
-            metrics_path, checkpoints, emit, lambda: stop["requested"], durable.publish
-        ),
+        callbacks=_make_callbacks(metrics_path, checkpoints, emit, stop.agree, durable.publish),
         max_seq_length=hp.max_seq_length,
         loss_logits=hp.loss_logits,
         adapters_in_float32=precision.mixed_precision != "bf16",
@@ -1080,13 +1170,12 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         _truncate_metrics(metrics_path, step)
     elif main_process:
         metrics_path.unlink(missing_ok=True)
-    try:
-        trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-    if stop["requested"]:
-        raise Preempted(
-            f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved, rerun to resume"
+    if stop.agree(args.device):  # while fetching or loading: nothing new to save
+        raise _preempted("SIGTERM before training began; nothing new to save, rerun to resume")
+    trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    if stop.agreed:
+        raise _preempted(
+            f"stopped at step {trainer.state.global_step} after SIGTERM; checkpoint saved, rerun to resume"
         )
 
     metrics = _read_metrics(metrics_path)
@@ -1139,6 +1228,8 @@ def _run_train(options: TrainOptions, emit: Emit) -> TrainResult:
         raise TrainError(f"publishing to {options.out}: {exc}") from None
     finally:
         storage_log.removeFilter(quiet)
+    durable.delete_all()  # kept only until the adapter is published (docs/training.md)
+    prune_local_checkpoints(checkpoints, 0)
     result = TrainResult(
         steps=trainer.state.global_step,
         resumed_from=resume[0] if resume else None,
@@ -1184,23 +1275,38 @@ def visible_gpus() -> int:
 
 
 def run_launched(command: list[str]) -> int:
-    """Run `command` (torchrun and its ranks); SIGTERM is passed on, and a preemption exits as one."""
+    """Run `command` (torchrun and its ranks); SIGTERM is passed on, and a preemption exits as one.
+
+    The handlers are in place before the child starts (as PID 1, this process would otherwise ignore a
+    SIGTERM in between); one that arrives before the child exists is passed on once it does. A rank
+    stopped by a preemption (its own SIGTERM, or another rank's) leaves the file `PREEMPTED_FILE_ENV`
+    names, so the run exits EXIT_PREEMPTED although torchrun itself exits 1.
+    """
     import subprocess
 
     print(f"training on several GPUs: {' '.join(command)}", file=sys.stderr, flush=True)
-    child = subprocess.Popen(command)
-    forwarded = {"sigterm": False}
+    state: dict[str, Any] = {"child": None, "pending": [], "sigterm": False}
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        forwarded["sigterm"] = forwarded["sigterm"] or signum == signal.SIGTERM
-        child.send_signal(signum)
+        state["sigterm"] = state["sigterm"] or signum == signal.SIGTERM
+        if state["child"] is None:
+            state["pending"].append(signum)
+        else:
+            state["child"].send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = child.wait()
+        with tempfile.TemporaryDirectory(prefix="ftrecipe-launch-") as folder:
+            marker = Path(folder) / "preempted"
+            child = subprocess.Popen(command, env={**os.environ, PREEMPTED_FILE_ENV: str(marker)})
+            state["child"] = child
+            for signum in state["pending"]:
+                child.send_signal(signum)
+            code = child.wait()
+            preempted = marker.exists()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if forwarded["sigterm"] and code != 0:  # torchrun reports its ranks' exit 143 as a plain failure
+    if code != 0 and (preempted or state["sigterm"]):  # torchrun reports its ranks' exit 143 as a failure
         return EXIT_PREEMPTED
     return code if code >= 0 else 128 - code
