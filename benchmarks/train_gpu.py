@@ -1,28 +1,33 @@
-"""`ftrecipe train` on a GPU: precision, attention kernels, gradient checkpointing and QLoRA, side by side.
+"""`ftrecipe train` against the fair plain-Trainer baseline on a GPU: LoRA and QLoRA, 8B-shaped, side by side.
 
-What the CPU tests cannot show: how fast and how big the real configurations are on CUDA. Each variant
-runs `ftrecipe train` as its own process, as the training Job does, on the same data (prepare-data's
-output on the generated MoneyBank suite, labels from the assertions, no LLM) and the same base model;
-its figures come from what `ftrecipe train` itself reports: the `precision` event (weights dtype,
-attention kernels, autocast), `metrics.jsonl` (tokens_per_second, gpu_memory_gb = peak allocated) and
-the process's wall time.
+What the CPU cannot show: tokens/s and peak GPU memory of the real configurations on CUDA. For each
+variant (`lora`, `qlora-4bit`, `qlora-8bit`) the two sides of `train_throughput.py` run on the same
+prepared data and the same base model, each in its own process, interleaved: the **baseline** (a plain
+`transformers.Trainer` with the same weights dtype, attention kernels and autocast that ftrecipe picks
+here: bf16 on Ampere and newer; the same LoRA settings, gradient-checkpointing setting and data;
+padded batches in random order; the model's own loss over the full logits; QLoRA the standard way,
+`BitsAndBytesConfig` + `prepare_model_for_kbit_training`) and **ftrecipe** (`ftrecipe train` with its
+defaults). Both are measured the same way (`train_throughput.StepMeter`): non-padding tokens/s over
+`Trainer.train()`, and `torch.cuda.max_memory_allocated()` reset at every step. The goal on a GPU is
+≥ 2× the baseline's non-padding tokens/s.
 
 The base model has random weights in a real model's shape, built on the GPU (the device machines reach
 no hub): `llama-8b` is Llama-3.1-8B's configuration (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP
-14336, vocabulary 128256), `llama-1b` Llama-3.2-1B's, `tiny` the test fixture (it runs on the CPU). The
-tokenizer is the fixture's small BPE, so prompts are more tokens than with Llama-3's tokenizer; tokens/s
-and memory are per token either way.
+14336, vocabulary 128256), `llama-1b` Llama-3.2-1B's, `tiny` the test fixture with Llama 3's 128k
+vocabulary (it runs on the CPU). The tokenizer is the fixture's small BPE, so prompts are more tokens
+than with Llama-3's tokenizer; tokens/s and memory are per token either way.
 
-Variants (`--variants`): `lora` (the recipe's defaults on this GPU: bf16 autocast where the GPU has it,
-flash attention 2 when flash-attn is installed, SDPA otherwise), `lora-gc` (plus gradient
-checkpointing), `qlora-4bit` and `qlora-8bit` (bitsandbytes; skipped, with the reason, where it cannot
-run). A variant that fails is reported as failed with its last error line; the others still run.
+`--dry-run` builds nothing big and trains nothing: it prepares the data, prints the plan (variants,
+sides, the `ftrecipe train` settings, the model shape and the memory ftrecipe's estimate expects per
+side) and whether this machine could run each variant. A QLoRA variant that bitsandbytes cannot run
+here is reported as skipped with the reason; a side that fails is reported with its last error line.
 
-    .venv/bin/python benchmarks/train_gpu.py [--shape llama-8b] [--tests 40] [--batch-size 4]
-        [--variants lora lora-gc qlora-4bit qlora-8bit] [--json output/benchmarks/train_gpu.json]
+    .venv/bin/python benchmarks/train_gpu.py [--shape llama-8b] [--tests 10] [--batch-size 2]
+        [--variants lora qlora-4bit qlora-8bit] [--gradient-checkpointing on|off] [--dry-run]
+        [--json output/benchmarks/train_gpu.json]
 
-On a lent GPU machine (no registry there): carry the wheels the image lacks (bitsandbytes, and
-flash-attn to compare kernels; see .library/device/README.md) and run this with the machine's python3.
+On a lent GPU machine (no registry there): carry the wheels the image lacks (bitsandbytes, liger-kernel,
+flash-attn; see .library/device/README.md) and run this with the machine's python3.
 """
 
 from __future__ import annotations
@@ -30,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +46,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUTPUT, machine, table, write_json
-from train_throughput import prepare_dataset
+from train_throughput import (
+    DEFAULT_SIDES,
+    add_shared_arguments,
+    compare,
+    interleaved,
+    prepare_dataset,
+    run_worker,
+    shared_settings,
+)
 
 
 @dataclass(frozen=True)
@@ -60,26 +71,32 @@ class Shape:
 SHAPES: dict[str, Shape | None] = {
     "llama-8b": Shape(4096, 14336, 32, 32, 8, 128256),
     "llama-1b": Shape(2048, 8192, 16, 32, 8, 128256),
-    "tiny": None,  # the fixture's own shape
+    "tiny": None,  # the fixture's own shape, with Llama 3's vocabulary
 }
-VARIANTS: dict[str, list[str]] = {
-    "lora": [],
-    "lora-gc": ["hyperparameters.gradientCheckpointing=true"],
-    "qlora-4bit": ["method=qlora", "quantization=4bit"],
-    "qlora-8bit": ["method=qlora", "quantization=8bit"],
-}
+VARIANTS: dict[str, str] = {"lora": "none", "qlora-4bit": "4bit", "qlora-8bit": "8bit"}  # -> quantization
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    add_shared_arguments(parser)
+    parser.set_defaults(tests=10)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
-    parser.add_argument("--tests", type=int, default=40, help="E2E tests the data is prepared from")
-    parser.add_argument("--batch-size", type=int, default=4, help="micro-batch (no gradient accumulation)")
-    parser.add_argument("--max-seq-length", type=int, default=4096)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds one variant may run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side per variant, interleaved")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one side may run")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; build and train nothing")
     parser.add_argument("--json", type=Path, default=OUTPUT / "train_gpu.json")
     return parser.parse_args(argv)
+
+
+def shape_config(shape_name: str) -> dict[str, Any]:
+    """The base model's config fields: the fixture's, with the shape's (and Llama 3's vocabulary)."""
+    shape = SHAPES[shape_name]
+    if shape is None:
+        return {"vocab_size": 128256, "hidden_size": 64, "num_hidden_layers": 2}
+    fields = dict(vars(shape))
+    fields["head_dim"] = shape.hidden_size // shape.num_attention_heads
+    return fields
 
 
 def build_base_model(target: Path, shape_name: str) -> Path:
@@ -87,20 +104,18 @@ def build_base_model(target: Path, shape_name: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ftrecipe.training.tiny_model import build_tiny_model
+    from ftrecipe.training.tiny_model import LLAMA3_VOCAB_SIZE, build_tiny_model
 
-    tiny = build_tiny_model(target.with_name(target.name + "-tiny"))
-    shape = SHAPES[shape_name]
-    if shape is None:
+    tiny = build_tiny_model(target.with_name(target.name + "-tiny"), model_vocab_size=LLAMA3_VOCAB_SIZE)
+    if SHAPES[shape_name] is None:
         return tiny
     config = AutoConfig.from_pretrained(tiny)
-    for name, value in vars(shape).items():
+    for name, value in shape_config(shape_name).items():
         setattr(config, name, value)
-    config.head_dim = shape.hidden_size // shape.num_attention_heads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     model.generation_config = AutoModelForCausalLM.from_pretrained(tiny).generation_config
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(target)
@@ -110,52 +125,26 @@ def build_base_model(target: Path, shape_name: str) -> Path:
     return target
 
 
-def run_variant(name: str, args: argparse.Namespace, data: Path, model: Path, work: Path) -> dict[str, Any]:
-    """One `ftrecipe train` process; its figures from its own reports."""
-    out, scratch = work / f"{name}-out", work / f"{name}-work"
-    argv = [sys.executable, "-m", "ftrecipe.cli.main", "train", "--data", str(data)]
-    argv += ["--base-model", str(model), "--out", str(out), "--work-dir", str(scratch)]
-    settings = [
-        "hyperparameters.epochs=1",
-        f"hyperparameters.batchSize={args.batch_size}",
-        "hyperparameters.gradientAccumulationSteps=1",
-        f"hyperparameters.maxSeqLength={args.max_seq_length}",
-        "hyperparameters.warmupSteps=0",
-        "checkpointEverySteps=100000",
-        *VARIANTS[name],
-    ]
-    for setting in settings:
-        argv += ["--set", setting]
-    started = time.monotonic()
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"variant": name, "state": "failed", "reason": f"ran over {args.timeout:g} s"}
-    wall = time.monotonic() - started
-    (work / f"{name}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit code {done.returncode}"
-        state = "skipped" if "needs bitsandbytes" in reason else "failed"
-        return {"variant": name, "state": state, "reason": reason[:300]}
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    precision = next((e for e in events if e["event"] == "precision"), {})
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [row["tokens_per_second"] for row in rows if row.get("tokens_per_second")]
-    memory = [row["gpu_memory_gb"] for row in rows if row.get("gpu_memory_gb") is not None]
-    steps = max((row["step"] for row in rows), default=0)
+def variant_problem(variant: str) -> str | None:
+    """Why this machine cannot run `variant` (bitsandbytes for QLoRA), or None."""
+    if VARIANTS[variant] == "none":
+        return None
+    from ftrecipe.training.trainer import bitsandbytes_problem
+
+    return bitsandbytes_problem()
+
+
+def memory_estimates(shape_name: str, args: argparse.Namespace, quantization: str) -> dict[str, float]:
+    """ftrecipe's own estimate (weights + activations without checkpointing), full logits or not, in GiB."""
+    from transformers import LlamaConfig
+
+    from ftrecipe.training.trainer import ModelShape, training_memory_bytes
+
+    shape = ModelShape.from_config(LlamaConfig(**shape_config(shape_name)))
+    tokens = args.batch_size * args.max_seq_length
     return {
-        "variant": name,
-        "state": "ok",
-        "dtype": precision.get("dtype"),
-        "attention": precision.get("attention"),
-        "mixed_precision": precision.get("mixed_precision"),
-        "steps": steps,
-        # The first logging window includes warm-up (kernel selection, allocator growth): left out when
-        # there are later ones.
-        "tokens_per_s": round(statistics.median(speeds[1:] or speeds), 1) if speeds else None,
-        "gpu_peak_gb": max(memory) if memory else None,
-        "process_wall_s": round(wall, 1),
+        side: round(training_memory_bytes(shape, tokens, quantization, 2, full_logits) / 2**30, 1)
+        for side, full_logits in (("baseline", True), ("ftrecipe", False))
     }
 
 
@@ -168,7 +157,7 @@ def gpu_facts() -> dict[str, Any]:
         facts["gpus"] = torch.cuda.device_count()
         facts["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
         facts["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    for package in ("transformers", "peft", "bitsandbytes", "flash_attn"):
+    for package in ("transformers", "peft", "trl", "bitsandbytes", "flash_attn", "liger_kernel"):
         try:
             facts[package] = __import__(package).__version__
         except Exception:  # not installed, or its import fails on this machine: either way, absent
@@ -179,58 +168,115 @@ def gpu_facts() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine() | gpu_facts()
+    results: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    plan: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ftrecipe-bench-gpu-") as tmp:
         work = Path(tmp)
         data = prepare_dataset(work, args.tests)
         examples = sum(1 for _ in (data / "train.jsonl").open(encoding="utf-8"))
+        for variant in args.variants:
+            quantization = VARIANTS[variant]
+            args.quantization = quantization
+            plan.append(
+                {
+                    "variant": variant,
+                    "sides": list(DEFAULT_SIDES),
+                    "ftrecipe_settings": shared_settings(args),
+                    "estimated_gib_without_checkpointing": memory_estimates(args.shape, args, quantization),
+                    "problem": variant_problem(variant),
+                }
+            )
+        print(f"shape {args.shape}: {json.dumps(shape_config(args.shape))}; data: {examples} examples")
+        for item in plan:
+            state = f"cannot run here: {item['problem']}" if item["problem"] else "runs"
+            print(f"  {item['variant']}: {state}; estimate {item['estimated_gib_without_checkpointing']} GiB")
+        if args.dry_run:
+            write_json(
+                args.json,
+                {
+                    "benchmark": "train_gpu",
+                    "machine": info,
+                    "dry_run": True,
+                    "params": _params(args, examples),
+                    "plan": plan,
+                    "runs": [],
+                },
+            )
+            return 0
         started = time.monotonic()
         model = build_base_model(work / "model", args.shape)
-        print(
-            f"base model: {args.shape}, built in {time.monotonic() - started:.0f} s; data: {examples} examples"
-        )
-        runs = []
-        for name in args.variants:
-            run = run_variant(name, args, data, model, work)
-            runs.append(run)
-            print(
-                f"  {name}: {run['state']}" + (f" ({run['reason']})" if "reason" in run else ""), flush=True
-            )
+        print(f"base model built in {time.monotonic() - started:.0f} s", flush=True)
+        for item in plan:
+            variant = item["variant"]
+            if item["problem"]:
+                results.append(
+                    {"variant": variant, "side": "both", "state": "skipped", "reason": item["problem"]}
+                )
+                continue
+            runs = []
+            for repeat, side in interleaved(DEFAULT_SIDES, args.repeats):
+                run = run_worker(
+                    side, args, data, model, work, quantization=VARIANTS[variant], timeout=args.timeout
+                )
+                run |= {"variant": variant, "repeat": repeat}
+                runs.append(run)
+                print(
+                    f"  {variant} {side} run {repeat + 1}: {run['state']} {run.get('reason', '')}", flush=True
+                )
+            results += runs
+            comparison = compare(runs, "ftrecipe")
+            if comparison is not None:
+                comparisons.append(comparison | {"variant": variant})
     print()
     print(
         table(
-            ["variant", "weights", "attention", "autocast", "steps", "tokens/s", "GPU peak (GB)", "wall (s)"],
+            ["variant", "side", "steps", "non-padding tokens/s", "padding", "step peak (MiB)", "state"],
             [
                 [
                     r["variant"],
-                    r.get("dtype", r["state"]),
-                    r.get("attention", "-"),
-                    r.get("mixed_precision") or "-",
-                    r.get("steps", "-"),
-                    r.get("tokens_per_s", "-"),
-                    r.get("gpu_peak_gb", "-"),
-                    r.get("process_wall_s", "-"),
+                    r["side"],
+                    r.get("steps"),
+                    r.get("real_tokens_per_s"),
+                    f"{100 * r['padding_share']:.1f} %" if "padding_share" in r else None,
+                    r.get("step_peak_mib"),
+                    r["state"] if r["state"] == "ok" else f"{r['state']}: {r.get('reason', '')}",
                 ]
-                for r in runs
+                for r in results
             ],
         )
     )
+    for c in comparisons:
+        print(
+            f"{c['variant']}: ftrecipe / baseline non-padding tokens/s x{c['tokens_per_s_ratio']:.2f}, "
+            f"step peak memory {c['step_peak_ratio']:.2f}x lower"
+        )
     write_json(
         args.json,
         {
             "benchmark": "train_gpu",
             "machine": info,
-            "params": {
-                "shape": args.shape,
-                "tests": args.tests,
-                "examples": examples,
-                "batch_size": args.batch_size,
-                "max_seq_length": args.max_seq_length,
-                "variants": args.variants,
-            },
-            "runs": runs,
+            "dry_run": False,
+            "params": _params(args, examples),
+            "plan": plan,
+            "runs": results,
+            "comparisons": comparisons,
         },
     )
-    return 0 if any(r["state"] == "ok" for r in runs) else 1
+    return 0 if any(r["state"] == "ok" for r in results) else 1
+
+
+def _params(args: argparse.Namespace, examples: int) -> dict[str, Any]:
+    return {
+        "shape": args.shape,
+        "tests": args.tests,
+        "examples": examples,
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "variants": args.variants,
+        "repeats": args.repeats,
+    }
 
 
 if __name__ == "__main__":
