@@ -29,7 +29,7 @@ of each step (`/proc/self/clear_refs`, value 5) and read at the next one, so eac
 only that step (model, data and Python are in it, equal on both sides; the resident set when the first
 step starts is reported too). On CUDA, `torch.cuda.max_memory_allocated()` with the peak reset per step.
 
-    .venv/bin/python benchmarks/train_throughput.py [--vocab llama3|tiny] [--tests 40] [--epochs 1]
+    .venv/bin/python benchmarks/train_throughput.py [--vocab llama3|tiny] [--tests 10] [--epochs 1]
         [--batch-size 2] [--gradient-checkpointing on|off] [--repeats 2]
         [--sides baseline ftrecipe ftrecipe-full-logits] [--json output/benchmarks/train_throughput.json]
 """
@@ -62,7 +62,7 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """The settings both sides share (and that train_gpu.py passes on to the same workers)."""
-    parser.add_argument("--tests", type=int, default=40, help="E2E tests the data is prepared from")
+    parser.add_argument("--tests", type=int, default=10, help="E2E tests the data is prepared from")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2, help="micro-batch (no gradient accumulation)")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
