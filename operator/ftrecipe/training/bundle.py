@@ -247,9 +247,10 @@ A LoRA adapter for the command generator of a Rasa CALM assistant, trained by `f
 
 The loss was computed on completion tokens only. {template_note}
 
-Training checkpoints (the last {KEEP_CHECKPOINTS}, for resuming after a preemption) may sit beside these files under
-`checkpoints/step-<N>/`, each a bundle of its own: they are not part of this adapter (not in `manifest.json`),
-serving ignores them, and deleting the folder is safe once training has finished.
+Training checkpoints (the last {KEEP_CHECKPOINTS}, for resuming after a preemption) sit beside these files under
+`checkpoints/step-<N>/` while training runs, each a bundle of its own, not part of this adapter (not in
+`manifest.json`); they are deleted once this adapter is published. Should a `checkpoints/` folder be left
+(training killed right after publishing), serving ignores it and deleting it is safe.
 
 {_provenance_section(info)}
 ## Serve with vLLM

@@ -11,8 +11,11 @@ renamed to `step-<N>` once complete, then published as a bundle of its own to `<
 (its `_SUCCESS` marks it complete; the last `KEEP_CHECKPOINTS` are kept, older ones are emptied). A rerun
 with the same inputs, on any machine, fetches the latest complete one of this run (same inputs hash) into
 the work folder and resumes from it. The adapter bundle at `<out>` lists only its own files, so the
-checkpoint bundles beside it survive its publication. SIGTERM (a preempted pod) saves and publishes a
-checkpoint at the next step and exits with `EXIT_PREEMPTED`.
+checkpoint bundles beside it survive its publication; once it is published they are deleted (a copy of
+the adapter's prefix must not carry them). SIGTERM (a preempted pod) is recorded from the start; at the
+next step end that every rank agrees on (`agreed_stop`), a checkpoint is saved and published and the run
+exits with `EXIT_PREEMPTED`. Each epoch's data order comes from `seed + epoch` (`sampling`), so a resumed
+run continues exactly where the interrupted one was.
 
 Several GPUs: the CLI re-runs itself under torchrun (`launch.launch_command`); only rank 0 publishes.
 """
