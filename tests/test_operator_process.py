@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,10 @@ def wait_until(probe: Any, what: str, process: subprocess.Popen[str], timeout: f
 
 @contextlib.contextmanager
 def operator_process(
-    k8s: K8s, tmp_path: Path, *options: str
+    k8s: K8s, tmp_path: Path, *options: str, env: Mapping[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], int, int, Path]]:
-    """`ftrecipe operator --namespace ml …` as a process, stopped with SIGTERM at the end."""
+    """`ftrecipe operator --namespace ml …` as a process (with `env` over this one's), stopped with SIGTERM
+    at the end."""
     k8s.ensure_namespace(NS)
     metrics_port, health_port = free_port(), free_port()
     log = tmp_path / "operator.log"
@@ -59,6 +60,7 @@ def operator_process(
         **os.environ,
         "KUBECONFIG": os.environ["KUBECONFIG"],
         "FTRECIPE_OPERATOR_IMAGE": "registry.test/op:1",
+        **(env or {}),
     }
     argv = [
         sys.executable, "-m", "ftrecipe.cli.main", "operator",

@@ -76,7 +76,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
-    from ftrecipe.dataprep.pipeline import PrepareDataOptions, run_prepare_data
+    from ftrecipe.dataprep.pipeline import PrepareDataOptions, headline_figures, run_prepare_data
     from ftrecipe.dataprep.progress import LineReporter, RichReporter
     from ftrecipe.dataprep.yamlfile import InputError
     from ftrecipe.storage import StorageError
@@ -115,9 +115,7 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     except Exception as error:
         write_report(PhaseReport(ok=False, message=f"error: {type(error).__name__}: {error}"))
         raise
-    figures = {key: value for key, value in result.summary.items() if isinstance(value, int | float)}
-    purposes = result.summary.get("llm_usage", {}).get("purposes", {})
-    figures["llm_calls"] = sum(int(usage.get("calls", 0)) for usage in purposes.values())
+    figures = headline_figures(result.summary)
     write_report(PhaseReport(ok=True, message=f"data published to {result.out}", figures=figures))
     return 0
 

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -203,6 +203,23 @@ def _summary(
         "rephrasing_warnings": [a.warning for a in augmented if a.warning],
         "llm_usage": usage,
     }
+
+
+def headline_figures(summary: Mapping[str, Any]) -> dict[str, int | float]:
+    """The figures of `result_summary.yaml` that a status shows (`DataSummary`): reported when the phase
+    ends and carried in the bundle's manifest, so that a reused bundle (`--reuse-bundles`, a cached local
+    run) shows the same figures as the run that made it."""
+    figures: dict[str, int | float] = {
+        key: value
+        for key, value in summary.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    figures["num_user_messages_to_rephrase"] = int(
+        summary.get("num_user_messages_to_rephrase_across_conversations", 0)
+    )
+    purposes = (summary.get("llm_usage") or {}).get("purposes", {})
+    figures["llm_calls"] = sum(int(usage.get("calls", 0)) for usage in purposes.values())
+    return figures
 
 
 def _sub_agent_messages(annotation: AnnotationResult) -> int:
@@ -549,6 +566,7 @@ async def prepare_data(
             out,
             producer=f"ftrecipe prepare-data {__version__}",
             inputs_hash=inputs_hash(options, generator, template, rephraser),
+            metadata=headline_figures(summary),
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
