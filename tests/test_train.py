@@ -286,7 +286,7 @@ def test_label_only_loss_equals_the_full_logits_loss(
         else:
             assert outputs.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        return float(loss), grads
+        return float(loss.detach()), grads
 
     labels_loss, labels_grads = loss_and_grads("labels")
     full_loss, full_grads = loss_and_grads("all")
