@@ -297,6 +297,28 @@ def test_label_only_loss_equals_the_full_logits_loss(
     assert any(float(g.abs().sum()) > 0 for g in labels_grads)
 
 
+def test_padding_free_batches_reach_the_label_only_loss(
+    tokenizer: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    """TRL's padding-free batch (position ids, sequence boundaries for varlen kernels, no attention mask)
+    goes through the label-only loss: for one example, the same loss as its padded batch. (Several examples
+    in a row need flash attention to stay apart, which this CPU has not.)"""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    train = _write_jsonl(tmp_path / "train.jsonl", [_instruction(0)])
+    trainer = _sft_trainer(tiny_model, tokenizer, train)
+    trainer.model.eval()
+    example = trainer.train_dataset[0]
+    features = [{"input_ids": example["input_ids"], "labels": example["labels"]}]
+    losses = {}
+    for padding_free in (False, True):
+        collate = DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=padding_free)
+        batch = collate(features)
+        assert ("position_ids" in batch) is padding_free and ("attention_mask" in batch) is not padding_free
+        losses[padding_free] = float(trainer.compute_loss(trainer.model, dict(batch)).detach())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
 def test_find_splits_layouts(tmp_path: Path) -> None:
     nested = _make_data(tmp_path / "nested")
     assert find_splits(nested).train == nested / "4_train_test_split" / "ft_splits" / "train.jsonl"
