@@ -920,7 +920,8 @@ class HyperparametersSpec(ApiModel):
         Field(
             description="Recompute activations in the backward pass to save GPU memory (about a third "
             "slower). Empty: on only when the weights and the activations of a full micro-batch "
-            "(batchSize x maxSeqLength tokens) would not fit in 80% of the GPU's memory; off on the CPU."
+            "(batchSize x maxSeqLength tokens) would not fit in 80% of the GPU memory free when training "
+            "starts; off on the CPU."
         ),
     ] = None
     padding_free: Annotated[

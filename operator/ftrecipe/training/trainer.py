@@ -538,7 +538,7 @@ def choose_gradient_checkpointing(setting: bool | None, device_memory: int | Non
 
 
 def gradient_checkpointing_for(config: TrainConfig, base: BaseModelRef, precision: Precision) -> bool:
-    """`choose_gradient_checkpointing` for this machine's GPU and the base model's config."""
+    """`choose_gradient_checkpointing` for the free memory of this process's GPU and the base model's config."""
     hp = config.hyperparameters
     if hp.gradient_checkpointing is not None:
         return hp.gradient_checkpointing
@@ -560,8 +560,8 @@ def gradient_checkpointing_for(config: TrainConfig, base: BaseModelRef, precisio
         dtype_bytes=4 if precision.dtype == "float32" else 2,
         full_logits=hp.loss_logits == "all",
     )
-    total = int(torch.cuda.get_device_properties(device).total_memory)
-    return choose_gradient_checkpointing(None, total, needed)
+    free, _total = torch.cuda.mem_get_info(device)  # before the model loads: what this run can have
+    return choose_gradient_checkpointing(None, int(free), needed)
 
 
 def load_model(
