@@ -1,10 +1,12 @@
-"""`ftrecipe train`: LoRA fine-tuning with transformers' Trainer, resumable, writing a servable bundle.
+"""`ftrecipe train`: LoRA fine-tuning with TRL's SFTTrainer, resumable, writing a servable bundle.
 
-The flow: resolve the data and base model (local folders, s3:// bundles, or hf:ORG/NAME[@REV]), tokenize
-with the chat template (loss on completion tokens only, too-long examples dropped), wrap the model in a
-peft LoRA adapter once, train with length-grouped batches, evaluate on the validation split every
-`evalEverySteps` and at each epoch end, checkpoint every `checkpointEverySteps`, and publish the adapter
-bundle with the storage module's atomic protocol.
+The flow: resolve the data and base model (local folders, s3:// bundles, or hf:ORG/NAME[@REV]), load the
+model in the precision this GPU has natively, hand TRL the records as prompt-completion chats and the
+LoRA config (`training.sft`: TRL tokenizes with the chat template, loss on completion tokens only,
+too-long examples dropped, the LM head only where the labels are), train with padding-free or
+length-grouped batches, evaluate on the validation split every `evalEverySteps` and at each epoch end,
+checkpoint every `checkpointEverySteps`, and publish the adapter bundle with the storage module's atomic
+protocol.
 
 Checkpoints must outlive the pod: the Trainer writes one into `<work>/checkpoints/checkpoint-<N>/`, it is
 renamed to `step-<N>` once complete, then published as a bundle of its own to `<out>/checkpoints/step-<N>/`
