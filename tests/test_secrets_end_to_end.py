@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
 from support.k8s import CRD_RESOURCE, K8s
+from support.llm_server import LLMServer
+from support.moneybank import TableGenerator
 from support.s3 import S3Server
 from test_operator import (
     JOBS,
@@ -26,6 +34,7 @@ from test_operator import (
 )
 from test_operator_process import operator_process, wait_until
 from test_operator_reuse import s3_env
+from test_run import SMALL_TESTS, example_recipe
 
 LLM_KEY = "sk-sentinel-llm-key-5d41402abc4b2a76"
 HUB_TOKEN = "hf_sentinelHubToken9b2e6c1fd0a7"
@@ -136,3 +145,58 @@ def test_the_operator_never_shows_a_secret_value(k8s: K8s, tmp_path: Path, s3_bu
     assert any("reconciled" in line for line in logged)  # the scan read the operator's log
     assert len([r for r in sent if r.method == "POST" and r.text]) >= 3  # and the Jobs it sent
     assert leaks(texts, sentinels) == []
+
+
+# --------------------------------------------------------------------------------------------- ftrecipe run
+
+
+@pytest.mark.slow
+def test_ftrecipe_run_never_writes_a_secret_value(
+    tmp_path: Path, tiny_model: Path, llm_server: LLMServer
+) -> None:
+    """The example recipe on this machine with the LLM annotator against the scripted LLM, which only
+    answers requests that carry the sentinel key: so the key was used, then must be nowhere."""
+    llm_server.api_key = LLM_KEY
+    llm_server.script(TableGenerator())
+    llm = {"provider": "self-hosted", "model": "gpt-4o", "apiBase": llm_server.base_url}
+    recipe = example_recipe(
+        tmp_path / "recipe",
+        tiny_model,
+        assistant__e2eTests=SMALL_TESTS,
+        commandGenerator__llm=llm,
+        dataPreparation__annotator="llm",
+        training__hyperparameters__epochs=1,
+        evaluation__enabled=False,
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OPENAI_", "HF_"))},
+        "OPENAI_API_KEY": LLM_KEY,
+        "HF_TOKEN": HUB_TOKEN,
+        "AWS_ACCESS_KEY_ID": AWS_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": AWS_SECRET_KEY,
+        "OMP_NUM_THREADS": "1",
+    }
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "ftrecipe.cli.main", "run", str(recipe), "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = yaml.safe_load((workdir / "status.yaml").read_text())
+    assert status["phase"] == "Succeeded"
+    assert status["dataPreparation"]["summary"]["llmCalls"] > 0  # the LLM was asked, with the key
+    assert {r.bearer for r in llm_server.requests if r.chat is not None} == {LLM_KEY}
+
+    output = tmp_path / "recipe" / "output"
+    scanned = list(files_under(workdir, output))
+    names = {Path(where).name for where, _ in scanned}
+    assert {"status.yaml", "output.log", "params.yaml", "manifest.json", "adapter_config.json"} <= names
+    lines = [
+        (f"phase output line {n}", line)
+        for n, line in enumerate((result.stdout + result.stderr).splitlines())
+    ]
+    assert leaks([*lines, *scanned], [LLM_KEY, HUB_TOKEN, AWS_ACCESS_KEY, AWS_SECRET_KEY]) == []
