@@ -778,13 +778,26 @@ def test_deleting_the_recipe_takes_its_jobs_and_nothing_comes_back(k8s: K8s, ope
     data_name = expected_job(body, "data")
     wait_job(k8s, data_name)
     wait_phase(k8s, "PreparingData")
+    handled = handler_runs(operator, "job-event", data_name)
     k8s.delete(CRD_RESOURCE, "minimal", NS)
     k8s.wait_for(
         lambda: k8s.get(CRD_RESOURCE, "minimal", NS) is None, message="the recipe gone (no finalizer)"
     )
     k8s.wait_for(lambda: job_names(k8s) == [], message="its Jobs garbage-collected by ownerReferences")
-    time.sleep(0.5)
+    # The operator has seen the Job go (after the recipe): it creates nothing for the deleted recipe.
+    k8s.wait_for(
+        lambda: handler_runs(operator, "job-event", data_name) > handled, message="the Job's deletion handled"
+    )
     assert job_names(k8s) == []
+    assert requests_since(k8s, 0, "jobs", "POST")[1:] == []  # the data Job was the only one created
+
+
+def handler_runs(run: Any, handler: str, name: str) -> int:
+    """How often kopf ran `handler` for the object `name` (its "succeeded" log records)."""
+    return sum(
+        r.getMessage() == f"Handler '{handler}' succeeded." and getattr(r, "k8s_ref", {}).get("name") == name
+        for r in run.records
+    )
 
 
 def test_metrics_are_served_over_http() -> None:

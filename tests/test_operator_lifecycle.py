@@ -89,7 +89,14 @@ def test_an_upgraded_operator_keeps_finished_work_and_adopts_running_jobs(k8s: K
             lambda: any("reconciled (recipe seen): Training" in m for m in new.messages()),
             message="the running recipe adopted",
         )
-        time.sleep(0.5)
+        k8s.wait_for(  # the finished recipe's event handled too (and left alone)
+            lambda: any(
+                r.getMessage() == "Handler 'recipe-event' succeeded."
+                and getattr(r, "k8s_ref", {}).get("name") == "done"
+                for r in new.records
+            ),
+            message="the finished recipe's event handled",
+        )
         # Succeeded stays Succeeded, untouched: not even its status is written again.
         after = k8s.get(CRD_RESOURCE, "done", NS)
         assert (
