@@ -155,7 +155,8 @@ def test_ftrecipe_run_never_writes_a_secret_value(
     tmp_path: Path, tiny_model: Path, llm_server: LLMServer
 ) -> None:
     """The example recipe on this machine with the LLM annotator against the scripted LLM, which only
-    answers requests that carry the sentinel key: so the key was used, then must be nowhere."""
+    answers requests that carry the sentinel key: so the key was used, then must be nowhere. A second run
+    without the status file reuses both bundles and shows the figures their manifests carry."""
     llm_server.api_key = LLM_KEY
     llm_server.script(TableGenerator())
     llm = {"provider": "self-hosted", "model": "gpt-4o", "apiBase": llm_server.base_url}
@@ -200,3 +201,22 @@ def test_ftrecipe_run_never_writes_a_secret_value(
         for n, line in enumerate((result.stdout + result.stderr).splitlines())
     ]
     assert leaks([*lines, *scanned], [LLM_KEY, HUB_TOKEN, AWS_ACCESS_KEY, AWS_SECRET_KEY]) == []
+
+    # Run again, without the status it wrote: both phases are reused, and the status shows the figures
+    # their bundles' manifests carry (what --reuse-bundles shows a new recipe in a cluster).
+    (workdir / "status.yaml").unlink()
+    again = subprocess.run(
+        [sys.executable, "-m", "ftrecipe.cli.main", "run", str(recipe), "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert again.returncode == 0 and again.stdout.count("cached: ") == 2, again.stdout + again.stderr
+    cached = yaml.safe_load((workdir / "status.yaml").read_text())
+    assert cached["dataPreparation"]["cached"] and cached["training"]["cached"]
+    assert cached["dataPreparation"]["summary"] == status["dataPreparation"]["summary"]
+    assert cached["training"]["step"] == status["training"]["step"] > 0
+    assert cached["training"]["totalSteps"] == status["training"]["totalSteps"]
+    assert cached["training"]["evalLoss"] == status["training"]["evalLoss"]

@@ -85,7 +85,15 @@ def decode(text: str | None) -> PhaseReport | None:
 def report_from_metadata(metadata: Mapping[str, Any], where: str) -> PhaseReport:
     """A complete bundle's manifest metadata as the report of the phase that published it (the phase
     commands put their headline figures there)."""
-    return PhaseReport(ok=True, message=f"complete bundle at {where}", figures=dict(metadata))
+    figures = dict(metadata)
+    # A training bundle's manifest carries its run.json (training.bundle.BundleInfo), which names the
+    # figures otherwise than train's report: the status reads step, total_steps and eval_loss.
+    if isinstance(figures.get("steps"), int):
+        figures.setdefault("step", figures["steps"])
+        figures.setdefault("total_steps", figures["steps"])
+    if "final_eval_loss" in figures:
+        figures.setdefault("eval_loss", figures["final_eval_loss"])
+    return PhaseReport(ok=True, message=f"complete bundle at {where}", figures=figures)
 
 
 def termination_log_path() -> Path:
