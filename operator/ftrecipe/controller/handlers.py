@@ -601,6 +601,7 @@ class RecipeState:
         "reconciled_at",
         "retry_at",
         "spec",
+        "waiting",
         "watched",
         "written",
     )
@@ -611,6 +612,7 @@ class RecipeState:
         self.reconciled_at = 0.0  # time.monotonic() of the last reconcile
         self.progressed_at = 0.0
         self.retry_at: float | None = None  # when a reconcile that failed is tried again
+        self.waiting = 0  # reconciles asked for and not started yet (waiting for the lock or a slot)
         self.see(body)
 
     def see(self, body: Mapping[str, Any]) -> None:
@@ -725,40 +727,52 @@ class Controller:
         entry = self.recipes.get(key)
         if entry is None:
             return
-        async with entry.lock:
-            if self.recipes.get(key) is not entry:
-                return  # deleted while waiting
-            # At most a few reconciles at once hold a parsed recipe, its Jobs and their API responses:
-            # thousands of recipes arriving together would otherwise all be mid-reconcile, waiting for the
-            # same few worker threads, and the memory of that burst stays with the process.
-            async with self._reconciling:
-                log = _object_log(entry.ref())
-                entry.retry_at = None
-                entry.reconciled_at = time.monotonic()
-                try:
-                    written = await reconcile(entry.body(), self.status_of(entry), self.settings)
-                except ApiException as error:
-                    if self.settings.metrics is not None:
-                        self.settings.metrics.api_errors.labels("reconcile").inc()
-                    log.warning(
-                        "Kubernetes API error %s: %s; retrying in %gs",
-                        error.status,
-                        error.reason,
-                        self.settings.retry_delay,
-                    )
-                    entry.retry_at = time.monotonic() + self.settings.retry_delay
-                    return
-                except Exception:
-                    log.exception("reconcile failed (%s); retrying in %gs", why, self.settings.retry_delay)
-                    entry.retry_at = time.monotonic() + self.settings.retry_delay
-                    return
-                if written is None:  # the recipe is gone
-                    self.recipes.pop(key, None)
-                    return
-                entry.write(written)
-                log.info("reconciled (%s): %s", why, written.get("phase"))
-                if self.settings.metrics is not None:
-                    self.settings.metrics.recipe_seen(f"{key[0]}/{key[1]}", written.get("phase") or "Pending")
+        entry.waiting += 1  # the resync leaves it alone: this reconcile will see what the resync would
+        started = False
+        try:
+            async with entry.lock:
+                if self.recipes.get(key) is not entry:
+                    return  # deleted while waiting
+                # At most a few reconciles at once hold a parsed recipe, its Jobs and their API responses:
+                # thousands of recipes arriving together would otherwise all be mid-reconcile, waiting for
+                # the same few worker threads, and the memory of that burst stays with the process.
+                async with self._reconciling:
+                    entry.waiting -= 1
+                    started = True
+                    await self._reconcile_now(key, entry, why)
+        finally:
+            if not started:
+                entry.waiting -= 1
+
+    async def _reconcile_now(self, key: Key, entry: RecipeState, why: str) -> None:
+        """One reconcile pass, under the recipe's lock and a reconcile slot."""
+        log = _object_log(entry.ref())
+        entry.retry_at = None
+        entry.reconciled_at = time.monotonic()
+        try:
+            written = await reconcile(entry.body(), self.status_of(entry), self.settings)
+        except ApiException as error:
+            if self.settings.metrics is not None:
+                self.settings.metrics.api_errors.labels("reconcile").inc()
+            log.warning(
+                "Kubernetes API error %s: %s; retrying in %gs",
+                error.status,
+                error.reason,
+                self.settings.retry_delay,
+            )
+            entry.retry_at = time.monotonic() + self.settings.retry_delay
+            return
+        except Exception:
+            log.exception("reconcile failed (%s); retrying in %gs", why, self.settings.retry_delay)
+            entry.retry_at = time.monotonic() + self.settings.retry_delay
+            return
+        if written is None:  # the recipe is gone
+            self.recipes.pop(key, None)
+            return
+        entry.write(written)
+        log.info("reconciled (%s): %s", why, written.get("phase"))
+        if self.settings.metrics is not None:
+            self.settings.metrics.recipe_seen(f"{key[0]}/{key[1]}", written.get("phase") or "Pending")
 
     # ---- the periodic task
 
@@ -851,8 +865,8 @@ class Controller:
             states = {name: state for name, (_, state) in listed.items()}
             for key in keys:
                 entry = self.recipes.get(key)
-                if entry is None:
-                    continue
+                if entry is None or entry.waiting:
+                    continue  # a reconcile about to start lists its Jobs anyway
                 status, _ = _parse_status(self.status_of(entry))
                 found = resync_finding(status, seen, states)
                 if found is None:
