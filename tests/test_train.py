@@ -791,11 +791,13 @@ def test_checkpoints_on_s3_outlive_the_work_folder(
         os.kill(os.getpid(), signal.SIGTERM)
 
     preempter = threading.Thread(target=preempt_after_step_4)
+    handler = signal.getsignal(signal.SIGTERM)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         preempter.start()
         assert main(argv) == EXIT_PREEMPTED
     preempter.join()
+    assert signal.getsignal(signal.SIGTERM) is handler, "the caller's SIGTERM handler is back"
     assert read_manifest(out) is None  # no adapter yet
     steps = sorted(int(name.removeprefix("step-")) for name in list_bundles(f"{out}checkpoints/"))
     stopped = steps[-1]  # the one SIGTERM wrote, at the step end after it

@@ -111,9 +111,10 @@ class StopSignal:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        # A preempted process is on its way out (EXIT_PREEMPTED). Under torchrun the agent sends SIGTERM to
-        # the ranks left once one has exited: it must not cut rank 0's report short, so the handler stays.
-        if exc_type is not Preempted:
+        # A preempted rank is on its way out (EXIT_PREEMPTED). The torchrun agent sends SIGTERM to the ranks
+        # left once one has exited: it must not cut rank 0's report short, so there the handler stays. In
+        # one process (a caller such as a test goes on living) the previous handler comes back.
+        if exc_type is not Preempted or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             signal.signal(signal.SIGTERM, self._previous)
 
 
