@@ -13,11 +13,11 @@ import yaml
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
 from ftrecipe.cli.main import main
-from ftrecipe.controller import inputs
-from ftrecipe.controller.inputs import FetchError, fetch_inputs, spec_json
 from ftrecipe.controller.manifests import build_job
 from ftrecipe.dataprep.config import read_llm_config
 from ftrecipe.dataprep.rephrase import read_rephrase_config
+from ftrecipe.phases import inputs
+from ftrecipe.phases.inputs import FetchError, fetch_inputs, spec_json
 from ftrecipe.plan.cache_key import phase_hashes
 from ftrecipe.plan.planner import CreateJob, job_name
 from ftrecipe.training.config import load_train_config

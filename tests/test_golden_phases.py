@@ -27,10 +27,10 @@ import pytest
 import yaml
 
 from ftrecipe.api import load_recipe
-from ftrecipe.controller import inputs
 from ftrecipe.controller.manifests import Images, build_job
 from ftrecipe.local.layout import resolve
 from ftrecipe.local.runner import phase_args
+from ftrecipe.phases import inputs
 from ftrecipe.plan.cache_key import PHASES, Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import CreateJob, job_name
 

@@ -13,7 +13,6 @@ import pytest
 
 from ftrecipe.api import load_recipe
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
-from ftrecipe.controller import inputs
 from ftrecipe.controller.manifests import (
     ANNOTATION_INPUTS_HASH,
     LABEL_INPUTS_HASH,
@@ -23,6 +22,7 @@ from ftrecipe.controller.manifests import (
     build_job,
     label_value,
 )
+from ftrecipe.phases import inputs
 from ftrecipe.plan.cache_key import PHASES, Phase, phase_hashes, phase_prefix
 from ftrecipe.plan.planner import CreateJob, job_name
 

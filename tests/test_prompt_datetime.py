@@ -16,12 +16,13 @@ import yaml
 
 from ftrecipe.api import load_recipe
 from ftrecipe.cli.main import main
-from ftrecipe.controller.manifests import JOB_PATHS, data_args
+from ftrecipe.controller.manifests import JOB_PATHS
 from ftrecipe.dataprep.pipeline import prepare_data
 from ftrecipe.dataprep.prompt import PromptTemplate, default_template
 from ftrecipe.dataprep.yamlfile import InputError
 from ftrecipe.local.layout import resolve
 from ftrecipe.local.runner import phase_args
+from ftrecipe.phases.commands import data_args
 from support.llm_server import LLMServer
 from support.moneybank import EXAMPLE, LABELS, TESTS, TableGenerator, options
 

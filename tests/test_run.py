@@ -22,12 +22,13 @@ from rich.console import Console
 from ftrecipe.api import load_recipe
 from ftrecipe.api.crd import custom_resource_definition
 from ftrecipe.cli.main import main
-from ftrecipe.controller.manifests import JOB_PATHS, base_model_arg, data_args, evaluate_args, train_args
+from ftrecipe.controller.manifests import JOB_PATHS
 from ftrecipe.local import runner
 from ftrecipe.local.display import LineDisplay, LiveDisplay, duration, result_line
 from ftrecipe.local.layout import resolve
 from ftrecipe.local.progress import Counted, Note, Steps, parse_line
 from ftrecipe.local.runner import phase_args
+from ftrecipe.phases.commands import base_model_arg, data_args, evaluate_args, train_args
 from ftrecipe.plan.cache_key import Phase
 from ftrecipe.plan.planner import ObservedJob, World, job_name, plan
 from ftrecipe.plan.status import compute_status

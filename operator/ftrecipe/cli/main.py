@@ -219,7 +219,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
     import os
 
-    from ftrecipe.controller.inputs import SPEC_ENV, FetchError, fetch_inputs, load_spec
+    from ftrecipe.phases.inputs import SPEC_ENV, FetchError, fetch_inputs, load_spec
 
     text = args.spec_json if args.spec_json is not None else os.environ.get(SPEC_ENV, "")
     if not text.strip():

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipe, FinetuneRecipeSpec, S3Location
-from ftrecipe.controller.manifests import base_model_arg
+from ftrecipe.phases.commands import base_model_arg
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes, phase_prefix
 
 WORKDIR_FOLDER: Final = ".ftrecipe"  # the default work folder, next to the recipe file: .ftrecipe/<name>/

@@ -42,8 +42,6 @@ from pydantic import ValidationError
 
 from ftrecipe.api import RecipeError, load_recipe
 from ftrecipe.api.v1alpha1 import KIND, FinetuneRecipeStatus
-from ftrecipe.controller import inputs
-from ftrecipe.controller.manifests import CommandPaths, data_args, evaluate_args, train_args
 from ftrecipe.local.display import (
     Display,
     LineDisplay,
@@ -61,6 +59,8 @@ from ftrecipe.local.layout import (
     s3_env,
 )
 from ftrecipe.local.progress import Counted, Event, Steps, parse_line
+from ftrecipe.phases import inputs
+from ftrecipe.phases.commands import CommandPaths, data_args, evaluate_args, train_args
 from ftrecipe.plan.cache_key import PHASES, Phase
 from ftrecipe.plan.planner import (
     Action,
