@@ -1,7 +1,7 @@
 """`ftrecipe run FILE`: the operator's loop on one machine.
 
 Same recipe file, same planner (`plan(..., in_cluster=False)`), same status (`compute_status`), same phase
-commands (`manifests.data_args` / `train_args` / `evaluate_args`) as the cluster's Jobs. Only the shell
+commands (`phases.commands.data_args` / `train_args` / `evaluate_args`) as the cluster's Jobs. Only the shell
 differs: a `CreateJob` runs `ftrecipe <phase>` as a child process here, with the phase's termination report
 in a file of its own; a phase whose bundle is already complete is reused (`Reuse`, reported `cached`); the
 status goes to `<workdir>/status.yaml` (written whole, then renamed) as the run goes.

@@ -23,7 +23,7 @@ class CommandPaths:
     what `fetch-inputs` writes), or the folders of a local `ftrecipe run`."""
 
     assistant: str  # the assistant's files (flows, domain, E2E tests)
-    inputs: str  # llm.yml, rephrase.yml and training.yml, as `ftrecipe.controller.inputs` writes them
+    inputs: str  # llm.yml, rephrase.yml and training.yml, as `ftrecipe.phases.inputs` writes them
     cache: str  # prepare-data's LLM answer cache
     work: str  # train's local scratch (checkpoints before they are published)
 

@@ -8,7 +8,7 @@ only, never values) and writes under ``--into``:
 * train: ``training.yml`` (``--config`` of train); the data and the base model are read by train itself.
 
 The same functions that write the files also say what the Job's command line refers to (see
-`ftrecipe.controller.manifests`), so the two cannot drift apart. Credentials only ever come from the
+`ftrecipe.phases.commands`), so the two cannot drift apart. Credentials only ever come from the
 environment (secretKeyRefs) or a mounted Secret: never from the command line, never into a file we keep.
 """
 
