@@ -134,6 +134,7 @@ def straight(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFact
     return root / "out"
 
 
+@pytest.mark.slow
 def test_straight_run_logs_every_step_and_deletes_its_checkpoints(straight: Path) -> None:
     from ftrecipe.storage import read_manifest
 
@@ -149,6 +150,7 @@ def test_straight_run_logs_every_step_and_deletes_its_checkpoints(straight: Path
     assert manifest is not None and "adapter_model.safetensors" in {f.path for f in manifest.files}
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_inputs_end_with_the_same_adapter(
     straight: Path, tiny_model: Path, data: Path, tmp_path: Path
 ) -> None:
@@ -158,6 +160,7 @@ def test_two_runs_with_the_same_inputs_end_with_the_same_adapter(
     assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_run_stopped_in_epoch_2_resumes_exactly(
     straight: Path, tiny_model: Path, data: Path, tmp_path: Path
 ) -> None:
@@ -193,6 +196,7 @@ def test_a_run_stopped_in_epoch_2_resumes_exactly(
     assert _steps(tmp_path / "out" / "checkpoints") == []
 
 
+@pytest.mark.slow
 def test_sigterm_while_loading_is_not_ignored(tiny_model: Path, data: Path, tmp_path: Path) -> None:
     """The handler is there before the model loads (as PID 1 in a pod, a signal without one is ignored)."""
     from ftrecipe.training.trainer import EXIT_PREEMPTED
@@ -252,6 +256,7 @@ def _launcher(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *command]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 def test_sigterm_on_one_rank_stops_both_at_the_same_step(
     tiny_model: Path, data: Path, tmp_path: Path
