@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from ftrecipe.api import parse_recipe
+from ftrecipe.hashing import stable_hash
 from ftrecipe.plan.cache_key import (
     PHASES,
     phase_hashes,
     phase_inputs,
     phase_prefix,
-    stable_hash,
     version_series,
 )
 

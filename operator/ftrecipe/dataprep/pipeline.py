@@ -69,7 +69,7 @@ from ftrecipe.dataprep.split import (
 )
 from ftrecipe.dataprep.state import is_button_payload
 from ftrecipe.dataprep.yamlfile import InputError, yaml_files
-from ftrecipe.plan.cache_key import stable_hash
+from ftrecipe.hashing import stable_hash
 from ftrecipe.storage import LocalLocation, parse_location, publish_bundle
 
 ANNOTATIONS_DIR = "1_command_annotations"

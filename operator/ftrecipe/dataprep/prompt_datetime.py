@@ -30,7 +30,7 @@ from ftrecipe.dataprep.prompt import (
     recorded_instant,
 )
 from ftrecipe.dataprep.yamlfile import InputError
-from ftrecipe.plan.cache_key import stable_hash
+from ftrecipe.hashing import stable_hash
 
 RECORD_DIR = "prompt-datetime"
 EXAMPLE = "2026-01-15T09:30:00+00:00"

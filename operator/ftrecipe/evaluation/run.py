@@ -28,7 +28,7 @@ from ftrecipe.evaluation.progress import GenerationProgress
 from ftrecipe.evaluation.references import Reference, choose_syntax, find_val, read_references
 from ftrecipe.evaluation.report import EvalContext, eval_json, eval_md, predictions_jsonl
 from ftrecipe.evaluation.scoring import GenerationRun, Scores, parse_answer, score_turn, summarize
-from ftrecipe.plan.cache_key import stable_hash
+from ftrecipe.hashing import stable_hash
 from ftrecipe.training.trainer import Emit, TrainError, fetch_input, print_event, resolve_base_model
 
 PRODUCER: Final = "ftrecipe evaluate"

@@ -12,13 +12,12 @@ for an unchanged recipe. The operator therefore plans with the hashes the recipe
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from ftrecipe import __version__
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
+from ftrecipe.hashing import stable_hash
 
 Phase = Literal["data", "train", "evaluate"]
 PHASES: tuple[Phase, ...] = ("data", "train", "evaluate")
@@ -94,12 +93,6 @@ def version_series(version: str = __version__) -> str:
     """major.minor: a patch release must not invalidate hours of finished work."""
     parts = version.split(".")
     return ".".join(parts[:2])
-
-
-def stable_hash(data: Any) -> str:
-    """sha256 of a canonical JSON form (sorted keys, no whitespace), the same on every machine."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def phase_hashes(

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from ftrecipe.plan.cache_key import stable_hash
+from ftrecipe.hashing import stable_hash
 from ftrecipe.training.bundle import (
     KEEP_CHECKPOINTS,
     BundleInfo,
