@@ -449,7 +449,7 @@ def test_complete_bundle_is_reused(k8s: K8s) -> None:
     data_hash = MINIMAL_HASHES["data"]
     asked: list[str] = []
 
-    def read_bundle(prefix: str) -> dict[str, Any] | None:
+    def read_bundle(prefix: str, _output: object) -> dict[str, Any] | None:
         asked.append(prefix)
         return {"num_ft_data_points": 77} if f"/data-{data_hash[:12]}/" in prefix else None
 

@@ -5,6 +5,7 @@ phase and shows the figures of that bundle's manifest."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,4 +118,44 @@ def test_the_operator_reuses_a_real_prepare_data_bundle_with_its_figures(
     assert job_names(k8s) == [train]
     created = [r.data["metadata"]["name"] for r in requests_since(k8s, first, "jobs", "POST")]
     assert created == [train] and expected_job(body, "data") not in created
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_reader_looks_in_the_recipes_own_store_not_the_operators(
+    k8s: K8s, tmp_path: Path, s3_bucket: S3Server
+) -> None:
+    """The operator's environment names another S3 endpoint (nothing listens there) and no path style; the
+    recipe's spec.output.s3 (endpoint, forcePathStyle) names the fixture: the bundle is found there."""
+    # By host name: virtual-hosted style would ask <bucket>.localhost, which does not resolve, so only the
+    # recipe's forcePathStyle makes the read work (for an IP address botocore uses path style anyway).
+    body = recipe_on(s3_bucket)
+    body["spec"]["output"]["s3"]["endpoint"] = s3_bucket.endpoint_url.replace("127.0.0.1", "localhost")
+    prefix = f"s3://{s3_bucket.bucket}/ftrecipe/minimal/data-{MINIMAL_HASHES['data'][:12]}/"
+    publish_prepared_data(s3_bucket, prefix)
+    with socket.socket() as probe:  # a free port, closed again: the "other store" refuses connections
+        probe.bind(("127.0.0.1", 0))
+        elsewhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    operator_env = {
+        **s3_bucket.env(),  # the fixture's credentials stand for the operator's own identity
+        "AWS_ENDPOINT_URL": elsewhere,
+        "AWS_ENDPOINT_URL_S3": elsewhere,
+        "FTRECIPE_S3_ADDRESSING_STYLE": "virtual",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    data_job, train = expected_job(body, "data"), expected_job(body, "train")
+    with operator_process(k8s, tmp_path, "--reuse-bundles", "--standalone", env=operator_env) as running:
+        process, *_, log = running
+        apply(k8s, body)
+        # Whichever Job comes first: the data Job means the bundle was not found.
+        wait_until(
+            lambda: k8s.get(JOBS, train, NS) or k8s.get(JOBS, data_job, NS), "the data or train Job", process
+        )
+        assert job_names(k8s) == [train], log.read_text()[-3000:]
+        st = wait_until(
+            lambda: ((k8s.get(CRD_RESOURCE, "minimal", NS) or {}).get("status") or {}).get("dataPreparation"),
+            "status.dataPreparation",
+            process,
+        )
+    assert st["cached"] is True and st["datasetURI"] == prefix
+    assert st["summary"] == ACCOUNTS_FIGURES
     assert "Traceback" not in log.read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,11 +277,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     read_bundle = None
     if args.reuse_bundles:
-        from ftrecipe.storage import read_manifest
+        from ftrecipe.controller.handlers import bundle_reader
+        from ftrecipe.storage import S3Settings
 
-        def read_bundle(prefix: str) -> Mapping[str, Any] | None:
-            manifest = read_manifest(prefix)
-            return None if manifest is None else manifest.metadata
+        read_bundle = bundle_reader(S3Settings.from_env())
 
     metrics = OperatorMetrics()
     if args.metrics_port:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import json
 import logging
@@ -55,7 +56,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -64,6 +65,7 @@ from pydantic import ValidationError
 from ftrecipe import __version__
 from ftrecipe.api import GROUP, PLURAL, VERSION, RecipeError, parse_recipe
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, FinetuneRecipeStatus
+from ftrecipe.api.v1alpha1 import S3Location as OutputS3
 from ftrecipe.controller.manifests import (
     ANNOTATION_RECIPE,
     DEFAULT_IMAGES,
@@ -122,7 +124,12 @@ from ftrecipe.plan.status import (
     stuck_event,
     with_progress,
 )
+from ftrecipe.storage import S3Settings, read_manifest
+from ftrecipe.storage.s3 import make_client
 from ftrecipe.termination import PhaseReport, report_from_metadata
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 # Set by people (`kubectl annotate ... ftrecipe.dev/retry="$(date +%s)" --overwrite`): each new value
 # re-runs the recipe's failed phase.
@@ -143,10 +150,10 @@ class OperatorSettings:
     """ftrecipe's own operator settings (kopf's are separate)."""
 
     images: Images = DEFAULT_IMAGES
-    # The manifest metadata of the complete bundle at an output prefix, None when there is none (e.g. from
-    # `storage.read_manifest`): asked for phases without a succeeded Job, for S3 output only. None: never
-    # reuse earlier runs' bundles.
-    read_bundle: Callable[[str], Mapping[str, Any] | None] | None = None
+    # The manifest metadata of the complete bundle at an output prefix of the recipe's `spec.output.s3`,
+    # None when there is none (e.g. `bundle_reader`): asked for phases without a succeeded Job, for S3
+    # output only. None: never reuse earlier runs' bundles.
+    read_bundle: Callable[[str, OutputS3], Mapping[str, Any] | None] | None = None
     # How often the unfinished Jobs are listed to catch lost watch events (one request per namespace);
     # None: never.
     resync_seconds: float | None = 60.0
@@ -248,6 +255,35 @@ def _object_log(body: Mapping[str, Any]) -> logging.LoggerAdapter[logging.Logger
     return logging.LoggerAdapter(_OBJECTS, {"k8s_ref": ref, "k8s_skip": True})
 
 
+def reader_settings(base: S3Settings, output: OutputS3) -> S3Settings:
+    """The operator's S3 settings with the recipe's own store (endpoint, region, path style) where it names
+    one: a bundle is looked for where the recipe's Jobs publish it. Credentials stay the operator's own."""
+    return dataclasses.replace(
+        base,
+        endpoint_url=output.endpoint or base.endpoint_url,
+        region=output.region or base.region,
+        addressing_style="path" if output.force_path_style else base.addressing_style,
+    )
+
+
+def bundle_reader(base: S3Settings) -> Callable[[str, OutputS3], Mapping[str, Any] | None]:
+    """`OperatorSettings.read_bundle` over S3 with one client per distinct store settings (not per recipe:
+    thousands of recipes share a few stores; boto3 clients are thread-safe)."""
+    clients: dict[S3Settings, S3Client] = {}
+    lock = threading.Lock()
+
+    def read_bundle(prefix: str, output: OutputS3) -> Mapping[str, Any] | None:
+        settings = reader_settings(base, output)
+        with lock:
+            client = clients.get(settings)
+            if client is None:
+                client = clients[settings] = make_client(settings)
+        manifest = read_manifest(prefix, settings, client)
+        return None if manifest is None else manifest.metadata
+
+    return read_bundle
+
+
 async def _complete_bundles(
     spec: FinetuneRecipeSpec,
     recipe: str,
@@ -257,9 +293,10 @@ async def _complete_bundles(
 ) -> tuple[frozenset[str], dict[str, PhaseReport]]:
     """Hashes of phases (without a succeeded Job) whose bundle is already complete in S3, with the
     figures their manifests carry."""
-    root = _output_root(spec)
-    if settings.read_bundle is None or root is None:
+    output = spec.output.s3
+    if settings.read_bundle is None or output is None:
         return frozenset(), {}
+    root = output.uri
     done = {(j.phase, j.inputs_hash) for j in world.jobs if j.state == "succeeded"}
     complete: set[str] = set()
     reports: dict[str, PhaseReport] = {}
@@ -268,7 +305,7 @@ async def _complete_bundles(
             continue
         prefix = phase_prefix(root, recipe, phase, inputs_hash)
         try:
-            metadata = await asyncio.to_thread(settings.read_bundle, prefix)
+            metadata = await asyncio.to_thread(settings.read_bundle, prefix, output)
         except Exception as error:  # storage trouble must not stop the recipe: run the phase instead
             _LOG.warning("cannot tell whether %s is complete: %s", prefix, error)
             continue

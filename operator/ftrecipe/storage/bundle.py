@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ftrecipe import __version__
 from ftrecipe.storage.errors import BundleIncomplete, ChecksumMismatch, StorageError
@@ -41,6 +41,9 @@ from ftrecipe.storage.uri import (
     check_relative_path,
     parse_location,
 )
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +167,9 @@ class _Store(Protocol):
     def sync(self) -> None: ...
 
 
-def _open_store(location: Location, settings: S3Settings | None) -> _Store:
+def _open_store(location: Location, settings: S3Settings | None, client: S3Client | None = None) -> _Store:
     if isinstance(location, S3Location):
-        return S3Store(location, settings or S3Settings.from_env())
+        return S3Store(location, settings or S3Settings.from_env(), client)
     return LocalStore(location)
 
 
@@ -198,9 +201,12 @@ def _read_sealed(store: _Store) -> tuple[Manifest | None, str]:
         return None, f"{MANIFEST_NAME} is unreadable: {exc}"
 
 
-def read_manifest(location: str | Path | Location, settings: S3Settings | None = None) -> Manifest | None:
-    """The bundle's manifest if the bundle is complete, else None (never a half-published one)."""
-    return _read_sealed(_open_store(parse_location(location), settings))[0]
+def read_manifest(
+    location: str | Path | Location, settings: S3Settings | None = None, client: S3Client | None = None
+) -> Manifest | None:
+    """The bundle's manifest if the bundle is complete, else None (never a half-published one).
+    ``client``: a shared S3 client made for ``settings`` (the operator keeps one per store)."""
+    return _read_sealed(_open_store(parse_location(location), settings, client))[0]
 
 
 def bundle_complete(location: str | Path | Location, settings: S3Settings | None = None) -> bool:

@@ -294,11 +294,12 @@ def translate_error(
 class S3Store:
     """One bundle prefix in a bucket, as the small set of operations the bundle protocol needs."""
 
-    def __init__(self, location: S3Location, settings: S3Settings) -> None:
+    def __init__(self, location: S3Location, settings: S3Settings, client: S3Client | None = None) -> None:
+        """``client``: a shared one made by ``make_client(settings)`` (clients are thread-safe), else a new one."""
         self.location = location
         self.settings = settings
         self._session = new_session()
-        self._client = make_client(settings, self._session)
+        self._client = client or make_client(settings, self._session)
         self._transfer = settings.transfer_config()
 
     @property
