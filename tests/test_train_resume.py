@@ -304,6 +304,45 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step(
     assert _steps(tmp_path / "out" / "checkpoints") == []
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
+def test_sigterm_to_the_launcher_goes_to_the_ranks_not_torchrun(
+    tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    """As the kubelet does: SIGTERM to `ftrecipe train` alone. torchrun would SIGKILL its ranks 30 s later."""
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    argv = _argv(data, tiny_model, tmp_path, "checkpointEverySteps=1000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        _launcher(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            if line.startswith('{"event": "progress"') and json.loads(line)["step"] >= 2:
+                process.send_signal(signal.SIGTERM)
+                break
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stderr = process.communicate()[1]
+        pytest.fail(f"the run did not stop: {stderr[-3000:]}")
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    # torchrun's agent logs this ("Received 15 death signal, ...") when it is the one signalled (then its
+    # workers have 30 s before a SIGKILL). Its "closing signal SIGTERM" to the rank left once one has
+    # exited 143 is expected: that rank has saved (the upload is inside a barrier) and is leaving anyway.
+    assert not re.search(r"Received \S+ death signal, shutting down workers", stderr), stderr[-3000:]
+    stopped = re.findall(r"preempted: stopped at step (\d+) after SIGTERM", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]
+    assert _steps(tmp_path / "out" / "checkpoints") == [int(stopped[0])]
+
+
 # --------------------------------------------------------------------------------------------- pure parts
 
 
@@ -349,3 +388,37 @@ def test_epoch_order_depends_on_the_seed_and_the_epoch_only() -> None:
     assert epoch_order(lengths, 4, seed=43, epoch=1, by_length=True) != first
     shuffled = epoch_order(lengths, 4, seed=42, epoch=1, by_length=False)
     assert sorted(shuffled) == list(range(len(lengths))) and shuffled != list(range(len(lengths)))
+
+
+def test_child_pids_reads_every_thread_of_a_proc_tree(tmp_path: Path) -> None:
+    from ftrecipe.training.trainer import child_pids
+
+    for task, children in (("100", "101 102 "), ("107", "103\n"), ("108", "")):
+        (tmp_path / "100" / "task" / task).mkdir(parents=True)
+        (tmp_path / "100" / "task" / task / "children").write_text(children)
+    (tmp_path / "101" / "task" / "101").mkdir(parents=True)
+    (tmp_path / "101" / "task" / "101" / "children").write_text("200")  # a grandchild: not listed
+    assert child_pids(100, tmp_path) == [101, 102, 103]
+    assert child_pids(101, tmp_path) == [200]
+    assert child_pids(999, tmp_path) == []  # gone
+
+
+def test_signal_ranks_signals_the_children_or_else_the_parent(tmp_path: Path) -> None:
+    from ftrecipe.training.trainer import signal_ranks
+
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    parent, ranks = sleepers[0], sleepers[1:]
+    try:
+        (tmp_path / str(parent.pid) / "task" / str(parent.pid)).mkdir(parents=True)
+        children = tmp_path / str(parent.pid) / "task" / str(parent.pid) / "children"
+        children.write_text(" ".join(str(rank.pid) for rank in ranks))
+        assert signal_ranks(parent.pid, signal.SIGTERM, tmp_path) == sorted(rank.pid for rank in ranks)
+        assert [rank.wait(timeout=10) for rank in ranks] == [-signal.SIGTERM, -signal.SIGTERM]
+        assert parent.poll() is None  # the parent was left alone
+        children.write_text("")  # no workers yet: the parent itself
+        assert signal_ranks(parent.pid, signal.SIGTERM, tmp_path) == [parent.pid]
+        assert parent.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()

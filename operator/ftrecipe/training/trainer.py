@@ -1280,11 +1280,39 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run_launched(command: list[str]) -> int:
-    """Run `command` (torchrun and its ranks); SIGTERM is passed on, and a preemption exits as one.
+def child_pids(pid: int, proc_root: Path = Path("/proc")) -> list[int]:
+    """The direct children of process `pid`, from `<proc_root>/<pid>/task/*/children` (Linux only).
 
-    The handlers are in place before the child starts (as PID 1, this process would otherwise ignore a
-    SIGTERM in between); one that arrives before the child exists is passed on once it does. A rank
+    Empty when the process is gone or has none (or the kernel does not expose the file).
+    """
+    children: set[int] = set()
+    for task in (proc_root / str(pid) / "task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children.update(int(child) for child in task.read_text().split())
+    return sorted(children)
+
+
+def signal_ranks(torchrun_pid: int, signum: int, proc_root: Path = Path("/proc")) -> list[int]:
+    """Send `signum` to torchrun's workers (its children), or to torchrun itself while it has none.
+
+    Not to torchrun: on SIGTERM its agent gives the workers 30 s (`PContext.close`) before a SIGKILL,
+    however long the pod's grace period; ranks signalled directly save and exit, and torchrun follows.
+    Returns the pids signalled.
+    """
+    signalled = []
+    for pid in child_pids(torchrun_pid, proc_root) or [torchrun_pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+            signalled.append(pid)
+    return signalled
+
+
+def run_launched(command: list[str]) -> int:
+    """Run `command` (torchrun and its ranks); SIGTERM goes to the ranks, and a preemption exits as one.
+
+    SIGTERM goes to torchrun's workers (see `signal_ranks`), SIGINT to torchrun. The handlers are in
+    place before the child starts (as PID 1, this process would otherwise ignore a SIGTERM in between);
+    one that arrives before the child exists is passed on to torchrun once it does. A rank
     stopped by a preemption (its own SIGTERM, or another rank's) leaves the file `PREEMPTED_FILE_ENV`
     names, so the run exits EXIT_PREEMPTED although torchrun itself exits 1.
     """
@@ -1297,6 +1325,8 @@ def run_launched(command: list[str]) -> int:
         state["sigterm"] = state["sigterm"] or signum == signal.SIGTERM
         if state["child"] is None:
             state["pending"].append(signum)
+        elif signum == signal.SIGTERM:
+            signal_ranks(state["child"].pid, signum)
         else:
             state["child"].send_signal(signum)
 
