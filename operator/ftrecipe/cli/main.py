@@ -413,8 +413,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--work-dir",
-        help="local scratch (default under $TMPDIR); checkpoints are kept under OUT/checkpoints/step-N/, "
-        "and a rerun resumes from the latest there",
+        help="local scratch (default under $TMPDIR); while a run goes, checkpoints are kept under "
+        "OUT/checkpoints/step-N/ and a rerun resumes from the latest there; they are deleted once the "
+        "adapter is published",
     )
     train.add_argument("--adapter-name", help="LoRA name in the model card (default: last part of --out)")
     train.add_argument(
