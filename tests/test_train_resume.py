@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,35 @@ def _launcher(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *command]
 
 
+def _sigterm_at_step_2(
+    command: list[str],
+    env: dict[str, str],
+    send_sigterm: Callable[[subprocess.Popen[str]], None],
+    if_stuck: str,
+) -> tuple[int, str]:
+    """Start the launcher, call `send_sigterm` once step 2 is reported, wait: (exit code, stderr)."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            if line.startswith('{"event": "progress"') and json.loads(line)["step"] >= 2:
+                send_sigterm(process)
+                break
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks
+        stderr = process.communicate()[1]
+        pytest.fail(f"{if_stuck}: {stderr[-3000:]}")
+    return process.returncode, stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 def test_sigterm_on_one_rank_stops_both_at_the_same_step(
@@ -267,26 +297,14 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step(
     # two ranks of batch 2: 6 steps per epoch, 18 in all; no periodic checkpoint
     argv = _argv(data, tiny_model, tmp_path, "checkpointEverySteps=1000")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
+    # rank 0 reports progress; the SIGTERM goes to rank 1 alone
+    returncode, stderr = _sigterm_at_step_2(
         _launcher(argv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
+        env,
+        lambda launcher: os.kill(_rank_process(launcher.pid, 1), signal.SIGTERM),
+        "the ranks did not stop together (one waits in a collective)",
     )
-    assert process.stdout is not None
-    try:
-        for line in process.stdout:  # rank 0 reports progress; the SIGTERM goes to rank 1 alone
-            if line.startswith('{"event": "progress"') and json.loads(line)["step"] >= 2:
-                os.kill(_rank_process(process.pid, 1), signal.SIGTERM)
-                break
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks
-        stderr = process.communicate()[1]
-        pytest.fail(f"the ranks did not stop together (one waits in a collective): {stderr[-3000:]}")
-    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert returncode == EXIT_PREEMPTED, stderr[-3000:]
     stopped = re.findall(r"preempted: stopped at step (\d+) after SIGTERM", stderr)
     assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]  # both ranks, the same step
     step = int(stopped[0])
@@ -314,26 +332,13 @@ def test_sigterm_to_the_launcher_goes_to_the_ranks_not_torchrun(
 
     argv = _argv(data, tiny_model, tmp_path, "checkpointEverySteps=1000")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
+    returncode, stderr = _sigterm_at_step_2(
         _launcher(argv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
+        env,
+        lambda launcher: launcher.send_signal(signal.SIGTERM),
+        "the run did not stop",
     )
-    assert process.stdout is not None
-    try:
-        for line in process.stdout:
-            if line.startswith('{"event": "progress"') and json.loads(line)["step"] >= 2:
-                process.send_signal(signal.SIGTERM)
-                break
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stderr = process.communicate()[1]
-        pytest.fail(f"the run did not stop: {stderr[-3000:]}")
-    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert returncode == EXIT_PREEMPTED, stderr[-3000:]
     # torchrun's agent logs this ("Received 15 death signal, ...") when it is the one signalled (then its
     # workers have 30 s before a SIGKILL). Its "closing signal SIGTERM" to the rank left once one has
     # exited 143 is expected: that rank has saved (the upload is inside a barrier) and is leaving anyway.
