@@ -13,7 +13,7 @@ import yaml
 from ftrecipe.dataprep.e2e import read_e2e_tests, read_test_suite
 from ftrecipe.dataprep.pipeline import prepare_data
 from support.llm_server import ChatRequest, LLMServer
-from support.moneybank import EXAMPLE, LABELS, TESTS, TableGenerator, options
+from support.moneybank import EXAMPLE, LABELS, TESTS, TableGenerator, options, write_production_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -330,26 +330,7 @@ async def test_labelled_by_the_production_llm_named_in_config_and_endpoints(
     config.write_text(
         (EXAMPLE / "config.yml").read_text()
     )  # CompactLLMCommandGenerator, command_generator_llm
-    endpoints = tmp_path / "endpoints.yml"
-    endpoints.write_text(
-        yaml.safe_dump(
-            {
-                "model_groups": [
-                    {
-                        "id": "command_generator_llm",
-                        "models": [
-                            {
-                                "provider": "self-hosted",
-                                "model": "gpt-4o",
-                                "api_base": llm_server.base_url,
-                                "api_key": "${MONEYBANK_LLM_KEY}",
-                            }
-                        ],
-                    }
-                ]
-            }
-        )
-    )
+    endpoints = write_production_endpoints(tmp_path / "endpoints.yml", llm_server)
     llm_server.script(TableGenerator())
     result = await prepare_data(options(tmp_path, None, config=config, endpoints=endpoints))
     assert result.summary["num_annotated_conversations"] == result.summary["num_input_e2e_tests"]

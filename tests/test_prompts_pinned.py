@@ -34,6 +34,7 @@ from support.moneybank import (
     TableGenerator,
     options,
     read_state,
+    write_production_endpoints,
 )
 
 PINNED = Path(__file__).resolve().parent / "pinned_prompts"
@@ -145,22 +146,7 @@ async def test_the_assistants_own_template(
     config = yaml.safe_load((EXAMPLE / "config.yml").read_text(encoding="utf-8"))
     config["pipeline"][0]["prompt_template"] = "own_template.jinja2"
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    endpoints = {
-        "model_groups": [
-            {
-                "id": "command_generator_llm",
-                "models": [
-                    {
-                        "provider": "self-hosted",
-                        "model": "gpt-4o",
-                        "api_base": llm_server.base_url,
-                        "api_key": "${MONEYBANK_LLM_KEY}",
-                    }
-                ],
-            }
-        ]
-    }
-    (tmp_path / "endpoints.yml").write_text(yaml.safe_dump(endpoints), encoding="utf-8")
+    write_production_endpoints(tmp_path / "endpoints.yml", llm_server)
     out = await annotate_cards(
         tmp_path,
         llm_server,

@@ -50,6 +50,24 @@ def llm_config(tmp_path: Path, llm_server: LLMServer, monkeypatch: pytest.Monkey
     return path
 
 
+def write_production_endpoints(path: Path, llm_server: LLMServer) -> Path:
+    """An endpoints.yml as production has it: the config's model group `command_generator_llm` on
+    `llm_server`, its key read from MONEYBANK_LLM_KEY (set that variable in the test)."""
+    group = {
+        "id": "command_generator_llm",
+        "models": [
+            {
+                "provider": "self-hosted",
+                "model": "gpt-4o",
+                "api_base": llm_server.base_url,
+                "api_key": "${MONEYBANK_LLM_KEY}",
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump({"model_groups": [group]}), encoding="utf-8")
+    return path
+
+
 def options(tmp_path: Path, llm_config: Path, **changes: Any) -> PrepareDataOptions:
     values: dict[str, Any] = {
         "e2e_paths": (TESTS,),
