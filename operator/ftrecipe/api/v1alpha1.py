@@ -947,6 +947,11 @@ class HyperparametersSpec(ApiModel):
     ] = 200
 
 
+# Pod hostnames of a multi-node JobSet end in `-node-0-<index>` and must stay DNS labels: the bound keeps
+# the index to two digits (`ftrecipe.plan.planner.job_name` leaves room for it).
+MAX_NODES: Final = 64
+
+
 class TrainingSpec(ApiModel):
     """The LoRA fine-tuning Job."""
 
@@ -957,6 +962,10 @@ class TrainingSpec(ApiModel):
                 "method qlora needs quantization 4bit or 8bit",
             ),
             ("self.quantization == 'none' || self.gpus >= 1", "quantization (bitsandbytes) needs gpus >= 1"),
+            (
+                "self.nodes == 1 || self.gpus >= 1",
+                "nodes >= 2 (multi-node training) needs gpus >= 1 on each node: set gpus, or nodes: 1",
+            ),
         )
     )
 
@@ -988,6 +997,23 @@ class TrainingSpec(ApiModel):
             max_length=316,
         ),
     ] = "nvidia.com/gpu"
+    nodes: Annotated[
+        int,
+        Field(
+            description="Pods (nodes) the training runs on, each with `gpus` GPUs. 2 or more train across "
+            "nodes in a JobSet (jobset.x-k8s.io, installed on the cluster and enabled in the chart), the "
+            "global batch growing with the number of GPUs in all; `ftrecipe run` runs 1 only.",
+            ge=1,
+            le=MAX_NODES,
+        ),
+    ] = 1
+    parallelism: Annotated[
+        Literal["ddp", "fsdp"],
+        Field(
+            description="ddp keeps a full copy of the base model on every GPU; fsdp shards its weights "
+            "across all GPUs of all nodes, for base models that do not fit one GPU."
+        ),
+    ] = "ddp"
     resources: Annotated[
         ResourceRequirements | None,
         Field(
@@ -1068,6 +1094,11 @@ class TrainingSpec(ApiModel):
             raise PydanticCustomError("qlora_quantization", "method qlora needs quantization 4bit or 8bit")
         if self.quantization != "none" and self.gpus < 1:
             raise PydanticCustomError("quantization_gpu", "quantization (bitsandbytes) needs gpus >= 1")
+        if self.nodes >= 2 and self.gpus < 1:
+            raise PydanticCustomError(
+                "nodes_gpu",
+                "nodes >= 2 (multi-node training) needs gpus >= 1 on each node: set gpus, or nodes: 1",
+            )
         return self
 
 
@@ -1182,6 +1213,31 @@ class FinetuneRecipeSpec(ApiModel):
                 "LLM) to check the rephrasings",
             )
         return self
+
+
+# Spec fields added after recipes were hashed and run, each with the value every recipe had before it
+# existed (Python attribute paths). Phase hashes (`ftrecipe.plan.cache_key`) and what Jobs carry
+# (`ftrecipe.phases.inputs`) leave a field out while it has that value, so an existing recipe keeps its
+# phase hashes, its finished work and its Job manifests byte for byte; any other value counts.
+ADDED_LATER: Final[dict[str, Any]] = {"training.nodes": 1, "training.parallelism": "ddp"}
+
+
+def added_later_at_default(spec: FinetuneRecipeSpec) -> dict[str, Any]:
+    """The `ADDED_LATER` fields that ``spec`` leaves at their earlier value, as a pydantic ``exclude`` tree
+    (``{"training": {"nodes": True}}``) for ``model_dump``/``model_dump_json``."""
+    tree: dict[str, Any] = {}
+    for dotted, before in ADDED_LATER.items():
+        *parents, last = dotted.split(".")
+        node: Any = spec
+        for part in parents:
+            node = getattr(node, part, None)
+        if node is None or getattr(node, last) != before:
+            continue
+        branch = tree
+        for part in parents:
+            branch = branch.setdefault(part, {})
+        branch[last] = True
+    return tree
 
 
 # --------------------------------------------------------------------------------------------- status

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 from pydantic import ValidationError
 
-from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, GitSource, LLMSpec, PvcPath
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, GitSource, LLMSpec, PvcPath, added_later_at_default
 from ftrecipe.plan.cache_key import Phase
 from ftrecipe.storage import S3Location, S3Settings, StorageError, parse_location
 from ftrecipe.storage.s3 import S3Store
@@ -72,8 +72,9 @@ def load_spec(text: str) -> FinetuneRecipeSpec:
 
 
 def spec_json(spec: FinetuneRecipeSpec) -> str:
-    """The compact, deterministic JSON form the Job carries in ``FTRECIPE_SPEC``."""
-    return spec.model_dump_json(by_alias=True, exclude_none=True)
+    """The compact, deterministic JSON form the Job carries in ``FTRECIPE_SPEC`` (fields added later left
+    out at their earlier value: the pod's parse defaults them, and existing recipes keep their Jobs)."""
+    return spec.model_dump_json(by_alias=True, exclude_none=True, exclude=added_later_at_default(spec))
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -128,7 +129,8 @@ def rephrase_config(spec: FinetuneRecipeSpec) -> dict[str, Any] | None:
 
 def training_config(spec: FinetuneRecipeSpec) -> dict[str, Any]:
     """The `--config` file of train: the recipe's training block; `--base-model` says where the model is."""
-    block = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
+    unchanged = added_later_at_default(spec).get("training")  # e.g. parallelism only when not ddp
+    block = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json", exclude=unchanged)
     block.pop("baseModel", None)
     return block
 

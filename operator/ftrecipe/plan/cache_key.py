@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ftrecipe import __version__
-from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
+from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, added_later_at_default
 from ftrecipe.hashing import stable_hash
 
 Phase = Literal["data", "train", "evaluate"]
@@ -81,8 +81,13 @@ def _without(tree: dict[str, Any], dotted: str) -> None:
 
 
 def phase_inputs(spec: FinetuneRecipeSpec, phase: Phase) -> dict[str, Any]:
-    """The part of the spec that determines `phase`'s result, as plain JSON data."""
-    dumped = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    """The part of the spec that determines `phase`'s result, as plain JSON data. A field added to the API
+    later (`ADDED_LATER`) counts only when it differs from what recipes had before it (e.g. training.nodes
+    and training.parallelism change the global batch and the numerics of training; at 1 and ddp they are
+    left out, so existing recipes keep their hashes)."""
+    dumped = spec.model_dump(
+        by_alias=True, exclude_none=True, mode="json", exclude=added_later_at_default(spec)
+    )
     chosen = {section: dumped[section] for section in SECTIONS[phase] if section in dumped}
     for dotted in IRRELEVANT[phase]:
         _without(chosen, dotted)
