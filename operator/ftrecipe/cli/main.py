@@ -127,7 +127,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # Imported here: the training stack (torch, transformers, peft) is slow to import.
     from ftrecipe.training.config import ConfigError, load_train_config
-    from ftrecipe.training.launch import is_main_process, launch_command, train_argv
+    from ftrecipe.training.launch import LaunchError, is_main_process, launch_command, node_group, train_argv
     from ftrecipe.training.trainer import (
         EXIT_PREEMPTED,
         Preempted,
@@ -146,8 +146,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         config = load_train_config(Path(args.config) if args.config else None, args.set or [])
-        command = launch_command(train_argv(args), visible_gpus(), os.environ)
-        if command is not None:  # several GPUs: one process each, under torchrun; the ranks report
+        group = node_group(os.environ, args.nodes, args.rendezvous, args.node_rank)
+        command = launch_command(train_argv(args), visible_gpus(), os.environ, group)
+        if command is not None:  # several GPUs or nodes: one process each, under torchrun; the ranks report
             return run_launched(command)
         result = run_train(
             TrainOptions(
@@ -160,7 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 merge=args.merge,
             )
         )
-    except (ConfigError, TrainError) as error:
+    except (ConfigError, TrainError, LaunchError) as error:
         message = f"error: {error}"
         print(message, file=sys.stderr)
         termination(message)
@@ -420,6 +421,21 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--adapter-name", help="LoRA name in the model card (default: last part of --out)")
     train.add_argument(
         "--merge", action="store_true", help="also write the base model merged with the adapter under merged/"
+    )
+    train.add_argument(
+        "--nodes",
+        type=int,
+        help="train across this many nodes (pods), one torchrun each (default: $FTRECIPE_NODES, else 1)",
+    )
+    train.add_argument(
+        "--rendezvous",
+        metavar="HOST:PORT",
+        help="with --nodes >= 2: where node 0 hosts the c10d rendezvous (default: $FTRECIPE_RENDEZVOUS)",
+    )
+    train.add_argument(
+        "--node-rank",
+        type=int,
+        help="with --nodes >= 2: this node's index, 0 hosts the rendezvous (default: $JOB_COMPLETION_INDEX)",
     )
     train.set_defaults(run=_cmd_train)
 
