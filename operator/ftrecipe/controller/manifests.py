@@ -47,7 +47,13 @@ from ftrecipe.phases.commands import (
     train_args,
 )
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes, phase_prefix
-from ftrecipe.plan.planner import CreateJob
+from ftrecipe.plan.planner import (
+    JOBSET_POD_INFIX,
+    JOBSET_REPLICATED_JOB,
+    MAX_JOBSET_NAME,
+    CreateJob,
+    runs_as_jobset,
+)
 
 LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
@@ -515,5 +521,140 @@ def build_job(
                 ]
             },
             "template": {"metadata": pod_metadata(spec, labels), "spec": pod},
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- the JobSet
+
+JOBSET_API_VERSION: Final = "jobset.x-k8s.io/v1alpha2"
+# A lost node (a pod that fails for any reason but bad input: preemption, a node going away, an NCCL
+# error) fails its child Job at once (backoffLimit 0), and the JobSet recreates every pod, which resume
+# from the last checkpoint. Three such restarts, as many retries as the single-node train Job has.
+JOBSET_MAX_RESTARTS: Final = 3
+RENDEZVOUS_PORT: Final = 29400  # torchrun's c10d rendezvous, served by node 0's launcher
+ENV_NODES: Final = "FTRECIPE_NODES"
+ENV_RENDEZVOUS: Final = "FTRECIPE_RENDEZVOUS"
+# Job condition reasons of a child Job that no restart would help: its podFailurePolicy failed it (exit
+# code 2, bad input), or it ran past activeDeadlineSeconds.
+POD_FAILURE_POLICY_REASON: Final = "PodFailurePolicy"
+DEADLINE_EXCEEDED_REASON: Final = "DeadlineExceeded"
+
+
+def uses_jobset(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
+    """Whether ``phase`` runs as a JobSet (`build_jobset`): training on 2 or more nodes. Everything else,
+    and training on one node, is a plain Job (`build_job`): no JobSet needed on the cluster."""
+    return runs_as_jobset(spec, phase)
+
+
+def rendezvous_address(jobset_name: str) -> str:
+    """Node 0's stable name and port: `<jobset>-node-0-0.<jobset>:29400` (the JobSet's headless Service,
+    named like the JobSet, gives every pod of an Indexed Job the DNS name `<hostname>.<jobset>`)."""
+    return f"{jobset_name}{JOBSET_POD_INFIX}0.{jobset_name}:{RENDEZVOUS_PORT}"
+
+
+def build_jobset(
+    recipe_name: str,
+    namespace: str,
+    spec: FinetuneRecipeSpec,
+    action: CreateJob,
+    *,
+    output_prefix: str,
+    images: Images = DEFAULT_IMAGES,
+    data_prefix: str | None = None,
+    adapter_prefix: str | None = None,
+) -> dict[str, Any]:
+    """The jobset.x-k8s.io/v1alpha2 JobSet for a multi-node ``action`` (`uses_jobset`), with the same
+    parameters as `build_job`, whose pod it reuses unchanged but for the trainer's ``FTRECIPE_NODES``,
+    ``FTRECIPE_RENDEZVOUS`` and rendezvous port: one replicated Job ``node`` (1 replica, Indexed,
+    parallelism = completions = nodes, so ``JOB_COMPLETION_INDEX`` is the node rank), DNS hostnames on.
+
+    * The JobSet carries the Job's name, labels (the queue label too: Kueue admits the JobSet as one
+      workload) and annotations; it is created suspended when the Job would be.
+    * The child Job's template has none of our labels: the JobSet, not its child Job, is the phase's
+      workload, and the operator's Job selectors must not take the child for a second one.
+    * Failures: exit code 2 (bad input) fails the child Job through its podFailurePolicy (reason
+      ``PodFailurePolicy``), which a failurePolicy rule maps to FailJobSet: no restart; so does a child
+      Job past ``activeDeadlineSeconds`` (``DeadlineExceeded``). Any other pod failure, a disruption
+      included, fails the child Job (backoffLimit 0) and restarts the whole group (up to
+      `JOBSET_MAX_RESTARTS`): one node cannot rejoin a running torchrun group on its own.
+    * ``ttlSecondsAfterFinished`` moves to the JobSet, which owns (and deletes) its child Jobs.
+
+    Raises ValueError for a phase that runs as a plain Job, and for recipes a cluster cannot run."""
+    if not uses_jobset(spec, action.phase):
+        raise ValueError(
+            f"the {action.phase} phase of spec.training.nodes {spec.training.nodes} runs as a Job (build_job), "
+            "not a JobSet"
+        )
+    if len(action.name) > MAX_JOBSET_NAME:
+        raise ValueError(
+            f"JobSet name {action.name!r} is longer than {MAX_JOBSET_NAME} characters: its pods' names would "
+            "not fit 63 (use ftrecipe.plan.planner.jobset_name)"
+        )
+    job = build_job(
+        recipe_name,
+        namespace,
+        spec,
+        action,
+        output_prefix=output_prefix,
+        images=images,
+        data_prefix=data_prefix,
+        adapter_prefix=adapter_prefix,
+    )
+    nodes = spec.training.nodes
+    pod_template = job["spec"]["template"]
+    main = pod_template["spec"]["containers"][0]
+    main["env"] += [
+        _value(ENV_NODES, str(nodes)),
+        _value(ENV_RENDEZVOUS, rendezvous_address(action.name)),
+    ]
+    main["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    return {
+        "apiVersion": JOBSET_API_VERSION,
+        "kind": "JobSet",
+        "metadata": job["metadata"],
+        "spec": {
+            "suspend": action.suspended,
+            "ttlSecondsAfterFinished": job["spec"]["ttlSecondsAfterFinished"],
+            "network": {"enableDNSHostnames": True},
+            "failurePolicy": {
+                "maxRestarts": JOBSET_MAX_RESTARTS,
+                "rules": [
+                    {
+                        "name": "badInput",
+                        "action": "FailJobSet",
+                        "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
+                    },
+                    {
+                        "name": "deadlineExceeded",
+                        "action": "FailJobSet",
+                        "onJobFailureReasons": [DEADLINE_EXCEEDED_REASON],
+                    },
+                ],
+            },
+            "replicatedJobs": [
+                {
+                    "name": JOBSET_REPLICATED_JOB,
+                    "replicas": 1,
+                    "template": {
+                        "spec": {
+                            "completionMode": "Indexed",
+                            "parallelism": nodes,
+                            "completions": nodes,
+                            "backoffLimit": 0,
+                            "activeDeadlineSeconds": job["spec"]["activeDeadlineSeconds"],
+                            "podFailurePolicy": {
+                                "rules": [
+                                    {
+                                        "action": "FailJob",
+                                        "onExitCodes": {"operator": "In", "values": [EXIT_USER_ERROR]},
+                                    }
+                                ]
+                            },
+                            "template": pod_template,
+                        }
+                    },
+                }
+            ],
         },
     }

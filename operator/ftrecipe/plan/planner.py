@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
 
-from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec
+from ftrecipe.api.v1alpha1 import MAX_NODES, FinetuneRecipeSpec
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes
 from ftrecipe.termination import PhaseReport
 
@@ -208,6 +208,43 @@ def job_name(recipe: str, phase: Phase, inputs_hash: str) -> str:
     return f"{head}-{digest}{suffix}"
 
 
+# A multi-node training runs as a JobSet (`ftrecipe.controller.manifests.build_jobset`): one replicated
+# Job `node` whose pods are named `<jobset>-node-0-<index>-<5 random>` and answer to the hostname
+# `<jobset>-node-0-<index>`. The JobSet webhook wants that pod name to be a DNS-1035 label (at most 63
+# characters, a letter first, no dots), so the JobSet's own name leaves room for it.
+JOBSET_REPLICATED_JOB: Final = "node"
+JOBSET_POD_INFIX: Final = f"-{JOBSET_REPLICATED_JOB}-0-"
+MAX_JOBSET_NAME: Final = MAX_NAME - len(JOBSET_POD_INFIX) - len(str(MAX_NODES - 1)) - len("-abcde")
+
+
+def runs_as_jobset(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
+    """Training on 2 or more nodes runs as a JobSet; everything else (and nodes 1) as a plain Job."""
+    return phase == "train" and spec.training.nodes >= 2
+
+
+def jobset_name(recipe: str, phase: Phase, inputs_hash: str) -> str:
+    """`<recipe>-<phase>-<hash8>` as `job_name` makes it, shortened (with a digest of the recipe name) to
+    `MAX_JOBSET_NAME` characters and made a DNS-1035 label: dots become dashes, and a name that does not
+    start with a letter gets `r-` in front."""
+    label = recipe.replace(".", "-")
+    if not label[:1].isalpha():
+        label = f"r-{label}"
+    suffix = f"-{PHASE_WORDS[phase]}-{inputs_hash[:8]}"
+    if len(label) + len(suffix) <= MAX_JOBSET_NAME and label == recipe:
+        return f"{label}{suffix}"
+    # Shortened, or changed: the digest keeps recipes that differ only in what was cut or changed apart.
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:6]
+    head = label[: MAX_JOBSET_NAME - len(suffix) - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}{suffix}"
+
+
+def workload_name(recipe: str, spec: FinetuneRecipeSpec, phase: Phase, inputs_hash: str) -> str:
+    """The name of the phase's Job, or of its JobSet when it trains on several nodes."""
+    if runs_as_jobset(spec, phase):
+        return jobset_name(recipe, phase, inputs_hash)
+    return job_name(recipe, phase, inputs_hash)
+
+
 def local_paths(spec: FinetuneRecipeSpec) -> list[str]:
     """Fields that name the operator machine's disk: pods cannot see them."""
     used = []
@@ -289,7 +326,9 @@ def plan(
             actions.extend(DeleteJob(j.name, "retry requested") for j in failed_jobs)
             jobs = [j for j in jobs if j.state != "failed"]
         if not jobs:
-            actions.append(CreateJob(phase, inputs_hash, job_name(recipe, phase, inputs_hash), held))
+            actions.append(
+                CreateJob(phase, inputs_hash, workload_name(recipe, spec, phase, inputs_hash), held)
+            )
             return actions
         job = jobs[0]
         if job.state == "failed":

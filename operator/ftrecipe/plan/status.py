@@ -34,10 +34,10 @@ from ftrecipe.plan.planner import (
     Reuse,
     Succeed,
     Wait,
-    job_name,
     phases,
     queued_blocker,
     recipe_phase,
+    workload_name,
 )
 from ftrecipe.termination import PhaseReport
 
@@ -456,7 +456,7 @@ def remembered(
         elif (
             condition.status == "False"
             and condition.reason in JOB_FAILURE_REASONS
-            and section.job_name == job_name(recipe, phase, inputs_hash)
+            and section.job_name == workload_name(recipe, spec, phase, inputs_hash)
         ):
             failed[inputs_hash] = condition.message
     return finished, failed
