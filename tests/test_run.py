@@ -293,6 +293,12 @@ def _cluster_source(path: Path) -> None:
     path.write_text(yaml.safe_dump(data))
 
 
+def _two_nodes(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    data["spec"]["training"].update(nodes=2, gpus=1)  # valid for the operator (a JobSet), not here
+    path.write_text(yaml.safe_dump(data))
+
+
 @pytest.mark.parametrize(
     ("breaks", "expected"),
     [
@@ -302,8 +308,20 @@ def _cluster_source(path: Path) -> None:
         (_no_assistant, "spec.assistant.source.local.path: no-such-assistant is not a folder"),
         (_no_model, "ftrecipe make-tiny-model"),
         (_cluster_source, "spec.assistant.source.pvc exists only in a cluster"),
+        (
+            _two_nodes,
+            "spec.training.nodes: 2 nodes need a cluster; `ftrecipe run` trains on this one machine",
+        ),
     ],
-    ids=["missing-file", "bad-yaml", "unknown-field", "no-assistant", "no-model", "cluster-source"],
+    ids=[
+        "missing-file",
+        "bad-yaml",
+        "unknown-field",
+        "no-assistant",
+        "no-model",
+        "cluster-source",
+        "two-nodes",
+    ],
 )
 def test_broken_recipes_get_one_line_and_nothing_complete(
     tmp_path: Path,

@@ -115,6 +115,16 @@ def _assistant(spec: FinetuneRecipeSpec, file: Path) -> Path | None:
     return folder
 
 
+def _one_node(spec: FinetuneRecipeSpec, file: Path) -> None:
+    nodes = spec.training.nodes
+    if nodes >= 2:
+        raise LocalRunError(
+            f"{file}: spec.training.nodes: {nodes} nodes need a cluster; `ftrecipe run` trains on this one "
+            "machine: set nodes: 1 here, or run the recipe with the operator (it trains on several nodes "
+            "with a JobSet)"
+        )
+
+
 def _base_model(spec: FinetuneRecipeSpec, file: Path) -> str:
     base = spec.training.base_model
     where = f"{file}: spec.training.baseModel"
@@ -206,6 +216,7 @@ def resolve(recipe: FinetuneRecipe, file: Path, workdir: Path | None = None) -> 
             f"{file}: metadata.name: required; it names the output folder, e.g. name: my-assistant"
         )
     spec = recipe.spec
+    _one_node(spec, file)
     assistant = _assistant(spec, file)
     base_model = _base_model(spec, file)
     if spec.output.local is not None:
