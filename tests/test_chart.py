@@ -387,6 +387,11 @@ JOBS = {
     "resources": ["jobs"],
     "verbs": ["create", "get", "list", "watch", "delete", "patch"],
 }
+JOBSETS = {
+    "apiGroups": ["jobset.x-k8s.io"],
+    "resources": ["jobsets"],
+    "verbs": ["create", "get", "list", "watch", "delete", "patch"],
+}
 PODS = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}
 POD_LOGS = {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}
 EVENTS = {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]}
@@ -408,6 +413,8 @@ PEERING = {
     "verbs": ["list", "watch", "patch", "create"],
 }
 NAMESPACED_RULES = [RECIPES, RECIPE_STATUS, JOBS, PODS, POD_LOGS, EVENTS, WORKLOADS]
+# With jobset.enabled (all-options has it): the rule on JobSets, next to the one on Jobs.
+WITH_JOBSETS = [RECIPES, RECIPE_STATUS, JOBS, JOBSETS, PODS, POD_LOGS, EVENTS, WORKLOADS]
 
 
 def rbac(objects: list[Manifest]) -> dict[tuple[str, str, str], list[Manifest]]:
@@ -449,7 +456,7 @@ def test_rbac_all_namespaces_standalone(render: Render) -> None:
 
 def test_rbac_all_namespaces_with_peering(render: Render) -> None:
     objects = render(*RENDERS["all-options-all-namespaces"])
-    assert rbac(objects) == {("ClusterRole", "", "ftrecipe"): [*NAMESPACED_RULES, CRDS, CLUSTER_PEERING]}
+    assert rbac(objects) == {("ClusterRole", "", "ftrecipe"): [*WITH_JOBSETS, CRDS, CLUSTER_PEERING]}
     assert list(bindings(objects)) == [("ClusterRoleBinding", "", "ftrecipe")]
 
 
@@ -457,8 +464,8 @@ def test_rbac_namespace_list_with_peering(render: Render) -> None:
     objects = render(*RENDERS["all-options"])
     assert rbac(objects) == {
         ("ClusterRole", "", "ftrecipe-discovery"): [CRDS, NAMESPACES],
-        ("Role", "ml-team-a", "ftrecipe"): [*NAMESPACED_RULES, PEERING],
-        ("Role", "ml-team-b", "ftrecipe"): [*NAMESPACED_RULES, PEERING],
+        ("Role", "ml-team-a", "ftrecipe"): [*WITH_JOBSETS, PEERING],
+        ("Role", "ml-team-b", "ftrecipe"): [*WITH_JOBSETS, PEERING],
     }
     subject = [{"kind": "ServiceAccount", "name": "ftrecipe-operator", "namespace": NAMESPACE}]
     found = bindings(objects)
@@ -479,6 +486,35 @@ def test_rbac_namespace_list_standalone(render: Render) -> None:
         ("ClusterRole", "", "ftrecipe-ftrecipe-operator-discovery"): [CRDS, NAMESPACES],
         ("Role", "ml", "ftrecipe-ftrecipe-operator"): NAMESPACED_RULES,
     }
+
+
+def test_rbac_for_jobsets_only_when_enabled(render: Render) -> None:
+    """Multi-node training needs the JobSet CRD on the cluster: the chart grants the rule on jobsets, and
+    tells the operator it may use them, only when asked (jobset.enabled)."""
+    off = render()
+    assert JOBSETS not in [rule for rules in rbac(off).values() for rule in rules]
+    assert "FTRECIPE_JOBSET" not in env_of(off)
+    on = render("--set", "jobset.enabled=true")
+    assert rbac(on) == {("ClusterRole", "", "ftrecipe-ftrecipe-operator"): [*WITH_JOBSETS, CRDS]}
+    assert env_of(on)["FTRECIPE_JOBSET"] == "true"
+    listed = render(
+        "--set", "jobset.enabled=true", "--set", "watch.allNamespaces=false", "--set", "watch.namespaces={ml}"
+    )
+    assert rbac(listed) == {
+        ("ClusterRole", "", "ftrecipe-ftrecipe-operator-discovery"): [CRDS, NAMESPACES],
+        ("Role", "ml", "ftrecipe-ftrecipe-operator"): WITH_JOBSETS,
+    }
+    for objects in (on, listed):
+        for obj in objects:
+            if obj["kind"] not in NOT_IN_KUBERNETES_VALIDATE:
+                for version in K8S_VERSIONS:
+                    kubernetes_validate.validate(obj, version, strict=True)
+    # Nothing else changes with the switch.
+    changed = [o for o in on if o not in off]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in changed) == [
+        ("ClusterRole", "ftrecipe-ftrecipe-operator"),
+        ("Deployment", "ftrecipe-ftrecipe-operator"),
+    ]
 
 
 def test_rbac_never_grants_secrets_configmaps_or_wildcards(render: Render) -> None:
