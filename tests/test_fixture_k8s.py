@@ -458,3 +458,189 @@ def test_a_dependent_created_after_its_owner_is_gone_is_collected(k8s: K8s) -> N
     create_recipe(k8s, "r10")  # the same name, another uid: not the owner
     job("stale")
     assert k8s.get("batch/v1/jobs", "stale", NAMESPACE) is None
+
+
+# ---- JobSet (kubernetes-sigs/jobset): served once installed, with its controller played by the emulator
+
+
+JOBSETS = "jobset.x-k8s.io/v1alpha2/jobsets"
+
+
+def jobset(name: str, *, nodes: int = 2, max_restarts: int = 2, suspend: bool = False) -> Body:
+    """A JobSet like a multi-node training's: one replicated Job, Indexed, DNS hostnames, a failure policy
+    that fails at once on a child Job failed by its podFailurePolicy and restarts otherwise."""
+    pod = {"metadata": {"labels": {"app": "train"}}, "spec": {"restartPolicy": "Never", "containers": []}}
+    pod["spec"]["containers"] = [{"name": "train", "image": "trainer:1"}]
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": name, "labels": {"team": "a"}},
+        "spec": {
+            "suspend": suspend,
+            "network": {"enableDNSHostnames": True},
+            "failurePolicy": {
+                "maxRestarts": max_restarts,
+                "rules": [
+                    {"name": "bad", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}
+                ],
+            },
+            "replicatedJobs": [
+                {
+                    "name": "node",
+                    "replicas": 1,
+                    "template": {
+                        "spec": {
+                            "completionMode": "Indexed",
+                            "parallelism": nodes,
+                            "completions": nodes,
+                            "backoffLimit": 0,
+                            "template": pod,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def conditions_of(body: Body | None) -> dict[str, tuple[str, str]]:
+    return {
+        c["type"]: (c["status"], c["reason"])
+        for c in ((body or {}).get("status") or {}).get("conditions") or []
+    }
+
+
+def test_jobsets_are_served_only_once_installed(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    with pytest.raises(ApiException) as missing:
+        k8s.custom.list_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", NAMESPACE, "jobsets")
+    assert missing.value.status == 404
+    with pytest.raises(ApiException) as refused:
+        k8s.custom.create_namespaced_custom_object(
+            "jobset.x-k8s.io", "v1alpha2", NAMESPACE, "jobsets", jobset("js")
+        )
+    assert refused.value.status == 404
+
+    k8s.install_jobset()
+    assert k8s.get("apiextensions.k8s.io/v1/customresourcedefinitions", "jobsets.jobset.x-k8s.io") is not None
+    created = k8s.custom.create_namespaced_custom_object(
+        "jobset.x-k8s.io", "v1alpha2", NAMESPACE, "jobsets", jobset("js")
+    )
+    assert created["metadata"]["uid"] and "status" not in created  # the status subresource
+    listed = k8s.custom.list_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", NAMESPACE, "jobsets")
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["js"]
+
+
+def test_the_jobset_controller_creates_its_child_job_service_and_indexed_pods(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    k8s.install_jobset()
+    owner = k8s.create(JOBSETS, jobset("js", nodes=2), NAMESPACE)
+
+    [child] = k8s.jobset_jobs("js", NAMESPACE)
+    assert child["metadata"]["name"] == "js-node-0"
+    assert child["metadata"]["ownerReferences"][0] | {} == {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "name": "js",
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    labels = child["spec"]["template"]["metadata"]["labels"]
+    assert labels["app"] == "train"  # the template's own labels stay
+    assert {
+        k: labels[k] for k in labels if k != "jobset.sigs.k8s.io/job-key" and k.startswith("jobset.")
+    } == {
+        "jobset.sigs.k8s.io/jobset-name": "js",
+        "jobset.sigs.k8s.io/jobset-uid": owner["metadata"]["uid"],
+        "jobset.sigs.k8s.io/replicatedjob-name": "node",
+        "jobset.sigs.k8s.io/replicatedjob-replicas": "1",
+        "jobset.sigs.k8s.io/job-index": "0",
+        "jobset.sigs.k8s.io/restart-attempt": "0",
+    }
+    assert child["spec"]["template"]["spec"]["subdomain"] == "js"
+    assert child["spec"]["suspend"] is False and child["spec"]["completionMode"] == "Indexed"
+    service = k8s.get("v1/services", "js", NAMESPACE)
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"jobset.sigs.k8s.io/jobset-name": "js"}
+
+    # The Job controller's part, played by the test: pod 1 of the Indexed Job.
+    k8s.set_job_pod("js-node-0", NAMESPACE, "Running", container="train", suffix="1-x7k2p")
+    pod = k8s.get("v1/pods", "js-node-0-1-x7k2p", NAMESPACE)
+    assert pod is not None
+    assert pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"
+    assert pod["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == "js"
+    assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == ("js-node-0-1", "js")
+
+    k8s.set_job_status("js-node-0", NAMESPACE, "running")
+    body = k8s.get(JOBSETS, "js", NAMESPACE)
+    assert body is not None and body["status"]["replicatedJobsStatus"][0]["active"] == 1
+    assert body["status"]["restarts"] == 0 and "terminalState" not in body["status"]
+    k8s.set_job_status("js-node-0", NAMESPACE, "succeeded")
+    body = k8s.get(JOBSETS, "js", NAMESPACE)
+    assert conditions_of(body)["Completed"] == ("True", "AllJobsCompleted")
+    assert body is not None and body["status"]["terminalState"] == "Completed"
+
+    k8s.delete(JOBSETS, "js", NAMESPACE)  # its child Job, pods and Service go with it
+    assert k8s.jobset_jobs("js", NAMESPACE) == [] and k8s.list("v1/pods", NAMESPACE) == []
+    assert k8s.get("v1/services", "js", NAMESPACE) is None
+
+
+def test_a_failed_child_job_restarts_the_jobset_until_max_restarts(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    k8s.install_jobset()
+    k8s.create(JOBSETS, jobset("js", max_restarts=2), NAMESPACE)
+    first_uid = k8s.jobset_jobs("js", NAMESPACE)[0]["metadata"]["uid"]
+    k8s.set_job_pod("js-node-0", NAMESPACE, "Failed", container="train", suffix="1-x7k2p")
+
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed")  # a lost node: restart 1 of 2
+    body = k8s.get(JOBSETS, "js", NAMESPACE)
+    assert body is not None and body["status"]["restarts"] == 1 and "Failed" not in conditions_of(body)
+    [child] = k8s.jobset_jobs("js", NAMESPACE)
+    assert child["metadata"]["uid"] != first_uid  # recreated, with the next attempt's label
+    assert child["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] == "1"
+    assert child["spec"]["template"]["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] == "1"
+    assert "status" not in child
+    assert k8s.get("v1/pods", "js-node-0-1-x7k2p", NAMESPACE) is None  # the old attempt's pods went
+
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed")
+    body = k8s.get(JOBSETS, "js", NAMESPACE)
+    assert body is not None and body["status"]["restarts"] == 2
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed")  # no restart left
+    body = k8s.get(JOBSETS, "js", NAMESPACE)
+    assert body is not None and body["status"]["restarts"] == 2
+    assert conditions_of(body)["Failed"] == ("True", "ReachedMaxRestarts")
+    assert body["status"]["terminalState"] == "Failed"
+    failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
+    assert (
+        failed["message"]
+        == "jobset failed due to reaching max number of restarts (first failed job: js-node-0)"
+    )
+    [child] = k8s.jobset_jobs("js", NAMESPACE)  # the failed child Job stays, for its pods' reports
+    assert child["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] == "2"
+
+
+def test_a_failure_policy_rule_fails_the_jobset_at_once(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    k8s.install_jobset()
+    k8s.create(JOBSETS, jobset("js", max_restarts=3), NAMESPACE)
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed", reason="PodFailurePolicy")
+    body = k8s.get(JOBSETS, "js", NAMESPACE)
+    assert body is not None and body["status"]["restarts"] == 0
+    assert conditions_of(body)["Failed"] == ("True", "FailJobSetFailurePolicyAction")
+
+
+def test_the_jobset_suspends_and_resumes_its_child_jobs(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    k8s.install_jobset()
+    k8s.create(JOBSETS, jobset("js", suspend=True), NAMESPACE)  # e.g. for Kueue
+    [child] = k8s.jobset_jobs("js", NAMESPACE)
+    assert child["spec"]["suspend"] is True
+    assert conditions_of(k8s.get(JOBSETS, "js", NAMESPACE))["Suspended"] == ("True", "SuspendedJobs")
+
+    k8s.patch(JOBSETS, "js", {"spec": {"suspend": False}}, NAMESPACE)  # Kueue admits it
+    [child] = k8s.jobset_jobs("js", NAMESPACE)
+    assert child["spec"]["suspend"] is False
+    assert conditions_of(k8s.get(JOBSETS, "js", NAMESPACE))["Suspended"] == ("False", "ResumeJobs")
+    k8s.patch(JOBSETS, "js", {"spec": {"suspend": True}}, NAMESPACE)
+    assert k8s.jobset_jobs("js", NAMESPACE)[0]["spec"]["suspend"] is True

@@ -39,6 +39,7 @@ import copy
 import datetime
 import functools
 import gzip
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -249,6 +250,26 @@ KUEUE_WORKLOAD: Final = CrdInfo(
     plural="workloads",
     singular="workload",
 )
+
+# kubernetes-sigs/jobset's JobSet: served only when a test installs it (`KubeCluster.install_jobset`), so that
+# a cluster without it (404 on jobsets) can be tested too. No schema: the emulator stores what it is sent.
+JOBSET: Final = CrdInfo(
+    group="jobset.x-k8s.io",
+    version="v1alpha2",
+    kind="JobSet",
+    plural="jobsets",
+    singular="jobset",
+)
+# The labels (and annotations) the JobSet controller puts on its child Jobs and their pod templates.
+JOBSET_NAME_LABEL: Final = "jobset.sigs.k8s.io/jobset-name"
+JOBSET_UID_LABEL: Final = "jobset.sigs.k8s.io/jobset-uid"
+REPLICATED_JOB_LABEL: Final = "jobset.sigs.k8s.io/replicatedjob-name"
+REPLICATED_JOB_REPLICAS_LABEL: Final = "jobset.sigs.k8s.io/replicatedjob-replicas"
+JOB_INDEX_LABEL: Final = "jobset.sigs.k8s.io/job-index"
+JOB_KEY_LABEL: Final = "jobset.sigs.k8s.io/job-key"
+RESTART_ATTEMPT_LABEL: Final = "jobset.sigs.k8s.io/restart-attempt"
+# The Job controller's label (and annotation) on each pod of an Indexed Job (Kubernetes 1.28+).
+COMPLETION_INDEX_LABEL: Final = "batch.kubernetes.io/job-completion-index"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -604,6 +625,192 @@ def _condition(kind: str, reason: str, message: str, now: str) -> Body:
     }
 
 
+def _job_condition(job: Body, kind: str) -> Body | None:
+    """The Job's (or JobSet's) condition of type `kind` when True."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return cast(Body, condition)
+    return None
+
+
+def _owner(obj: Body) -> Body:
+    """A controller ownerReference to `obj`, as controllers set it on what they create."""
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _jobset_attempt(job: Body) -> int:
+    labels = job["metadata"].get("labels") or {}
+    try:
+        return int(labels.get(RESTART_ATTEMPT_LABEL, "0"))
+    except ValueError:
+        return 0
+
+
+def _jobset_children(jobset: Body, attempt: int, subdomain: str | None) -> dict[str, Body]:
+    """The child Jobs of one restart attempt of a JobSet, by name (`<jobset>-<replicatedJob>-<index>`),
+    labelled and annotated as the JobSet controller does (its labels also go on the pod template)."""
+    meta = jobset["metadata"]
+    spec = jobset.get("spec") or {}
+    children: dict[str, Body] = {}
+    for replicated in spec.get("replicatedJobs") or []:
+        replicas = int(replicated.get("replicas", 1))
+        for index in range(replicas):
+            name = f"{meta['name']}-{replicated['name']}-{index}"
+            ours = {
+                JOBSET_NAME_LABEL: meta["name"],
+                JOBSET_UID_LABEL: meta["uid"],
+                REPLICATED_JOB_LABEL: replicated["name"],
+                REPLICATED_JOB_REPLICAS_LABEL: str(replicas),
+                JOB_INDEX_LABEL: str(index),
+                JOB_KEY_LABEL: hashlib.sha1(f"{meta['namespace']}/{name}".encode()).hexdigest(),
+                RESTART_ATTEMPT_LABEL: str(attempt),
+            }
+            template = copy.deepcopy(replicated.get("template") or {})
+            template_meta = template.get("metadata") or {}
+            job_spec = template.get("spec") or {}
+            job_spec["suspend"] = bool(spec.get("suspend"))
+            pod = job_spec.setdefault("template", {})
+            pod_meta = pod.setdefault("metadata", {})
+            pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **ours}
+            pod_meta["annotations"] = {**(pod_meta.get("annotations") or {}), **ours}
+            if subdomain:
+                pod.setdefault("spec", {})["subdomain"] = subdomain
+            children[name] = {
+                "metadata": {
+                    "name": name,
+                    "labels": {**(template_meta.get("labels") or {}), **ours},
+                    "annotations": {**(template_meta.get("annotations") or {}), **ours},
+                    "ownerReferences": [_owner(jobset)],
+                },
+                "spec": job_spec,
+            }
+    return children
+
+
+def _set_condition(conditions: list[Body], kind: str, status: str, reason: str, message: str) -> None:
+    """metav1 SetStatusCondition: the transition time changes only with the status."""
+    for index, condition in enumerate(conditions):
+        if condition.get("type") == kind:
+            if (condition.get("status"), condition.get("reason"), condition.get("message")) == (
+                status,
+                reason,
+                message,
+            ):
+                return
+            since = condition.get("lastTransitionTime") if condition.get("status") == status else _now()
+            conditions[index] = {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since,
+            }
+            return
+    conditions.append(
+        {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()}
+    )
+
+
+def _failure_rule(policy: Body, child: Body, reason: str) -> Body | None:
+    """The first failurePolicy rule that matches a failed child Job (its failure reason, its replicated Job)."""
+    replicated = (child["metadata"].get("labels") or {}).get(REPLICATED_JOB_LABEL)
+    for rule in policy.get("rules") or []:
+        reasons = rule.get("onJobFailureReasons") or []
+        targets = rule.get("targetReplicatedJobs") or []
+        if (not reasons or reason in reasons) and (not targets or replicated in targets):
+            return cast(Body, rule)
+    return None
+
+
+def _jobset_status(jobset: Body, status: Body, children: Sequence[Body], expected: int) -> Body:
+    """The JobSet's status after one look at the child Jobs of its current attempt."""
+    status = copy.deepcopy(status)
+    spec = jobset.get("spec") or {}
+    conditions: list[Body] = list(status.get("conditions") or [])
+    restarts = int(status.get("restarts") or 0)
+    status["restarts"] = restarts
+    counts: dict[str, Body] = {}
+    for replicated in spec.get("replicatedJobs") or []:
+        counts[replicated["name"]] = {
+            "name": replicated["name"],
+            "ready": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "active": 0,
+            "suspended": 0,
+        }
+    for child in children:
+        entry = counts.get((child["metadata"].get("labels") or {}).get(REPLICATED_JOB_LABEL, ""))
+        if entry is None:
+            continue
+        child_status = child.get("status") or {}
+        if _job_condition(child, "Complete") is not None:
+            entry["succeeded"] += 1
+        elif _job_condition(child, "Failed") is not None:
+            entry["failed"] += 1
+        elif (child.get("spec") or {}).get("suspend"):
+            entry["suspended"] += 1
+        elif child_status.get("active"):
+            entry["active"] += 1
+            if child_status.get("ready"):
+                entry["ready"] += 1
+    status["replicatedJobsStatus"] = list(counts.values())
+    if spec.get("suspend"):
+        _set_condition(conditions, "Suspended", "True", "SuspendedJobs", "jobset is suspended")
+    elif any(c.get("type") == "Suspended" and c.get("status") == "True" for c in conditions):
+        _set_condition(conditions, "Suspended", "False", "ResumeJobs", "jobset is resumed")
+    failed = [c for c in children if _job_condition(c, "Failed") is not None]
+    if failed:
+        first = failed[0]
+        reason = str((_job_condition(first, "Failed") or {}).get("reason") or "")
+        policy = spec.get("failurePolicy") or {}
+        rule = _failure_rule(policy, first, reason)
+        action = rule.get("action") if rule is not None else "RestartJobSet"
+        first_job = f"(first failed job: {first['metadata']['name']})"
+        if action == "FailJobSet":
+            why = ("FailJobSetFailurePolicyAction", f"applying FailJobSet failure policy action {first_job}")
+        elif restarts >= int(policy.get("maxRestarts") or 0):
+            why = ("ReachedMaxRestarts", f"jobset failed due to reaching max number of restarts {first_job}")
+        else:
+            status["restarts"] = restarts + 1
+            status["restartsCountTowardsMax"] = int(status.get("restartsCountTowardsMax") or 0) + 1
+            status["conditions"] = conditions
+            return status
+        _set_condition(conditions, "Failed", "True", why[0], why[1])
+        status["terminalState"] = "Failed"
+    elif expected and len([c for c in children if _job_condition(c, "Complete") is not None]) == expected:
+        _set_condition(conditions, "Completed", "True", "AllJobsCompleted", "jobset completed successfully")
+        status["terminalState"] = "Completed"
+    status["conditions"] = conditions
+    return status
+
+
+def _completion_index(job: Body, suffix: str | None) -> int | None:
+    """The completion index of an Indexed Job's pod named `<job>-<suffix>`: suffix `<index>-<random>`
+    (the Job controller's naming), else 0; None for a Job that is not Indexed."""
+    if (job.get("spec") or {}).get("completionMode") != "Indexed":
+        return None
+    head = (suffix or "").split("-", 1)[0]
+    return int(head) if head.isdigit() and "-" in (suffix or "") else 0
+
+
+def _indexed_pod_spec(job: Body, suffix: str | None) -> Body:
+    """What the Job controller adds to an Indexed Job's pod with a `subdomain`: its stable hostname
+    ``<job>-<index>`` (so the pod answers to ``<job>-<index>.<subdomain>``)."""
+    index = _completion_index(job, suffix)
+    template = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if index is None or not template.get("subdomain"):
+        return {}
+    return {"hostname": f"{job['metadata']['name']}-{index}", "subdomain": template["subdomain"]}
+
+
 def _without(obj: Body, *keys: str) -> Body:
     return {key: value for key, value in obj.items() if key not in keys}
 
@@ -810,6 +1017,9 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     pod_logs: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
     _validators: dict[kmock.resource, jsonschema.Draft4Validator] = attrs.field(factory=dict, init=False)
     _cel: dict[kmock.resource, _CelMemo] = attrs.field(factory=dict, init=False)
+    # The JobSet controller (`_sync_jobsets`): runs after writes to JobSets and Jobs, never re-entered.
+    _jobset_busy: bool = attrs.field(default=False, init=False)
+    _jobset_again: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -820,19 +1030,23 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         # = self.resources.load_bundled(), minus its DeprecationWarning and the re-reading.
         self.resources.load_data(_bundled_resources())
         for crd in self.crds:
-            self.resources[crd.resource] = kmock.ResourceInfo(
-                kind=crd.kind,
-                singular=crd.singular,
-                namespaced=crd.namespaced,
-                shortnames=set(crd.short_names),
-                categories=set(crd.categories),
-                subresources={"status"} if crd.status_subresource else set(),
-                verbs={"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"},
-            )
-            if crd.schema:
-                self._schemas[kmock.resource(crd.resource)] = crd.schema
-                self._validators[kmock.resource(crd.resource)] = jsonschema.Draft4Validator(crd.schema)
-                self._cel[kmock.resource(crd.resource)] = _CelMemo(crd.schema)
+            self.serve(crd)
+
+    def serve(self, crd: CrdInfo) -> None:
+        """Serve a custom resource from now on (its CRD object is the caller's business)."""
+        self.resources[crd.resource] = kmock.ResourceInfo(
+            kind=crd.kind,
+            singular=crd.singular,
+            namespaced=crd.namespaced,
+            shortnames=set(crd.short_names),
+            categories=set(crd.categories),
+            subresources={"status"} if crd.status_subresource else set(),
+            verbs={"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"},
+        )
+        if crd.schema:
+            self._schemas[kmock.resource(crd.resource)] = crd.schema
+            self._validators[kmock.resource(crd.resource)] = jsonschema.Draft4Validator(crd.schema)
+            self._cel[kmock.resource(crd.resource)] = _CelMemo(crd.schema)
 
     # ---- what helm asks beyond kmock: the server version, discovery, OpenAPI v3, protobuf Secrets ----
 
@@ -1041,6 +1255,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             # Kubernetes' garbage collector deletes a dependent whose owners are all gone (e.g. a Job
             # created by an operator that had not yet seen its recipe's deletion).
             await self.delete_object(resource, namespace, name)
+        await self._after_write(resource, namespace)
         return created
 
     def _any_owner_live(self, namespace: str | None, refs: Sequence[Body]) -> bool:
@@ -1121,6 +1336,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         await self._emit(resource, "MODIFIED", new)
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
             await self._finalise(resource, namespace, name)
+        await self._after_write(resource, namespace)
         return copy.deepcopy(new)
 
     async def delete_object(
@@ -1165,6 +1381,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         await self._emit(resource, "DELETED", last)
         if self.garbage_collection:
             await self._collect_dependents(last["metadata"]["uid"], propagation or "Background")
+        await self._after_write(resource, namespace)
         if namespace is not None and resource != "v1/namespaces":
             await self._remove_namespace_when_empty(namespace)
         return last
@@ -1218,6 +1435,114 @@ class FakeKubernetes(kmock.KubernetesEmulator):
                 await self.update_object(resource, namespace, name, drop_reference)
             else:
                 await self.delete_object(resource, namespace, name)
+
+    # ---- the JobSet controller (kubernetes-sigs/jobset), played after writes to JobSets and Jobs ----
+
+    async def _after_write(self, resource: kmock.resource, namespace: str | None) -> None:
+        if namespace is None or resource.group not in ("batch", JOBSET.group):
+            return
+        if (
+            resource.plural not in ("jobs", "jobsets")
+            or kmock.resource(JOBSET.resource) not in self.resources
+        ):
+            return
+        if self._jobset_busy:  # a write of the controller itself: one more pass once this one ends
+            self._jobset_again.add(namespace)
+            return
+        self._jobset_busy = True
+        try:
+            pending = {namespace}
+            for _ in range(20):  # each pass converges; a bound keeps a bug from hanging the emulator
+                if not pending:
+                    break
+                for ns in sorted(pending):
+                    await self._sync_jobsets(ns)
+                pending, self._jobset_again = self._jobset_again, set()
+        finally:
+            self._jobset_busy = False
+            self._jobset_again = set()
+
+    def _stored(self, resource: kmock.resource, namespace: str) -> builtins.list[Body]:
+        return [
+            obj.raw
+            for (res, ns, _), obj in self.objects.items()
+            if res.plural == resource.plural and res == resource and ns == namespace and not obj.deleted
+        ]
+
+    async def _delete_child(self, namespace: str, name: str) -> None:
+        with contextlib.suppress(ApiError):  # already gone
+            await self.delete_object(
+                kmock.resource("batch", "v1", "jobs"), namespace, name, {"propagationPolicy": "Background"}
+            )
+
+    async def _sync_jobsets(self, namespace: str) -> None:
+        """One pass of the JobSet controller over the namespace's JobSets, as kubernetes-sigs/jobset
+        behaves: child Jobs `<jobset>-<replicatedJob>-<index>` (labelled, owned, `subdomain` set for DNS
+        hostnames) and a headless Service; suspend propagated; `Completed` once every child Job completed;
+        a failed child Job restarts the group (child Jobs deleted, `status.restarts` + 1, recreated with the
+        next `restart-attempt`) until `failurePolicy.maxRestarts`, or fails it at once when a
+        `FailJobSet` rule matches its failure reason; a finished JobSet's active child Jobs are deleted."""
+        jobsets = kmock.resource(JOBSET.resource)
+        jobs = kmock.resource("batch", "v1", "jobs")
+        for jobset in [copy.deepcopy(b) for b in self._stored(jobsets, namespace)]:
+            meta = jobset["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            name, uid = meta["name"], meta["uid"]
+            spec = jobset.get("spec") or {}
+            status = dict(jobset.get("status") or {})
+            restarts = int(status.get("restarts") or 0)
+            children = [
+                job
+                for job in self._stored(jobs, namespace)
+                if any(ref.get("uid") == uid for ref in job["metadata"].get("ownerReferences") or [])
+                and not job["metadata"].get("deletionTimestamp")
+            ]
+            attempt = {c["metadata"]["name"]: c for c in children if _jobset_attempt(c) == restarts}
+            for child in children:
+                if _jobset_attempt(child) != restarts:  # an earlier attempt's, left by a restart
+                    await self._delete_child(namespace, child["metadata"]["name"])
+            terminal = status.get("terminalState")
+            if terminal:
+                for child in attempt.values():  # a finished JobSet leaves no child Job running
+                    if _job_condition(child, "Complete") is None and _job_condition(child, "Failed") is None:
+                        await self._delete_child(namespace, child["metadata"]["name"])
+                continue
+            network = spec.get("network") or {}
+            subdomain = (network.get("subdomain") or name) if network.get("enableDNSHostnames") else None
+            if subdomain and self._live(kmock.resource("", "v1", "services"), namespace, subdomain) is None:
+                service = {
+                    "metadata": {"name": subdomain, "ownerReferences": [_owner(jobset)]},
+                    "spec": {
+                        "clusterIP": "None",
+                        "selector": {JOBSET_NAME_LABEL: name},
+                        "publishNotReadyAddresses": True,
+                    },
+                }
+                await self.create_object(kmock.resource("", "v1", "services"), namespace, service)
+            wanted = _jobset_children(jobset, restarts, subdomain)
+            for child_name, child in wanted.items():
+                if child_name not in attempt and self._live(jobs, namespace, child_name) is None:
+                    attempt[child_name] = await self.create_object(jobs, namespace, child)
+            suspend = bool(spec.get("suspend"))
+            for child_name, child in list(attempt.items()):
+                if bool((child.get("spec") or {}).get("suspend")) != suspend:
+                    attempt[child_name] = await self.update_object(
+                        jobs,
+                        namespace,
+                        child_name,
+                        lambda old, suspend=suspend: _merge_patch(old, {"spec": {"suspend": suspend}}),
+                    )
+            new = _jobset_status(jobset, status, list(attempt.values()), len(wanted))
+            if (
+                new.get("restarts", 0) > restarts
+            ):  # a restart: this attempt's child Jobs go, the next pass recreates them
+                for child_name in attempt:
+                    await self._delete_child(namespace, child_name)
+            if new != jobset.get("status"):
+                await self.update_object(
+                    jobsets, namespace, name, lambda old, new=new: old | {"status": new}, subresource="status"
+                )
 
     # ---- request dispatch ----
 
@@ -1753,9 +2078,18 @@ class KubeCluster:
         res = _resource(resource)
         return self._locked(lambda e: e.delete_object(res, namespace, name))
 
-    def set_job_status(self, name: str, namespace: str, state: str, *, message: str = "") -> Body:
-        """Play the Job controller (the emulator runs none): ``state`` is running, succeeded, failed or
-        suspended (a Job created with ``spec.suspend``, e.g. waiting for Kueue).
+    def set_job_status(
+        self,
+        name: str,
+        namespace: str,
+        state: str,
+        *,
+        message: str = "",
+        reason: str = "BackoffLimitExceeded",
+    ) -> Body:
+        """Play the Job controller (the emulator runs none): ``state`` is running, succeeded, failed (with
+        `reason`: BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded) or suspended (a Job created
+        with ``spec.suspend``, e.g. waiting for Kueue).
 
         Writes ``status`` as Kubernetes 1.31+ does, incl. the terminal conditions operators look for.
         """
@@ -1776,23 +2110,31 @@ class KubeCluster:
             status |= {
                 "failed": 1,
                 "conditions": [
-                    _condition("FailureTarget", "BackoffLimitExceeded", message, now),
-                    _condition("Failed", "BackoffLimitExceeded", message, now),
+                    _condition("FailureTarget", reason, message, now),
+                    _condition("Failed", reason, message, now),
                 ],
             }
         elif state != "running":
             raise ValueError(f"state must be running, succeeded, failed or suspended; got {state!r}")
         return self.patch("batch/v1/jobs", name, {"status": status}, namespace, subresource="status")
 
-    def job_pod_metadata(self, job_name: str, namespace: str) -> Body:
+    def job_pod_metadata(self, job_name: str, namespace: str, suffix: str | None = None) -> Body:
         """The labels and owner a Job's pod gets from the Job controller (Kubernetes 1.27+): the pod
-        template's labels, the Job's name and uid (``batch.kubernetes.io/controller-uid``, the Job's own
-        selector), and an ownerReference to the Job (so its pods go when it goes)."""
+        template's labels (and annotations), the Job's name and uid (``batch.kubernetes.io/controller-uid``,
+        the Job's own selector), and an ownerReference to the Job (so its pods go when it goes). A pod of an
+        Indexed Job also gets its completion index (label and annotation), read from the pod name's
+        `suffix` ``<index>-<random>`` as the Job controller names them (index 0 otherwise)."""
         job = self.get("batch/v1/jobs", job_name, namespace) or {}
         template = ((job.get("spec") or {}).get("template") or {}).get("metadata") or {}
         labels = dict(template.get("labels") or {})
         labels |= {"batch.kubernetes.io/job-name": job_name, "job-name": job_name}
         metadata: Body = {"labels": labels}
+        if template.get("annotations"):
+            metadata["annotations"] = dict(template["annotations"])
+        index = _completion_index(job, suffix)
+        if index is not None:
+            labels[COMPLETION_INDEX_LABEL] = str(index)
+            metadata.setdefault("annotations", {})[COMPLETION_INDEX_LABEL] = str(index)
         uid = (job.get("metadata") or {}).get("uid")
         if uid:
             labels |= {"batch.kubernetes.io/controller-uid": uid, "controller-uid": uid}
@@ -1868,11 +2210,13 @@ class KubeCluster:
             ],
         }
         if self.get("v1/pods", name, namespace) is None:
+            job = self.get("batch/v1/jobs", job_name, namespace) or {}
             self.create(
                 "v1/pods",
                 {
-                    "metadata": {"name": name, **self.job_pod_metadata(job_name, namespace)},
-                    "spec": {"restartPolicy": "Never", "containers": [{"name": container, "image": "x"}]},
+                    "metadata": {"name": name, **self.job_pod_metadata(job_name, namespace, suffix)},
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": container, "image": "x"}]}
+                    | _indexed_pod_spec(job, suffix),
                 },
                 namespace,
             )
@@ -1899,7 +2243,8 @@ class KubeCluster:
                     spec.setdefault("initContainers", []).append({"name": container[5:], "image": image})
                 else:
                     spec["containers"].append({"name": container, "image": image})
-            metadata = {"name": name, **self.job_pod_metadata(job_name, namespace)}
+            spec |= _indexed_pod_spec(self.get("batch/v1/jobs", job_name, namespace) or {}, suffix)
+            metadata = {"name": name, **self.job_pod_metadata(job_name, namespace, suffix)}
             self.create("v1/pods", {"metadata": metadata, "spec": spec}, namespace)
         return name
 
@@ -2164,6 +2509,32 @@ class KubeCluster:
     def kueue_admit(self, job_name: str, namespace: str) -> Body:
         """Play Kueue admitting a Job it holds: it unsuspends it (the Job controller then starts its pods)."""
         return self.patch("batch/v1/jobs", job_name, {"spec": {"suspend": False}}, namespace)
+
+    def install_jobset(self) -> None:
+        """Install JobSet (kubernetes-sigs/jobset) on the running cluster, as ``kubectl apply
+        --server-side -f .../manifests.yaml`` would: the jobsets API (its CRD object too, so kopf's
+        discovery sees it) and its controller, played by the emulator from now on (`_sync_jobsets`).
+        Without it, the jobsets resource answers 404 as on a cluster without JobSet."""
+
+        async def install(e: FakeKubernetes) -> None:
+            if e.crds and JOBSET in e.crds:
+                return
+            e.crds = (*e.crds, JOBSET)
+            e.serve(JOBSET)
+            manifest = JOBSET.synthetic_manifest()
+            await e.create_object(
+                kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None, manifest
+            )
+
+        self._locked(install)
+
+    def jobset_jobs(self, jobset: str, namespace: str) -> builtins.list[Body]:
+        """The child Jobs of a JobSet's current restart attempt, by name (the JobSet controller's)."""
+        return [
+            job
+            for job in self.list("batch/v1/jobs", namespace, label_selector=f"{JOBSET_NAME_LABEL}={jobset}")
+            if not job["metadata"].get("deletionTimestamp")
+        ]
 
     def ensure_namespace(self, name: str) -> None:
         if self.get("v1/namespaces", name) is None:
