@@ -181,12 +181,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ftrecipe.evaluation.errors import EvalError
-    from ftrecipe.evaluation.run import EXIT_BELOW_GATE, EvaluateOptions, accuracy_gate, run_evaluate
+    from ftrecipe.evaluation.run import (
+        EXIT_BELOW_GATE,
+        EvaluateOptions,
+        accuracy_gate,
+        e2e_gate,
+        run_evaluate,
+    )
     from ftrecipe.termination import PhaseReport, write_report
 
     minimum = args.min_command_accuracy
     if minimum is not None and not 0 <= minimum <= 1:
         return _user_error(f"error: --min-command-accuracy must be between 0 and 1, not {minimum:g}")
+    min_e2e = args.min_e2e_pass_rate
+    if min_e2e is not None and not 0 <= min_e2e <= 1:
+        return _user_error(f"error: --min-e2e-pass-rate must be between 0 and 1, not {min_e2e:g}")
+    if min_e2e is not None and not args.e2e:
+        return _user_error("error: --min-e2e-pass-rate gates the E2E replay: add --e2e (and --assistant DIR)")
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
     options = EvaluateOptions(
         data=args.data,
         out=args.out,
@@ -200,6 +215,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         api_key_env=args.api_key_env,
         work_dir=Path(args.work_dir) if args.work_dir else None,
+        e2e=args.e2e,
+        assistant=path(args.assistant),
+        llm_config=path(args.llm_config),
+        config=path(args.config),
+        endpoints=path(args.endpoints),
     )
     try:
         result = run_evaluate(options)
@@ -208,13 +228,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except Exception as error:
         write_report(PhaseReport(ok=False, message=f"error: {type(error).__name__}: {error}"))
         raise
-    below = accuracy_gate(result.scores.command_accuracy, minimum)
-    write_report(PhaseReport(ok=below is None, message=below or result.summary(), figures=result.figures()))
+    gates = [
+        line
+        for line in (accuracy_gate(result.scores.command_accuracy, minimum), e2e_gate(result.e2e, min_e2e))
+        if line is not None
+    ]
+    message = "; ".join(gates) or result.summary()
+    write_report(PhaseReport(ok=not gates, message=message, figures=result.figures()))
     print(result.summary(), file=sys.stderr)
-    if below is not None:
-        print(f"error: {below}", file=sys.stderr)
-        return EXIT_BELOW_GATE
-    return 0
+    for line in gates:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_BELOW_GATE if gates else 0
 
 
 def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
@@ -480,6 +504,32 @@ def make_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="X",
         help="exit with code 3 after publishing the report when command accuracy is below X (0-1)",
+    )
+    evaluate.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also replay the held-out E2E tests (the data's e2e_tests/validation.yaml) with the model in the "
+        "loop: its own commands drive each conversation; needs --assistant",
+    )
+    evaluate.add_argument(
+        "--assistant", metavar="DIR", help="--e2e: the assistant's flows and domain, as given to prepare-data"
+    )
+    evaluate.add_argument(
+        "--llm-config",
+        metavar="FILE",
+        help="--e2e: prepare-data's --llm-config (prompt template and syntax of the command generator)",
+    )
+    evaluate.add_argument(
+        "--config", metavar="FILE", help="--e2e: prepare-data's --config (Rasa's config.yml)"
+    )
+    evaluate.add_argument(
+        "--endpoints", metavar="FILE", help="--e2e: prepare-data's --endpoints (Rasa's endpoints.yml)"
+    )
+    evaluate.add_argument(
+        "--min-e2e-pass-rate",
+        type=float,
+        metavar="X",
+        help="--e2e: exit with code 3 after publishing the report when the E2E pass rate is below X (0-1)",
     )
     evaluate.add_argument("--work-dir", help="local scratch for fetched inputs (default: a temporary folder)")
     evaluate.set_defaults(run=_cmd_evaluate)

@@ -666,16 +666,28 @@ async def annotate_conversation(
             return AnnotatedConversation(suite, test, tuple(turns), unfollowable(error, turn.turn_index))
 
 
-def llm_labeller(client: LLMClient, assistant: Assistant, syntax: Syntax) -> Labeller:
+def answer_parser(assistant: Assistant, syntax: Syntax) -> Callable[[str], list[Command]]:
+    """A command generator's answer as Rasa reads it for this assistant: starts of unknown flows and sets of
+    unknown slots dropped, nothing parsed ⇒ cannot handle. The teacher's answers and, in `ftrecipe evaluate
+    --e2e`, the model's under test are read alike."""
     flows = [f.id for f in assistant.user_flows()]
     slots = list(assistant.slots)
+
+    def parse(answer: str) -> list[Command]:
+        return parse_commands(answer, syntax, flows=flows, slots=slots)
+
+    return parse
+
+
+def llm_labeller(client: LLMClient, assistant: Assistant, syntax: Syntax) -> Labeller:
+    parse = answer_parser(assistant, syntax)
 
     async def label(turn: Turn, prompt: str) -> tuple[list[Command], str | None] | str:
         try:
             answer = await client.complete(prompt, purpose="annotate")
         except LLMError as error:
             return f"LLM call failed: {error}"
-        return parse_commands(answer, syntax, flows=flows, slots=slots), answer
+        return parse(answer), answer
 
     return label
 

@@ -98,23 +98,28 @@ def _generation(settings: EndpointSettings, where: str, response: Any, seconds: 
     )
 
 
-async def _generate_all(
-    settings: EndpointSettings,
-    prompts: Sequence[Sequence[dict[str, str]]],
-    wheres: Sequence[str],
-    on_answered: Callable[[int], None] | None,
-) -> GenerationRun:
-    key = os.environ.get(settings.api_key_env, "").strip() or NO_KEY
-    client = openai.AsyncOpenAI(
-        base_url=settings.url, api_key=key, timeout=settings.timeout_seconds, max_retries=settings.max_retries
-    )
-    semaphore = asyncio.Semaphore(settings.concurrency)
+class EndpointClient:
+    """One `AsyncOpenAI` client and a semaphore of `concurrency` requests in flight; `ask` answers one prompt.
+    Shared by the turn-by-turn scoring (all prompts at once) and `evaluate --e2e` (each test's next turn
+    once its previous answer is known)."""
 
-    async def ask(messages: Sequence[dict[str, str]], where: str) -> Generation:
-        async with semaphore:
+    def __init__(self, settings: EndpointSettings) -> None:
+        key = os.environ.get(settings.api_key_env, "").strip() or NO_KEY
+        self.settings = settings
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.url,
+            api_key=key,
+            timeout=settings.timeout_seconds,
+            max_retries=settings.max_retries,
+        )
+        self._semaphore = asyncio.Semaphore(settings.concurrency)
+
+    async def ask(self, messages: Sequence[dict[str, str]], where: str) -> Generation:
+        settings = self.settings
+        async with self._semaphore:
             started = time.perf_counter()
             try:
-                response = await client.chat.completions.create(
+                response = await self._client.chat.completions.create(
                     model=settings.model,
                     # the records' roles as they are: the server is the judge of what it accepts
                     messages=cast("list[ChatCompletionMessageParam]", [dict(m) for m in messages]),
@@ -123,7 +128,22 @@ async def _generate_all(
                 )
             except openai.OpenAIError as exc:
                 raise _failure(settings, where, exc) from None
-            generation = _generation(settings, where, response, time.perf_counter() - started)
+            return _generation(settings, where, response, time.perf_counter() - started)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+async def _generate_all(
+    settings: EndpointSettings,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    wheres: Sequence[str],
+    on_answered: Callable[[int], None] | None,
+) -> GenerationRun:
+    client = EndpointClient(settings)
+
+    async def ask(messages: Sequence[dict[str, str]], where: str) -> Generation:
+        generation = await client.ask(messages, where)
         if on_answered is not None:
             on_answered(1)
         return generation
@@ -140,7 +160,7 @@ async def _generate_all(
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     finally:
-        await client.close()
+        await client.aclose()
     return GenerationRun(list(generations), time.perf_counter() - started)
 
 

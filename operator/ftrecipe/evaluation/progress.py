@@ -15,6 +15,7 @@ from typing import Final
 from ftrecipe.training.trainer import Emit
 
 STAGE: Final = "generate"
+E2E_STAGE: Final = "e2e"  # `evaluate --e2e`: the held-out tests' turns replayed with the model in the loop
 REPORT_EVERY_SECONDS: Final = 5.0
 
 
@@ -49,8 +50,10 @@ class GenerationProgress:
         *,
         every_seconds: float = REPORT_EVERY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        stage: str = STAGE,
     ) -> None:
         self.total = total
+        self.stage = stage
         self.done = 0
         self._emit = emit
         self._every_seconds = every_seconds
@@ -75,7 +78,7 @@ class GenerationProgress:
         self._emit(
             {
                 "event": "progress",
-                "stage": STAGE,
+                "stage": self.stage,
                 "done": self.done,
                 "total": self.total,
                 "eta_seconds": eta_seconds(self.done, self.total, self._clock() - self._started),

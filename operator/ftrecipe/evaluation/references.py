@@ -48,6 +48,18 @@ class Reference:
         return self.messages[:-1]
 
 
+def record_messages(prompt: str) -> list[dict[str, str]]:
+    """A rendered prompt as an instruction record's messages, with an empty answer last (what the local
+    generator takes: it shows the model every message but the answer)."""
+    return to_messages({"prompt": prompt, "completion": ""})
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """A rendered prompt as the messages an instruction record holds before its answer (one user message,
+    as Rasa's command generators send it): what `evaluate --e2e` shows the model, as training did."""
+    return record_messages(prompt)[:-1]
+
+
 def find_val(data_dir: Path, shown: str | None = None) -> Path:
     """`val.jsonl` in the first of train's split layouts that has one; `shown` names `data_dir` in errors."""
     name = shown or str(data_dir)

@@ -165,15 +165,57 @@ def _prompt_tail(reference: Reference) -> str:
     return "…" + prompt[-PROMPT_TAIL_CHARS:]
 
 
+def _cell(text: str | None) -> str:
+    """Text in a Markdown table cell: pipes escaped, lines joined with <br>."""
+    if not text:
+        return ""
+    return "<br>".join(line.replace("|", "\\|") for line in text.splitlines())
+
+
+def _e2e_section(e2e: Mapping[str, Any]) -> list[str]:
+    out = [
+        "## E2E tests with the model in the loop",
+        "",
+        f"The held-out tests of `{e2e['file']}`, replayed turn by turn: each prompt is rendered from the state "
+        "the model's own earlier commands produced, and each turn is checked as prepare-data checks the "
+        "teacher's. A test stops at its first failing turn "
+        f"({e2e['model_calls']} model calls).",
+        "",
+    ]
+    failed = e2e["failed"]
+    if not failed:
+        return [*out, "Every test passes.", ""]
+    out += [
+        "| test | turn | user message | expected | got |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
+    for failure in failed:
+        out.append(
+            f"| {_cell(failure['test'])} | {failure['turn_index']} | {_cell(failure['user_message'])} | "
+            f"{_cell(failure['expected'])} | {_cell(failure['actual'])} |"
+        )
+    return [*out, ""]
+
+
 def eval_md(
     scores: Scores,
     references: Sequence[Reference],
     generations: Sequence[Generation],
     context: EvalContext,
+    e2e: Mapping[str, Any] | None = None,
 ) -> str:
-    """The readable report: headline figures, the per-command table, the confusion table, the worst turns."""
+    """The readable report: headline figures, the per-command table, the confusion table, the worst turns;
+    with `e2e` (eval.json's `e2e` block) the E2E pass rate beside command accuracy and the failing tests."""
     syntax = context.syntax.syntax
     latency = f"p50 {_number(scores.latency_p50_seconds)} s, p95 {_number(scores.latency_p95_seconds)} s"
+    e2e_row = (
+        []
+        if e2e is None
+        else [
+            f"| E2E pass rate | **{_percent(e2e['pass_rate'])}** ({e2e['passed']} of {e2e['tests']} held-out "
+            "tests pass with the model's own commands driving the dialogue) |"
+        ]
+    )
     out = [
         f"# Evaluation of {context.model_label}",
         "",
@@ -181,6 +223,7 @@ def eval_md(
         "| --- | --- |",
         f"| command accuracy | **{_percent(scores.command_accuracy)}** ({scores.right_turns} of "
         f"{scores.num_turns} turns with the whole command set right) |",
+        *e2e_row,
         f"| parse failures | {_percent(scores.parse_failure_rate)} ({scores.parse_failures} turns) |",
         f"| answers cut by max new tokens ({context.settings.get('max_new_tokens')}) | "
         f"{scores.truncated_turns} |",
@@ -188,6 +231,7 @@ def eval_md(
         f"| generated tokens per second | {_number(scores.tokens_per_second, 1)} |",
         f"| data | `{context.data}` → `{context.val_file}`, syntax {syntax} ({context.syntax.source}) |",
         "",
+        *(_e2e_section(e2e) if e2e is not None else []),
         "## Per command type",
         "",
         "| command | precision | recall | F1 | expected | predicted |",
