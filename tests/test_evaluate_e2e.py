@@ -396,3 +396,19 @@ def test_local_model_in_the_loop(data: Path, tiny_model: Path, tmp_path: Path) -
     assert (e2e["tests"], e2e["passed"], e2e["model_calls"]) == (7, 0, 7)
     assert {f["turn_index"] for f in e2e["failed"]} == {0}
     assert [f["answer"] for f in e2e["failed"]] == [f["answer"] for f in runs["1"]["failed"]]
+
+
+def test_ftrecipe_run_shows_the_pass_rate_beside_command_accuracy() -> None:
+    from ftrecipe.local.display import result_line
+
+    figures = {
+        "command_accuracy": 0.875,
+        "num_turns": 20,
+        "e2e_tests": 7,
+        "e2e_passed": 6,
+        "e2e_pass_rate": 6 / 7,
+    }
+    assert (
+        result_line("evaluate", figures)
+        == "command accuracy 87.5% on 20 turns, E2E pass rate 85.7% (6 of 7 tests)"
+    )

@@ -100,6 +100,11 @@ def result_line(phase: Phase, figures: Mapping[str, Any]) -> str:
         if accuracy is not None:
             turns = _int(figures, "num_turns")
             parts.append(f"command accuracy {accuracy:.1%}" + (f" on {turns} turns" if turns else ""))
+        pass_rate = _float(figures, "e2e_pass_rate")  # evaluation.e2e: the held-out tests, model in the loop
+        if pass_rate is not None:
+            tests, passed = _int(figures, "e2e_tests"), _int(figures, "e2e_passed")
+            counted = f" ({passed} of {tests} tests)" if tests is not None and passed is not None else ""
+            parts.append(f"E2E pass rate {pass_rate:.1%}{counted}")
     return ", ".join(parts)
 
 
