@@ -186,7 +186,7 @@ def test_one_wrong_answer_fails_that_test_at_that_turn(
     assert "| E2E pass rate | **85.7%** (6 of 7 held-out tests" in markdown
     assert (
         "| transfer_happy_path_step_by_step | 2 | $50 | set slot amount 50 | "
-        "set slot amount 500<br>(missing `set slot amount 50`) |"
+        "set slot amount 500<br>(missing `set slot amount 50`) | set slot amount 500 |"
     ) in markdown
 
 

@@ -20,6 +20,7 @@ from ftrecipe.evaluation.scoring import NOTHING, SET_SLOT, SET_SLOT_VALUE, Gener
 
 WORST_EXAMPLES: Final = 10
 PROMPT_TAIL_CHARS: Final = 600
+ANSWER_CHARS: Final = 200  # a raw answer in eval.md's table of failing E2E tests (eval.json has it whole)
 _BACKTICKS: Final = re.compile(r"`+")
 _LABEL_ORDER: Final = {name: position for position, name in enumerate((*COMMAND_TYPES, NOTHING))}
 
@@ -186,13 +187,16 @@ def _e2e_section(e2e: Mapping[str, Any]) -> list[str]:
     if not failed:
         return [*out, "Every test passes.", ""]
     out += [
-        "| test | turn | user message | expected | got |",
-        "| --- | ---: | --- | --- | --- |",
+        "| test | turn | user message | expected | got (parsed, and why the turn fails) | the model's answer |",
+        "| --- | ---: | --- | --- | --- | --- |",
     ]
     for failure in failed:
+        answer = failure["answer"]
+        if answer is not None and len(answer) > ANSWER_CHARS:
+            answer = answer[: ANSWER_CHARS - 1] + "…"
         out.append(
             f"| {_cell(failure['test'])} | {failure['turn_index']} | {_cell(failure['user_message'])} | "
-            f"{_cell(failure['expected'])} | {_cell(failure['actual'])} |"
+            f"{_cell(failure['expected'])} | {_cell(failure['actual'])} | {_cell(answer)} |"
         )
     return [*out, ""]
 
