@@ -74,6 +74,7 @@ def test_crd_identity(crd: Manifest) -> None:
         "Data points": ".status.dataPreparation.summary.numTrainDataPoints",
         "Eval loss": ".status.training.evalLoss",
         "Accuracy": ".status.evaluation.commandAccuracy",
+        "E2E pass": ".status.evaluation.e2ePassRate",
         "Age": ".metadata.creationTimestamp",
         "Step": ".status.training.step",
         "Message": ".status.message",
@@ -170,6 +171,9 @@ def test_full_example_sets_every_spec_field(crd: Manifest) -> None:
     manifest = full()["spec"]
     # Fields of the mutually exclusive unions that full.yaml cannot set at once are covered elsewhere.
     exclusive = {"s3", "configMap", "pvc", "local"}
+    # minE2EPassRate needs e2e: true, which full.yaml leaves off (its Jobs stay pinned); examples/recipes/e2e.yaml
+    # sets both.
+    exclusive.add("minE2EPassRate")
 
     def missing(node: dict[str, Any], value: Any, path: str) -> list[str]:
         if not isinstance(value, dict) or node.get("x-kubernetes-preserve-unknown-fields"):
@@ -398,6 +402,18 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "assistant",
         "endpoints is only read together with config",
     ),
+    (
+        "e2e-gate-without-e2e",
+        _set("spec.evaluation.minE2EPassRate", 0.8),
+        "spec.evaluation",
+        "evaluation.minE2EPassRate needs evaluation.e2e: true",
+    ),
+    (
+        "e2e-gate-above-one",
+        _both(_set("spec.evaluation.e2e", True), _set("spec.evaluation.minE2EPassRate", 1.5)),
+        "evaluation.minE2EPassRate",
+        "<= 1",
+    ),
 ]
 
 
@@ -451,6 +467,11 @@ def test_cel_rules_agree_with_model_rules_on_valid_variants(crd: Manifest) -> No
     from_config["spec"]["dataPreparation"] = {"annotator": "llm", "numRephrases": 3}
     assert cel_violations(schema, apply_defaults(schema, from_config)) == []
     parse_recipe(from_config)
+    # The E2E gate with the E2E evaluation it gates on.
+    gated = minimal()
+    gated["spec"]["evaluation"] = {"e2e": True, "minE2EPassRate": 0.9}
+    assert cel_violations(schema, apply_defaults(schema, gated)) == []
+    assert parse_recipe(gated).spec.evaluation.min_e2e_pass_rate == 0.9
 
 
 # ------------------------------------------------------------------------------------------ files and CLI

@@ -51,6 +51,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.evaluation.commandAccuracy",
         "description": "Command accuracy on held-out data.",
     },
+    {
+        "name": "E2E pass",
+        "type": "number",
+        "jsonPath": ".status.evaluation.e2ePassRate",
+        "description": "Share of held-out E2E tests passing with the adapter in the loop (evaluation.e2e).",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     # `kubectl get ftr -o wide`: where a running phase is, and why a failed one failed.
     {

@@ -1105,6 +1105,16 @@ class TrainingSpec(ApiModel):
 class EvaluationSpec(ApiModel):
     """Scoring the adapter on held-out conversations."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!has(self.minE2EPassRate) || self.e2e",
+                "evaluation.minE2EPassRate needs evaluation.e2e: true (the E2E pass rate is only measured "
+                "then): set e2e: true, or remove minE2EPassRate",
+            ),
+        )
+    )
+
     enabled: Annotated[bool, Field(description="Run the evaluation phase.")] = True
     min_command_accuracy: Annotated[
         float,
@@ -1124,6 +1134,34 @@ class EvaluationSpec(ApiModel):
             "base model). Empty: training.resources, with the same defaults."
         ),
     ] = None
+    e2e: Annotated[
+        bool,
+        Field(
+            description="Also replay each held-out E2E test with the adapter in the loop (its own commands "
+            "drive the dialogue state) and report the share of tests that pass end to end. The evaluation "
+            "then reads the assistant's files and the production prompt, as data preparation does."
+        ),
+    ] = False
+    min_e2e_pass_rate: Annotated[
+        float | None,
+        Field(
+            alias="minE2EPassRate",
+            description="Quality gate: below this share of held-out E2E tests passing with the adapter in the "
+            "loop the recipe fails. Needs e2e: true.",
+            ge=0.0,
+            le=1.0,
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _gate_needs_e2e(self) -> EvaluationSpec:
+        if self.min_e2e_pass_rate is not None and not self.e2e:
+            raise PydanticCustomError(
+                "e2e_gate_without_e2e",
+                "evaluation.minE2EPassRate needs evaluation.e2e: true (the E2E pass rate is only measured "
+                "then): set e2e: true, or remove minE2EPassRate",
+            )
+        return self
 
 
 _OUTPUT_TARGETS = ("s3", "local")
@@ -1219,7 +1257,11 @@ class FinetuneRecipeSpec(ApiModel):
 # existed (Python attribute paths). Phase hashes (`ftrecipe.plan.cache_key`) and what Jobs carry
 # (`ftrecipe.phases.inputs`) leave a field out while it has that value, so an existing recipe keeps its
 # phase hashes, its finished work and its Job manifests byte for byte; any other value counts.
-ADDED_LATER: Final[dict[str, Any]] = {"training.nodes": 1, "training.parallelism": "ddp"}
+ADDED_LATER: Final[dict[str, Any]] = {
+    "training.nodes": 1,
+    "training.parallelism": "ddp",
+    "evaluation.e2e": False,
+}
 
 
 def added_later_at_default(spec: FinetuneRecipeSpec) -> dict[str, Any]:
@@ -1313,6 +1355,18 @@ class TrainingStatus(ApiModel):
         str | None, Field(alias="adapterURI", description="Where the adapter bundle is.")
     ] = None
     last_checkpoint: Annotated[str | None, Field(description="Latest complete checkpoint.")] = None
+    restarts: Annotated[
+        int | None,
+        Field(
+            description="Training on several nodes (a JobSet): how often the group restarted, e.g. after a "
+            "lost node.",
+            ge=0,
+        ),
+    ] = None
+    max_restarts: Annotated[
+        int | None,
+        Field(description="Training on several nodes: the restarts allowed before it fails.", ge=0),
+    ] = None
 
 
 class EvaluationStatus(ApiModel):
@@ -1334,6 +1388,21 @@ class EvaluationStatus(ApiModel):
     per_command: Annotated[
         dict[str, float] | None,
         Field(description="F1 by command type on the validation turns, e.g. {start flow: 0.97}."),
+    ] = None
+    e2e_tests: Annotated[
+        int | None, Field(description="Held-out E2E tests replayed with the adapter in the loop (e2e).", ge=0)
+    ] = None
+    e2e_passed: Annotated[
+        int | None, Field(description="Held-out E2E tests that passed every turn with the adapter.", ge=0)
+    ] = None
+    e2e_pass_rate: Annotated[
+        float | None,
+        Field(
+            description="Share of held-out E2E tests passing with the adapter's own commands driving the "
+            "dialogue (e2e).",
+            ge=0,
+            le=1,
+        ),
     ] = None
     report_uri: Annotated[
         str | None, Field(alias="reportURI", description="Where the evaluation report is.")

@@ -58,7 +58,12 @@ IRRELEVANT: dict[Phase, tuple[str, ...]] = {
         "training.baseModel.s3.region",
         "training.baseModel.s3.forcePathStyle",
     ),
-    "evaluate": ("evaluation.minCommandAccuracy", "evaluation.enabled", "evaluation.resources"),
+    "evaluate": (
+        "evaluation.minCommandAccuracy",
+        "evaluation.minE2EPassRate",
+        "evaluation.enabled",
+        "evaluation.resources",
+    ),
 }
 # The spec sections each phase reads.
 SECTIONS: dict[Phase, tuple[str, ...]] = {
