@@ -412,3 +412,16 @@ def test_ftrecipe_run_shows_the_pass_rate_beside_command_accuracy() -> None:
         result_line("evaluate", figures)
         == "command accuracy 87.5% on 20 turns, E2E pass rate 85.7% (6 of 7 tests)"
     )
+
+
+def test_a_cached_evaluation_shows_its_pass_rate_from_the_status() -> None:
+    """A reused evaluation's figures come from the status (`ftrecipe run`'s summary and cached lines)."""
+    from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
+    from ftrecipe.local.display import result_line, status_figures
+
+    status = FinetuneRecipeStatus.model_validate(
+        {"evaluation": {"commandAccuracy": 0.5, "e2eTests": 7, "e2ePassed": 0, "e2ePassRate": 0.0}}
+    )
+    assert result_line("evaluate", status_figures(status)["evaluate"]) == (
+        "command accuracy 50.0%, E2E pass rate 0.0% (0 of 7 tests)"
+    )

@@ -119,7 +119,9 @@ def status_figures(status: FinetuneRecipeStatus) -> dict[Phase, dict[str, Any]]:
             include={"step", "total_steps", "train_loss", "eval_loss"}, exclude_none=True
         )
     if status.evaluation is not None and status.evaluation.command_accuracy is not None:
-        figures["evaluate"] = {"command_accuracy": status.evaluation.command_accuracy}
+        figures["evaluate"] = status.evaluation.model_dump(
+            include={"command_accuracy", "e2e_tests", "e2e_passed", "e2e_pass_rate"}, exclude_none=True
+        )
     return figures
 
 
