@@ -425,3 +425,29 @@ def test_a_cached_evaluation_shows_its_pass_rate_from_the_status() -> None:
     assert result_line("evaluate", status_figures(status)["evaluate"]) == (
         "command accuracy 50.0%, E2E pass rate 0.0% (0 of 7 tests)"
     )
+
+
+def test_data_and_report_on_s3(
+    data: Path, llm_server: LLMServer, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data bundle fetched from S3 (its e2e_tests/validation.yaml with it), the report published there."""
+    from ftrecipe.storage import fetch_bundle, publish_bundle
+
+    for key, value in {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}.items():
+        monkeypatch.setenv(key, value)
+    prefix = f"s3://{s3_bucket.bucket}/recipes/moneybank"
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("manifest.json", "_SUCCESS"))
+    publish_bundle(copy, f"{prefix}/data/", producer="test", inputs_hash="d")
+    llm_server.script(OneChange("$50", "set slot amount 500"))
+    args = ["evaluate", "--data", f"{prefix}/data/", "--endpoint", llm_server.base_url, "--model", "m"]
+    args += ["--out", f"{prefix}/eval/", "--work-dir", str(tmp_path / "work")]
+    assert main([*args, "--e2e", "--assistant", str(EXAMPLE)]) == 0
+    manifest = fetch_bundle(f"{prefix}/eval/", tmp_path / "fetched")
+    e2e = json.loads((tmp_path / "fetched" / "eval.json").read_text(encoding="utf-8"))["e2e"]
+    assert (e2e["passed"], e2e["failed"][0]["test"], e2e["failed"][0]["file"]) == (
+        6,
+        "transfer_happy_path_step_by_step",
+        VALIDATION_FILE,
+    )
+    assert manifest.metadata["e2e_pass_rate"] == 0.857143
