@@ -1,11 +1,32 @@
 """`ftrecipe train` across nodes: one torchrun per node (pod), joined by a c10d rendezvous on node 0.
 
-The launcher's decisions are pure functions (`launch.node_group`, `launch.launch_command`).
+The launcher's decisions are pure functions (`launch.node_group`, `launch.launch_command`). Then two
+"nodes" on the CPU: two `ftrecipe train --nodes 2` launches (torchrun each, gloo, a c10d rendezvous on
+127.0.0.1, one process per node), each with its own --work-dir as each pod has its own volume:
+
+- they log the same loss at every step as one process with the same global batch (2 examples per
+  process x 2 processes = 2 examples x 2 accumulation steps), to `LOSS_TOLERANCE`;
+- with everything on S3 (data, base model, --out): one node's process SIGKILLed mid-run takes the other
+  node down too (exit 1, not a preemption); launched again with the same arguments ("the JobSet restarts
+  the group"), both fetch the last checkpoint global rank 0 published, on their own disks, resume from its
+  step and end with the losses and adapter of an uninterrupted two-node run (LoRA dropout on: the random
+  state of the rank on the other node comes back too, because rank 0 gathered it into the checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +157,315 @@ def test_train_refuses_a_bad_node_setting_with_one_line(capsys: pytest.CaptureFi
         "error: 2 nodes need a rendezvous: pass --rendezvous HOST:PORT of node 0 "
         "(a JobSet pod has it in FTRECIPE_RENDEZVOUS)"
     ]
+
+
+# --------------------------------------------------------------------------------------------- two nodes
+
+STEPS_PER_EPOCH = 6  # 24 examples, 2 per process, 2 processes
+EPOCHS = 2
+SETTINGS = [
+    "hyperparameters.learningRate=1e-2",
+    "hyperparameters.maxSeqLength=256",
+    "hyperparameters.batchSize=2",
+    "hyperparameters.gradientAccumulationSteps=1",
+    "hyperparameters.warmupSteps=0",
+    "hyperparameters.gradientCheckpointing=false",
+    f"hyperparameters.epochs={EPOCHS}",
+    "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
+    "checkpointEverySteps=2",
+]
+# Float32 on the CPU; the two layouts add the same gradients in another grouping (gloo's all-reduce of
+# two halves vs accumulation): observed equal to the last bit, allowed to differ in the 7th digit.
+LOSS_TOLERANCE = 1e-6
+RESUME_TOLERANCE = 1e-5  # as tests/test_train_resume.py
+WEIGHT_TOLERANCE = 1e-6
+RUN_TIMEOUT = 300
+
+WORDS = ("send", "money", "balance", "contact")
+COMPLETIONS = ("start flow transfer_money", "start flow check_balance")  # 5 tokens each
+
+
+def _write_data(root: Path) -> Path:
+    """24 training and 4 validation examples of one token length (36 with the tiny model's template).
+
+    Equal lengths make the length-grouped order the same for any batch size and grouping (transformers
+    sorts each group by length and moves the longest group first): one process with 2 x 2 accumulation
+    and two processes with 2 each then see the same 4 examples at every step.
+    """
+    orders = list(itertools.permutations(WORDS))
+
+    def record(i: int) -> dict[str, str]:
+        prompt = "USER: " + " ".join(orders[i % len(orders)]) + "\nWhat do you do next?"
+        return {"prompt": prompt, "completion": COMPLETIONS[(i * 7 // 3) % 2]}
+
+    root.mkdir(parents=True)
+    for name, indices in (("train.jsonl", range(24)), ("val.jsonl", range(1, 20, 5))):
+        lines = [json.dumps(record(i)) for i in indices]
+        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _train_argv(data: str, model: str, out: str, work: Path, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "ftrecipe.cli.main", "train", "--data", data, "--base-model", model]
+    argv += ["--out", out, "--work-dir", str(work)]
+    for item in (*SETTINGS, *extra):
+        argv += ["--set", item]
+    return argv
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+@contextlib.contextmanager
+def _nodes(
+    argvs: list[list[str]], root: Path, env: dict[str, str]
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`ftrecipe train --nodes 2` once per node (node rank = position), stdout/stderr in root/node<K>.*;
+    every process (launcher, torchrun, rank) killed at the end if still there."""
+    port = _free_port()
+    processes = []
+    for rank, argv in enumerate(argvs):
+        group = ["--nodes", str(len(argvs)), "--rendezvous", f"127.0.0.1:{port}", "--node-rank", str(rank)]
+        with (root / f"node{rank}.out").open("wb") as out, (root / f"node{rank}.err").open("wb") as err:
+            processes.append(
+                subprocess.Popen([*argv, *group], stdout=out, stderr=err, env=env, start_new_session=True)
+            )
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _wait(processes: list[subprocess.Popen[bytes]], root: Path, timeout: float = RUN_TIMEOUT) -> list[int]:
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a node did not finish in {timeout:.0f} s: {_tails(root)}")
+    return [process.returncode for process in processes]
+
+
+def _tails(root: Path) -> str:
+    return "\n".join(
+        f"--- {path.name}\n{path.read_text(encoding='utf-8', errors='replace')[-2500:]}"
+        for path in sorted(root.glob("node*.*"))
+    )
+
+
+def _stdout(root: Path) -> list[str]:
+    """Both nodes' stdout lines (global rank 0 reports, wherever the rendezvous put it)."""
+    return [
+        line
+        for path in sorted(root.glob("node*.out"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+
+
+def _other_node(logs: Path) -> int:
+    """The node without global rank 0 (the one not reporting progress): the rendezvous decides which,
+    and here both nodes have one host name."""
+    reporting = [
+        int(path.stem.removeprefix("node"))
+        for path in sorted(logs.glob("node*.out"))
+        if '"event": "progress"' in path.read_text(encoding="utf-8")
+    ]
+    assert len(reporting) == 1, reporting
+    return 1 - reporting[0]
+
+
+def _losses(metrics: Path) -> list[tuple[int, float | None, float | None]]:
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    return [(row["step"], row["train_loss"], row["eval_loss"]) for row in rows]
+
+
+def _assert_same_losses(
+    got: list[tuple[int, float | None, float | None]],
+    want: list[tuple[int, float | None, float | None]],
+    tolerance: float,
+) -> None:
+    assert [row[0] for row in got] == [row[0] for row in want]
+    for (step, train, evaluation), (_, train_want, eval_want) in zip(got, want, strict=True):
+        for value, expected in ((train, train_want), (evaluation, eval_want)):
+            assert (value is None) == (expected is None), (step, got, want)
+            if value is not None and expected is not None:
+                assert abs(value - expected) <= tolerance, f"step {step}: {value} != {expected}"
+
+
+def _adapter(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _largest_difference(left: dict[str, Any], right: dict[str, Any]) -> float:
+    assert sorted(left) == sorted(right)
+    return max(float((left[name] - right[name]).abs().max()) for name in left)
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _worker(launcher: int) -> int:
+    """The pid of torchrun's worker under the launcher `launcher` (the process with LOCAL_RANK set)."""
+    for pid in _descendants(launcher):
+        with contextlib.suppress(OSError):
+            if b"LOCAL_RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no worker under {launcher}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_data(tmp_path_factory.mktemp("multinode-data") / "splits")
+
+
+@pytest.mark.slow
+def test_two_nodes_log_the_losses_of_one_process_with_the_same_global_batch(
+    tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    # no LoRA dropout: one process draws other masks for its two micro-batches than two processes do
+    single = _train_argv(str(data), str(tiny_model), str(one / "out"), one / "work", "lora.dropout=0")
+    done = subprocess.run(
+        [*single, "--set", "hyperparameters.gradientAccumulationSteps=2"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=RUN_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    two = tmp_path / "two"
+    two.mkdir()
+    argvs = [
+        _train_argv(str(data), str(tiny_model), str(two / "out"), two / f"work{k}", "lora.dropout=0")
+        for k in (0, 1)
+    ]
+    with _nodes(argvs, two, _env()) as processes:
+        assert _wait(processes, two) == [0, 0], _tails(two)
+    events = [json.loads(line) for line in _stdout(two) if line.startswith("{")]
+    assert [event["event"] for event in events].count("done") == 1  # global rank 0 alone publishes
+    assert max(e["total_steps"] for e in events if e["event"] == "progress") == STEPS_PER_EPOCH * EPOCHS
+
+    want = _losses(one / "out" / "metrics.jsonl")
+    assert [step for step, train, _ in want if train is not None] == list(
+        range(1, STEPS_PER_EPOCH * EPOCHS + 1)
+    )
+    assert [step for step, _, evaluation in want if evaluation is not None] == [STEPS_PER_EPOCH, 12]
+    _assert_same_losses(_losses(two / "out" / "metrics.jsonl"), want, LOSS_TOLERANCE)
+    # the node without global rank 0 kept no checkpoint and wrote no bundle or metrics on its disk
+    other = two / f"work{_other_node(two)}"
+    assert sorted(child.name for child in other.iterdir()) == ["checkpoints", "run_inputs.json"]
+    assert list((other / "checkpoints").iterdir()) == []
+
+
+def _wait_for_step(root: Path, step: int, processes: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        steps = [
+            json.loads(line)["step"] for line in _stdout(root) if line.startswith('{"event": "progress"')
+        ]
+        if steps and max(steps) >= step:
+            return
+        if any(process.poll() is not None for process in processes):
+            pytest.fail(f"a node ended before step {step}: {_tails(root)}")
+        time.sleep(0.1)
+    pytest.fail(f"no step {step} in {RUN_TIMEOUT} s: {_tails(root)}")
+
+
+def _checkpoint_steps(out: str) -> list[int]:
+    from ftrecipe.storage.listing import list_bundles
+
+    return sorted(int(name.removeprefix("step-")) for name in list_bundles(f"{out}checkpoints/"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_a_node_killed_mid_run_fails_the_group_and_the_restarted_group_resumes_exactly(
+    tiny_model: Path, data: Path, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ftrecipe.storage import fetch_bundle, publish_bundle, read_manifest
+
+    s3_env = {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    env = _env(**s3_env)
+    prefix = f"s3://{s3_bucket.bucket}/recipes/multinode"
+    publish_bundle(data, f"{prefix}/data/", producer="test", inputs_hash="d")
+    publish_bundle(tiny_model, f"{prefix}/base/", producer="test", inputs_hash="m")
+
+    def argvs(out: str, root: Path) -> list[list[str]]:
+        # dropout draws from each rank's generator: the other node's rank must get its state back
+        inputs = (f"{prefix}/data/", f"{prefix}/base/", out)
+        return [_train_argv(*inputs, root / f"work{k}", "lora.dropout=0.1") for k in (0, 1)]
+
+    straight = tmp_path / "straight"
+    (straight / "logs").mkdir(parents=True)
+    with _nodes(argvs(f"{prefix}/straight/", straight), straight / "logs", env) as processes:
+        assert _wait(processes, straight / "logs") == [0, 0], _tails(straight / "logs")
+
+    out = f"{prefix}/killed/"
+    root = tmp_path / "killed"
+    first, again = root / "first", root / "again"
+    first.mkdir(parents=True)
+    again.mkdir()
+    with _nodes(argvs(out, root), first, env) as processes:
+        _wait_for_step(first, 5, processes)  # step-4 is published by now
+        os.kill(_worker(processes[1].pid), signal.SIGKILL)
+        # the other node's rank fails in its next collective, its torchrun exits 1: no preemption
+        assert _wait(processes, first, timeout=120) == [1, 1], _tails(first)
+    published = _checkpoint_steps(out)
+    assert published and 4 <= published[-1] < STEPS_PER_EPOCH * EPOCHS, published
+    manifest = read_manifest(f"{out}checkpoints/step-{published[-1]}/")
+    assert manifest is not None
+    # rank 1's random state, written on its own node's disk, is in what rank 0 published
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= {f.path for f in manifest.files}
+    # the node without global rank 0 has no checkpoint on its disk to resume from (a `checkpoint-N` that
+    # a save cut short by the kill may be there: never resumed from, deleted at the next start)
+    other = root / f"work{_other_node(first)}"
+    assert [child.name for child in (other / "checkpoints").iterdir() if child.name.startswith("step-")] == []
+
+    # "the JobSet restarts the group": both nodes again, the same arguments
+    with _nodes(argvs(out, root), again, env) as processes:
+        assert _wait(processes, again) == [0, 0], _tails(again)
+    assert f"resuming from step {published[-1]}" in _stdout(again)
+    for log in again.glob("node*.err"):
+        assert "Didn't find an RNG file" not in log.read_text(encoding="utf-8"), _tails(again)
+    assert _checkpoint_steps(out) == []  # deleted once the adapter is out
+    # nor the copies on the disk of the node without rank 0 (this time)
+    assert list((root / f"work{_other_node(again)}" / "checkpoints").iterdir()) == []
+
+    resumed = fetch_bundle(out, tmp_path / "resumed")
+    assert resumed is not None
+    fetch_bundle(f"{prefix}/straight/", tmp_path / "uninterrupted")
+    want = _losses(tmp_path / "uninterrupted" / "metrics.jsonl")
+    assert [step for step, train, _ in want if train is not None] == list(
+        range(1, STEPS_PER_EPOCH * EPOCHS + 1)
+    )
+    _assert_same_losses(_losses(tmp_path / "resumed" / "metrics.jsonl"), want, RESUME_TOLERANCE)
+    difference = _largest_difference(_adapter(tmp_path / "resumed"), _adapter(tmp_path / "uninterrupted"))
+    assert difference <= WEIGHT_TOLERANCE

@@ -53,7 +53,7 @@ from ftrecipe.training.bundle import (
 )
 from ftrecipe.training.config import TrainConfig
 from ftrecipe.training.data import DataError, Splits, dataset_hash, ensure_chat_template, find_splits
-from ftrecipe.training.launch import PREEMPTED_FILE_ENV, is_main_process
+from ftrecipe.training.launch import PREEMPTED_FILE_ENV, is_main_process, is_node_main_process
 
 RANK_WAIT_SECONDS = 7200  # how long ranks wait for one another (collectives, rank 0's downloads)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
@@ -216,10 +216,17 @@ def _is_s3(text: str) -> bool:
     return text.startswith("s3://")
 
 
-def fetch_input(uri: str, target: Path, what: str) -> Path:
-    """The complete bundle at `uri` in `target` (verified); TrainError naming `what` and the URI."""
+def fetch_input(uri: str, target: Path, what: str, fetch: bool = True) -> Path:
+    """The complete bundle at `uri` in `target` (verified); TrainError naming `what` and the URI.
+
+    `fetch=False`: a rank other than its node's local rank 0, which fetched it onto this node's disk first.
+    """
     from ftrecipe.storage import StorageError, fetch_bundle
 
+    if not fetch:
+        if not target.is_dir():
+            raise TrainError(f"{what} {uri}: not in {target} on this node; its local rank 0 fetches it first")
+        return target
     try:
         manifest = fetch_bundle(uri, target)
     except StorageError as exc:
@@ -232,22 +239,22 @@ def fetch_input(uri: str, target: Path, what: str) -> Path:
     return target
 
 
-def resolve_data(data: str, work_dir: Path) -> Splits:
-    folder = fetch_input(data, work_dir / "data", "data") if _is_s3(data) else Path(data)
+def resolve_data(data: str, work_dir: Path, fetch: bool = True) -> Splits:
+    folder = fetch_input(data, work_dir / "data", "data", fetch) if _is_s3(data) else Path(data)
     try:
         return find_splits(folder)
     except DataError as exc:
         raise TrainError(str(exc)) from None
 
 
-def resolve_base_model(base_model: str, work_dir: Path) -> BaseModelRef:
+def resolve_base_model(base_model: str, work_dir: Path, fetch: bool = True) -> BaseModelRef:
     if base_model.startswith("hf:"):
         name, _, revision = base_model[3:].partition("@")
         if not name:
             raise TrainError(f"--base-model {base_model}: expected hf:ORG/NAME[@REVISION]")
         return BaseModelRef(name, revision or None, name, base_model)
     if _is_s3(base_model):
-        folder = fetch_input(base_model, work_dir / "base_model", "base model")
+        folder = fetch_input(base_model, work_dir / "base_model", "base model", fetch)
         return BaseModelRef(str(folder), None, base_model, base_model)
     folder = Path(base_model)
     if not folder.is_dir():
@@ -741,7 +748,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 @contextlib.contextmanager
 def _main_process_first(world_size: int, main_process: bool) -> Iterator[None]:
-    """Rank 0 runs the block, then the other ranks do (one pod: one work folder for all of them).
+    """The main processes run the block, then the other ranks do. `main_process` is each node's local rank 0
+    (`_run_train`): the nodes of a group fetch side by side, each onto its own disk, while a node's ranks
+    share its work folder.
 
     The process group is started here, as the Trainer would start it (NCCL on GPUs, gloo on the CPU):
     accelerate's PartialState, asked before the Trainer, sees no distributed run on a CPU and orders
@@ -768,6 +777,63 @@ def _main_process_first(world_size: int, main_process: bool) -> Iterator[None]:
     finally:
         if main_process:  # also after an error: the others must not wait forever, they fail the same way
             dist.barrier()
+
+
+def _same_checkpoint_everywhere(step: int | None) -> None:
+    """Each node fetched the checkpoint it resumes from on its own: all must have found the same one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    found: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, step)
+    if len(set(found)) > 1:
+        steps = ", ".join("none" if item is None else str(item) for item in found)
+        raise TrainError(
+            f"the ranks found different checkpoints to resume from (by rank: {steps}); one was published "
+            "while this run started: rerun"
+        )
+
+
+def gather_checkpoint_files(folder: Path, world_zero: bool, local_zero: bool) -> list[str]:
+    """Copy into global rank 0's `folder` the checkpoint files only other nodes have; returns their paths.
+
+    Every rank writes its part of a checkpoint into its own node's copy: its random state
+    (`rng_state_<rank>.pth`), under FSDP its shards. A node's disk is its own, and rank 0 publishes from
+    its disk alone, so each other node's local rank 0 sends rank 0 what rank 0's copy lacks (a few KB per
+    rank for the random states). Ranks on rank 0's node share its disk and send nothing.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    present: list[Any] = [_relative_files(folder) if world_zero else None]
+    dist.broadcast_object_list(present, src=0)
+    mine: dict[str, bytes] = {}
+    if local_zero and not world_zero:
+        for name in _relative_files(folder):
+            if name not in present[0]:
+                mine[name] = (folder / name).read_bytes()
+    gathered: list[Any] | None = [None] * dist.get_world_size() if world_zero else None
+    dist.gather_object(mine, gathered, dst=0)
+    written: list[str] = []
+    for files in gathered or []:
+        for name, content in sorted(files.items()):
+            if name in written:
+                continue
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            partial.write_bytes(content)
+            os.replace(partial, target)
+            written.append(name)
+    return sorted(written)
+
+
+def _relative_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
 
 
 def _barrier() -> None:
@@ -830,8 +896,10 @@ def _make_callbacks(
             self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
         ) -> None:
             _barrier()  # every rank has written its part (rng state) of checkpoint-N
+            source = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            # other nodes' parts, from their own disks, into the copy rank 0 publishes
+            gather_checkpoint_files(source, state.is_world_process_zero, state.is_local_process_zero)
             if state.is_world_process_zero:
-                source = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
                 target = checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 if source.is_dir():
                     if target.exists():
@@ -842,6 +910,8 @@ def _make_callbacks(
                     on_checkpoint(state.global_step, target)
                     prune_local_checkpoints(checkpoints, KEEP_CHECKPOINTS)  # as the durable copies are
             _barrier()
+            if state.is_local_process_zero and not state.is_world_process_zero:
+                shutil.rmtree(source, ignore_errors=True)  # another node's disk: its part is in rank 0's
 
         def on_log(
             self,
@@ -990,9 +1060,23 @@ class _CheckpointsAreNotStrangers(logging.Filter):
         return True
 
 
-def _resume_from_durable(durable: DurableCheckpoints, checkpoints: Path) -> tuple[int, Path] | None:
-    """Fetch this run's latest durable checkpoint into `checkpoints/step-<N>` (local ones are scratch)."""
+def _resume_from_durable(
+    durable: DurableCheckpoints, checkpoints: Path, fetch: bool = True
+) -> tuple[int, Path] | None:
+    """Fetch this run's latest durable checkpoint into `checkpoints/step-<N>` (local ones are scratch).
+
+    `fetch=False`: a rank other than its node's local rank 0, which fetched it (and pruned the rest) first.
+    """
     steps = durable.scan()
+    if not fetch:
+        if not steps:
+            return None
+        return steps[-1], fetch_input(
+            str(durable._location(steps[-1])),
+            checkpoints / f"{CHECKPOINT_PREFIX}{steps[-1]}",
+            "checkpoint",
+            False,
+        )
     keep = f"{CHECKPOINT_PREFIX}{steps[-1]}" if steps else None
     for child in checkpoints.iterdir():
         if child.is_dir() and child.name != keep and _STEP_DIR.match(child.name):
@@ -1031,14 +1115,16 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     config = options.config
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = is_main_process(os.environ)
+    node_main = is_node_main_process(os.environ)
     if not main_process:
         emit = _no_event  # rank 0 alone reports
-    # Under torchrun: rank 0 fetches inputs and the checkpoint, the others then find them.
-    with _main_process_first(world_size, main_process):
+    # Under torchrun: each node's local rank 0 fetches the inputs and the checkpoint onto that node's disk
+    # (every pod of a node group has its own volume); the node's other ranks then find them there.
+    with _main_process_first(world_size, node_main):
         scratch = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / "scratch"
         fetch_dir = (options.work_dir or scratch) / "inputs"
-        splits = resolve_data(options.data, fetch_dir)
-        base = resolve_base_model(options.base_model, fetch_dir)
+        splits = resolve_data(options.data, fetch_dir, fetch=node_main)
+        base = resolve_base_model(options.base_model, fetch_dir, fetch=node_main)
         _check_quantization(config)
         data_hash = dataset_hash(splits)
         run_hash = inputs_hash(config, base, data_hash, world_size)
@@ -1048,7 +1134,8 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
         checkpoints.mkdir(exist_ok=True)
         metrics_path = work_dir / "metrics.jsonl"
         durable = DurableCheckpoints(options.out, run_hash)
-        resume = _resume_from_durable(durable, checkpoints)
+        resume = _resume_from_durable(durable, checkpoints, fetch=node_main)
+    _same_checkpoint_everywhere(resume[0] if resume else None)
 
     import torch
     from transformers import IntervalStrategy, PrinterCallback, ProgressCallback
@@ -1187,6 +1274,8 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     metrics = _read_metrics(metrics_path)
     evals = [row["eval_loss"] for row in metrics if row.get("eval_loss") is not None]
     if not main_process:  # rank 0 writes and publishes the bundle
+        if node_main:  # another node's disk: its copy of the checkpoint resumed from is no longer needed
+            prune_local_checkpoints(checkpoints, 0)
         return TrainResult(
             steps=trainer.state.global_step,
             resumed_from=resume[0] if resume else None,
@@ -1318,7 +1407,7 @@ def run_launched(command: list[str]) -> int:
     """
     import subprocess
 
-    print(f"training on several GPUs: {' '.join(command)}", file=sys.stderr, flush=True)
+    print(f"training in several processes: {' '.join(command)}", file=sys.stderr, flush=True)
     state: dict[str, Any] = {"child": None, "pending": [], "sigterm": False}
 
     def forward(signum: int, frame: FrameType | None) -> None:
