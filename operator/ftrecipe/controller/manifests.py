@@ -281,7 +281,7 @@ def _fetch_inputs_container(
     env = [_value(inputs.SPEC_ENV, inputs.spec_json(spec))]
     mounts: list[dict[str, Any]] = []
     source = spec.assistant.source
-    if phase == "data":
+    if inputs.reads_assistant(spec, phase):  # data, and evaluate with evaluation.e2e
         if source.local is not None:
             raise ValueError(
                 "spec.assistant.source.local is for `ftrecipe run` on one machine; in a cluster use s3, git, "
@@ -452,11 +452,21 @@ def build_job(
             gpus = training.gpus
             deadline = training.active_deadline_seconds
         else:
-            init = None  # evaluate reads its data, base model and adapter itself: nothing to fetch first
+            # evaluate reads its data, base model and adapter itself; the E2E replay (evaluation.e2e) also
+            # the assistant and llm.yml, fetched first as for data preparation.
+            init = None
+            if inputs.reads_assistant(spec, phase):
+                init = _fetch_inputs_container(spec, phase, spec.images.operator or images.operator, volumes)
             if adapter_prefix is None:
                 adapter_prefix = phase_prefix(output.uri, recipe_name, "train", hashes["train"])
             args = evaluate_args(
-                spec, output_prefix, data_prefix, adapter_prefix, base_model_arg(spec), JOB_PATHS.work
+                spec,
+                output_prefix,
+                data_prefix,
+                adapter_prefix,
+                base_model_arg(spec),
+                JOB_PATHS.work,
+                JOB_PATHS,
             )
             gpus = min(training.gpus, 1)  # one process generates; more GPUs would sit idle
             deadline = DEFAULT_DEADLINE_SECONDS

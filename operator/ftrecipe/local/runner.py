@@ -200,7 +200,14 @@ def phase_args(local: LocalRecipe, phase: Phase) -> list[str]:
             command_paths(local, phase),
             local.name,
         )
-    return evaluate_args(spec, prefixes["evaluate"], prefixes["data"], prefixes["train"], local.base_model)
+    return evaluate_args(
+        spec,
+        prefixes["evaluate"],
+        prefixes["data"],
+        prefixes["train"],
+        local.base_model,
+        paths=command_paths(local, phase),
+    )
 
 
 def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
@@ -209,14 +216,15 @@ def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
 
 def write_inputs(local: LocalRecipe, phase: Phase) -> None:
     """What `fetch-inputs` writes in a Job, from the same functions: the assistant (linked when local,
-    fetched from git or S3 otherwise) and llm.yml / rephrase.yml for data, training.yml for train.
-    Raises `inputs.FetchError` when the assistant cannot be fetched."""
+    fetched from git or S3 otherwise) and llm.yml / rephrase.yml for data (the assistant and llm.yml for
+    an evaluation with e2e too), training.yml for train. Raises `inputs.FetchError` when the assistant
+    cannot be fetched."""
     folder = local.run_dir(phase) / "inputs"
     if folder.exists():
         shutil.rmtree(folder)  # a link inside is removed, never followed
     folder.mkdir(parents=True)
     spec = local.spec
-    if phase == "data":
+    if inputs.reads_assistant(spec, phase):
         assistant = folder / inputs.ASSISTANT_DIR
         if local.assistant is not None:  # prompt templates are named relative to the config files
             assistant.symlink_to(local.assistant, target_is_directory=True)
@@ -225,9 +233,9 @@ def write_inputs(local: LocalRecipe, phase: Phase) -> None:
             source = spec.assistant.source.s3
             environ = {**os.environ, **(s3_env(source) if source is not None else {})}
             origin = inputs.fetch_assistant(spec, assistant, environ)
-        inputs.check_named_paths(spec, assistant, origin)
+        inputs.check_named_paths(spec, assistant, origin, phase)
         _write_yaml(folder / inputs.LLM_CONFIG, inputs.llm_config(spec))
-        rephrase = inputs.rephrase_config(spec)
+        rephrase = inputs.rephrase_config(spec) if phase == "data" else None
         if rephrase is not None:
             _write_yaml(folder / inputs.REPHRASE_CONFIG, rephrase)
     elif phase == "train":

@@ -120,6 +120,21 @@ def train_args(
     ]
 
 
+def e2e_args(spec: FinetuneRecipeSpec, paths: CommandPaths) -> list[str]:
+    """evaluate's `--e2e` flags: the assistant and the generator's config as prepare-data got them
+    (`data_args`), so the replay renders the prompts data preparation rendered. The gate
+    (`evaluation.minE2EPassRate`) is not among them: like minCommandAccuracy it is checked by the planner
+    on the report's figures, so a tightened gate is checked on a reused report too."""
+    if not spec.evaluation.e2e:
+        return []
+    args = ["--e2e", "--assistant", paths.assistant, "--llm-config", f"{paths.inputs}/{inputs.LLM_CONFIG}"]
+    if spec.assistant.config is not None:
+        args += ["--config", f"{paths.assistant}/{spec.assistant.config.strip('/')}"]
+    if spec.assistant.endpoints is not None:
+        args += ["--endpoints", f"{paths.assistant}/{spec.assistant.endpoints.strip('/')}"]
+    return args
+
+
 def evaluate_args(
     spec: FinetuneRecipeSpec,
     output_prefix: str,
@@ -127,10 +142,16 @@ def evaluate_args(
     adapter_prefix: str,
     base_model: str,
     work_dir: str | None = None,
+    paths: CommandPaths | None = None,
 ) -> list[str]:
     """evaluate's command line: the adapter on the base model it was trained on, scored on the data
-    bundle's validation split. ``work_dir``: where fetched inputs go (a Job's scratch volume, not /tmp)."""
+    bundle's validation split. ``work_dir``: where fetched inputs go (a Job's scratch volume, not /tmp).
+    ``paths``: where `fetch-inputs` (or a local run) put the assistant and llm.yml, read by the E2E
+    replay (``evaluation.e2e``, which needs them)."""
     scratch = ["--work-dir", work_dir] if work_dir is not None else []
+    if spec.evaluation.e2e and paths is None:
+        raise ValueError("evaluation.e2e reads the assistant's files: pass the paths fetch-inputs wrote")
+    e2e = e2e_args(spec, paths) if paths is not None else []
     # Without an explicit syntax, evaluate reads the one the data was prepared in (its params.yaml).
     syntax = ["--syntax", spec.command_generator.syntax] if spec.command_generator.syntax else []
     return [
@@ -146,5 +167,6 @@ def evaluate_args(
         *syntax,
         "--max-new-tokens",
         str(spec.evaluation.max_new_tokens),
+        *e2e,
         *scratch,
     ]

@@ -5,7 +5,10 @@ only, never values) and writes under ``--into``:
 
 * data: ``assistant/`` (the assistant's files from S3, git, a mounted ConfigMap or a mounted PVC),
   ``llm.yml`` (``--llm-config`` of prepare-data) and, when the recipe sets a rephraser, ``rephrase.yml``;
-* train: ``training.yml`` (``--config`` of train); the data and the base model are read by train itself.
+* train: ``training.yml`` (``--config`` of train); the data and the base model are read by train itself;
+* evaluate, with ``evaluation.e2e``: ``assistant/`` and ``llm.yml`` as for data (the held-out E2E tests are
+  replayed with the adapter in the loop, and their prompts rendered from the flows, the domain and the
+  production prompt template); the tests themselves come from the data bundle. Without e2e: nothing.
 
 The same functions that write the files also say what the Job's command line refers to (see
 `ftrecipe.phases.commands`), so the two cannot drift apart. Credentials only ever come from the
@@ -323,24 +326,35 @@ def fetch_assistant(spec: FinetuneRecipeSpec, target: Path, environ: Mapping[str
     )
 
 
-def named_paths(spec: FinetuneRecipeSpec) -> list[tuple[str, str]]:
-    """(field, path) of every file or folder the spec names inside the assistant's files."""
-    named = [("assistant.e2eTests", path) for path in spec.assistant.e2e_tests]
+def reads_assistant(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
+    """Whether ``phase`` reads the assistant's files and ``llm.yml``: data always; evaluate when
+    ``evaluation.e2e`` replays the held-out E2E tests (their prompts need the flows, the domain and the
+    production prompt template, as prepare-data rendered them)."""
+    return phase == "data" or (phase == "evaluate" and spec.evaluation.e2e)
+
+
+def named_paths(spec: FinetuneRecipeSpec, phase: Phase = "data") -> list[tuple[str, str]]:
+    """(field, path) of every file or folder the spec names inside the assistant's files that ``phase``
+    reads: data all of them; the E2E evaluation the Rasa config, endpoints and prompt template only (its
+    tests come from the data bundle, the rephraser is data preparation's alone)."""
+    named = [("assistant.e2eTests", path) for path in spec.assistant.e2e_tests] if phase == "data" else []
     for field_name, path in (
         ("assistant.config", spec.assistant.config),
         ("assistant.endpoints", spec.assistant.endpoints),
         ("commandGenerator.promptTemplate", spec.command_generator.prompt_template),
-        ("dataPreparation.rephraser.promptTemplate", spec.data_preparation.rephraser.prompt_template),
     ):
         if path is not None:
             named.append((field_name, path))
+    rephraser_template = spec.data_preparation.rephraser.prompt_template
+    if phase == "data" and rephraser_template is not None:
+        named.append(("dataPreparation.rephraser.promptTemplate", rephraser_template))
     return named
 
 
-def check_named_paths(spec: FinetuneRecipeSpec, root: Path, origin: str) -> None:
+def check_named_paths(spec: FinetuneRecipeSpec, root: Path, origin: str, phase: Phase = "data") -> None:
     """FetchError naming the recipe field of the first path that is not among the assistant's files:
     said before any LLM call, in the recipe's words rather than the Job's paths."""
-    for field_name, path in named_paths(spec):
+    for field_name, path in named_paths(spec, phase):
         if not (root / path.strip("/")).exists():
             raise FetchError(
                 f"{field_name}: {path} is not among the assistant's files ({origin}); fix the path or add it"
@@ -368,6 +382,12 @@ def fetch_inputs(
         elif phase == "train":
             _write_yaml(into / TRAINING_CONFIG, training_config(spec))
             written.append(str(into / TRAINING_CONFIG))
+        elif reads_assistant(spec, phase):  # evaluate --e2e
+            origin = fetch_assistant(spec, into / ASSISTANT_DIR, env)
+            check_named_paths(spec, into / ASSISTANT_DIR, origin, phase)
+            written.append(f"{into / ASSISTANT_DIR}: {origin}")
+            _write_yaml(into / LLM_CONFIG, llm_config(spec))
+            written.append(str(into / LLM_CONFIG))
     except StorageError as error:
         raise FetchError(str(error)) from None
     except OSError as error:

@@ -29,7 +29,13 @@ PHASE_HUMAN: Final[dict[Phase, str]] = {
 # Why a phase's pod has not started: the condition reason the status shows while it waits, and the
 # phase's failure reason once it waited longer than its `StuckLimits` allow.
 StuckReason = Literal[
-    "Unschedulable", "ImagePullBackOff", "SecretMissing", "ContainerConfigError", "MountFailed", "Queued"
+    "Unschedulable",
+    "ImagePullBackOff",
+    "SecretMissing",
+    "ContainerConfigError",
+    "MountFailed",
+    "Queued",
+    "JobSetNotInstalled",
 ]
 STUCK_REASONS: Final[tuple[StuckReason, ...]] = (
     "Unschedulable",
@@ -38,7 +44,12 @@ STUCK_REASONS: Final[tuple[StuckReason, ...]] = (
     "ContainerConfigError",
     "MountFailed",
     "Queued",
+    "JobSetNotInstalled",
 )
+# A multi-node training's JobSet cannot be created: the cluster has no JobSet API (404) or the operator may
+# not use it (403, the chart's jobset.enabled off). It waits, retried at every resync; never a failure.
+JOBSET_NOT_INSTALLED: Final = "JobSetNotInstalled"
+JOBSET_MANIFESTS: Final = "https://github.com/kubernetes-sigs/jobset/releases/latest/download/manifests.yaml"
 EVICTED: Final = "Evicted"
 # Reasons of a phase that failed with its Job (the status remembers them after the Job is gone).
 JOB_FAILURE_REASONS: Final = frozenset({"JobFailed", EVICTED, *STUCK_REASONS})
@@ -77,6 +88,8 @@ class StuckLimits:
             return self.image_pull
         if reason == "Queued":
             return self.queued
+        if reason == JOBSET_NOT_INSTALLED:
+            return None  # installing JobSet (or switching to one node) is a person's decision
         return self.secret
 
 
@@ -86,6 +99,16 @@ DEFAULT_STUCK_LIMITS: Final = StuckLimits()
 def queued_blocker(queue: str, since: datetime | None) -> Blocker:
     """A Job held in Kueue's ``queue`` (created suspended; Kueue unsuspends it when it admits it)."""
     return Blocker("Queued", f"Kueue has not admitted it yet (queue {queue})", since)
+
+
+def jobset_missing_blocker(spec: FinetuneRecipeSpec) -> Blocker:
+    """Why a multi-node training cannot start on a cluster without JobSet (or without the operator's
+    permission to use it), and the two ways out."""
+    return Blocker(
+        JOBSET_NOT_INSTALLED,
+        f"training.nodes: {spec.training.nodes} needs JobSet on the cluster (kubectl apply --server-side -f "
+        f"{JOBSET_MANIFESTS}) and the chart's jobset.enabled switch; or set training.nodes: 1",
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,9 @@ class ObservedJob:
     blocker: Blocker | None = None  # why its pod has not started (None: it runs, or nothing is known)
     evictions: int = 0  # its pods evicted so far (DisruptionTarget): the Job itself does not count them
     last_eviction: str | None = None  # the last eviction's reason and message
+    kind: Literal["Job", "JobSet"] = "Job"  # a multi-node training runs as a JobSet
+    restarts: int | None = None  # a JobSet's restarts of the whole group so far (None: a Job)
+    max_restarts: int | None = None  # a JobSet's failurePolicy.maxRestarts
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,8 @@ class World:
     failure_reasons: Mapping[str, str] = field(default_factory=dict)
     # When the shell looked; None (e.g. `ftrecipe run`): no stuck Job is ever failed for waiting too long.
     now: datetime | None = None
+    # The cluster has no JobSet API, or the operator may not use it: a multi-node training waits.
+    jobsets_missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +193,8 @@ class Wait:
     phase: Phase
     name: str
     blocker: Blocker | None = None  # its pod cannot start (yet): why
+    restarts: int | None = None  # a JobSet's restarts so far (None: a Job)
+    max_restarts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -293,7 +323,6 @@ def plan(
             # The spec changed under a Job that is still going: its result would be thrown away.
             actions.append(DeleteJob(job.name, f"inputs of phase {job.phase} changed"))
     held = spec.suspend or spec.queue_name is not None
-    gate = spec.evaluation.min_command_accuracy
     for phase in phases(spec):
         inputs_hash = hashes[phase]
         jobs = current.get(phase, [])
@@ -302,7 +331,7 @@ def plan(
         if succeeded is not None:
             finished = Done(phase, inputs_hash, succeeded.report)
         elif inputs_hash in world.complete and not (
-            phase == "evaluate" and gate > 0 and not _has_accuracy(world.reports.get(inputs_hash))
+            phase == "evaluate" and not _has_gated_figures(spec, world.reports.get(inputs_hash))
         ):
             # With a quality gate to check, an evaluation whose figures we cannot see runs again here
             # rather than pass (or fail) the gate blindly.
@@ -315,7 +344,7 @@ def plan(
             return actions
         if finished is not None:
             actions.append(finished)
-            if phase == "evaluate" and gate > 0 and (failed := quality_gate(gate, finished.report)):
+            if phase == "evaluate" and (failed := evaluation_gate(spec, finished.report)):
                 actions.append(failed)
                 return actions
             continue
@@ -326,9 +355,11 @@ def plan(
             actions.extend(DeleteJob(j.name, "retry requested") for j in failed_jobs)
             jobs = [j for j in jobs if j.state != "failed"]
         if not jobs:
-            actions.append(
-                CreateJob(phase, inputs_hash, workload_name(recipe, spec, phase, inputs_hash), held)
-            )
+            name = workload_name(recipe, spec, phase, inputs_hash)
+            if world.jobsets_missing and runs_as_jobset(spec, phase):
+                actions.append(Wait(phase, name, jobset_missing_blocker(spec)))
+            else:
+                actions.append(CreateJob(phase, inputs_hash, name, held))
             return actions
         job = jobs[0]
         if job.state == "failed":
@@ -342,7 +373,8 @@ def plan(
             actions.append(SuspendJob(job.name))
         elif job.state == "suspended" and not spec.suspend and spec.queue_name is None:
             actions.append(ResumeJob(job.name))
-        actions.append(Wait(phase, job.name, None if spec.suspend else job.blocker))
+        blocker = None if spec.suspend else job.blocker
+        actions.append(Wait(phase, job.name, blocker, job.restarts, job.max_restarts))
         return actions
     actions.append(Succeed())
     return actions
@@ -388,8 +420,67 @@ def stopped(job: ObservedJob, now: datetime, limits: StuckLimits) -> Fail | None
     )
 
 
-def _has_accuracy(report: PhaseReport | None) -> bool:
-    return report is not None and isinstance(report.figures.get("command_accuracy"), int | float)
+def gated_figures(spec: FinetuneRecipeSpec) -> tuple[str, ...]:
+    """The report figures the recipe's quality gates are checked on."""
+    names: list[str] = []
+    if spec.evaluation.min_command_accuracy > 0:  # 0 disables it
+        names.append("command_accuracy")
+    if spec.evaluation.min_e2e_pass_rate is not None:
+        names.append("e2e_pass_rate")
+    return tuple(names)
+
+
+def _has_gated_figures(spec: FinetuneRecipeSpec, report: PhaseReport | None) -> bool:
+    figures = report.figures if report is not None else {}
+    return all(isinstance(figures.get(name), int | float) for name in gated_figures(spec))
+
+
+def evaluation_gate(spec: FinetuneRecipeSpec, report: PhaseReport | None) -> Fail | None:
+    """A `Fail` naming every quality gate of the recipe the evaluation's report does not meet (command
+    accuracy, E2E pass rate), or None."""
+    evaluation = spec.evaluation
+    failed = [
+        gate
+        for gate in (
+            quality_gate(evaluation.min_command_accuracy, report)
+            if evaluation.min_command_accuracy > 0
+            else None,
+            e2e_quality_gate(evaluation.min_e2e_pass_rate, report)
+            if evaluation.min_e2e_pass_rate is not None
+            else None,
+        )
+        if gate is not None
+    ]
+    if not failed:
+        return None
+    return Fail("evaluate", "QualityGateNotMet", "; ".join(gate.message for gate in failed))
+
+
+def e2e_quality_gate(minimum: float, report: PhaseReport | None) -> Fail | None:
+    """A `Fail` when the E2E pass rate (held-out tests replayed with the adapter in the loop) is below
+    ``minimum`` or was not reported."""
+    figures = report.figures if report is not None else {}
+    rate = figures.get("e2e_pass_rate")
+    if not isinstance(rate, int | float) or isinstance(rate, bool):
+        return Fail(
+            "evaluate",
+            "QualityGateNotMet",
+            f"evaluation reported no E2E pass rate (it is measured with evaluation.e2e: true); "
+            f"spec.evaluation.minE2EPassRate is {minimum:g}",
+        )
+    if rate >= minimum:
+        return None
+    passed, tests = figures.get("e2e_passed"), figures.get("e2e_tests")
+    counted = (
+        f" ({passed} of {tests} held-out tests passed)"
+        if isinstance(passed, int) and isinstance(tests, int)
+        else ""
+    )
+    return Fail(
+        "evaluate",
+        "QualityGateNotMet",
+        f"E2E pass rate {rate:.3f}{counted} is below spec.evaluation.minE2EPassRate {minimum:g}",
+    )
 
 
 def quality_gate(minimum: float, report: PhaseReport | None) -> Fail | None:

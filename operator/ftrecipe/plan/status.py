@@ -37,6 +37,7 @@ from ftrecipe.plan.planner import (
     phases,
     queued_blocker,
     recipe_phase,
+    runs_as_jobset,
     workload_name,
 )
 from ftrecipe.termination import PhaseReport
@@ -135,7 +136,10 @@ def compute_status(
             )
         conditions.append(cond)
     if isinstance(last, Succeed):
-        ready = _condition("Ready", "True", "Succeeded", "the adapter is ready", generation, now, before)
+        evaluated = results.get("evaluate")
+        headline = evaluation_headline(evaluated.report) if isinstance(evaluated, Done | Reuse) else ""
+        ready_text = f"the adapter is ready: {headline}" if headline else "the adapter is ready"
+        ready = _condition("Ready", "True", "Succeeded", ready_text, generation, now, before)
     elif isinstance(last, Fail):
         ready = _condition("Ready", "False", last.reason, last.message, generation, now, before)
     elif isinstance(last, Wait) and last.blocker is not None:
@@ -163,8 +167,10 @@ def compute_status(
         data_preparation=_phase_status(
             "data", results.get("data"), prefixes, data_before, DataPreparationStatus(), now
         ),
-        training=_phase_status(
-            "train", results.get("train"), prefixes, training_before, TrainingStatus(), now
+        training=_with_restarts(
+            _phase_status("train", results.get("train"), prefixes, training_before, TrainingStatus(), now),
+            results.get("train"),
+            jobset=runs_as_jobset(spec, "train"),
         ),
         evaluation=_phase_status(
             "evaluate", results.get("evaluate"), prefixes, evaluation_before, EvaluationStatus(), now
@@ -220,9 +226,19 @@ def _progress_message(
     says what the progress timer said (the message does not flap between the two)."""
     last = actions[-1] if actions else None
     if isinstance(last, Wait) and last.blocker is not None:
-        return _waiting_line(last.phase, last.name, last.blocker.message)
+        return _waiting_line(
+            last.phase, last.name, last.blocker.message, jobset=runs_as_jobset(spec, last.phase)
+        )
     if isinstance(last, CreateJob | Wait):
-        line = _job_line(last.phase, last.name, suspended=spec.suspend)
+        restarts = (last.restarts, last.max_restarts) if isinstance(last, Wait) else (None, None)
+        line = _job_line(
+            last.phase,
+            last.name,
+            suspended=spec.suspend,
+            jobset=runs_as_jobset(spec, last.phase),
+            restarts=restarts[0],
+            max_restarts=restarts[1],
+        )
         section = sections.get(last.phase)
         if section is not None and section.job_name == last.name:
             line = _figures_message(line, section)
@@ -230,14 +246,47 @@ def _progress_message(
     return "planning"
 
 
-def _job_line(phase: Phase, job_name: str, *, suspended: bool = False) -> str:
-    """`training running (Job X)`: the head of the message while a phase's Job exists."""
-    return f"{_HUMAN[phase]} {'suspended' if suspended else 'running'} (Job {job_name})"
+def _job_line(
+    phase: Phase,
+    job_name: str,
+    *,
+    suspended: bool = False,
+    jobset: bool = False,
+    restarts: int | None = None,
+    max_restarts: int | None = None,
+) -> str:
+    """`training running (Job X)`: the head of the message while a phase's Job exists; a multi-node
+    training's reads `training running (JobSet X, restarted 1 of 3 times after a lost node)`."""
+    kind = "JobSet" if jobset else "Job"
+    state = "suspended" if suspended else "running"
+    return f"{_HUMAN[phase]} {state} ({kind} {job_name}{restarts_text(restarts, max_restarts)})"
 
 
-def _waiting_line(phase: Phase, job_name: str, why: str) -> str:
+def restarts_text(restarts: int | None, max_restarts: int | None) -> str:
+    """`, restarted 1 of 3 times after a lost node` once a JobSet restarted its group; else nothing."""
+    if not restarts:
+        return ""
+    times = "time" if restarts == 1 and max_restarts is None else "times"
+    of = f" of {max_restarts}" if max_restarts is not None else ""
+    return f", restarted {restarts}{of} {times} after a lost node"
+
+
+def _waiting_line(phase: Phase, job_name: str, why: str, *, jobset: bool = False) -> str:
     """`training waiting (Job X): <why its pod has not started>`."""
-    return f"{_HUMAN[phase]} waiting (Job {job_name}): {why}"
+    return f"{_HUMAN[phase]} waiting ({'JobSet' if jobset else 'Job'} {job_name}): {why}"
+
+
+def _with_restarts(
+    section: TrainingStatus | None, fact: Action | None, *, jobset: bool
+) -> TrainingStatus | None:
+    """A multi-node training's section with its JobSet's restarts (0 once created: a JobSet runs it)."""
+    if section is None or not jobset:
+        return section
+    if isinstance(fact, Wait) and fact.restarts is not None:
+        return section.model_copy(update={"restarts": fact.restarts, "max_restarts": fact.max_restarts})
+    if isinstance(fact, CreateJob | Wait) and section.restarts is None:
+        return section.model_copy(update={"restarts": 0})
+    return section
 
 
 def _figures_message(head: str, section: TrainingStatus | EvaluationStatus) -> str:
@@ -330,7 +379,12 @@ def with_progress(
         )
     if section is None or not section.job_name:
         return status
-    message = _figures_message(_job_line(phase, section.job_name), section)
+    restarts = section.restarts if isinstance(section, TrainingStatus) else None
+    max_restarts = section.max_restarts if isinstance(section, TrainingStatus) else None
+    head = _job_line(
+        phase, section.job_name, jobset=restarts is not None, restarts=restarts, max_restarts=max_restarts
+    )
+    message = _figures_message(head, section)
     return status.model_copy(update={field: section, "message": message})
 
 
@@ -375,7 +429,30 @@ def _figures_update(phase: Phase, report: PhaseReport | None) -> dict[str, Any]:
         update["per_command"] = {
             str(name): float(value) for name, value in per_command.items() if _finite(value)
         }
+    for name in ("e2e_tests", "e2e_passed"):  # the E2E replay (evaluation.e2e)
+        count = figures.get(name)
+        if _finite(count) and count >= 0:
+            update[name] = int(count)
+    rate = figures.get("e2e_pass_rate")
+    if _finite(rate) and 0 <= rate <= 1:
+        update["e2e_pass_rate"] = float(rate)
     return update
+
+
+def evaluation_headline(report: PhaseReport | None) -> str:
+    """`command accuracy 0.930, E2E pass rate 0.857 (6 of 7 tests)`: an evaluation report's headline
+    figures, as far as it has them ("" when none)."""
+    figures = report.figures if report is not None else {}
+    parts = []
+    accuracy = figures.get("command_accuracy")
+    if _finite(accuracy):
+        parts.append(f"command accuracy {accuracy:.3f}")
+    rate = figures.get("e2e_pass_rate")
+    if _finite(rate):
+        passed, tests = figures.get("e2e_passed"), figures.get("e2e_tests")
+        counted = f" ({int(passed)} of {int(tests)} tests)" if _finite(passed) and _finite(tests) else ""
+        parts.append(f"E2E pass rate {rate:.3f}{counted}")
+    return ", ".join(parts)
 
 
 def _phase_status(
@@ -451,6 +528,9 @@ def remembered(
                 figures = {
                     "command_accuracy": section.command_accuracy,
                     "per_command_f1": section.per_command,
+                    "e2e_tests": section.e2e_tests,
+                    "e2e_passed": section.e2e_passed,
+                    "e2e_pass_rate": section.e2e_pass_rate,
                 }
             finished[inputs_hash] = PhaseReport(ok=True, message="", figures=figures)
         elif (
