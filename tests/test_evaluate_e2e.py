@@ -451,3 +451,35 @@ def test_data_and_report_on_s3(
         VALIDATION_FILE,
     )
     assert manifest.metadata["e2e_pass_rate"] == 0.857143
+
+
+def test_ftrecipe_run_shows_the_e2e_stage_after_generate(tmp_path: Path) -> None:
+    import io
+
+    from ftrecipe.api import load_recipe
+    from ftrecipe.local.display import LineDisplay
+    from ftrecipe.local.progress import parse_line
+    from ftrecipe.local.runner import resolve
+    from test_run import example_recipe, fake_model
+
+    recipe = example_recipe(tmp_path, fake_model(tmp_path / "model"))
+    local = resolve(load_recipe(recipe), recipe, tmp_path / "work")
+    lines = io.StringIO()
+    plain = LineDisplay(lines)
+    plain.begin(local, ["evaluate"])
+    plain.started("evaluate", tmp_path / "output.log")
+    for stage, done in (("generate", 0), ("generate", 20), ("e2e", 0), ("e2e", 10), ("e2e", 20)):
+        line = json.dumps(
+            {"event": "progress", "stage": stage, "done": done, "total": 20, "eta_seconds": 0.0}
+        )
+        event = parse_line(line)
+        assert event is not None
+        plain.progress("evaluate", event)
+    shown = [line.split(None, 1)[1] for line in lines.getvalue().splitlines()[2:]]
+    assert shown == [
+        "generate 0/20 · ETA 0.0s",
+        "generate 20/20 · ETA 0.0s",
+        "generate 20/20 · ETA 0.0s, e2e 0/20 · ETA 0.0s",
+        "generate 20/20 · ETA 0.0s, e2e 10/20 · ETA 0.0s",
+        "generate 20/20 · ETA 0.0s, e2e 20/20 · ETA 0.0s",
+    ]

@@ -320,7 +320,9 @@ class LineDisplay(Display):
         now = time.monotonic()
         last_time, last_fraction = self._last_print.get(view.phase, (0.0, 0.0))
         quarter = int(fraction * 4) > int(last_fraction * 4)
-        if quarter or now - last_time >= PLAIN_EVERY_SECONDS:
+        # A stage starting after another one of the phase (evaluate's `e2e` after `generate`) is news.
+        starting = isinstance(event, Counted) and event.done == 0 and last_fraction > 0
+        if quarter or starting or now - last_time >= PLAIN_EVERY_SECONDS:
             self._last_print[view.phase] = (now, fraction)
             self._write(f"{self._prefix(view)}{text}")
 
