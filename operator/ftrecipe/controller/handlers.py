@@ -74,22 +74,32 @@ from ftrecipe.controller.manifests import (
     MANAGER,
     Images,
     build_job,
+    build_jobset,
+    uses_jobset,
 )
 from ftrecipe.controller.metrics import OperatorMetrics
 from ftrecipe.controller.observe import (
     CONTROLLER_UID_LABEL,
     JOB_NAME_LABEL,
+    JOBSET_NAME_LABEL,
+    JOBSET_UNAVAILABLE,
     REPORTS,
+    JobSetsUnavailable,
     ReportCache,
     core_path,
     job_state,
     jobs_path,
+    jobset_restarts,
+    jobset_state,
+    jobsets_path,
     kube_request,
     latest_progress,
     list_items,
+    list_jobsets_sync,
     list_recipe_jobs,
     newest_live_pod,
     pod_log_sync,
+    rank_zero,
     replan_needed,
     waiting_to_be_created,
 )
@@ -105,7 +115,9 @@ from ftrecipe.plan.planner import (
     Retry,
     StuckLimits,
     SuspendJob,
+    Wait,
     World,
+    jobset_missing_blocker,
     phases,
     plan,
 )
@@ -318,31 +330,50 @@ async def _complete_bundles(
 # --------------------------------------------------------------------------------------------- Kubernetes
 
 
+WorkloadKind = Literal["Job", "JobSet"]
+
+
+def _workload_path(namespace: str, kind: str, name: str | None = None) -> str:
+    return jobsets_path(namespace, name) if kind == "JobSet" else jobs_path(namespace, name)
+
+
 def _create_job(namespace: str, job: dict[str, Any]) -> bool:
-    """Create the Job; False when it already exists (a restarted operator adopts it)."""
+    """Create the Job (or JobSet); False when it already exists (a restarted operator adopts it). A JobSet
+    where the cluster has none (404) or the operator may not create one (403) raises JobSetsUnavailable."""
     try:
-        kube_request("POST", jobs_path(namespace), body=job, content_type="application/json")
+        kube_request(
+            "POST", _workload_path(namespace, job["kind"]), body=job, content_type="application/json"
+        )
     except ApiException as error:
         if error.status == 409:
             return False
+        if job["kind"] == "JobSet" and error.status in JOBSET_UNAVAILABLE:
+            raise JobSetsUnavailable(f"{error.status} {error.reason}") from None
         raise
     return True
 
 
-def _delete_job(namespace: str, name: str) -> None:
+def _delete_job(namespace: str, name: str, kind: str = "Job") -> None:
+    """Delete a Job, or a JobSet (its child Jobs and pods go with it), in the background."""
     try:
-        kube_request("DELETE", jobs_path(namespace, name), query={"propagationPolicy": "Background"})
+        kube_request(
+            "DELETE", _workload_path(namespace, kind, name), query={"propagationPolicy": "Background"}
+        )
     except ApiException as error:
         if error.status != 404:
             raise
 
 
-def _suspend_job(namespace: str, name: str, suspend: bool) -> None:
+def _suspend_job(namespace: str, name: str, suspend: bool, kind: str = "Job") -> None:
+    """Suspend or resume a Job, or a JobSet (the JobSet controller suspends its child Jobs)."""
     kube_request(
         "PATCH",
-        jobs_path(namespace, name),
+        _workload_path(namespace, kind, name),
         body={"spec": {"suspend": suspend}},
-        content_type="application/strategic-merge-patch+json",
+        # Custom resources take no strategic merge patch.
+        content_type="application/merge-patch+json"
+        if kind == "JobSet"
+        else "application/strategic-merge-patch+json",
     )
 
 
@@ -399,16 +430,20 @@ async def _apply(
     spec: FinetuneRecipeSpec,
     settings: OperatorSettings,
     prefixes: Mapping[Phase, str],
+    kinds: Mapping[str, WorkloadKind] | None = None,
 ) -> list[Action]:
     """Apply the Job actions in order; returns the actions as they turned out (a Job that cannot be built
-    becomes a `Fail`, and nothing after it runs)."""
+    becomes a `Fail`, a JobSet the cluster cannot take a `Wait` that says so, and nothing after it runs).
+    `kinds`: the observed workloads' kinds by name (a multi-node training's is a JobSet)."""
     name = _meta(body).get("name") or ""
     namespace = _meta(body).get("namespace") or ""
+    kinds = kinds or {}
     applied: list[Action] = []
     for action in actions:
         if isinstance(action, CreateJob):
+            build = build_jobset if uses_jobset(spec, action.phase) else build_job
             try:
-                job = build_job(
+                job = build(
                     name,
                     namespace,
                     spec,
@@ -422,15 +457,24 @@ async def _apply(
                 applied.append(Fail(action.phase, "InvalidForCluster", str(error)))
                 return applied
             kopf.adopt(job, owner=body)
-            if await asyncio.to_thread(_create_job, namespace, job) and settings.metrics is not None:
+            try:
+                created = await asyncio.to_thread(_create_job, namespace, job)
+            except JobSetsUnavailable:  # removed since the listing, or never allowed: wait, and say why
+                applied.append(Wait(action.phase, action.name, jobset_missing_blocker(spec)))
+                return applied
+            if created and settings.metrics is not None:
                 settings.metrics.jobs_created.labels(action.phase).inc()
         elif isinstance(action, Retry):
             kopf.info(body, reason="RetryRequested", message=f"Retry requested: re-running {action.phase}")
         elif isinstance(action, DeleteJob):
-            await asyncio.to_thread(_delete_job, namespace, action.name)
-            kopf.info(body, reason="JobDeleted", message=f"deleted Job {action.name}: {action.reason}")
+            kind = kinds.get(action.name, "Job")
+            await asyncio.to_thread(_delete_job, namespace, action.name, kind)
+            kopf.info(body, reason="JobDeleted", message=f"deleted {kind} {action.name}: {action.reason}")
         elif isinstance(action, SuspendJob | ResumeJob):
-            await asyncio.to_thread(_suspend_job, namespace, action.name, isinstance(action, SuspendJob))
+            suspend = isinstance(action, SuspendJob)
+            await asyncio.to_thread(
+                _suspend_job, namespace, action.name, suspend, kinds.get(action.name, "Job")
+            )
         applied.append(action)
     return applied
 
@@ -490,7 +534,9 @@ async def reconcile(
     hashes, planned = planned_hashes(spec, generation, previous, version=settings.version)
     prefixes = _prefixes(spec, name, hashes)
     finished, failed = remembered(name, spec, previous, prefixes, hashes)
-    jobs = await list_recipe_jobs(namespace, name, reports=settings.reports)
+    jobs, jobsets_missing = await list_recipe_jobs(
+        namespace, name, reports=settings.reports, jobsets=_may_run_jobset(spec, previous)
+    )
     complete, reports = await _complete_bundles(spec, name, World(jobs=jobs), settings, hashes)
     world = World(
         jobs=jobs,
@@ -502,8 +548,12 @@ async def reconcile(
         failure_reasons=failure_reasons(spec, previous, failed, hashes),
         now=_now(),
         hashes=hashes,
+        jobsets_missing=jobsets_missing,
     )
-    actions = await _apply(plan(name, spec, world, limits=settings.stuck), body, spec, settings, prefixes)
+    kinds = {job.name: job.kind for job in jobs}
+    actions = await _apply(
+        plan(name, spec, world, limits=settings.stuck), body, spec, settings, prefixes, kinds
+    )
     status = compute_status(
         spec,
         generation,
@@ -536,6 +586,16 @@ async def reconcile(
     if (stuck := stuck_event(previous, status)) is not None:
         kopf.warn(body, reason=stuck[0], message=stuck[1])
     return new
+
+
+def _may_run_jobset(spec: FinetuneRecipeSpec, previous: FinetuneRecipeStatus | None) -> bool:
+    """Whether the recipe's JobSets must be listed: it trains on several nodes, or its training ran as a
+    JobSet and has not finished (the spec went back to one node: that JobSet must go). One request more
+    only for these recipes; clusters without JobSet never see it for the others."""
+    if uses_jobset(spec, "train"):
+        return True
+    training = previous.training if previous is not None else None
+    return training is not None and training.restarts is not None and training.completed_at is None
 
 
 async def _write_status(
@@ -575,13 +635,16 @@ def resync_finding(
 
 
 def pods_by_job(pods: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """Pods grouped by their Job's uid (the Job controller's own label), else by the Job's name."""
+    """Pods grouped by their Job's uid (the Job controller's own label), else by the Job's name; the pods
+    of a multi-node training also by their JobSet's name (the JobSet controller's label)."""
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         key = labels.get(CONTROLLER_UID_LABEL) or labels.get(JOB_NAME_LABEL)
         if key:
             grouped.setdefault(key, []).append(pod)
+        if jobset := labels.get(JOBSET_NAME_LABEL):
+            grouped.setdefault(jobset, []).append(pod)
     return grouped
 
 
@@ -608,7 +671,8 @@ def progressed(
     if running is None:
         return None
     phase, _ = running
-    alive = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    # A multi-node training's progress is rank 0's (pod index 0); a Job has one pod that runs.
+    alive = rank_zero([p for p in pods if (p.get("status") or {}).get("phase") == "Running"])
     if not alive:
         return None
     newest = max(alive, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
@@ -622,6 +686,40 @@ def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _trains_on_nodes(spec: Mapping[str, Any]) -> bool:
+    """Whether a recipe's (raw) spec trains on several nodes, i.e. in a JobSet the periodic task watches."""
+    nodes = (spec.get("training") or {}).get("nodes")
+    return isinstance(nodes, int) and nodes >= 2
+
+
+JobSetSeen = tuple[str, str, str]  # (uid, state and restarts, recipe)
+
+
+def jobset_changes(
+    seen: Mapping[str, JobSetSeen], listed: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, JobSetSeen], list[tuple[str, str]]]:
+    """What one listing of a namespace's JobSets of ours says against what the last one said: the JobSets
+    now known (by name), and (recipe, why) for each recipe whose JobSet changed state or restarted since,
+    appeared other than pending, or went away. The JobSet stands in for the Job watch a Job has."""
+    now: dict[str, JobSetSeen] = {}
+    changed: list[tuple[str, str]] = []
+    for jobset in listed:
+        meta = jobset.get("metadata") or {}
+        name = meta.get("name") or ""
+        recipe = (meta.get("annotations") or {}).get(ANNOTATION_RECIPE) or ""
+        state = jobset_state(jobset)
+        restarts, _ = jobset_restarts(jobset)
+        now[name] = (meta.get("uid") or "", f"{state}/{restarts}", recipe)
+        before = seen.get(name)
+        # First seen: a pending JobSet is what the reconcile that created it knows; anything else is news.
+        if (before[:2] != now[name][:2]) if before is not None else (state != "pending" or restarts > 0):
+            changed.append((recipe, f"JobSet {name} {state}, {restarts} restarts"))
+    changed += [
+        (recipe, f"JobSet {name} deleted") for name, (_, _, recipe) in seen.items() if name not in now
+    ]
+    return now, [(recipe, why) for recipe, why in changed if recipe]
+
+
 class RecipeState:
     """What the operator keeps of one recipe between events, for thousands of recipes: the metadata it
     reads (`slim_recipe`), and the spec and statuses as compact JSON text, decoded when a reconcile or a
@@ -633,6 +731,7 @@ class RecipeState:
         "kind",
         "lock",
         "meta",
+        "multinode",
         "phase",
         "progressed_at",
         "reconciled_at",
@@ -659,6 +758,7 @@ class RecipeState:
         self.kind: str = slim.get("kind") or "FinetuneRecipe"
         self.meta: dict[str, Any] = dict(slim["metadata"])
         self.spec = _compact(slim.get("spec") or {})
+        self.multinode = _trains_on_nodes(slim.get("spec") or {})
         status = slim.get("status")
         self.watched = _compact(status) if status is not None else None
         self._phase()
@@ -693,6 +793,8 @@ class Controller:
         self.settings = settings
         self.recipes: dict[Key, RecipeState] = {}
         self.jobs: dict[Key, tuple[str, str]] = {}  # (namespace, Job name) -> (uid, state), from the watch
+        # Multi-node trainings' JobSets by namespace and name, from the periodic task's listings.
+        self.jobsets: dict[str, dict[str, JobSetSeen]] = {}
         self.paused = False
         self.resynced_at = time.monotonic()
         # (namespace, Job, state listed) the last resync found otherwise than the watch showed.
@@ -868,6 +970,9 @@ class Controller:
         if resync:
             self.resynced_at = now
             reconciles += await self._resync(unfinished, now)
+        for namespace, keys in progress.items():
+            if any(self._multinode_training(key) for key in keys):
+                reconciles += await self._list_jobsets(namespace)
         work: list[Callable[[], Awaitable[None]]] = [
             functools.partial(self.reconcile, key, why) for key, why in reconciles
         ]
@@ -882,6 +987,23 @@ class Controller:
             work += [functools.partial(self.progress, key, pods) for key in keys]
         if work:
             await asyncio.create_task(_bounded(work, _CONCURRENCY), context=self._context)
+
+    def _multinode_training(self, key: Key) -> bool:
+        entry = self.recipes.get(key)
+        return entry is not None and entry.multinode and entry.phase == "Training"
+
+    async def _list_jobsets(self, namespace: str) -> list[tuple[Key, str]]:
+        """List the namespace's JobSets of ours (one request; the operator has no JobSet watch, so that a
+        cluster without JobSet, or a chart without its switch, costs nothing) and return the recipes whose
+        JobSet changed since the last listing: finished, restarted, admitted, gone."""
+        try:
+            listed = await asyncio.to_thread(list_jobsets_sync, namespace, f"{LABEL_MANAGED_BY}={MANAGER}")
+        except (ApiException, JobSetsUnavailable) as error:  # the reconcile says so in the status
+            _LOG.debug("cannot list the JobSets in %s: %s", namespace, error)
+            return []
+        known, changed = jobset_changes(self.jobsets.get(namespace, {}), listed)
+        self.jobsets[namespace] = known
+        return [((namespace, recipe), why) for recipe, why in changed if (namespace, recipe) in self.recipes]
 
     async def _resync(self, unfinished: Mapping[str, Sequence[Key]], now: float) -> list[tuple[Key, str]]:
         """The safety net for lost watch events, at one request per namespace (not per recipe): the
@@ -900,6 +1022,13 @@ class Controller:
                 continue
             seen = {name: state for (ns, name), (_, state) in self.jobs.items() if ns == namespace}
             states = {name: state for name, (_, state) in listed.items()}
+            if any(self._multinode_training(key) for key in keys):
+                # JobSets are listed, not watched: what this listing says is what the watch would have.
+                due += await self._list_jobsets(namespace)
+                for name, (_, state, _) in self.jobsets.get(namespace, {}).items():
+                    seen[name] = state
+                    if not state.startswith("succeeded/"):
+                        states[name] = state
             for key in keys:
                 entry = self.recipes.get(key)
                 if entry is None or entry.waiting:

@@ -33,6 +33,7 @@ from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
 from ftrecipe.controller.manifests import (
     ANNOTATION_INPUTS_HASH,
     ANNOTATION_RECIPE,
+    JOBSET_API_VERSION,
     LABEL_MANAGED_BY,
     LABEL_PHASE,
     LABEL_QUEUE,
@@ -43,6 +44,7 @@ from ftrecipe.controller.manifests import (
 )
 from ftrecipe.plan.cache_key import PHASES, Phase
 from ftrecipe.plan.planner import (
+    JOBSET_NOT_INSTALLED,
     Blocker,
     JobState,
     ObservedJob,
@@ -58,6 +60,11 @@ JOB_NAME_LABEL: Final = "batch.kubernetes.io/job-name"  # set on a Job's pods by
 # The Job controller's own selector label on its pods (Kubernetes 1.27+): unlike the name, it never
 # matches the pods of an earlier Job of the same name (a retry deletes the failed Job and creates anew).
 CONTROLLER_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
+# The JobSet controller's labels on its child Jobs' pods (a multi-node training), and the Job controller's
+# completion index on each pod of an Indexed Job: pod 0 is the training's rank 0.
+JOBSET_NAME_LABEL: Final = "jobset.sigs.k8s.io/jobset-name"
+RESTART_ATTEMPT_LABEL: Final = "jobset.sigs.k8s.io/restart-attempt"
+COMPLETION_INDEX_LABEL: Final = "batch.kubernetes.io/job-completion-index"
 
 
 def pods_selector(job_name: str, uid: str | None) -> str:
@@ -113,6 +120,96 @@ def observed_job(job: Mapping[str, Any]) -> ObservedJob | None:
         failure_reason=(_condition(job, "Failed") or {}).get("reason"),
         blocker=job_blocker(job),
     )
+
+
+# --------------------------------------------------------------------------------------------- JobSets
+
+
+def jobset_state(jobset: Mapping[str, Any]) -> JobState:
+    """A multi-node training's JobSet as the planner sees a Job: succeeded/failed from its terminal
+    conditions (``Completed``, ``Failed``), then suspended (by us or for Kueue), running while a child Job
+    has active pods, else pending (being created, or recreated after a restart)."""
+    if _condition(jobset, "Completed") is not None:
+        return "succeeded"
+    if _condition(jobset, "Failed") is not None:
+        return "failed"
+    if (jobset.get("spec") or {}).get("suspend"):
+        return "suspended"
+    replicated = (jobset.get("status") or {}).get("replicatedJobsStatus") or []
+    if any(r.get("active") or r.get("ready") for r in replicated):
+        return "running"
+    return "pending"
+
+
+def jobset_restarts(jobset: Mapping[str, Any]) -> tuple[int, int]:
+    """(restarts so far, ``failurePolicy.maxRestarts``) of a JobSet."""
+    restarts = (jobset.get("status") or {}).get("restarts") or 0
+    policy = (jobset.get("spec") or {}).get("failurePolicy") or {}
+    return int(restarts), int(policy.get("maxRestarts") or 0)
+
+
+def observed_jobset(jobset: Mapping[str, Any]) -> ObservedJob | None:
+    """The planner's view of a multi-node training's JobSet (carrying the labels a Job would), with its
+    restarts; None when it is not one of ours."""
+    job = observed_job({**jobset, "status": {}})  # its labels and annotations are a Job's
+    if job is None:
+        return None
+    state = jobset_state(jobset)
+    failed = _condition(jobset, "Failed")
+    text = (failed or {}).get("message") or (failed or {}).get("reason")
+    restarts, max_restarts = jobset_restarts(jobset)
+    return replace(
+        job,
+        state=state,
+        message=f"JobSet {job.name} failed: {text}" if failed is not None and text else None,
+        failure_reason=(failed or {}).get("reason"),
+        blocker=job_blocker(jobset) if state == "suspended" else None,
+        kind="JobSet",
+        restarts=restarts,
+        max_restarts=max_restarts,
+    )
+
+
+def jobset_pods_selector(jobset_name: str) -> str:
+    return f"{JOBSET_NAME_LABEL}={jobset_name}"
+
+
+def current_attempt(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A JobSet's pods of its current restart attempt (an earlier attempt's may linger until the garbage
+    collector removes them)."""
+    attempt = str(job.restarts or 0)
+    return [
+        p
+        for p in pods
+        if ((p.get("metadata") or {}).get("labels") or {}).get(RESTART_ATTEMPT_LABEL, attempt) == attempt
+    ]
+
+
+def rank_zero(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pods with completion index 0 (rank 0 of a multi-node training: it reports and logs progress);
+    all of them when none carries a completion index (a plain Job's)."""
+    indexed = [p for p in pods if COMPLETION_INDEX_LABEL in ((p.get("metadata") or {}).get("labels") or {})]
+    if not indexed:
+        return list(pods)
+    return [p for p in indexed if p["metadata"]["labels"][COMPLETION_INDEX_LABEL] == "0"]
+
+
+def jobset_report(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> PhaseReport | None:
+    """The report of a finished JobSet from its current attempt's pods: rank 0's when it succeeded (the
+    one that publishes the adapter and its figures), else the last failed pod's, whichever node it ran on."""
+    attempt = current_attempt(job, pods)
+    return job_report(job, rank_zero(attempt) if job.state == "succeeded" else attempt)
+
+
+def with_jobset_report(job: ObservedJob, report: PhaseReport | None) -> ObservedJob:
+    """The JobSet with its report; a failure reads as its pod's one line, with the restarts it took."""
+    job = with_report(job, report)
+    if job.state == "failed" and report is not None and not report.ok and report.message and job.restarts:
+        limit = f" of {job.max_restarts}" if job.max_restarts else ""
+        return replace(
+            job, message=f"{report.message} (JobSet {job.name} failed after {job.restarts}{limit} restarts)"
+        )
+    return job
 
 
 # --------------------------------------------------------------------------------------------- stuck pods
@@ -318,9 +415,13 @@ def _created(pod: Mapping[str, Any]) -> str:
 
 
 def pods_blocker(pods: Sequence[Mapping[str, Any]]) -> Blocker | None:
-    """Why the Job's newest pod that has not finished cannot start (`pod_blocker`); None when it can."""
-    newest = newest_live_pod(pods)
-    return pod_blocker(newest) if newest is not None else None
+    """Why a pod of the Job that has not finished cannot start (`pod_blocker`), the newest first; None when
+    all can. A Job has one such pod; a multi-node training's JobSet one per node, and one that cannot
+    start holds back all the others."""
+    for pod in sorted((p for p in pods if not _finished_pod(p)), key=_created, reverse=True):
+        if (blocker := pod_blocker(pod)) is not None:
+            return blocker
+    return None
 
 
 def evictions(pods: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
@@ -372,6 +473,8 @@ def replan_needed(
     condition = phase_condition(status, phase)
     if condition is None or condition.status != "Unknown" or condition.reason == "Suspended":
         return False
+    if condition.reason == JOBSET_NOT_INSTALLED:
+        return False  # no JobSet, no pods: the resync retries it
     if condition.reason == "Queued":
         if pods:
             return True
@@ -488,9 +591,11 @@ def recipe_selector(recipe_name: str) -> str:
     return f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_RECIPE}={label_value(recipe_name)}"
 
 
-def recipe_jobs(recipe_name: str, jobs: Sequence[Mapping[str, Any]]) -> tuple[ObservedJob, ...]:
-    """The recipe's Jobs among `jobs`, sorted by name: those being deleted and those of another recipe whose
-    (shortened) label value happens to match are left out."""
+def recipe_jobs(
+    recipe_name: str, jobs: Sequence[Mapping[str, Any]], *, kind: str = "Job"
+) -> tuple[ObservedJob, ...]:
+    """The recipe's Jobs (or JobSets) among `jobs`, sorted by name: those being deleted and those of
+    another recipe whose (shortened) label value happens to match are left out."""
     observed = []
     for job in jobs:
         metadata = job.get("metadata") or {}
@@ -499,7 +604,7 @@ def recipe_jobs(recipe_name: str, jobs: Sequence[Mapping[str, Any]]) -> tuple[Ob
         owner = (metadata.get("annotations") or {}).get(ANNOTATION_RECIPE)
         if owner is not None and owner != recipe_name:
             continue
-        seen = observed_job(job)
+        seen = observed_jobset(job) if kind == "JobSet" else observed_job(job)
         if seen is not None:
             observed.append(seen)
     return tuple(sorted(observed, key=lambda j: j.name))
@@ -557,6 +662,28 @@ def _list_jobs_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
     return list_items(jobs_path(namespace), labelSelector=selector)
 
 
+def jobsets_path(namespace: str, name: str | None = None) -> str:
+    return f"/apis/{JOBSET_API_VERSION}/namespaces/{namespace}/jobsets" + (f"/{name}" if name else "")
+
+
+class JobSetsUnavailable(Exception):
+    """The cluster has no JobSet API (404) or the operator may not use it (403: the chart's jobset switch)."""
+
+
+# What the API server answers where JobSet is not installed (404), or not allowed to the operator (403).
+JOBSET_UNAVAILABLE: Final = (403, 404)
+
+
+def list_jobsets_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
+    """JobSets by label selector; raises `JobSetsUnavailable` where the operator cannot use JobSets."""
+    try:
+        return list_items(jobsets_path(namespace), labelSelector=selector)
+    except ApiException as error:
+        if error.status in JOBSET_UNAVAILABLE:
+            raise JobSetsUnavailable(f"{error.status} {error.reason}") from None
+        raise
+
+
 def _list_pods_sync(namespace: str, selector: str) -> list[dict[str, Any]]:
     return list_items(core_path(namespace, "pods"), labelSelector=selector)
 
@@ -598,19 +725,34 @@ REPORTS: Final = ReportCache()
 
 
 async def list_recipe_jobs(
-    namespace: str, recipe_name: str, *, reports: ReportCache = REPORTS
-) -> tuple[ObservedJob, ...]:
+    namespace: str, recipe_name: str, *, reports: ReportCache = REPORTS, jobsets: bool = False
+) -> tuple[tuple[ObservedJob, ...], bool]:
     """This recipe's Jobs, listed by label selector, finished ones with their pod's report (the sync
-    client, in worker threads)."""
+    client, in worker threads); with `jobsets` (a multi-node training) its JobSets too. Also whether
+    JobSets were asked for and are unavailable (`JobSetsUnavailable`): the planner then waits."""
     items = await asyncio.to_thread(_list_jobs_sync, namespace, recipe_selector(recipe_name))
+    found = recipe_jobs(recipe_name, items)
+    missing = False
+    if jobsets:
+        try:
+            sets = await asyncio.to_thread(list_jobsets_sync, namespace, recipe_selector(recipe_name))
+        except JobSetsUnavailable:
+            sets, missing = [], True
+        items += sets
+        found = tuple(sorted((*found, *recipe_jobs(recipe_name, sets, kind="JobSet")), key=lambda j: j.name))
     uids = {(j.get("metadata") or {}).get("name"): (j.get("metadata") or {}).get("uid") or "" for j in items}
     observed = []
-    for job in recipe_jobs(recipe_name, items):
+    for job in found:
+        pods: Sequence[Mapping[str, Any]]
         if job.state in ("pending", "running"):
             # Can its pod start, how often was it evicted: unfinished Jobs' pods are few (one, plus the
             # evicted ones), and they change without a Job event only while stuck.
-            selector = pods_selector(job.name, uids.get(job.name))
-            pods = await asyncio.to_thread(_list_pods_sync, namespace, selector)
+            if job.kind == "JobSet":
+                selector = jobset_pods_selector(job.name)
+                pods = current_attempt(job, await asyncio.to_thread(_list_pods_sync, namespace, selector))
+            else:
+                selector = pods_selector(job.name, uids.get(job.name))
+                pods = await asyncio.to_thread(_list_pods_sync, namespace, selector)
             newest = newest_live_pod(pods)
             events: list[dict[str, Any]] = []
             if newest is not None and pod_blocker(newest) is None and waiting_to_be_created(newest):
@@ -626,15 +768,20 @@ async def list_recipe_jobs(
             uid = uids.get(job.name, "")
             known, report = reports.get(uid)
             if not known:
-                pods = await asyncio.to_thread(_list_pods_sync, namespace, pods_selector(job.name, uid))
-                report = job_report(job, pods)
+                if job.kind == "JobSet":
+                    selector = jobset_pods_selector(job.name)
+                    pods = await asyncio.to_thread(_list_pods_sync, namespace, selector)
+                    report = jobset_report(job, pods)
+                else:
+                    pods = await asyncio.to_thread(_list_pods_sync, namespace, pods_selector(job.name, uid))
+                    report = job_report(job, pods)
                 if uid and (report is not None or not pods):
                     # No pods left (garbage-collected) will not change either; a pod without a
                     # report yet might (its status is written after the Job's), so ask again.
                     reports.put(uid, report)
-            job = with_report(job, report)
+            job = with_jobset_report(job, report) if job.kind == "JobSet" else with_report(job, report)
         observed.append(job)
-    return tuple(observed)
+    return tuple(observed), missing
 
 
 def _running_pod_log_sync(namespace: str, job_name: str, container: str, tail_lines: int) -> str | None:

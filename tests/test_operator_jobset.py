@@ -1,0 +1,250 @@
+"""Multi-node training (issue 22) as the operator runs it: a recipe with training.nodes >= 2 trains in one
+JobSet instead of a Job, and its status follows the JobSet. Against the emulated cluster, whose JobSet
+controller (tests/support/k8s.py, installed per test) creates the child Job, restarts the group after a
+failed child Job and fails it past failurePolicy.maxRestarts; the tests play the Job controller and the
+kubelet for the child Job's pods, as the other operator tests do for Jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ftrecipe.plan.planner import jobset_name
+from support.k8s import CRD_RESOURCE, K8s
+from test_operator import (
+    JOBS,
+    NS,
+    PROGRESS_LISTING,
+    RESYNC_LISTING,
+    apply,
+    condition,
+    expected_hash,
+    expected_job,
+    finish,
+    handlers,
+    job_names,
+    manifest,
+    progress_line,
+    report,
+    requests_since,
+    status,
+    wait_job,
+    wait_phase,
+    wait_status,
+    wait_ticks,
+)
+
+JOBSETS = "jobset.x-k8s.io/v1alpha2/jobsets"
+OPTIONS: dict[str, Any] = {"namespaces": [NS], "posting": True, "watching": [CRD_RESOURCE, JOBS]}
+
+
+def two_nodes(name: str = "minimal", **spec: Any) -> dict[str, Any]:
+    body = manifest(name, **spec)
+    body["spec"]["training"]["nodes"] = 2
+    return body
+
+
+def jobset_of(body: dict[str, Any]) -> str:
+    return jobset_name(body["metadata"]["name"], "train", expected_hash(body, "train"))
+
+
+def prepare_data(k8s: K8s, body: dict[str, Any]) -> None:
+    data = expected_job(body, "data")
+    wait_job(k8s, data)
+    finish(k8s, data, "prepare-data", report(True, "data published", num_ft_data_points=40))
+
+
+def child_of(k8s: K8s, jobset: str, attempt: int = 0) -> str:
+    """The JobSet controller's child Job of restart attempt `attempt` (once it exists)."""
+
+    def probe() -> str | None:
+        jobs = k8s.jobset_jobs(jobset, NS)
+        labels = jobs[0]["metadata"]["labels"] if jobs else {}
+        current = labels.get("jobset.sigs.k8s.io/restart-attempt") == str(attempt)
+        return str(jobs[0]["metadata"]["name"]) if current else None
+
+    found = k8s.wait_for(probe, message=f"the child Job of {jobset}, attempt {attempt}")
+    assert found is not None
+    return found
+
+
+def run_nodes(k8s: K8s, child: str, *, logs: tuple[str, str] = ("", "")) -> None:
+    """Both nodes' pods run (index 0 and 1 of the Indexed child Job), then the Job controller says so."""
+    for index, log in enumerate(logs):
+        k8s.set_job_pod(
+            child, NS, "Running", container="train", suffix=f"{index}-p{attempt_tag(k8s, child)}", log=log
+        )
+    k8s.set_job_status(child, NS, "running")
+
+
+def attempt_tag(k8s: K8s, child: str) -> str:
+    job = k8s.get(JOBS, child, NS) or {}
+    return str(((job.get("metadata") or {}).get("uid") or "x")[:4])
+
+
+def lose_node(k8s: K8s, child: str) -> None:
+    """Node 1's pod fails (no report: the node went away under it), and with backoffLimit 0 its child Job."""
+    k8s.set_job_pod(
+        child, NS, "Failed", container="train", suffix=f"1-p{attempt_tag(k8s, child)}", exit_code=1
+    )
+    k8s.set_job_status(child, NS, "failed")
+
+
+def test_a_two_node_recipe_trains_in_one_jobset_and_its_status_follows_it(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        created = k8s.wait_for_object(JOBSETS, jobset, NS)
+        st = wait_phase(k8s, "Training")
+        assert st["message"] == f"training running (JobSet {jobset})"
+        assert st["training"]["jobName"] == jobset and st["training"]["restarts"] == 0
+        # One JobSet, labelled as the Job would be, and no train Job: the only Jobs are the data Job and the
+        # JobSet's child.
+        assert created["metadata"]["labels"]["ftrecipe.dev/phase"] == "train"
+        child = child_of(k8s, jobset)
+        assert child == f"{jobset}-node-0"
+        assert job_names(k8s) == sorted([expected_job(body, "data"), child])
+        assert [r.data["metadata"]["name"] for r in requests_since(k8s, 0, "jobsets", "POST")] == [jobset]
+
+        # Progress comes from rank 0's log (pod index 0), not from node 1's.
+        run_nodes(k8s, child, logs=(progress_line(12, 40, 0.5, 300), progress_line(30, 40, 9.0, 1)))
+        st = wait_status(k8s, lambda s: "step 12/40" in s.get("message", ""), "rank 0's progress")
+        assert st["message"] == f"training running (JobSet {jobset}): step 12/40, train loss 0.5, ETA 5m00s"
+
+        # Both pods finish; rank 0's report carries the figures, then the child Job and the JobSet complete.
+        tag = attempt_tag(k8s, child)
+        k8s.set_job_pod(
+            child,
+            NS,
+            "Succeeded",
+            container="train",
+            suffix=f"0-p{tag}",
+            message=report(True, "adapter published", step=40, total_steps=40, train_loss=0.25),
+        )
+        k8s.set_job_pod(
+            child, NS, "Succeeded", container="train", suffix=f"1-p{tag}", message=report(True, "", step=3)
+        )
+        k8s.set_job_status(child, NS, "succeeded")
+        st = wait_phase(k8s, "Succeeded")
+        assert st["training"]["step"] == 40 and st["training"]["trainLoss"] == 0.25
+        assert condition(st, "Trained")["reason"] == "JobSucceeded"
+        assert st["training"]["restarts"] == 0
+    assert not run.errors, run.messages()
+
+
+def test_a_lost_node_restarts_the_group_and_the_status_says_so_until_the_restarts_run_out(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        run_nodes(k8s, child)
+        wait_status(k8s, lambda s: s.get("phase") == "Training", "training")
+
+        lose_node(k8s, child)  # restart 1 of 3: the phase keeps running
+        st = wait_status(k8s, lambda s: s.get("training", {}).get("restarts") == 1, "the first restart")
+        assert st["phase"] == "Training"
+        assert (
+            st["message"] == f"training running (JobSet {jobset}, restarted 1 of 3 times after a lost node)"
+        )
+        assert (st["training"]["restarts"], st["training"]["maxRestarts"]) == (1, 3)
+        assert condition(st, "Trained")["status"] == "Unknown"
+
+        for attempt in (1, 2):
+            child = child_of(k8s, jobset, attempt)
+            run_nodes(k8s, child)
+            lose_node(k8s, child)
+            wait_status(
+                k8s,
+                lambda s, n=attempt + 1: s.get("training", {}).get("restarts") == n,
+                f"restart {attempt + 1}",
+            )
+        child = child_of(k8s, jobset, 3)
+        run_nodes(k8s, child)
+        lose_node(k8s, child)  # no restart left: the JobSet fails, and the phase with it
+        st = wait_phase(k8s, "Failed")
+        expected = (
+            f"container train ended with Error (exit code 1) (JobSet {jobset} failed after 3 of 3 restarts)"
+        )
+        assert st["message"] == expected
+        assert condition(st, "Trained")["reason"] == "JobFailed"
+        assert condition(st, "Ready")["message"] == expected
+        # Only one JobSet was ever created: the restarts are the JobSet controller's, not new JobSets.
+        assert len(requests_since(k8s, 0, "jobsets", "POST")) == 1
+    assert not run.errors, run.messages()
+
+
+def test_a_restarted_operator_adopts_the_running_jobset(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as first:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        wait_phase(k8s, "Training")
+    uid = (k8s.get(JOBSETS, jobset, NS) or {})["metadata"]["uid"]
+    run_nodes(k8s, child)  # it started while no operator ran
+    before = len(k8s.requests())
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as second:
+        k8s.wait_for(
+            lambda: any("reconciled (recipe seen): Training" in m for m in second.messages()),
+            message="the recipe reconciled at start-up",
+        )
+        wait_ticks(k8s, PROGRESS_LISTING, 3, before)
+        # Adopted: no JobSet created (not even a request answered 409), none deleted, the same one runs.
+        assert requests_since(k8s, before, "jobsets", "POST") == []
+        assert requests_since(k8s, before, "jobsets", "DELETE") == []
+        assert [j["metadata"]["uid"] for j in k8s.list(JOBSETS, NS)] == [uid]
+
+        lose_node(k8s, child)  # and it keeps following it
+        st = wait_status(k8s, lambda s: s.get("training", {}).get("restarts") == 1, "the restart")
+        assert st["phase"] == "Training"
+        child = child_of(k8s, jobset, 1)
+        finish(
+            k8s, child, "train", report(True, "adapter published", step=9, total_steps=9), suffix="0-pdone"
+        )
+        st = wait_phase(k8s, "Succeeded")
+        assert st["training"]["step"] == 9
+    assert not first.errors and not second.errors, second.messages()
+
+
+def test_without_jobset_on_the_cluster_the_recipe_waits_with_one_clear_line(k8s: K8s) -> None:
+    body = two_nodes()
+    jobset = jobset_of(body)
+    settings = handlers(progress_seconds=0.2, resync_seconds=0.3)
+    with k8s.run_operator(settings, log_level=logging.DEBUG, **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        wait_phase(k8s, "Training")
+        why = (
+            "training.nodes: 2 needs JobSet on the cluster (kubectl apply --server-side -f "
+            "https://github.com/kubernetes-sigs/jobset/releases/latest/download/manifests.yaml) and the "
+            "chart's jobset.enabled switch; or set training.nodes: 1"
+        )
+        st = wait_status(
+            k8s, lambda s: s.get("message", "").startswith("training waiting"), "the waiting line"
+        )
+        assert st["message"] == f"training waiting (JobSet {jobset}): {why}"
+        assert condition(st, "Ready")["reason"] == condition(st, "Trained")["reason"] == "JobSetNotInstalled"
+        assert condition(st, "Trained")["status"] == "Unknown"
+        since = len(k8s.requests())
+        wait_ticks(k8s, RESYNC_LISTING, 3, since)  # retried at every resync, nothing else changes
+        assert status(k8s)["message"] == st["message"]
+        warnings = [e for e in k8s.events(NS) if e["reason"] == "JobSetNotInstalled"]
+        assert [(e["type"], e["message"]) for e in warnings] == [("Warning", st["message"])]  # posted once
+        assert job_names(k8s) == [expected_job(body, "data")]  # no train Job instead
+
+        k8s.install_jobset()  # the cluster's admin installs JobSet: the next resync creates it
+        k8s.wait_for_object(JOBSETS, jobset, NS)
+        st = wait_status(k8s, lambda s: s.get("message") == f"training running (JobSet {jobset})", "running")
+        assert condition(st, "Ready")["reason"] == "Training"
+    assert not run.errors, run.messages()
+    assert not [
+        r for r in run.records if r.exc_info or (r.levelno >= logging.WARNING and "JobSet" in r.getMessage())
+    ]
