@@ -64,9 +64,9 @@ def local_text(file: Path, phase: Phase) -> str:
     local = resolve(load_recipe(file), file, WORKDIR)
     spec = local.spec
     files: dict[str, Any] = {}
-    if phase == "data":
+    if inputs.reads_assistant(spec, phase):  # data, and evaluate with evaluation.e2e
         files[inputs.LLM_CONFIG] = inputs.llm_config(spec)
-        rephrase = inputs.rephrase_config(spec)
+        rephrase = inputs.rephrase_config(spec) if phase == "data" else None
         if rephrase is not None:
             files[inputs.REPHRASE_CONFIG] = rephrase
     elif phase == "train":
@@ -87,8 +87,8 @@ def _check(text: str, golden: Path) -> None:
 
 
 def test_examples_cover_every_phase() -> None:
-    assert [file.name for file in RECIPES] == ["full.yaml", "minimal.yaml"]
-    assert len(CASES) == 6
+    assert [file.name for file in RECIPES] == ["e2e.yaml", "full.yaml", "minimal.yaml"]
+    assert len(CASES) == 9
     if not REGENERATE:
         assert sorted(str(path.relative_to(GOLDEN)) for path in GOLDEN.rglob("*.yaml")) == sorted(
             f"{file.stem}/{kind}-{phase}.yaml" for file, phase in CASES for kind in ("job", "local")
