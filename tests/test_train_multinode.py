@@ -10,7 +10,9 @@ The launcher's decisions are pure functions (`launch.node_group`, `launch.launch
   node down too (exit 1, not a preemption); launched again with the same arguments ("the JobSet restarts
   the group"), both fetch the last checkpoint global rank 0 published, on their own disks, resume from its
   step and end with the losses and adapter of an uninterrupted two-node run (LoRA dropout on: the random
-  state of the rank on the other node comes back too, because rank 0 gathered it into the checkpoint).
+  state of the rank on the other node comes back too, because rank 0 gathered it into the checkpoint);
+- a SIGTERM to one node's `ftrecipe train` (one pod preempted) stops every rank at one step, with one
+  checkpoint holding both ranks' random states, and both nodes exit as preempted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +57,16 @@ def test_the_jobset_environment_makes_a_node_group() -> None:
     assert node_group(JOBSET_ENV) == NodeGroup(2, 1, "demo-train-node-0-0.demo-train:29400")
     assert node_group({}) is None  # a plain Job: one node
     assert node_group({"FTRECIPE_NODES": "1", "JOB_COMPLETION_INDEX": "0"}) is None
+
+
+def test_each_node_has_a_main_process_and_the_group_one() -> None:
+    """Local rank 0 fetches onto its node's disk; global rank 0 alone publishes."""
+    from ftrecipe.training.launch import is_main_process, is_node_main_process
+
+    node_1 = {"RANK": "8", "LOCAL_RANK": "0", "WORLD_SIZE": "16"}
+    assert is_node_main_process(node_1) and not is_main_process(node_1)
+    assert not is_node_main_process({"RANK": "9", "LOCAL_RANK": "1"})
+    assert is_node_main_process({}) and is_main_process({})  # no launcher: the one process
 
 
 def test_the_flags_override_the_environment() -> None:
@@ -469,3 +482,33 @@ def test_a_node_killed_mid_run_fails_the_group_and_the_restarted_group_resumes_e
     _assert_same_losses(_losses(tmp_path / "resumed" / "metrics.jsonl"), want, RESUME_TOLERANCE)
     difference = _largest_difference(_adapter(tmp_path / "resumed"), _adapter(tmp_path / "uninterrupted"))
     assert difference <= WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
+def test_sigterm_to_one_node_stops_every_rank_at_one_step_with_one_checkpoint(
+    tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    """As the kubelet does when one pod is preempted: SIGTERM to that node's `ftrecipe train` alone."""
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    out = tmp_path / "out"
+    argvs = [
+        _train_argv(str(data), str(tiny_model), str(out), tmp_path / f"work{k}", "checkpointEverySteps=1000")
+        for k in (0, 1)
+    ]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _nodes(argvs, logs, _env()) as processes:
+        _wait_for_step(logs, 2, processes)
+        processes[1].send_signal(signal.SIGTERM)
+        # each node's launcher exits as preempted, though torchrun exits 1 (the ranks' marker file)
+        assert _wait(processes, logs, timeout=120) == [EXIT_PREEMPTED, EXIT_PREEMPTED], _tails(logs)
+    stderr = "".join(path.read_text(encoding="utf-8") for path in sorted(logs.glob("node*.err")))
+    stopped = re.findall(r"preempted: stopped at step (\d+) after SIGTERM", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], _tails(logs)  # both ranks, the same step
+    step = int(stopped[0])
+    assert 2 <= step < STEPS_PER_EPOCH * EPOCHS
+    assert sorted(child.name for child in (out / "checkpoints").iterdir()) == [f"step-{step}"]
+    written = {path.name for path in (out / "checkpoints" / f"step-{step}").iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "_SUCCESS"} <= written
