@@ -19,7 +19,9 @@ next step end that every rank agrees on (`agreed_stop`), a checkpoint is saved a
 exits with `EXIT_PREEMPTED`. Each epoch's data order comes from `seed + epoch` (`sampling`), so a resumed
 run continues exactly where the interrupted one was.
 
-Several GPUs: the CLI re-runs itself under torchrun (`launch.launch_command`); only rank 0 publishes.
+Several GPUs or nodes: the CLI re-runs itself under torchrun (`launch.launch_command`). Each node's local
+rank 0 fetches the inputs and the checkpoint onto its own disk; global rank 0 alone publishes, after the
+other nodes sent it their parts of each checkpoint (`gather_checkpoint_files`).
 """
 
 from __future__ import annotations
