@@ -7,6 +7,7 @@ kubelet for the child Job's pods, as the other operator tests do for Jobs."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ftrecipe.plan.planner import jobset_name
@@ -109,13 +110,22 @@ def test_a_two_node_recipe_trains_in_one_jobset_and_its_status_follows_it(k8s: K
         assert job_names(k8s) == sorted([expected_job(body, "data"), child])
         assert [r.data["metadata"]["name"] for r in requests_since(k8s, 0, "jobsets", "POST")] == [jobset]
 
-        # Progress comes from rank 0's log (pod index 0), not from node 1's.
-        run_nodes(k8s, child, logs=(progress_line(12, 40, 0.5, 300), progress_line(30, 40, 9.0, 1)))
+        # Progress comes from rank 0's log (pod index 0), not from node 1's, though node 1's pod is newer.
+        tag = attempt_tag(k8s, child)
+        rank0, rank1 = f"0-p{tag}", f"1-p{tag}"
+        k8s.set_job_pod(child, NS, "Running", container="train", suffix=rank0, log="starting\n")
+        time.sleep(1.1)  # creation timestamps have whole seconds
+        k8s.set_job_pod(
+            child, NS, "Running", container="train", suffix=rank1, log=progress_line(30, 40, 9.0, 1)
+        )
+        k8s.set_job_pod(
+            child, NS, "Running", container="train", suffix=rank0, log=progress_line(12, 40, 0.5, 300)
+        )
+        k8s.set_job_status(child, NS, "running")
         st = wait_status(k8s, lambda s: "step 12/40" in s.get("message", ""), "rank 0's progress")
         assert st["message"] == f"training running (JobSet {jobset}): step 12/40, train loss 0.5, ETA 5m00s"
 
         # Both pods finish; rank 0's report carries the figures, then the child Job and the JobSet complete.
-        tag = attempt_tag(k8s, child)
         k8s.set_job_pod(
             child,
             NS,
