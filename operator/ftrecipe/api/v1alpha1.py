@@ -952,6 +952,14 @@ class HyperparametersSpec(ApiModel):
 MAX_NODES: Final = 64
 
 
+# accelerate's FSDP2 shards bitsandbytes 4-bit weights (stored in the compute dtype: bnb_4bit_quant_storage,
+# which the trainer sets under fsdp); 8-bit Int8Params keep scales beside the int8 data and cannot be split.
+FSDP_8BIT: Final = (
+    "parallelism fsdp with quantization 8bit: bitsandbytes 8-bit weights cannot be sharded "
+    "(FSDP supports 4-bit QLoRA only); use quantization 4bit, or parallelism ddp"
+)
+
+
 class TrainingSpec(ApiModel):
     """The LoRA fine-tuning Job."""
 
@@ -966,6 +974,7 @@ class TrainingSpec(ApiModel):
                 "self.nodes == 1 || self.gpus >= 1",
                 "nodes >= 2 (multi-node training) needs gpus >= 1 on each node: set gpus, or nodes: 1",
             ),
+            ("self.parallelism != 'fsdp' || self.quantization != '8bit'", FSDP_8BIT),
         )
     )
 
@@ -1099,6 +1108,8 @@ class TrainingSpec(ApiModel):
                 "nodes_gpu",
                 "nodes >= 2 (multi-node training) needs gpus >= 1 on each node: set gpus, or nodes: 1",
             )
+        if self.parallelism == "fsdp" and self.quantization == "8bit":
+            raise PydanticCustomError("fsdp_8bit", FSDP_8BIT)
         return self
 
 

@@ -98,6 +98,14 @@ class FtrecipeSFTTrainer(SFTTrainer):
         self.label_head_problem = plain_lm_head_problem(inner.config)
         add_label_positions_head(inner)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """transformers' accelerator; on CPU ranks with `fsdp` asked for, FSDP turned on (`fsdp.enable_fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()
+        from ftrecipe.training.fsdp import enable_fsdp_on_cpu
+
+        if enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
     def _prepare_dataset(
         self,
         dataset: Any,

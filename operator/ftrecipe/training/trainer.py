@@ -76,6 +76,8 @@ _NOT_IN_HASH = {
     "priority_class_name",
     "gpus",
     "base_model",
+    "nodes",  # nodes x gpus is the world size, which the hash holds
+    "parallelism",  # in the hash only when not ddp (`inputs_hash`): ddp runs keep their hashes
 }
 
 
@@ -271,6 +273,8 @@ def inputs_hash(config: TrainConfig, base: BaseModelRef, data_hash: str, world_s
     the base model, the data, and the number of processes with the batch each takes (together they make
     the global batch, hence the schedule and which examples each step sees)."""
     dumped = config.model_dump(mode="json", by_alias=True, exclude=_NOT_IN_HASH)
+    if config.parallelism != "ddp":  # another checkpoint layout (fsdp: one shard per process)
+        dumped["parallelism"] = config.parallelism
     return stable_hash(
         {
             "training": dumped,
@@ -307,17 +311,62 @@ def prune_local_checkpoints(checkpoints: Path, keep: int) -> list[int]:
     return steps[max(0, len(steps) - keep) :]
 
 
-def _prepare_work_dir(work_dir: Path, run_hash: str) -> None:
+def world_size_refusal(
+    where: str,
+    recorded_hash: str | None,
+    recorded_world_size: Any,
+    world_size: int,
+    hash_for_world_size: Callable[[int], str] | None,
+    parallelism: str,
+) -> TrainError | None:
+    """The one-line error for a checkpoint that differs from this run in its world size alone, else None.
+
+    `hash_for_world_size` gives this run's inputs hash for another world size: equal to the checkpoint's
+    for the world size it was written with means nothing else differs.
+    """
+    if hash_for_world_size is None or not isinstance(recorded_world_size, int):
+        return None
+    if recorded_world_size == world_size or hash_for_world_size(recorded_world_size) != recorded_hash:
+        return None
+    why = (
+        "its FSDP shards (one per process) resume only on the same world size"
+        if parallelism == "fsdp"
+        else "the global batch and the schedule follow the world size"
+    )
+    return TrainError(
+        f"{where}: a checkpoint written by {recorded_world_size} processes, this run has {world_size}: {why}; "
+        f"run on {recorded_world_size} GPUs in all (nodes x gpus) to resume, or delete it to start over"
+    )
+
+
+def _prepare_work_dir(
+    work_dir: Path,
+    run_hash: str,
+    world_size: int = 1,
+    hash_for_world_size: Callable[[int], str] | None = None,
+    parallelism: str = "ddp",
+) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     marker = work_dir / "run_inputs.json"
     if marker.is_file():
-        previous = json.loads(marker.read_text(encoding="utf-8")).get("inputs_hash")
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+        previous = recorded.get("inputs_hash")
         if previous != run_hash and latest_checkpoint(work_dir / "checkpoints") is not None:
-            raise TrainError(
+            refusal = world_size_refusal(
+                str(work_dir / CHECKPOINTS_DIR),
+                previous,
+                recorded.get("world_size"),
+                world_size,
+                hash_for_world_size,
+                parallelism,
+            )
+            raise refusal or TrainError(
                 f"{work_dir}: holds checkpoints of a run with other data, model or settings; "
                 "use another --work-dir or delete it"
             )
-    marker.write_text(json.dumps({"inputs_hash": run_hash}) + "\n", encoding="utf-8")
+    marker.write_text(
+        json.dumps({"inputs_hash": run_hash, "world_size": world_size}) + "\n", encoding="utf-8"
+    )
     checkpoints = work_dir / "checkpoints"
     if checkpoints.is_dir():  # what a killed save left: Trainer's own name, never renamed to step-N
         for child in checkpoints.iterdir():
@@ -585,13 +634,18 @@ def load_model(
     """The base model in `precision` (this machine's by default), quantized when the config says so.
 
     A quantized model is prepared for k-bit training (frozen, norms in float32, checkpointing as asked),
-    with its embeddings and lm_head kept in the compute dtype.
+    with its embeddings and lm_head kept in the compute dtype. Under `parallelism: fsdp` with several
+    ranks the weights stay in host memory on local rank 0 and on `meta` elsewhere until accelerate shards
+    them (`training.fsdp`); a 4-bit base stores its packed weights in the compute dtype, so they shard.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ftrecipe.training.fsdp import apply_loading_env, shards
+
     precision = precision or machine_precision()
     quantized = config.quantization != "none"
+    sharded = shards(config.parallelism, int(os.environ.get("WORLD_SIZE", "1")))
     kwargs: dict[str, Any] = {
         "revision": base.revision,
         "dtype": precision.torch_dtype(),
@@ -606,10 +660,15 @@ def load_model(
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=kwargs["dtype"],
+                **({"bnb_4bit_quant_storage": kwargs["dtype"]} if sharded else {}),
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     device_map = device_map_for(torch.cuda.is_available(), quantized, os.environ)
+    if sharded:
+        apply_loading_env(quantized)
+        if not quantized:  # the whole model on one GPU is what fsdp avoids: host memory, then shards
+            device_map = None
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -622,7 +681,7 @@ def load_model(
         # Same checkpointing flavour as the trainer asks for: non-reentrant needs no inputs with grad
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
+            use_gradient_checkpointing=gradient_checkpointing and not sharded,  # fsdp: FSDP's own
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         embeddings_to_compute_dtype(model, precision.torch_dtype())
@@ -974,7 +1033,15 @@ def _make_callbacks(
 class DurableCheckpoints:
     """This run's checkpoint bundles under `<out>/checkpoints/step-<N>/`: list, publish, prune, fetch."""
 
-    def __init__(self, out: str, run_hash: str, keep: int = KEEP_CHECKPOINTS) -> None:
+    def __init__(
+        self,
+        out: str,
+        run_hash: str,
+        keep: int = KEEP_CHECKPOINTS,
+        world_size: int = 1,
+        hash_for_world_size: Callable[[int], str] | None = None,
+        parallelism: str = "ddp",
+    ) -> None:
         from ftrecipe.storage import StorageError, join, parse_location
 
         try:
@@ -984,6 +1051,10 @@ class DurableCheckpoints:
         self.run_hash = run_hash
         self.keep = keep
         self.steps: list[int] = []  # complete, of this run, ascending
+        # recorded in each checkpoint's manifest: a resume on another world size is told apart
+        self.world_size = world_size
+        self.hash_for_world_size = hash_for_world_size
+        self.parallelism = parallelism
 
     def _location(self, step: int) -> Any:
         from ftrecipe.storage import join
@@ -1006,7 +1077,15 @@ class DurableCheckpoints:
                 if manifest is None or not any(f.path == "trainer_state.json" for f in manifest.files):
                     continue  # being published, or pruned
                 if manifest.inputs_hash != self.run_hash:
-                    raise TrainError(
+                    refusal = world_size_refusal(
+                        str(self._location(step)),
+                        manifest.inputs_hash,
+                        manifest.metadata.get("world_size"),
+                        self.world_size,
+                        self.hash_for_world_size,
+                        self.parallelism,
+                    )
+                    raise refusal or TrainError(
                         f"{self._location(step)}: a checkpoint of a run with other data, model or settings; "
                         f"use another --out or delete {self.root}"
                     )
@@ -1025,7 +1104,11 @@ class DurableCheckpoints:
 
         try:
             publish_bundle(
-                folder, self._location(step), producer=CHECKPOINT_PRODUCER, inputs_hash=self.run_hash
+                folder,
+                self._location(step),
+                producer=CHECKPOINT_PRODUCER,
+                inputs_hash=self.run_hash,
+                metadata={"world_size": self.world_size},
             )
             self.steps = sorted({*self.steps, step})
             while len(self.steps) > self.keep:
@@ -1131,11 +1214,21 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
         data_hash = dataset_hash(splits)
         run_hash = inputs_hash(config, base, data_hash, world_size)
         work_dir = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / run_hash[:12]
-        _prepare_work_dir(work_dir, run_hash)
+
+        def hash_for_world_size(size: int) -> str:
+            return inputs_hash(config, base, data_hash, size)
+
+        _prepare_work_dir(work_dir, run_hash, world_size, hash_for_world_size, config.parallelism)
         checkpoints = work_dir / CHECKPOINTS_DIR
         checkpoints.mkdir(exist_ok=True)
         metrics_path = work_dir / "metrics.jsonl"
-        durable = DurableCheckpoints(options.out, run_hash)
+        durable = DurableCheckpoints(
+            options.out,
+            run_hash,
+            world_size=world_size,
+            hash_for_world_size=hash_for_world_size,
+            parallelism=config.parallelism,
+        )
         resume = _resume_from_durable(durable, checkpoints, fetch=node_main)
     _same_checkpoint_everywhere(resume[0] if resume else None)
 
@@ -1179,6 +1272,14 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     )
     model = load_model(config, base, precision, gradient_checkpointing)
     peft_config = lora_config(model, config)  # TRL wraps the model once, after seeding
+    from ftrecipe.training.fsdp import training_arguments
+
+    try:  # parallelism fsdp: sharded weights, FSDP's activation checkpointing (training.fsdp)
+        sharding = training_arguments(
+            model, config.parallelism, world_size, gradient_checkpointing, config.quantization != "none"
+        )
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
 
     cuda = torch.cuda.is_available()
     # From the records before too-long ones are dropped: it only sets how often progress is logged.
@@ -1197,8 +1298,11 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
         lr_scheduler_type=hp.scheduler,
         seed=hp.seed,
         data_seed=hp.seed,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **{
+            "gradient_checkpointing": gradient_checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
+            **sharding,  # fsdp: gradient_checkpointing off, FSDP's own activation checkpointing instead
+        },
         eval_strategy="steps" if has_val else "no",
         eval_steps=hp.eval_every_steps if has_val else None,
         save_strategy="steps",
@@ -1275,6 +1379,11 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
 
     metrics = _read_metrics(metrics_path)
     evals = [row["eval_loss"] for row in metrics if row.get("eval_loss") is not None]
+    adapter: Any = trainer.model
+    if trainer.is_fsdp_enabled:  # every rank sends its shards; rank 0 saves the whole adapter
+        from ftrecipe.training.fsdp import GatheredAdapter, gather_adapter
+
+        adapter = GatheredAdapter(trainer.model, gather_adapter(trainer.model))
     if not main_process:  # rank 0 writes and publishes the bundle
         if node_main:  # another node's disk: its copy of the checkpoint resumed from is no longer needed
             prune_local_checkpoints(checkpoints, 0)
@@ -1308,7 +1417,7 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
         serving_dtype=precision.dtype,
         data_provenance=data_provenance(splits.train, data_hash),
     )
-    run_metadata = write_bundle(bundle_dir, trainer.model, tokenizer, config, metrics_path, info)
+    run_metadata = write_bundle(bundle_dir, adapter, tokenizer, config, metrics_path, info)
     if options.merge:
         merge_adapter(base, bundle_dir, bundle_dir / MERGED_DIR)
 

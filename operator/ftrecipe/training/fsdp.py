@@ -1,0 +1,160 @@
+"""`parallelism: fsdp`: the base model's weights sharded across every rank (FSDP2, through accelerate).
+
+With `ddp` every GPU holds the whole base model; LoRA still needs all of it in memory, so a base model
+whose weights do not fit one GPU (70B in bf16: ~140 GB) cannot train that way. Under `fsdp` each rank
+keeps 1/world_size of every weight and all-gathers one decoder layer at a time while computing it.
+
+How, with the installed libraries (transformers 5.24, accelerate 1.16, peft 0.21, torch 2.13):
+
+- transformers' `fsdp` / `fsdp_config` arguments make accelerate's `FullyShardedDataParallelPlugin`;
+  version 2 (`fully_shard`, per-parameter DTensors, what peft supports without `use_orig_params`), one
+  FSDP unit per decoder layer (`transformer_layer_cls_to_wrap`, the model's `_no_split_modules`), the
+  embeddings and the final norm with the head in units of their own (accelerate does that);
+- loading: local rank 0 of each node reads the weights into host memory, the other ranks build the model
+  on the `meta` device, and accelerate broadcasts rank 0's weights shard by shard when it wraps the model
+  (`cpu_ram_efficient_loading`): no rank ever holds the whole model on its GPU. A 4-bit (QLoRA) base is
+  loaded onto each rank's GPU instead (4-bit 70B is ~40 GB) with its packed weights stored in the compute
+  dtype (`bnb_4bit_quant_storage`), which is what lets `fully_shard` shard them;
+- gradient checkpointing is FSDP's own activation checkpointing (accelerate wraps each decoder layer in
+  `checkpoint_wrapper`, non-reentrant), not the model's: both at once re-gather every layer twice in the
+  backward pass, and transformers refuses the pair;
+- checkpoints are sharded (`SHARDED_STATE_DICT`, adapter only: each rank writes its shard of the LoRA
+  weights and of the optimizer state with torch.distributed.checkpoint), so they resume on the same world
+  size; the trainer refuses another one in one line;
+- the published adapter is gathered: the full LoRA weights (frozen base weights left out) on rank 0, saved
+  with peft's `save_pretrained` as one file set, loadable by plain peft in one process.
+
+accelerate turns its FSDP plugin on for accelerator devices only (`AcceleratorState`: MULTI_GPU and the
+like, not MULTI_CPU). CPU ranks (gloo) get it from `enable_fsdp_on_cpu`, so the sharded path runs, and is
+tested, without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+Parallelism = Literal["ddp", "fsdp"]
+
+FSDP_VERSION: Final = 2
+# transformers' checkpoint folder inside checkpoint-N under SHARDED_STATE_DICT (accelerate's FSDP_MODEL_NAME)
+SHARDED_MODEL_DIR: Final = "pytorch_model_fsdp_0"
+# What accelerate and transformers read while the model loads (before the Trainer exists to set them).
+LOADING_ENV: Final = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+
+
+def shards(parallelism: Parallelism, world_size: int) -> bool:
+    """Whether the weights are sharded: fsdp with more than one rank (one rank has nothing to share with)."""
+    return parallelism == "fsdp" and world_size > 1
+
+
+def decoder_layer_classes(model: Any) -> list[str]:
+    """Class names of the model's decoder layers: one FSDP unit each.
+
+    transformers models name the blocks that must stay on one device in `_no_split_modules`
+    (`LlamaDecoderLayer`, ...); those present in the model, else every class ending in `DecoderLayer`.
+    Empty when neither is found (the caller refuses: FSDP would wrap the whole model as one unit, which
+    gathers every weight at once and saves nothing).
+    """
+    present = {type(module).__name__ for module in model.modules()}
+    declared = [name for name in getattr(model, "_no_split_modules", None) or [] if name in present]
+    if declared:
+        return sorted(set(declared))
+    return sorted(name for name in present if name.endswith("DecoderLayer"))
+
+
+def fsdp_arguments(
+    layer_classes: list[str], activation_checkpointing: bool, quantized: bool
+) -> dict[str, Any]:
+    """transformers' TrainingArguments for FSDP2 over `layer_classes` (merged into the SFTConfig)."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": FSDP_VERSION,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": list(layer_classes),
+            "reshard_after_forward": True,
+            # rank 0 holds the weights in host memory, the others on meta; accelerate skips it for 4-bit
+            "cpu_ram_efficient_loading": not quantized,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "activation_checkpointing": activation_checkpointing,
+        },
+    }
+
+
+def training_arguments(
+    model: Any, parallelism: Parallelism, world_size: int, gradient_checkpointing: bool, quantized: bool
+) -> dict[str, Any]:
+    """The SFTConfig arguments `parallelism` adds: none unless the weights are sharded (`shards`).
+
+    Under FSDP the model's own gradient checkpointing is off and FSDP's takes its place (see above).
+    ValueError, one line, for a model without recognisable decoder layers.
+    """
+    if not shards(parallelism, world_size):
+        return {}
+    layers = decoder_layer_classes(model)
+    if not layers:
+        raise ValueError(
+            f"parallelism fsdp: no decoder layer class found in {type(model).__name__} (neither "
+            "_no_split_modules nor a *DecoderLayer module) to shard by; use parallelism ddp"
+        )
+    return {**fsdp_arguments(layers, gradient_checkpointing, quantized), "gradient_checkpointing": False}
+
+
+def loading_env(quantized: bool) -> dict[str, str]:
+    """Environment for `from_pretrained` under fsdp: only local rank 0 materializes the weights.
+
+    Not for a 4-bit base: bitsandbytes quantizes on the GPU each rank loads onto.
+    """
+    return {} if quantized else dict(LOADING_ENV)
+
+
+def apply_loading_env(quantized: bool, environ: MutableMapping[str, str] = os.environ) -> None:
+    environ.update(loading_env(quantized))
+
+
+def enable_fsdp_on_cpu(accelerator: Any, plugin_args: Mapping[str, Any] | None) -> bool:
+    """Turn accelerate's FSDP plugin on for CPU ranks (gloo), which its AcceleratorState leaves at DDP.
+
+    Returns whether it did (False: FSDP already on, not asked for, or not a multi-process CPU run).
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if plugin_args is None or getattr(state, "fsdp_plugin", None) is not None:
+        return False
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    return True
+
+
+def gather_adapter(model: Any) -> dict[str, Any]:
+    """The full trainable (LoRA) weights, on the CPU of rank 0; empty on the other ranks.
+
+    Every rank must call it (an all-gather per weight). The frozen base weights are left out: gathering a
+    70B base into rank 0's host memory would need 140 GB for nothing.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return dict(get_model_state_dict(model, options=options))
+
+
+class GatheredAdapter:
+    """A peft model whose `save_pretrained` writes the gathered weights (not the rank's shards)."""
+
+    def __init__(self, model: Any, state_dict: Mapping[str, Any]) -> None:
+        self.model = model
+        self.state_dict = dict(state_dict)
+
+    def save_pretrained(self, path: str, **kwargs: Any) -> None:
+        self.model.save_pretrained(path, state_dict=self.state_dict, **kwargs)
+
+
+def checkpoint_is_sharded(folder: Path) -> bool:
+    """Whether a Trainer checkpoint holds FSDP shards (written by several ranks, one part each)."""
+    return (folder / SHARDED_MODEL_DIR).is_dir()

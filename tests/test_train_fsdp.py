@@ -1,0 +1,380 @@
+"""`parallelism: fsdp` (issue 22): the base model's weights sharded across the ranks (FSDP2 via accelerate).
+
+On the CPU with two gloo ranks under torchrun (accelerate enables its FSDP plugin on accelerator devices
+only; `training.fsdp.enable_fsdp_on_cpu` turns it on for CPU ranks, so this is the same sharded path a GPU
+run takes, on another device):
+
+- two FSDP ranks with 2 examples each log the same loss at every step as one process with 2 x 2
+  accumulation (the same global batch) and publish the same adapter; the published adapter is one file
+  set that plain peft loads in one process;
+- a run stopped by SIGTERM leaves a sharded checkpoint (each rank's part of every LoRA weight, written
+  with torch.distributed.checkpoint); resumed on the same world size it ends with the losses and the
+  adapter of the uninterrupted FSDP run; on another world size it is refused in one line naming the
+  checkpoint and both world sizes;
+- fsdp with 8-bit quantization is refused in the recipe, the CRD and the trainer's config.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ftrecipe.api import RecipeError, parse_recipe
+from ftrecipe.api.crd import custom_resource_definition
+from support.crd_schema import api_server_violations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STEPS = 12  # 24 examples, a global batch of 4, 2 epochs
+SETTINGS = [
+    "hyperparameters.learningRate=1e-2",
+    "hyperparameters.maxSeqLength=256",
+    "hyperparameters.batchSize=2",
+    "hyperparameters.gradientAccumulationSteps=1",  # the one-process reference takes 2
+    "hyperparameters.warmupSteps=0",
+    "hyperparameters.gradientCheckpointing=false",
+    "hyperparameters.epochs=2",
+    "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
+    # No dropout: each rank draws its masks from its own generator, one process from one, so with dropout
+    # the two layouts train on other masks (observed: the loss 0.009 apart from step 2 on).
+    "lora.dropout=0",
+]
+# Float32 on the CPU. Two ranks reduce-scatter the gradients of two halves where one process accumulates
+# them: another grouping of the same sums (observed: equal to the last bit; allowed: the 7th digit).
+LOSS_TOLERANCE = 1e-6
+WEIGHT_TOLERANCE = 1e-6
+RESUME_TOLERANCE = 1e-5  # as tests/test_train_resume.py
+RUN_TIMEOUT = 300
+
+WORDS = ("send", "money", "balance", "contact")
+COMPLETIONS = ("start flow transfer_money", "start flow check_balance")
+
+
+def _write_data(root: Path) -> Path:
+    """24 training and 4 validation examples of one token length.
+
+    Equal lengths make the length-grouped order the same for any batch layout, so one process with 2 x 2
+    accumulation and two ranks with 2 each see the same 4 examples at every step.
+    """
+    orders = list(itertools.permutations(WORDS))
+
+    def record(i: int) -> dict[str, str]:
+        prompt = "USER: " + " ".join(orders[i % len(orders)]) + "\nWhat do you do next?"
+        return {"prompt": prompt, "completion": COMPLETIONS[(i * 5 // 3) % 2]}
+
+    root.mkdir(parents=True)
+    for name, indices in (("train.jsonl", range(24)), ("val.jsonl", range(2, 22, 5))):
+        lines = [json.dumps(record(i)) for i in indices]
+        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def _train(data: Path, model: Path, root: Path, *extra: str, work: str = "work") -> list[str]:
+    argv = ["train", "--data", str(data), "--base-model", str(model), "--out", str(root / "out")]
+    argv += ["--work-dir", str(root / work)]
+    for item in (*SETTINGS, *extra):
+        argv += ["--set", item]
+    return argv
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _launcher(argv: list[str]) -> list[str]:
+    """`ftrecipe train` on a pod with two GPUs: torchrun with two ranks (here CPU ranks, gloo), run by
+    `run_launched` as the CLI does."""
+    from ftrecipe.training.launch import launch_command
+
+    command = launch_command(argv, visible_gpus=2, env={})
+    assert command is not None
+    code = (
+        "import sys; from ftrecipe.training.trainer import run_launched; sys.exit(run_launched(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code, *command]
+
+
+def _one_process(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ftrecipe.cli.main", *argv]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=RUN_TIMEOUT)
+
+
+def _losses(out: Path) -> list[tuple[int, float | None, float | None]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [(row["step"], row["train_loss"], row["eval_loss"]) for row in rows]
+
+
+def _assert_same_losses(
+    got: list[tuple[int, float | None, float | None]],
+    want: list[tuple[int, float | None, float | None]],
+    tolerance: float,
+) -> None:
+    assert [row[0] for row in got] == [row[0] for row in want]
+    for (step, *values), (_, *expected) in zip(got, want, strict=True):
+        for value, wanted in zip(values, expected, strict=True):
+            assert (value is None) == (wanted is None), (step, got, want)
+            if value is not None and wanted is not None:
+                assert abs(value - wanted) <= tolerance, f"step {step}: {value} != {wanted}"
+
+
+def _adapter(out: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def _largest_difference(left: dict[str, Any], right: dict[str, Any]) -> float:
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert left[name].shape == right[name].shape, name
+    return max(float((left[name] - right[name]).abs().max()) for name in left)
+
+
+def _checkpoint_steps(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name.removeprefix("step-")) for p in folder.iterdir() if p.name.startswith("step-"))
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _minimal(**training: Any) -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "recipes" / "minimal.yaml").read_text())
+    manifest["spec"]["training"].update(training)
+    return manifest
+
+
+FSDP_8BIT = (
+    "parallelism fsdp with quantization 8bit: bitsandbytes 8-bit weights cannot be sharded "
+    "(FSDP supports 4-bit QLoRA only); use quantization 4bit, or parallelism ddp"
+)
+
+
+def test_fsdp_with_8bit_is_refused_in_one_line_everywhere() -> None:
+    from ftrecipe.training.config import ConfigError, load_train_config
+
+    training = {"parallelism": "fsdp", "method": "qlora", "quantization": "8bit", "gpus": 2}
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(_minimal(**training), "recipe.yaml")
+    assert caught.value.lines == [f"recipe.yaml: spec.training: {FSDP_8BIT}"]
+    violations = api_server_violations(custom_resource_definition(), _minimal(**training))
+    assert any(FSDP_8BIT in violation for violation in violations), violations
+    with pytest.raises(ConfigError) as refused:
+        load_train_config(None, ["parallelism=fsdp", "quantization=8bit"])
+    assert str(refused.value) == f"invalid training config: training: {FSDP_8BIT}"
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"parallelism": "fsdp", "method": "qlora", "quantization": "4bit", "gpus": 2},
+        {"parallelism": "ddp", "method": "qlora", "quantization": "8bit", "gpus": 2},
+        {"parallelism": "fsdp", "gpus": 2},
+    ],
+    ids=["fsdp-4bit", "ddp-8bit", "fsdp-unquantized"],
+)
+def test_what_fsdp_supports_passes(training: dict[str, Any]) -> None:
+    assert api_server_violations(custom_resource_definition(), _minimal(**training)) == []
+    assert parse_recipe(_minimal(**training)).spec.training.parallelism == training["parallelism"]
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def test_fsdp_arguments_shard_each_decoder_layer(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ftrecipe.training.fsdp import training_arguments
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    assert training_arguments(model, "ddp", 2, True, False) == {}
+    assert training_arguments(model, "fsdp", 1, True, False) == {}  # one process: nothing to shard across
+    assert training_arguments(model, "fsdp", 2, True, False) == {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "reshard_after_forward": True,
+            "cpu_ram_efficient_loading": True,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "activation_checkpointing": True,  # FSDP's own, in place of the model's
+        },
+        "gradient_checkpointing": False,
+    }
+    quantized = training_arguments(model, "fsdp", 4, False, True)
+    assert quantized["fsdp_config"]["cpu_ram_efficient_loading"] is False  # 4-bit loads onto each GPU
+    assert quantized["fsdp_config"]["activation_checkpointing"] is False
+
+
+def test_a_model_without_decoder_layers_is_refused() -> None:
+    import torch
+
+    from ftrecipe.training.fsdp import training_arguments
+
+    with pytest.raises(ValueError, match=r"^parallelism fsdp: no decoder layer class found in Sequential"):
+        training_arguments(torch.nn.Sequential(torch.nn.Linear(2, 2)), "fsdp", 2, False, False)
+
+
+def test_the_inputs_hash_holds_fsdp_but_not_nodes(tiny_model: Path) -> None:
+    from ftrecipe.training.config import load_train_config
+    from ftrecipe.training.trainer import BaseModelRef, inputs_hash
+
+    base = BaseModelRef(str(tiny_model), None, str(tiny_model), str(tiny_model))
+    ddp = inputs_hash(load_train_config(None, []), base, "data", world_size=4)
+    assert inputs_hash(load_train_config(None, ["parallelism=ddp", "nodes=2"]), base, "data", 4) == ddp
+    assert inputs_hash(load_train_config(None, ["parallelism=fsdp"]), base, "data", 4) != ddp
+
+
+def test_a_checkpoint_of_another_world_size_alone_is_named_so() -> None:
+    from ftrecipe.training.trainer import world_size_refusal
+
+    def hash_for(size: int) -> str:
+        return f"hash-{size}"
+
+    refusal = world_size_refusal("s3://b/out/checkpoints/step-4", "hash-2", 2, 1, hash_for, "fsdp")
+    assert refusal is not None
+    assert str(refusal) == (
+        "s3://b/out/checkpoints/step-4: a checkpoint written by 2 processes, this run has 1: its FSDP "
+        "shards (one per process) resume only on the same world size; run on 2 GPUs in all (nodes x gpus) "
+        "to resume, or delete it to start over"
+    )
+    assert "the global batch and the schedule" in str(
+        world_size_refusal("x", "hash-8", 8, 4, hash_for, "ddp")
+    )
+    assert world_size_refusal("x", "other", 2, 1, hash_for, "fsdp") is None  # more than the world size
+    assert world_size_refusal("x", "hash-2", None, 1, hash_for, "fsdp") is None  # not recorded
+    assert world_size_refusal("x", "hash-2", 2, 2, hash_for, "fsdp") is None
+
+
+# --------------------------------------------------------------------------------------------- two ranks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_data(tmp_path_factory.mktemp("fsdp-data") / "splits")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, no sharding, 2 examples x 2 accumulation steps: the reference. Its bundle folder."""
+    root = tmp_path_factory.mktemp("fsdp-one")
+    done = _run(_one_process(_train(data, tiny_model, root, "hyperparameters.gradientAccumulationSteps=2")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two FSDP ranks, 2 examples each, uninterrupted. Its bundle folder."""
+    root = tmp_path_factory.mktemp("fsdp-two")
+    argv = _train(data, tiny_model, root, "parallelism=fsdp", "checkpointEverySteps=1000")
+    done = _run(_launcher(argv))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "out"
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_train_as_one_process_with_the_same_global_batch(
+    one_process: Path, sharded: Path
+) -> None:
+    losses = _losses(sharded)
+    assert [step for step, train, _ in losses if train is not None] == list(range(1, STEPS + 1))
+    _assert_same_losses(losses, _losses(one_process), LOSS_TOLERANCE)
+    assert _largest_difference(_adapter(sharded), _adapter(one_process)) <= WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+def test_the_published_adapter_loads_with_plain_peft_in_one_process(
+    tiny_model: Path, one_process: Path, sharded: Path
+) -> None:
+    """One file set (no shards), the whole LoRA weights: loaded on the base model as any adapter is."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert sorted(p.name for p in sharded.iterdir() if "adapter" in p.name) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    saved = _adapter(sharded)
+    assert len(saved) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in each of 2 layers
+    assert saved["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"].shape == (16, 64)
+    assert saved["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"].shape == (128, 16)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(sharded))
+    loaded = {
+        name.replace(".default", ""): tensor for name, tensor in model.state_dict().items() if "lora_" in name
+    }
+    reference = _adapter(one_process)
+    assert _largest_difference(loaded, reference) <= WEIGHT_TOLERANCE
+    assert all(float(tensor.abs().max()) > 0 for name, tensor in loaded.items() if "lora_B" in name)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_the_same_world_size_only(
+    tiny_model: Path, data: Path, sharded: Path, tmp_path: Path
+) -> None:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    argv = _train(data, tiny_model, tmp_path, "parallelism=fsdp", "checkpointEverySteps=1000")
+    process = subprocess.Popen(
+        _launcher(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:  # the kubelet's SIGTERM, to `ftrecipe train`, once step 3 is done
+            if line.startswith('{"event": "progress"') and json.loads(line)["step"] >= 3:
+                process.send_signal(signal.SIGTERM)
+                break
+        _, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    (step,) = _checkpoint_steps(tmp_path / "out" / "checkpoints")
+    assert 3 <= step < STEPS
+    checkpoint = tmp_path / "out" / "checkpoints" / f"step-{step}"
+    # each rank wrote its own shard of the adapter: every LoRA weight is in two pieces, one per rank
+    shards = checkpoint / "pytorch_model_fsdp_0"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in shards.iterdir()}
+    metadata = FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+    lora = {key: item for key, item in metadata.items() if "lora_A" in key}
+    assert len(lora) == 14 and all(len(item.chunks) == 2 for item in lora.values()), lora  # type: ignore[union-attr]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+    # another world size: one line naming the checkpoint and both sizes, before any training
+    expected = (
+        "a checkpoint written by 2 processes, this run has 1: its FSDP shards (one per process) resume only "
+        "on the same world size; run on 2 GPUs in all (nodes x gpus) to resume, or delete it to start over"
+    )
+    refused = _run(_one_process(argv))  # the same work folder: its checkpoint is named
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert (
+        refused.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'work' / 'checkpoints'}: {expected}"
+    )
+    fresh_pod = _train(
+        data, tiny_model, tmp_path, "parallelism=fsdp", "checkpointEverySteps=1000", work="pod"
+    )
+    refused = _run(_one_process(fresh_pod))  # a new pod: the durable checkpoint is named
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == f"error: {checkpoint}: {expected}"
+
+    resumed = _run(_launcher(argv))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {step}" in resumed.stdout.splitlines()
+    _assert_same_losses(_losses(tmp_path / "out"), _losses(sharded), RESUME_TOLERANCE)
+    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(sharded)) <= WEIGHT_TOLERANCE
+    assert _checkpoint_steps(tmp_path / "out" / "checkpoints") == []
