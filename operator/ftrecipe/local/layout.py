@@ -45,7 +45,7 @@ class LocalRecipe:
     spec: FinetuneRecipeSpec
     generation: int
     workdir: Path
-    assistant: Path | None  # the local assistant folder; None: fetched from git or S3 when data runs
+    assistant: Path | None  # the local assistant folder; None: fetched from git or S3 when read
     base_model: str  # `--base-model` of train and evaluate: a folder, hf:ID[@REV] or s3://
     output_root: str  # a folder or an s3:// prefix; bundles go to <output_root>/<name>/<phase>-<hash>/
     env: Mapping[Phase, Mapping[str, str]]  # S3 settings the spec names, as the variables boto3 reads
@@ -100,7 +100,7 @@ def _assistant(spec: FinetuneRecipeSpec, file: Path) -> Path | None:
             f"{where}.source.{kind} exists only in a cluster; with `ftrecipe run` use local, git or s3"
         )
     if source.local is None:
-        return None  # git or s3: fetched when data preparation runs
+        return None  # git or s3: fetched when a phase reads it (data; evaluate with evaluation.e2e)
     folder = (file.parent / source.local.path).resolve()
     if not folder.is_dir():
         raise LocalRunError(
