@@ -25,6 +25,7 @@ from test_operator import (
     handlers,
     job_names,
     manifest,
+    patch_spec,
     progress_line,
     report,
     requests_since,
@@ -258,3 +259,66 @@ def test_without_jobset_on_the_cluster_the_recipe_waits_with_one_clear_line(k8s:
     assert not [
         r for r in run.records if r.exc_info or (r.levelno >= logging.WARNING and "JobSet" in r.getMessage())
     ]
+
+
+def test_a_queued_jobset_waits_for_kueue_as_one_workload(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes(queueName="gpu-queue")
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2, resync_seconds=0.3), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        created = k8s.wait_for_object(JOBSETS, jobset, NS)
+        assert created["spec"]["suspend"] is True  # Kueue unsuspends it when it admits it
+        assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert child_of(k8s, jobset) and k8s.jobset_jobs(jobset, NS)[0]["spec"]["suspend"] is True
+        quota = "couldn't assign flavors to pod set node: insufficient unused quota for nvidia.com/gpu"
+        k8s.kueue_hold(jobset, NS, quota, jobset=True)
+        waiting = (
+            f"training waiting (JobSet {jobset}): Kueue has not admitted it yet (queue gpu-queue): {quota}"
+        )
+        st = wait_status(k8s, lambda s: s.get("message") == waiting, "Kueue's reason")
+        assert condition(st, "Ready")["reason"] == "Queued" and st["phase"] == "Training"
+
+        k8s.kueue_admit(jobset, NS, jobset=True)
+        assert k8s.jobset_jobs(jobset, NS)[0]["spec"]["suspend"] is False
+        st = wait_status(k8s, lambda s: s.get("message") == f"training running (JobSet {jobset})", "admitted")
+        assert condition(st, "Ready")["reason"] == "Training"
+    assert not run.errors, run.messages()
+
+
+def test_suspend_resume_and_back_to_one_node(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        run_nodes(k8s, child)
+        wait_status(k8s, lambda s: s.get("phase") == "Training", "training")
+
+        patch_spec(k8s, "minimal", {"suspend": True})  # the JobSet suspends its child Job (its pods go)
+        k8s.wait_for_object(JOBSETS, jobset, NS, where=lambda j: j["spec"].get("suspend") is True)
+        k8s.wait_for(
+            lambda: k8s.jobset_jobs(jobset, NS)[0]["spec"]["suspend"] is True, message="child suspended"
+        )
+        st = wait_phase(k8s, "Suspended")
+        assert st["message"] == f"training suspended (JobSet {jobset})"
+        patch_spec(k8s, "minimal", {"suspend": False})
+        k8s.wait_for_object(JOBSETS, jobset, NS, where=lambda j: j["spec"].get("suspend") is False)
+        wait_phase(k8s, "Training")
+
+        # Back to one node: the JobSet goes (its inputs changed), a plain train Job takes over.
+        patch_spec(k8s, "minimal", {"training": {"nodes": 1}})
+        one = manifest()
+        train = expected_job(one, "train")
+        wait_job(k8s, train)
+        k8s.wait_for(lambda: k8s.get(JOBSETS, jobset, NS) is None, message="the JobSet deleted")
+        assert job_names(k8s) == sorted([expected_job(body, "data"), train])
+        st = wait_status(k8s, lambda s: s.get("observedGeneration") == 4, "generation 4")
+        assert st["message"] == f"training running (Job {train})"
+        assert "restarts" not in st["training"]
+        deleted = [e["message"] for e in k8s.events(NS) if e["reason"] == "JobDeleted"]
+        assert deleted == [f"deleted JobSet {jobset}: inputs of phase train changed"]
+    assert not run.errors, run.messages()

@@ -2465,23 +2465,27 @@ class KubeCluster:
         }
         return self.patch("v1/pods", name, {"status": status}, namespace, subresource="status")
 
-    def kueue_hold(self, job_name: str, namespace: str, message: str, *, reason: str = "Pending") -> Body:
-        """Play Kueue holding a suspended Job: its Workload (labelled with the Job's uid, owned by the Job)
-        with condition QuotaReserved False and Kueue's `message`, e.g. ``couldn't assign flavors to pod set
-        main: insufficient unused quota for nvidia.com/gpu in flavor default-flavor, 1 more needed`` (reason
-        Pending), or ``LocalQueue gpu-queue doesn't exist`` (reason Inadmissible)."""
-        job = self.get("batch/v1/jobs", job_name, namespace) or {}
+    def kueue_hold(
+        self, job_name: str, namespace: str, message: str, *, reason: str = "Pending", jobset: bool = False
+    ) -> Body:
+        """Play Kueue holding a suspended Job (or, with `jobset`, a JobSet: Kueue admits it as one workload):
+        its Workload (labelled with the Job's uid, owned by the Job) with condition QuotaReserved False and
+        Kueue's `message`, e.g. ``couldn't assign flavors to pod set main: insufficient unused quota for
+        nvidia.com/gpu in flavor default-flavor, 1 more needed`` (reason Pending), or ``LocalQueue gpu-queue
+        doesn't exist`` (reason Inadmissible)."""
+        resource = JOBSET.resource if jobset else "batch/v1/jobs"
+        job = self.get(resource, job_name, namespace) or {}
         uid = (job.get("metadata") or {}).get("uid", "")
         queue = ((job.get("metadata") or {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name", "")
-        name = f"job-{job_name}-{uid[:5]}"
+        name = f"{'jobset' if jobset else 'job'}-{job_name}-{uid[:5]}"
         if self.get(KUEUE_WORKLOAD.resource, name, namespace) is None:
             metadata = {
                 "name": name,
                 "labels": {"kueue.x-k8s.io/job-uid": uid},
                 "ownerReferences": [
                     {
-                        "apiVersion": "batch/v1",
-                        "kind": "Job",
+                        "apiVersion": JOBSET.api_version if jobset else "batch/v1",
+                        "kind": "JobSet" if jobset else "Job",
                         "name": job_name,
                         "uid": uid,
                         "controller": True,
@@ -2506,9 +2510,11 @@ class KubeCluster:
             subresource="status",
         )
 
-    def kueue_admit(self, job_name: str, namespace: str) -> Body:
-        """Play Kueue admitting a Job it holds: it unsuspends it (the Job controller then starts its pods)."""
-        return self.patch("batch/v1/jobs", job_name, {"spec": {"suspend": False}}, namespace)
+    def kueue_admit(self, job_name: str, namespace: str, *, jobset: bool = False) -> Body:
+        """Play Kueue admitting a Job (or JobSet) it holds: it unsuspends it (the Job controller then starts
+        its pods; a JobSet's controller first unsuspends its child Jobs)."""
+        resource = JOBSET.resource if jobset else "batch/v1/jobs"
+        return self.patch(resource, job_name, {"spec": {"suspend": False}}, namespace)
 
     def install_jobset(self) -> None:
         """Install JobSet (kubernetes-sigs/jobset) on the running cluster, as ``kubectl apply

@@ -279,13 +279,18 @@ def _waiting_line(phase: Phase, job_name: str, why: str, *, jobset: bool = False
 def _with_restarts(
     section: TrainingStatus | None, fact: Action | None, *, jobset: bool
 ) -> TrainingStatus | None:
-    """A multi-node training's section with its JobSet's restarts (0 once created: a JobSet runs it)."""
-    if section is None or not jobset:
+    """A multi-node training's section with its JobSet's restarts (0 for a JobSet just created); a
+    training back on one node (a Job) shows none."""
+    if section is None or not isinstance(fact, CreateJob | Wait):
         return section
+    if not jobset:
+        if section.restarts is None and section.max_restarts is None:
+            return section
+        return section.model_copy(update={"restarts": None, "max_restarts": None})
     if isinstance(fact, Wait) and fact.restarts is not None:
         return section.model_copy(update={"restarts": fact.restarts, "max_restarts": fact.max_restarts})
-    if isinstance(fact, CreateJob | Wait) and section.restarts is None:
-        return section.model_copy(update={"restarts": 0})
+    if isinstance(fact, CreateJob) or section.restarts is None:
+        return section.model_copy(update={"restarts": 0, "max_restarts": None})
     return section
 
 
