@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: the example recipe (examples/moneybank/recipe.yaml) end to end on this machine,
 # offline: prepare data from the MoneyBank assistant's E2E tests, train a LoRA adapter on an offline tiny
-# Llama, evaluate it on held-out conversations. Everything lands under output/demo/.
+# Llama, evaluate it on held-out conversations: turn by turn (command accuracy) and whole conversations with
+# the adapter in the loop (E2E pass rate). Everything lands under output/demo/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -52,4 +53,32 @@ status = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
 print(f"phase: {status['phase']}, message: {status['message']}")
 for condition in status["conditions"]:
     print(f"  {condition['type']:<13}{condition['status']:<6}{condition['reason']}: {condition['message']}")
+evaluation = status.get("evaluation") or {}
+figures = [f"command accuracy {evaluation['commandAccuracy']:.1%}"] if "commandAccuracy" in evaluation else []
+if "e2ePassRate" in evaluation:
+    figures.append(
+        f"E2E pass rate {evaluation['e2ePassRate']:.1%} "
+        f"({evaluation.get('e2ePassed')} of {evaluation.get('e2eTests')} held-out tests)"
+    )
+print("evaluation: " + (", ".join(figures) or "no figures"))
+PY
+
+echo
+echo "== 8. The evaluation report: command accuracy (turn by turn, the teacher's state in every prompt) beside"
+echo "      the E2E pass rate (whole held-out tests, the adapter's own commands driving them)"
+"$BIN/python" - "$WORK/status.yaml" <<'PY'
+import sys
+from pathlib import Path
+
+import yaml
+
+status = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+report = Path(status["evaluation"]["reportURI"]) / "eval.md"
+lines = report.read_text(encoding="utf-8").splitlines()
+end = next((i for i, line in enumerate(lines) if line.startswith("## Per command type")), len(lines))
+shown = lines[:end]
+table = [i for i, line in enumerate(shown) if line.startswith("| test | turn |")]
+if table:  # the failing tests: the first three rows are enough to see what the adapter does
+    shown = shown[: table[0] + 5] + ([f"… ({report} has them all)"] if len(shown) > table[0] + 5 else [])
+print("\n".join(shown).rstrip())
 PY

@@ -417,7 +417,10 @@ def test_local_commands_are_the_jobs_commands_with_local_paths(tmp_path: Path) -
         "train": train_args(
             spec, "s3://b/train/", "s3://b/data/", base_model_arg(spec_for_job), JOB_PATHS, local.name
         ),
-        "evaluate": evaluate_args(spec, "s3://b/eval/", "s3://b/data/", "s3://b/train/", "hf:org/model"),
+        # The example recipe replays its held-out E2E tests (evaluation.e2e): the assistant's paths too.
+        "evaluate": evaluate_args(
+            spec, "s3://b/eval/", "s3://b/data/", "s3://b/train/", "hf:org/model", paths=JOB_PATHS
+        ),
     }
     for phase, job in jobs.items():
         mine = phase_args(local, phase)
