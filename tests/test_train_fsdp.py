@@ -200,9 +200,9 @@ def test_fsdp_arguments_shard_each_decoder_layer(tiny_model: Path) -> None:
     from ftrecipe.training.fsdp import training_arguments
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    assert training_arguments(model, "ddp", 2, True, False) == {}
-    assert training_arguments(model, "fsdp", 1, True, False) == {}  # one process: nothing to shard across
-    assert training_arguments(model, "fsdp", 2, True, False) == {
+    assert training_arguments(model, "ddp", 2, False) == {}
+    assert training_arguments(model, "fsdp", 1, False) == {}  # one process: nothing to shard across
+    assert training_arguments(model, "fsdp", 2, False) == {
         "fsdp": True,
         "fsdp_config": {
             "version": 2,
@@ -211,13 +211,12 @@ def test_fsdp_arguments_shard_each_decoder_layer(tiny_model: Path) -> None:
             "reshard_after_forward": True,
             "cpu_ram_efficient_loading": True,
             "state_dict_type": "SHARDED_STATE_DICT",
-            "activation_checkpointing": True,  # FSDP's own, in place of the model's
+            # the model's own gradient checkpointing (peft cannot save through FSDP's checkpoint_wrapper)
+            "activation_checkpointing": False,
         },
-        "gradient_checkpointing": False,
     }
-    quantized = training_arguments(model, "fsdp", 4, False, True)
+    quantized = training_arguments(model, "fsdp", 4, True)
     assert quantized["fsdp_config"]["cpu_ram_efficient_loading"] is False  # 4-bit loads onto each GPU
-    assert quantized["fsdp_config"]["activation_checkpointing"] is False
 
 
 def test_a_model_without_decoder_layers_is_refused() -> None:
@@ -226,7 +225,7 @@ def test_a_model_without_decoder_layers_is_refused() -> None:
     from ftrecipe.training.fsdp import training_arguments
 
     with pytest.raises(ValueError, match=r"^parallelism fsdp: no decoder layer class found in Sequential"):
-        training_arguments(torch.nn.Sequential(torch.nn.Linear(2, 2)), "fsdp", 2, False, False)
+        training_arguments(torch.nn.Sequential(torch.nn.Linear(2, 2)), "fsdp", 2, False)
 
 
 def test_the_inputs_hash_holds_fsdp_but_not_nodes(tiny_model: Path) -> None:
@@ -295,6 +294,25 @@ def test_two_fsdp_ranks_train_as_one_process_with_the_same_global_batch(
     assert [step for step, train, _ in losses if train is not None] == list(range(1, STEPS + 1))
     _assert_same_losses(losses, _losses(one_process), LOSS_TOLERANCE)
     assert _largest_difference(_adapter(sharded), _adapter(one_process)) <= WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_under_fsdp_changes_nothing_but_memory(
+    tiny_model: Path, data: Path, one_process: Path, tmp_path: Path
+) -> None:
+    """The model's own (non-reentrant) checkpointing on sharded layers: the same losses and adapter.
+
+    FSDP's `activation_checkpointing` instead left the published adapter empty (peft does not see through
+    torch's checkpoint_wrapper), which this catches as well.
+    """
+    argv = _train(
+        data, tiny_model, tmp_path, "parallelism=fsdp", "hyperparameters.gradientCheckpointing=true"
+    )
+    done = _run(_launcher([*argv, "--set", "checkpointEverySteps=1000"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"gradient_checkpointing": true' in done.stdout
+    _assert_same_losses(_losses(tmp_path / "out"), _losses(one_process), LOSS_TOLERANCE)
+    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(one_process)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow

@@ -15,9 +15,12 @@ How, with the installed libraries (transformers 5.24, accelerate 1.16, peft 0.21
   (`cpu_ram_efficient_loading`): no rank ever holds the whole model on its GPU. A 4-bit (QLoRA) base is
   loaded onto each rank's GPU instead (4-bit 70B is ~40 GB) with its packed weights stored in the compute
   dtype (`bnb_4bit_quant_storage`), which is what lets `fully_shard` shard them;
-- gradient checkpointing is FSDP's own activation checkpointing (accelerate wraps each decoder layer in
-  `checkpoint_wrapper`, non-reentrant), not the model's: both at once re-gather every layer twice in the
-  backward pass, and transformers refuses the pair;
+- gradient checkpointing is the model's own (transformers' `gradient_checkpointing_enable`, non-reentrant,
+  as under ddp), not FSDP's `activation_checkpointing`: that one wraps each decoder layer in torch's
+  `checkpoint_wrapper`, whose `_checkpoint_wrapped_module` in the module names peft 0.21 does not strip
+  when it picks the adapter's weights out of a state dict (it strips FSDP1's `_fsdp_wrapped_module` only),
+  so the published adapter came out empty (tried on two CPU ranks). Under FSDP2 a layer recomputed in the
+  backward pass finds its weights still gathered by the backward's own pre-hook;
 - checkpoints are sharded (`SHARDED_STATE_DICT`, adapter only: each rank writes its shard of the LoRA
   weights and of the optimizer state with torch.distributed.checkpoint), so they resume on the same world
   size; the trainer refuses another one in one line;
@@ -65,9 +68,7 @@ def decoder_layer_classes(model: Any) -> list[str]:
     return sorted(name for name in present if name.endswith("DecoderLayer"))
 
 
-def fsdp_arguments(
-    layer_classes: list[str], activation_checkpointing: bool, quantized: bool
-) -> dict[str, Any]:
+def fsdp_arguments(layer_classes: list[str], quantized: bool) -> dict[str, Any]:
     """transformers' TrainingArguments for FSDP2 over `layer_classes` (merged into the SFTConfig)."""
     return {
         "fsdp": True,
@@ -79,17 +80,16 @@ def fsdp_arguments(
             # rank 0 holds the weights in host memory, the others on meta; accelerate skips it for 4-bit
             "cpu_ram_efficient_loading": not quantized,
             "state_dict_type": "SHARDED_STATE_DICT",
-            "activation_checkpointing": activation_checkpointing,
+            "activation_checkpointing": False,  # the model's own instead (see the module docstring)
         },
     }
 
 
 def training_arguments(
-    model: Any, parallelism: Parallelism, world_size: int, gradient_checkpointing: bool, quantized: bool
+    model: Any, parallelism: Parallelism, world_size: int, quantized: bool
 ) -> dict[str, Any]:
     """The SFTConfig arguments `parallelism` adds: none unless the weights are sharded (`shards`).
 
-    Under FSDP the model's own gradient checkpointing is off and FSDP's takes its place (see above).
     ValueError, one line, for a model without recognisable decoder layers.
     """
     if not shards(parallelism, world_size):
@@ -100,7 +100,7 @@ def training_arguments(
             f"parallelism fsdp: no decoder layer class found in {type(model).__name__} (neither "
             "_no_split_modules nor a *DecoderLayer module) to shard by; use parallelism ddp"
         )
-    return {**fsdp_arguments(layers, gradient_checkpointing, quantized), "gradient_checkpointing": False}
+    return fsdp_arguments(layers, quantized)
 
 
 def loading_env(quantized: bool) -> dict[str, str]:

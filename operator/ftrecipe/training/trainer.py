@@ -681,7 +681,7 @@ def load_model(
         # Same checkpointing flavour as the trainer asks for: non-reentrant needs no inputs with grad
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model,
-            use_gradient_checkpointing=gradient_checkpointing and not sharded,  # fsdp: FSDP's own
+            use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         embeddings_to_compute_dtype(model, precision.torch_dtype())
@@ -1274,10 +1274,8 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     peft_config = lora_config(model, config)  # TRL wraps the model once, after seeding
     from ftrecipe.training.fsdp import training_arguments
 
-    try:  # parallelism fsdp: sharded weights, FSDP's activation checkpointing (training.fsdp)
-        sharding = training_arguments(
-            model, config.parallelism, world_size, gradient_checkpointing, config.quantization != "none"
-        )
+    try:  # parallelism fsdp: sharded weights (training.fsdp)
+        sharding = training_arguments(model, config.parallelism, world_size, config.quantization != "none")
     except ValueError as exc:
         raise TrainError(str(exc)) from None
 
@@ -1298,11 +1296,9 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
         lr_scheduler_type=hp.scheduler,
         seed=hp.seed,
         data_seed=hp.seed,
-        **{
-            "gradient_checkpointing": gradient_checkpointing,
-            "gradient_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
-            **sharding,  # fsdp: gradient_checkpointing off, FSDP's own activation checkpointing instead
-        },
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **sharding,
         eval_strategy="steps" if has_val else "no",
         eval_steps=hp.eval_every_steps if has_val else None,
         save_strategy="steps",
