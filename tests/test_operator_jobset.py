@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ftrecipe.plan.planner import jobset_name
@@ -321,4 +322,45 @@ def test_suspend_resume_and_back_to_one_node(k8s: K8s) -> None:
         assert "restarts" not in st["training"]
         deleted = [e["message"] for e in k8s.events(NS) if e["reason"] == "JobDeleted"]
         assert deleted == [f"deleted JobSet {jobset}: inputs of phase train changed"]
+    assert not run.errors, run.messages()
+
+
+def test_one_node_that_cannot_start_holds_the_group_and_fails_it_past_its_limit(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    image = "registry.test/ftrecipe-trainer:test"
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        tag = attempt_tag(k8s, child)
+        no_gpu = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+        k8s.set_pod_unschedulable(child, NS, no_gpu, container="train", suffix=f"1-p{tag}")
+        time.sleep(1.1)  # node 0's pod is the newer one: node 1's still holds the group
+        k8s.set_job_pod(child, NS, "Running", container="train", suffix=f"0-p{tag}")  # node 0 runs
+        k8s.set_job_status(child, NS, "running")
+        waiting = f"training waiting (JobSet {jobset}): no node can run the pod: {no_gpu}"
+        st = wait_status(k8s, lambda s: s.get("message") == waiting, "node 1 unschedulable")
+        assert condition(st, "Ready")["reason"] == "Unschedulable" and st["phase"] == "Training"
+
+        # Scheduled at last, its image cannot be pulled, for six minutes: the JobSet goes, the phase fails.
+        k8s.set_pod_waiting(
+            child,
+            NS,
+            container="train",
+            reason="ImagePullBackOff",
+            message=f'Back-off pulling image "{image}"',
+            image=image,
+            scheduled_at=(datetime.now(UTC) - timedelta(minutes=6)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            suffix=f"1-p{tag}",
+        )
+        st = wait_phase(k8s, "Failed")
+        assert st["message"].startswith("training stopped after 6m0")
+        assert st["message"].endswith(
+            f'waiting (JobSet {jobset} deleted): container train cannot pull {image}: Back-off pulling image "{image}"'
+        )
+        assert condition(st, "Trained")["reason"] == "ImagePullBackOff"
+        k8s.wait_for(lambda: k8s.get(JOBSETS, jobset, NS) is None, message="the stuck JobSet deleted")
+        assert k8s.jobset_jobs(jobset, NS) == []  # its child Job and pods went with it
     assert not run.errors, run.messages()

@@ -408,14 +408,14 @@ def stopped(job: ObservedJob, now: datetime, limits: StuckLimits) -> Fail | None
         return Fail(
             job.phase,
             EVICTED,
-            f"{human} stopped: its pod was evicted {job.evictions} times (Job {job.name} deleted){last}",
+            f"{human} stopped: its pod was evicted {job.evictions} times ({job.kind} {job.name} deleted){last}",
         )
     if job.blocker is None or (waited := waited_too_long(job.blocker, now, limits)) is None:
         return None
     return Fail(
         job.phase,
         job.blocker.reason,
-        f"{human} stopped after {duration_text(waited)} waiting (Job {job.name} deleted): "
+        f"{human} stopped after {duration_text(waited)} waiting ({job.kind} {job.name} deleted): "
         f"{job.blocker.message}",
     )
 
