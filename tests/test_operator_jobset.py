@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ftrecipe.controller.handlers import jobset_changes
+from ftrecipe.controller.observe import jobset_state, observed_jobset
 from ftrecipe.plan.planner import jobset_name
+from ftrecipe.plan.status import restarts_text
 from support.k8s import CRD_RESOURCE, K8s
 from test_operator import (
     JOBS,
@@ -364,3 +368,60 @@ def test_one_node_that_cannot_start_holds_the_group_and_fails_it_past_its_limit(
         k8s.wait_for(lambda: k8s.get(JOBSETS, jobset, NS) is None, message="the stuck JobSet deleted")
         assert k8s.jobset_jobs(jobset, NS) == []  # its child Job and pods went with it
     assert not run.errors, run.messages()
+
+
+# ---- the pure pieces, on JobSet bodies as the JobSet controller writes them
+
+
+def jobset_body(
+    conditions: Sequence[tuple[str, str]] = (), *, suspend: bool = False, active: int = 0, restarts: int = 0
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "r-train-1",
+            "uid": "u1",
+            "labels": {"ftrecipe.dev/phase": "train"},
+            "annotations": {"ftrecipe.dev/inputs-hash": "h" * 12, "ftrecipe.dev/recipe": "r"},
+        },
+        "spec": {"suspend": suspend, "failurePolicy": {"maxRestarts": 3}},
+        "status": {
+            "restarts": restarts,
+            "replicatedJobsStatus": [{"name": "node", "active": active, "ready": 0}],
+            "conditions": [
+                {"type": kind, "status": "True", "reason": reason, "message": f"{reason} words"}
+                for kind, reason in conditions
+            ],
+        },
+    }
+
+
+def test_a_jobsets_state_comes_from_its_conditions() -> None:
+    assert jobset_state(jobset_body([("Completed", "AllJobsCompleted")])) == "succeeded"
+    assert jobset_state(jobset_body([("Failed", "ReachedMaxRestarts")], active=1)) == "failed"
+    assert jobset_state(jobset_body([("Suspended", "SuspendedJobs")], suspend=True)) == "suspended"
+    assert jobset_state(jobset_body(active=1)) == "running"
+    assert jobset_state(jobset_body(restarts=1)) == "pending"  # recreated after a restart
+    seen = observed_jobset(jobset_body([("Failed", "ReachedMaxRestarts")], restarts=3))
+    assert seen is not None
+    assert (seen.kind, seen.state, seen.restarts, seen.max_restarts) == ("JobSet", "failed", 3, 3)
+    assert seen.message == "JobSet r-train-1 failed: ReachedMaxRestarts words"
+    assert seen.failure_reason == "ReachedMaxRestarts"
+
+
+def test_jobset_listings_report_changes_restarts_and_disappearances() -> None:
+    known, changed = jobset_changes({}, [jobset_body()])
+    assert changed == []  # a pending JobSet first seen: the reconcile that created it knows
+    known, changed = jobset_changes(known, [jobset_body(active=1)])
+    assert changed == [("r", "JobSet r-train-1 running, 0 restarts")]
+    known, changed = jobset_changes(known, [jobset_body(active=1)])
+    assert changed == []
+    known, changed = jobset_changes(known, [jobset_body(restarts=1)])
+    assert changed == [("r", "JobSet r-train-1 pending, 1 restarts")]
+    assert jobset_changes({}, [jobset_body(restarts=1)])[1] == [("r", "JobSet r-train-1 pending, 1 restarts")]
+    assert jobset_changes(known, [])[1] == [("r", "JobSet r-train-1 deleted")]
+
+
+def test_the_restarts_read_as_a_person_would_say_them() -> None:
+    assert restarts_text(None, None) == restarts_text(0, 3) == ""
+    assert restarts_text(1, 3) == ", restarted 1 of 3 times after a lost node"
+    assert restarts_text(1, None) == ", restarted 1 time after a lost node"
