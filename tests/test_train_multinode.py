@@ -469,8 +469,10 @@ def test_a_node_killed_mid_run_fails_the_group_and_the_restarted_group_resumes_e
     for log in again.glob("node*.err"):
         assert "Didn't find an RNG file" not in log.read_text(encoding="utf-8"), _tails(again)
     assert _checkpoint_steps(out) == []  # deleted once the adapter is out
-    # nor the copies on the disk of the node without rank 0 (this time)
-    assert list((root / f"work{_other_node(again)}" / "checkpoints").iterdir()) == []
+    # nor the copies on the disk of the node without rank 0 this time (rank 0 may have moved: TRL's
+    # README.md from its first run can be there)
+    left = (root / f"work{_other_node(again)}" / "checkpoints").iterdir()
+    assert [child.name for child in left if child.is_dir()] == []
 
     resumed = fetch_bundle(out, tmp_path / "resumed")
     assert resumed is not None
