@@ -69,6 +69,20 @@ def test_each_node_has_a_main_process_and_the_group_one() -> None:
     assert is_node_main_process({}) and is_main_process({})  # no launcher: the one process
 
 
+def test_the_ranks_must_resume_from_the_same_step() -> None:
+    """Each node fetched its checkpoint on its own: one published in between would split the group."""
+    pytest.importorskip("torch", reason="training needs the 'train' extra")
+    from ftrecipe.training.trainer import resume_disagreement
+
+    assert resume_disagreement([4, 4, 4, 4]) is None
+    assert resume_disagreement([None, None]) is None
+    assert resume_disagreement([6, 6, 4, 4]) == (
+        "the ranks found different checkpoints to resume from (by rank: 6, 6, 4, 4); one was published "
+        "while this run started: rerun"
+    )
+    assert resume_disagreement([4, None]) is not None
+
+
 def test_the_flags_override_the_environment() -> None:
     group = node_group(JOBSET_ENV, nodes=4, rendezvous="127.0.0.1:29500", node_rank=3)
     assert group == NodeGroup(4, 3, "127.0.0.1:29500")

@@ -848,12 +848,20 @@ def _same_checkpoint_everywhere(step: int | None) -> None:
         return
     found: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(found, step)
-    if len(set(found)) > 1:
-        steps = ", ".join("none" if item is None else str(item) for item in found)
-        raise TrainError(
-            f"the ranks found different checkpoints to resume from (by rank: {steps}); one was published "
-            "while this run started: rerun"
-        )
+    problem = resume_disagreement(found)
+    if problem is not None:
+        raise TrainError(problem)
+
+
+def resume_disagreement(found: list[int | None]) -> str | None:
+    """The one-line error when the ranks (by rank) found different steps to resume from, else None."""
+    if len(set(found)) <= 1:
+        return None
+    steps = ", ".join("none" if item is None else str(item) for item in found)
+    return (
+        f"the ranks found different checkpoints to resume from (by rank: {steps}); one was published "
+        "while this run started: rerun"
+    )
 
 
 def gather_checkpoint_files(folder: Path, world_zero: bool, local_zero: bool) -> list[str]:
