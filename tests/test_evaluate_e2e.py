@@ -483,3 +483,30 @@ def test_ftrecipe_run_shows_the_e2e_stage_after_generate(tmp_path: Path) -> None
         "generate 20/20 · ETA 0.0s, e2e 10/20 · ETA 0.0s",
         "generate 20/20 · ETA 0.0s, e2e 20/20 · ETA 0.0s",
     ]
+
+
+def test_a_request_that_fails_for_good_ends_the_run_in_one_line(
+    data: Path, llm_server: LLMServer, tmp_path: Path, termination: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As in the scoring: a report with holes would not be comparable, so nothing is published."""
+    from support.llm_server import Reply
+
+    table = TableGenerator()
+
+    def script(request: ChatRequest) -> str | Reply:
+        if request.index >= TURNS and _message(request) == "$50":  # the replay's, not the scoring's
+            return Reply.fail(404, "no such model")
+        return table(request)
+
+    llm_server.script(script)
+    out = tmp_path / "eval"
+    assert _evaluate(data, llm_server, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: --endpoint {llm_server.base_url}: model moneybank not found (HTTP 404) for "
+        f"{VALIDATION_FILE}::transfer_happy_path_step_by_step turn 2: check --model and that --endpoint is "
+        "the server's /v1 URL"
+    )
+    assert not out.exists()
+    report = decode(termination.read_text(encoding="utf-8"))
+    assert report is not None and not report.ok and report.message == err

@@ -362,7 +362,14 @@ async def replay_tests(
             on_answered(reachable_turns(test) - len(asked))
         return _failure(setup, annotated, asked), asked
 
-    outcomes = await asyncio.gather(*(one(test) for test in setup.tests))
+    tasks = [asyncio.ensure_future(one(test)) for test in setup.tests]
+    try:
+        outcomes = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # the first failure ends the run: the other tests stop asking
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return E2EResult(
         tests=len(setup.tests),
         failures=[failure for failure, _ in outcomes if failure is not None],
