@@ -152,7 +152,7 @@ def test_latest_evaluation_progress_line() -> None:
         "a library warning",
         json.dumps({"event": "done", "summary": "command accuracy 87.5%", "num_turns": 480}),
     ]
-    expected = {"done": 120, "total": 480, "eta_seconds": 125.3}
+    expected = {"stage": "generate", "done": 120, "total": 480, "eta_seconds": 125.3}
     assert latest_progress("\n".join(lines), "evaluate") == expected
     assert latest_progress(lines[0], "evaluate") is None
 

@@ -678,7 +678,7 @@ def test_evaluation_progress_fills_the_message_and_a_reconcile_keeps_it(k8s: K8s
         ]
         k8s.set_job_pod(eval_name, NS, "Running", container="evaluate", log="\n".join(log) + "\n")
         k8s.set_job_status(eval_name, NS, "running")
-        expected = f"evaluation running (Job {eval_name}): 120/480 turns, ETA 2m05s"
+        expected = f"evaluation running (Job {eval_name}): scoring 120/480 turns, ETA 2m05s"
         st = wait_status(k8s, lambda s: s.get("message") == expected, "evaluation progress in the message")
         assert st["evaluation"].items() >= {"turnsDone": 120, "totalTurns": 480, "etaSeconds": 125}.items()
 

@@ -5,11 +5,12 @@ remembers once the Jobs are gone."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from support.k8s import K8s
+from support.k8s import CRD_RESOURCE, K8s
 from test_operator import (
     IMAGES,
     JOBS,
@@ -18,6 +19,8 @@ from test_operator import (
     condition,
     expected_job,
     finish,
+    generate_line,
+    handlers,
     job_names,
     manifest,
     operator,  # noqa: F401  (the fixture the tests use)
@@ -25,6 +28,7 @@ from test_operator import (
     report,
     wait_job,
     wait_phase,
+    wait_status,
 )
 from test_phase_hashes_pinned import MINIMAL_HASHES
 
@@ -154,3 +158,42 @@ def test_turning_e2e_on_reruns_only_the_evaluation(k8s: K8s, gate: float | None)
     finish(k8s, second_eval, "evaluate", report(True, "scored", **E2E_FIGURES))
     st = wait_phase(k8s, "Succeeded")
     assert st["evaluation"]["e2ePassRate"] == 6 / 7
+
+
+def e2e_line(done: int, total: int, eta: float | None) -> str:
+    """A progress line of `evaluate --e2e`'s replay (after the scoring's `generate` lines)."""
+    return json.dumps({"event": "progress", "stage": "e2e", "done": done, "total": total, "eta_seconds": eta})
+
+
+def test_the_status_names_the_evaluation_stage_and_counts_each_stage_on_its_own(k8s: K8s) -> None:
+    """A user watching `kubectl get ftr` sees the scoring's turns, then the E2E replay's under their own
+    name, not the replay's count restarting from 0 under the scoring's words."""
+    body = e2e_manifest()
+    with k8s.run_operator(handlers(progress_seconds=0.2), namespaces=[NS], watching=[CRD_RESOURCE]) as run:
+        apply(k8s, body)
+        eval_name = run_to_evaluation(k8s, body)
+        wait_job(k8s, eval_name)
+        wait_phase(k8s, "Evaluating")
+        log = ["loading the adapter", generate_line(0, 40, None), generate_line(30, 40, 20.0)]
+        k8s.set_job_pod(eval_name, NS, "Running", container="evaluate", log="\n".join(log) + "\n")
+        k8s.set_job_status(eval_name, NS, "running")
+        scoring = f"evaluation running (Job {eval_name}): scoring 30/40 turns, ETA 0m20s"
+        st = wait_status(k8s, lambda s: s.get("message") == scoring, "the scoring's progress in the message")
+        expected: dict[str, Any] = {"stage": "scoring", "turnsDone": 30, "totalTurns": 40, "etaSeconds": 20}
+        assert st["evaluation"].items() >= expected.items()
+
+        # The scoring ends, the replay of the held-out tests starts (9 turns they can reach) and moves on.
+        log += [generate_line(40, 40, 0.0), e2e_line(0, 9, None), "a warning", e2e_line(4, 9, 30.2)]
+        k8s.set_job_pod(eval_name, NS, "Running", container="evaluate", log="\n".join(log) + "\n")
+        replay = f"evaluation running (Job {eval_name}): E2E tests 4/9 turns, ETA 0m30s"
+        st = wait_status(k8s, lambda s: s.get("message") == replay, "the replay's progress in the message")
+        expected = {"stage": "e2e", "turnsDone": 4, "totalTurns": 9, "etaSeconds": 30}
+        assert st["evaluation"].items() >= expected.items()
+
+        finish(
+            k8s, eval_name, "evaluate", report(True, "scored 40 turns; 6 of 7 E2E tests pass", **E2E_FIGURES)
+        )
+        evaluation = wait_phase(k8s, "Succeeded")["evaluation"]
+        assert "stage" not in evaluation  # the counts are the validation turns again, no stage's
+        assert (evaluation["turnsDone"], evaluation["totalTurns"], evaluation["etaSeconds"]) == (40, 40, 0)
+    assert not run.errors, run.messages()

@@ -635,8 +635,16 @@ def test_evaluation_progress_reaches_the_status_file(tmp_path: Path, monkeypatch
         '{"event": "progress", "stage": "generate", "done": 120, "total": 480, "eta_seconds": 125.3}',
     )
     written = read_status(local.workdir)
-    assert written["message"] == f"evaluation running (Job {eval_job}): 120/480 turns, ETA 2m05s"
-    assert written["evaluation"].items() >= {"turnsDone": 120, "totalTurns": 480, "etaSeconds": 125}.items()
+    assert written["message"] == f"evaluation running (Job {eval_job}): scoring 120/480 turns, ETA 2m05s"
+    expected = {"stage": "scoring", "turnsDone": 120, "totalTurns": 480, "etaSeconds": 125}
+    assert written["evaluation"].items() >= expected.items()
+    run.on_line(
+        "evaluate", '{"event": "progress", "stage": "e2e", "done": 5, "total": 19, "eta_seconds": 30}'
+    )
+    written = read_status(local.workdir)
+    assert written["message"] == f"evaluation running (Job {eval_job}): E2E tests 5/19 turns, ETA 0m30s"
+    expected = {"stage": "e2e", "turnsDone": 5, "totalTurns": 19, "etaSeconds": 30}
+    assert written["evaluation"].items() >= expected.items()
     document = {
         "apiVersion": "ftrecipe.dev/v1alpha1",
         "kind": "FinetuneRecipe",

@@ -11,6 +11,7 @@ import yaml
 from ftrecipe.api import parse_recipe
 from ftrecipe.api.crd import custom_resource_definition
 from ftrecipe.api.v1alpha1 import EvaluationStatus, FinetuneRecipeSpec, TrainingStatus
+from ftrecipe.evaluation import progress
 from ftrecipe.plan.cache_key import phase_hashes, phase_prefix
 from ftrecipe.plan.planner import ObservedJob, World, job_name, plan
 from ftrecipe.plan.status import (
@@ -321,6 +322,43 @@ def test_evaluation_progress_line_and_message() -> None:
     assert evaluation_message("head", EvaluationStatus(job_name="j")) == "head"
 
 
+def test_the_evaluation_stage_is_named_and_each_stage_counts_its_own_turns() -> None:
+    # `evaluate --e2e` prints the scoring's lines (stage generate: the validation turns) and then the E2E
+    # replay's (stage e2e: the turns the held-out tests can reach), each counting from 0.
+    assert (progress.STAGE, progress.E2E_STAGE) == ("generate", "e2e")  # the lines the operator reads
+    head = "evaluation running (Job j)"
+    scoring = evaluation_progress_update(
+        EvaluationStatus(job_name="j"), {"stage": "generate", "done": 12, "total": 19, "eta_seconds": 61.0}
+    )
+    assert (scoring.stage, scoring.turns_done, scoring.total_turns) == ("scoring", 12, 19)
+    assert evaluation_message(head, scoring) == "evaluation running (Job j): scoring 12/19 turns, ETA 1m01s"
+    scored = evaluation_progress_update(
+        scoring, {"stage": "generate", "done": 19, "total": 19, "eta_seconds": 0}
+    )
+    assert evaluation_message(head, scored) == "evaluation running (Job j): scoring 19/19 turns, ETA 0m00s"
+
+    # The switch: the replay's first line (done 0, time left unknown) restarts the count under its name.
+    replay = evaluation_progress_update(scored, {"stage": "e2e", "done": 0, "total": 7, "eta_seconds": None})
+    assert (replay.stage, replay.turns_done, replay.total_turns, replay.eta_seconds) == ("e2e", 0, 7, None)
+    assert evaluation_message(head, replay) == "evaluation running (Job j): E2E tests 0/7 turns"
+    replay = evaluation_progress_update(replay, {"stage": "e2e", "done": 5, "total": 7, "eta_seconds": 30.4})
+    assert evaluation_message(head, replay) == "evaluation running (Job j): E2E tests 5/7 turns, ETA 0m30s"
+    # A replay line whose counts cannot be read keeps none of the scoring's: 19/19 is not the replay's.
+    unreadable = evaluation_progress_update(scored, {"stage": "e2e", "done": None, "total": -3})
+    assert (unreadable.stage, unreadable.turns_done, unreadable.total_turns) == ("e2e", None, None)
+    assert evaluation_message(head, unreadable) == "evaluation running (Job j)"
+
+    # An older evaluate image prints no stage, and a newer one may print a stage this operator does not
+    # know: the counts as they come, the message as before.
+    for line in (
+        {"done": 120, "total": 480, "eta_seconds": 125.3},
+        {"stage": "rerank", "done": 120, "total": 480, "eta_seconds": 125.3},
+    ):
+        unnamed = evaluation_progress_update(EvaluationStatus(job_name="j"), line)
+        assert (unnamed.stage, unnamed.turns_done, unnamed.total_turns) == (None, 120, 480)
+        assert evaluation_message(head, unnamed) == "evaluation running (Job j): 120/480 turns, ETA 2m05s"
+
+
 HUMAN = {"train": "training", "evaluate": "evaluation"}
 RUNNING: dict[str, World] = {
     "train": World((job("data", "succeeded"), job("train", "running"))),
@@ -336,9 +374,19 @@ RUNNING: dict[str, World] = {
             {"step": 30, "total_steps": 120, "train_loss": 1.25, "eval_loss": None, "eta_seconds": 450},
             "step 30/120, train loss 1.25, ETA 7m30s",
         ),
+        (
+            "evaluate",
+            {"stage": "generate", "done": 120, "total": 480, "eta_seconds": 125.3},
+            "scoring 120/480 turns, ETA 2m05s",
+        ),
+        (
+            "evaluate",
+            {"stage": "e2e", "done": 5, "total": 19, "eta_seconds": 30.4},
+            "E2E tests 5/19 turns, ETA 0m30s",
+        ),
         ("evaluate", {"done": 120, "total": 480, "eta_seconds": 125.3}, "120/480 turns, ETA 2m05s"),
     ],
-    ids=["train", "evaluate"],
+    ids=["train", "evaluate", "evaluate-e2e", "evaluate-older-image"],
 )
 def test_progress_reaches_the_message_and_stays_there_across_reconciles(
     phase: ProgressPhase, progress: dict[str, object], figures: str
@@ -355,16 +403,19 @@ def test_progress_reaches_the_message_and_stays_there_across_reconciles(
 
 def test_a_finished_evaluation_counts_every_turn() -> None:
     running = status_for(RUNNING["evaluate"])
-    midway = with_progress(running, "evaluate", {"done": 360, "total": 480, "eta_seconds": 30})
+    midway = with_progress(running, "evaluate", {"stage": "e2e", "done": 3, "total": 19, "eta_seconds": 30})
+    assert midway.evaluation is not None and midway.evaluation.stage == "e2e"
     world = World((job("data", "succeeded"), job("train", "succeeded"), reported("evaluate", num_turns=480)))
     done = status_for(world, previous=midway)
     assert done.phase == "Succeeded" and done.message == "the adapter is ready"
     assert done.evaluation is not None
-    assert (done.evaluation.turns_done, done.evaluation.total_turns, done.evaluation.eta_seconds) == (
-        480,
-        480,
-        0,
-    )
+    # The counts are the validation turns now, no stage's.
+    assert (
+        done.evaluation.stage,
+        done.evaluation.turns_done,
+        done.evaluation.total_turns,
+        done.evaluation.eta_seconds,
+    ) == (None, 480, 480, 0)
     assert progress_job(done) is None
 
 

@@ -1296,6 +1296,8 @@ def added_later_at_default(spec: FinetuneRecipeSpec) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- status
 
 Phase = Literal["Pending", "PreparingData", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"]
+# What a running evaluation does (status.evaluation.stage): the teacher-forced scoring, then the E2E replay.
+EvaluationStage = Literal["scoring", "e2e"]
 ConditionType = Literal["DataPrepared", "Trained", "Evaluated", "Ready"]
 
 
@@ -1387,10 +1389,29 @@ class EvaluationStatus(ApiModel):
     started_at: Annotated[datetime | None, Field(description="When the phase started.")] = None
     completed_at: Annotated[datetime | None, Field(description="When the phase ended.")] = None
     cached: Annotated[bool | None, Field(description="True when an earlier identical run was reused.")] = None
-    turns_done: Annotated[
-        int | None, Field(description="Validation turns answered by the adapter so far.", ge=0)
+    stage: Annotated[
+        EvaluationStage | None,
+        Field(
+            description="What the evaluate Job is doing while it runs, and what turnsDone/totalTurns count: "
+            "scoring (the validation turns, each asked with the teacher's state) or e2e (the turns of the "
+            "held-out E2E tests, replayed with the adapter in the loop). Unset when the evaluate image does "
+            "not say, and once the evaluation succeeded (the counts are then the validation turns)."
+        ),
     ] = None
-    total_turns: Annotated[int | None, Field(description="Validation turns to answer.", ge=0)] = None
+    turns_done: Annotated[
+        int | None,
+        Field(
+            description="Turns of the current stage answered by the adapter so far (after success: the "
+            "validation turns).",
+            ge=0,
+        ),
+    ] = None
+    total_turns: Annotated[
+        int | None,
+        Field(
+            description="Turns of the current stage to answer (after success: the validation turns).", ge=0
+        ),
+    ] = None
     eta_seconds: Annotated[int | None, Field(description="Estimated seconds left.", ge=0)] = None
     command_accuracy: Annotated[
         float | None,

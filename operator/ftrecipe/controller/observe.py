@@ -567,7 +567,7 @@ def with_report(job: ObservedJob, report: PhaseReport | None) -> ObservedJob:
 # What each phase's progress lines carry for the status (`ftrecipe.plan.status.with_progress`).
 PROGRESS_FIELDS: Final[dict[ProgressPhase, tuple[str, ...]]] = {
     "train": ("step", "total_steps", "epoch", "train_loss", "eval_loss", "eta_seconds"),
-    "evaluate": ("done", "total", "eta_seconds"),
+    "evaluate": ("stage", "done", "total", "eta_seconds"),
 }
 
 

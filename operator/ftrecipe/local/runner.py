@@ -354,7 +354,8 @@ def status_progress(phase: Phase, event: Event) -> tuple[ProgressPhase, dict[str
     if phase == "train" and isinstance(event, Steps):
         return "train", event.as_progress()
     if phase == "evaluate" and isinstance(event, Counted):
-        return "evaluate", {"done": event.done, "total": event.total, "eta_seconds": event.eta_seconds}
+        progress = {"done": event.done, "total": event.total, "eta_seconds": event.eta_seconds}
+        return "evaluate", {"stage": event.stage, **progress}
     return None
 
 

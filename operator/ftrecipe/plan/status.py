@@ -15,6 +15,7 @@ from ftrecipe.api.v1alpha1 import (
     Condition,
     DataPreparationStatus,
     DataSummary,
+    EvaluationStage,
     EvaluationStatus,
     FinetuneRecipeSpec,
     FinetuneRecipeStatus,
@@ -320,12 +321,21 @@ def training_message(head: str, training: TrainingStatus) -> str:
     return f"{head}: {', '.join(parts)}" if parts else head
 
 
+# An evaluate progress line's `stage` (ftrecipe.evaluation.progress: STAGE, E2E_STAGE) as the status names
+# it, and as the message words it. A line without one (an older evaluate image) or with another leaves
+# the stage unset and the message as it was: `120/480 turns`.
+EVALUATION_STAGES: Final[dict[str, EvaluationStage]] = {"generate": "scoring", "e2e": "e2e"}
+_STAGE_WORDS: Final[dict[EvaluationStage, str]] = {"scoring": "scoring", "e2e": "E2E tests"}
+
+
 def evaluation_message(head: str, evaluation: EvaluationStatus) -> str:
-    """``head`` plus the evaluation's progress: turns answered of all, time left."""
+    """``head`` plus the evaluation's progress: the stage, turns answered of all, time left
+    (`scoring 120/480 turns, ETA 2m05s`, then `E2E tests 5/19 turns, ETA 0m30s`)."""
     parts = []
     if evaluation.turns_done is not None:
         total = evaluation.total_turns if evaluation.total_turns is not None else "?"
-        parts.append(f"{evaluation.turns_done}/{total} turns")
+        stage = f"{_STAGE_WORDS[evaluation.stage]} " if evaluation.stage is not None else ""
+        parts.append(f"{stage}{evaluation.turns_done}/{total} turns")
     if evaluation.eta_seconds is not None:
         parts.append(_eta_text(evaluation.eta_seconds))
     return f"{head}: {', '.join(parts)}" if parts else head
@@ -346,9 +356,15 @@ def progress_update(training: TrainingStatus, progress: Mapping[str, Any]) -> Tr
 
 
 def evaluation_progress_update(evaluation: EvaluationStatus, progress: Mapping[str, Any]) -> EvaluationStatus:
-    """``evaluation`` with an evaluate progress line's counts (``done``, ``total``) and time left, which
-    is unknown (None) before the first answer."""
-    update: dict[str, Any] = {}
+    """``evaluation`` with an evaluate progress line's stage, counts (``done``, ``total``: of that stage)
+    and time left, which is unknown (None) before the first answer."""
+    named = progress.get("stage")
+    stage = EVALUATION_STAGES.get(named) if isinstance(named, str) else None
+    update: dict[str, Any] = {"stage": stage}
+    if (
+        stage != evaluation.stage
+    ):  # the counts kept so far are the other stage's: never show them as this one's
+        update |= {"turns_done": None, "total_turns": None}
     for field, key in (("turns_done", "done"), ("total_turns", "total")):
         value = progress.get(key)
         if _finite(value) and value >= 0:
@@ -425,7 +441,7 @@ def _figures_update(phase: Phase, report: PhaseReport | None) -> dict[str, Any]:
     update = {}
     turns = figures.get("num_turns")
     if _finite(turns) and turns >= 0:  # every turn answered: the last progress line may not have been read
-        update |= {"turns_done": int(turns), "total_turns": int(turns), "eta_seconds": 0}
+        update |= {"turns_done": int(turns), "total_turns": int(turns), "eta_seconds": 0, "stage": None}
     accuracy = figures.get("command_accuracy")
     if _finite(accuracy) and 0 <= accuracy <= 1:
         update["command_accuracy"] = float(accuracy)
