@@ -645,7 +645,7 @@ def load_model(
 
     precision = precision or machine_precision()
     quantized = config.quantization != "none"
-    sharded = shards(config.parallelism, int(os.environ.get("WORLD_SIZE", "1")))
+    sharded = shards(config.parallelism, launched="WORLD_SIZE" in os.environ)
     kwargs: dict[str, Any] = {
         "revision": base.revision,
         "dtype": precision.torch_dtype(),
@@ -685,6 +685,10 @@ def load_model(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         embeddings_to_compute_dtype(model, precision.torch_dtype())
+        if sharded and not torch.cuda.is_available():
+            from ftrecipe.training.fsdp import keep_4bit_layout_on_cpu
+
+            keep_4bit_layout_on_cpu(model)
     return model
 
 
@@ -1283,7 +1287,9 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     from ftrecipe.training.fsdp import training_arguments
 
     try:  # parallelism fsdp: sharded weights (training.fsdp)
-        sharding = training_arguments(model, config.parallelism, world_size, config.quantization != "none")
+        sharding = training_arguments(
+            model, config.parallelism, "WORLD_SIZE" in os.environ, config.quantization != "none"
+        )
     except ValueError as exc:
         raise TrainError(str(exc)) from None
 
