@@ -17,6 +17,15 @@ no hub): `llama-8b` is Llama-3.1-8B's configuration (hidden 4096, 32 layers, 32 
 vocabulary (it runs on the CPU). The tokenizer is the fixture's small BPE, so prompts are more tokens
 than with Llama-3's tokenizer; tokens/s and memory are per token either way.
 
+`--parallelism fsdp` measures `ftrecipe train` with `parallelism: fsdp` instead: no baseline side (the
+plain-Trainer comparison is about one GPU), one run per variant of `ftrecipe train` under torchrun with one
+rank per visible GPU (`--nproc`; 2 CPU ranks on a machine without a GPU, for `--shape tiny`), the base
+model's weights sharded across them. Reported: steps, tokens/s (the trainer's metrics), rank 0's peak GPU
+memory and the wall time, next to the per-GPU estimate (weights / ranks + one gathered decoder layer +
+activations). qlora-8bit is refused under fsdp (the recipe's rule) and shows as such. On one GPU the
+sharding is over one rank: the FSDP code path on CUDA (bf16 mixed precision policy, NCCL collectives,
+sharded checkpoints, the gathered adapter), not the memory saving.
+
 `--dry-run` builds nothing big and trains nothing: it prepares the data, prints the plan (variants,
 sides, the `ftrecipe train` settings, the model shape and the memory ftrecipe's estimate expects per
 side) and whether this machine could run each variant. A QLoRA variant that bitsandbytes cannot run
@@ -24,7 +33,7 @@ here is reported as skipped with the reason; a side that fails is reported with 
 
     .venv/bin/python benchmarks/train_gpu.py [--shape llama-8b] [--tests 10] [--batch-size 2]
         [--variants lora qlora-4bit qlora-8bit] [--gradient-checkpointing on|off] [--dry-run]
-        [--json output/benchmarks/train_gpu.json]
+        [--parallelism ddp|fsdp] [--nproc N] [--json output/benchmarks/train_gpu.json]
 
 On a lent GPU machine (no registry there): carry the wheels the image lacks (bitsandbytes, liger-kernel,
 flash-attn; see .library/device/README.md) and run this with the machine's python3.
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,6 +95,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side per variant, interleaved")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one side may run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; build and train nothing")
+    parser.add_argument(
+        "--parallelism",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="ddp: ftrecipe against the baseline on one GPU; fsdp: ftrecipe alone, weights sharded over --nproc ranks",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="fsdp ranks (default: the visible GPUs; 2 CPU ranks without one)",
+    )
     parser.add_argument("--json", type=Path, default=OUTPUT / "train_gpu.json")
     return parser.parse_args(argv)
 
@@ -148,6 +170,149 @@ def memory_estimates(shape_name: str, args: argparse.Namespace, quantization: st
     }
 
 
+def fsdp_ranks(requested: int | None) -> int:
+    """One rank per visible GPU, or 2 CPU ranks (gloo) on a machine without one."""
+    if requested is not None:
+        return requested
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def fsdp_problem(variant: str) -> str | None:
+    """Why `variant` cannot run under fsdp: the recipe's own rule (8-bit cannot be sharded), or bitsandbytes."""
+    from ftrecipe.api.v1alpha1 import FSDP_8BIT
+
+    if VARIANTS[variant] == "8bit":
+        return FSDP_8BIT
+    return variant_problem(variant)
+
+
+def fsdp_memory_estimate(shape_name: str, args: argparse.Namespace, quantization: str, ranks: int) -> float:
+    """GiB per GPU under fsdp: the weights / ranks, one decoder layer gathered in full while it computes,
+    and the activations of a micro-batch (the label-only loss, no full logits); without checkpointing."""
+    from transformers import LlamaConfig
+
+    from ftrecipe.training.trainer import WEIGHT_BYTES, ModelShape, training_memory_bytes
+
+    shape = ModelShape.from_config(LlamaConfig(**shape_config(shape_name)))
+    tokens = args.batch_size * args.max_seq_length
+    total = training_memory_bytes(shape, tokens, quantization, 2, False)
+    weights = shape.parameters() * WEIGHT_BYTES[quantization]
+    layer = (shape.parameters() - shape.vocab * shape.hidden * 2) / shape.layers * WEIGHT_BYTES[quantization]
+    return round((total - weights + weights / ranks + layer) / 2**30, 1)
+
+
+def run_fsdp(
+    args: argparse.Namespace, data: Path, model: Path, work: Path, quantization: str, ranks: int
+) -> dict[str, Any]:
+    """`ftrecipe train --set parallelism=fsdp` under torchrun with `ranks` ranks; its figures or the failure."""
+    args.quantization = quantization
+    run_dir = work / f"fsdp-{quantization}"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    argv += ["-m", "ftrecipe.cli.main", "train", "--data", str(data), "--base-model", str(model)]
+    argv += ["--out", str(run_dir / "out"), "--work-dir", str(run_dir / "work")]
+    for setting in [*shared_settings(args), "parallelism=fsdp"]:
+        argv += ["--set", setting]
+    operator = str(Path(__file__).resolve().parents[1] / "operator")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [operator, os.environ.get("PYTHONPATH")])),
+    }
+    env.setdefault("OMP_NUM_THREADS", "1")
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"state": "failed", "reason": f"ran over {args.timeout:g} s"}
+    wall = round(time.monotonic() - started, 1)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return {"state": "failed", "reason": lines[-1][:300] if lines else f"exit {done.returncode}"}
+    rows = [json.loads(line) for line in (run_dir / "out" / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if row.get("train_loss") is not None]
+    # the first step carries the start-up (allocations, the first all-gathers): left out when there are more
+    speeds = [row["tokens_per_second"] for row in (trained[1:] or trained) if row.get("tokens_per_second")]
+    peaks = [row["gpu_memory_gb"] for row in rows if row.get("gpu_memory_gb") is not None]
+    return {
+        "state": "ok",
+        "ranks": ranks,
+        "steps": trained[-1]["step"] if trained else 0,
+        "wall_s": wall,
+        "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "gpu_peak_gb_rank0": max(peaks) if peaks else None,
+        "final_train_loss": trained[-1]["train_loss"] if trained else None,
+    }
+
+
+def main_fsdp(args: argparse.Namespace) -> int:
+    """`--parallelism fsdp`: ftrecipe alone, one torchrun rank per GPU, for each variant."""
+    info = machine() | gpu_facts()
+    ranks = fsdp_ranks(args.nproc)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ftrecipe-bench-fsdp-") as tmp:
+        work = Path(tmp)
+        data = prepare_dataset(work, args.tests)
+        examples = sum(1 for _ in (data / "train.jsonl").open(encoding="utf-8"))
+        plan = [
+            {
+                "variant": variant,
+                "sides": ["ftrecipe"],
+                "ranks": ranks,
+                "estimated_gib_per_gpu_without_checkpointing": fsdp_memory_estimate(
+                    args.shape, args, VARIANTS[variant], ranks
+                ),
+                "problem": fsdp_problem(variant),
+            }
+            for variant in args.variants
+        ]
+        print(f"shape {args.shape}, fsdp over {ranks} ranks; data: {examples} examples")
+        for item in plan:
+            state = f"cannot run: {item['problem']}" if item["problem"] else "runs"
+            estimate = item["estimated_gib_per_gpu_without_checkpointing"]
+            print(f"  {item['variant']}: {state}; estimate {estimate} GiB per GPU")
+        document: dict[str, Any] = {
+            "benchmark": "train_gpu",
+            "machine": info,
+            "dry_run": args.dry_run,
+            "params": _params(args, examples) | {"parallelism": "fsdp", "ranks": ranks},
+            "plan": plan,
+            "runs": results,
+        }
+        if args.dry_run:
+            write_json(args.json, document)
+            return 0
+        model = build_base_model(work / "model", args.shape)
+        for item in plan:
+            if item["problem"]:
+                results.append({"variant": item["variant"], "state": "skipped", "reason": item["problem"]})
+                continue
+            run = run_fsdp(args, data, model, work, VARIANTS[item["variant"]], ranks)
+            results.append(run | {"variant": item["variant"], "side": "ftrecipe"})
+            print(f"  {item['variant']}: {run['state']} {run.get('reason', '')}", flush=True)
+    print()
+    columns = ["variant", "ranks", "steps", "tokens/s", "rank 0 GPU peak (GB)", "wall (s)", "state"]
+    print(
+        table(
+            columns,
+            [
+                [
+                    r["variant"],
+                    r.get("ranks"),
+                    r.get("steps"),
+                    r.get("tokens_per_s"),
+                    r.get("gpu_peak_gb_rank0"),
+                    r.get("wall_s"),
+                    r["state"] if r["state"] == "ok" else f"{r['state']}: {r.get('reason', '')}",
+                ]
+                for r in results
+            ],
+        )
+    )
+    write_json(args.json, document)
+    return 0 if any(r["state"] == "ok" for r in results) else 1
+
+
 def gpu_facts() -> dict[str, Any]:
     import torch
 
@@ -167,6 +332,8 @@ def gpu_facts() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.parallelism == "fsdp":
+        return main_fsdp(args)
     info = machine() | gpu_facts()
     results: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []

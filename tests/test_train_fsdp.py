@@ -428,3 +428,40 @@ def test_a_sharded_checkpoint_resumes_on_the_same_world_size_only(
     _assert_same_losses(_losses(tmp_path / "out"), _losses(sharded), RESUME_TOLERANCE)
     assert _largest_difference(_adapter(tmp_path / "out"), _adapter(sharded)) <= WEIGHT_TOLERANCE
     assert _checkpoint_steps(tmp_path / "out" / "checkpoints") == []
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+
+def _benchmark(tmp_path: Path, *argv: str) -> dict[str, Any]:
+    out = tmp_path / "train_gpu.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_gpu.py"), "--parallelism", "fsdp", *argv]
+    done = subprocess.run(
+        [*command, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, env=_env()
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_plans_fsdp_over_eight_gpus(tmp_path: Path) -> None:
+    """The 8B plan for 8 ranks, on a machine without a GPU: ftrecipe alone, 8-bit refused by the rule."""
+    data = _benchmark(tmp_path, "--shape", "llama-8b", "--tests", "2", "--nproc", "8", "--dry-run")
+    assert data["dry_run"] is True and data["runs"] == [] and data["params"]["ranks"] == 8
+    plan = {item["variant"]: item for item in data["plan"]}
+    assert all(item["sides"] == ["ftrecipe"] for item in plan.values())
+    assert plan["qlora-8bit"]["problem"] == FSDP_8BIT
+    assert plan["lora"]["problem"] is None
+    # activations of 2 x 4096 tokens without checkpointing, 8192 x 32 layers x (12 x 4096 + 4 x 14336)
+    # x 2 bytes = 52.0 GiB; the bf16 weights 8.03e9 x 2 bytes = 14.96 GiB / 8 ranks = 1.87 GiB; one layer
+    # gathered (8.03e9 - 2 x 128256 x 4096) / 32 x 2 bytes = 0.41 GiB: 54.3 GiB
+    assert plan["lora"]["estimated_gib_per_gpu_without_checkpointing"] == pytest.approx(54.3, abs=0.05)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_fsdp_on_cpu_ranks(tmp_path: Path) -> None:
+    data = _benchmark(tmp_path, "--shape", "tiny", "--tests", "4", "--variants", "lora")
+    (run,) = data["runs"]
+    assert run["state"] == "ok" and run["ranks"] == 2 and run["steps"] >= 1, run
+    assert run["tokens_per_s"] > 0 and run["gpu_peak_gb_rank0"] is None  # no GPU here
