@@ -405,6 +405,51 @@ def shown_problems(
             if not check.has_value or values_match(command.value, _format_value(check.value)):
                 found.append(f"sets {check.name}, but the test shows {check.name} was not set")
                 break
+    if not found and not turn.step.assertions:  # a legacy-style step lists every bot turn, in order
+        found += _legacy_question_problems(turn, commands, assistant, shown, new, owners)
+    return found
+
+
+def _legacy_question_problems(
+    turn: Turn,
+    commands: Sequence[Command],
+    assistant: Assistant,
+    shown: ShownAfter,
+    new: set[str],
+    owners: dict[str, set[str]],
+) -> list[str]:
+    """A flow's next words that the commands rule out: a started flow asks its first empty collect (a
+    slot the message did not fill), and a flow whose question the message left unanswered asks it again."""
+    found: list[str] = []
+    if len(new) == 1:
+        started = next(iter(new))
+        question = _question_of(assistant, started, shown)
+        asked = _replay_asks(turn, commands, assistant) if question is not None else None
+        if question is not None and asked is not None and asked != question[1]:
+            found.append(
+                f"starts {started}, which asks {asked} first, but the bot then says {question[0]}, "
+                f"asking {question[1]}"
+            )
+    waiting = turn.asked_slot
+    flow = assistant.flows.get(turn.current_flow) if turn.current_flow else None
+    if flow is None or waiting is None or turn.slots_before.get(waiting) is not None:
+        return found
+    collected = {s.target for s in flow.collect_steps()}
+    if waiting not in collected or waiting in {check.name for check in shown.slots_set}:
+        return found
+    if any(isinstance(c, CancelFlow) for c in commands) or any(
+        isinstance(c, SetSlot) and c.name in collected and c.value is not None for c in commands
+    ):
+        return found
+    asks_again = {
+        name for s in flow.collect_steps() if s.target == waiting for name in assistant.ask_names(s)
+    }
+    for response in shown.responses:
+        if owners.get(response) == {flow.id} and response not in asks_again:
+            found.append(
+                f"leaves {waiting} unanswered, so {flow.id} asks for it again, but the bot then says {response}"
+            )
+            break
     return found
 
 
