@@ -193,14 +193,11 @@ def fsdp_memory_estimate(shape_name: str, args: argparse.Namespace, quantization
     and the activations of a micro-batch (the label-only loss, no full logits); without checkpointing."""
     from transformers import LlamaConfig
 
-    from ftrecipe.training.trainer import WEIGHT_BYTES, ModelShape, training_memory_bytes
+    from ftrecipe.training.trainer import ModelShape, training_memory_bytes
 
     shape = ModelShape.from_config(LlamaConfig(**shape_config(shape_name)))
     tokens = args.batch_size * args.max_seq_length
-    total = training_memory_bytes(shape, tokens, quantization, 2, False)
-    weights = shape.parameters() * WEIGHT_BYTES[quantization]
-    layer = (shape.parameters() - shape.vocab * shape.hidden * 2) / shape.layers * WEIGHT_BYTES[quantization]
-    return round((total - weights + weights / ranks + layer) / 2**30, 1)
+    return round(training_memory_bytes(shape, tokens, quantization, 2, False, weight_shards=ranks) / 2**30, 1)
 
 
 def run_fsdp(

@@ -259,6 +259,25 @@ def test_a_checkpoint_of_another_world_size_alone_is_named_so() -> None:
     assert world_size_refusal("x", "hash-2", 2, 2, hash_for, "fsdp") is None
 
 
+def test_the_memory_estimate_holds_one_share_of_the_weights_under_fsdp() -> None:
+    """Llama-3.1-70B's shape, 1 x 4096 tokens, bf16, no checkpointing (the unset gradientCheckpointing's
+    question). Parameters: 80 x (2 x 8192^2 + 2 x 8192 x 1024 + 3 x 8192 x 28672 + 2 x 8192) + 8192
+    + 2 x 128256 x 8192 = 70,553,706,496; activations 4096 x 80 x (12 x 8192 + 4 x 28672) x 2 bytes
+    = 139,586,437,120 bytes."""
+    from ftrecipe.training.trainer import ModelShape, training_memory_bytes
+
+    shape = ModelShape(
+        layers=80, hidden=8192, intermediate=28672, vocab=128256, kv_hidden=1024, tied_embeddings=False
+    )
+    assert shape.parameters() == 70_553_706_496
+    whole = training_memory_bytes(shape, 4096, "none", 2, False)
+    assert whole == 70_553_706_496 * 2 + 139_586_437_120
+    # 8 ranks: 141,107,412,992 / 8 = 17,638,426,624, and one layer gathered:
+    # (70,553,706,496 - 2 x 128256 x 8192) / 80 x 2 bytes = 1,711,309,004.8
+    sharded = training_memory_bytes(shape, 4096, "none", 2, False, weight_shards=8)
+    assert sharded == int(17_638_426_624 + 1_711_309_004.8 + 139_586_437_120)
+
+
 # --------------------------------------------------------------------------------------------- two ranks
 
 

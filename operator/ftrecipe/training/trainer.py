@@ -572,15 +572,24 @@ MEMORY_HEADROOM = 0.8  # of the GPU: CUDA context, allocator fragmentation, opti
 
 
 def training_memory_bytes(
-    shape: ModelShape, tokens: int, quantization: str, dtype_bytes: int, full_logits: bool
+    shape: ModelShape,
+    tokens: int,
+    quantization: str,
+    dtype_bytes: int,
+    full_logits: bool,
+    weight_shards: int = 1,
 ) -> int:
     """Weights plus what backward keeps of one micro-batch of `tokens` without gradient checkpointing.
 
     Per token and layer, the inputs of the norms, projections and activations a Llama-shaped block saves
     (~12 hidden + 4 intermediate values with LoRA's extra inputs; attention by flash/SDPA kernels keeps
     no tokens × tokens scores). The full logits (and their float32 softmax) when the loss builds them.
+    `weight_shards` > 1 (fsdp): each GPU holds that share of the weights, plus one decoder layer gathered.
     """
     weights = shape.parameters() * WEIGHT_BYTES[quantization] * dtype_bytes / 2
+    if weight_shards > 1:
+        layer = (shape.parameters() - shape.vocab * shape.hidden * 2) / shape.layers
+        weights = weights / weight_shards + layer * WEIGHT_BYTES[quantization] * dtype_bytes / 2
     activations = tokens * shape.layers * (12 * shape.hidden + 4 * shape.intermediate) * dtype_bytes
     logits = tokens * shape.vocab * (dtype_bytes + 8) if full_logits else 0
     return int(weights + activations + logits)
@@ -620,6 +629,8 @@ def gradient_checkpointing_for(config: TrainConfig, base: BaseModelRef, precisio
         quantization=config.quantization,
         dtype_bytes=4 if precision.dtype == "float32" else 2,
         full_logits=hp.loss_logits == "all",
+        # fsdp under torchrun: this GPU's share of the weights
+        weight_shards=int(os.environ.get("WORLD_SIZE", "1")) if config.parallelism == "fsdp" else 1,
     )
     free, _total = torch.cuda.mem_get_info(device)  # before the model loads: what this run can have
     return choose_gradient_checkpointing(None, int(free), needed)
