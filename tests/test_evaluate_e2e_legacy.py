@@ -170,14 +170,17 @@ class Model:
     """Answers as the teacher did, except for the messages in `changed`, and only in the replay (the
     requests after the scoring's TURNS): the teacher-forced figures stay the teacher's."""
 
-    def __init__(self, changed: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, changed: Mapping[str, str] | None = None, teacher: Mapping[str, str] = TEACHER
+    ) -> None:
         self.changed = dict(changed or {})
+        self.teacher = teacher
 
     def __call__(self, request: ChatRequest) -> str:
         message = _message(request)
         if request.index >= TURNS and message in self.changed:
             return self.changed[message]
-        return TEACHER[message]
+        return self.teacher[message]
 
 
 def _write(path: Path, text: str) -> None:
@@ -194,17 +197,20 @@ def bikes(tmp_path: Path) -> Path:
     return assistant
 
 
+def _prepare(bikes: Path, server: LLMServer, llm_config: Path, out: Path, teacher: Model) -> Path:
+    """prepare-data's output, labelled by the scripted teacher; the server is reset for the evaluation."""
+    server.script(teacher)
+    prepare = ["prepare-data", str(bikes.parent / "bike_tests"), "--assistant", str(bikes)]
+    prepare += ["--llm-config", str(llm_config), "--num-rephrases", "0", "--train-frac", "0.01"]
+    assert main([*prepare, "--out", str(out), "--cache-dir", str(out.parent / "cache")]) == 0
+    assert server.script_errors == []
+    server.reset()
+    return out
+
+
 @pytest.fixture
 def data(bikes: Path, tmp_path: Path, llm_server: LLMServer, llm_config: Path) -> Path:
-    """prepare-data's output, labelled by the scripted teacher; the server is reset for the evaluation."""
-    llm_server.script(Model())
-    out = tmp_path / "data"
-    prepare = ["prepare-data", str(tmp_path / "bike_tests"), "--assistant", str(bikes)]
-    prepare += ["--llm-config", str(llm_config), "--num-rephrases", "0", "--train-frac", "0.01"]
-    assert main([*prepare, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert llm_server.script_errors == []
-    llm_server.reset()
-    return out
+    return _prepare(bikes, llm_server, llm_config, tmp_path / "data", Model())
 
 
 def _evaluate(data: Path, bikes: Path, server: LLMServer, out: Path) -> dict[str, Any]:
@@ -381,3 +387,25 @@ def test_a_question_left_unanswered_fails_when_the_flow_goes_on(
             "bot then says utter_bike_rented)",
         )
     ]
+
+
+def test_a_slot_nlu_fills_needs_no_command(
+    bikes: Path, tmp_path: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    """bike_type mapped from an entity: Rasa's NLU fills it from "rent me a city bike" with no command, so
+    a teacher, and then a model, that only starts the rental agree with the bot asking the hours next."""
+    llm_mapped = "    values: [city, mountain]\n    mappings:\n      - type: from_llm\n"
+    assert llm_mapped in DOMAIN
+    entity_mapped = (
+        "    values: [city, mountain]\n    mappings:\n      - type: from_entity\n        entity: bike_type\n"
+    )
+    domain = DOMAIN.replace(llm_mapped, entity_mapped, 1) + "entities:\n  - bike_type\n"
+    _write(bikes / "domain.yml", domain)
+    teacher = {**TEACHER, "rent me a city bike": "start flow rent_bike"}
+    data = _prepare(bikes, llm_server, llm_config, tmp_path / "data", Model(teacher=teacher))
+    summary = yaml.safe_load((data / "result_summary.yaml").read_text(encoding="utf-8"))
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (5, 0)
+
+    llm_server.script(Model(teacher=teacher))
+    e2e = _evaluate(data, bikes, llm_server, tmp_path / "eval")
+    assert (e2e["tests"], e2e["passed"], e2e["model_calls"]) == (4, 4, TURNS)

@@ -410,6 +410,13 @@ def shown_problems(
     return found
 
 
+def _only_llm_fills(assistant: Assistant, name: str) -> bool:
+    """Only the command generator fills this slot: an NLU mapping (from_entity, from_text, ...) may fill it
+    with no command at all, so an empty slot after the commands proves nothing then."""
+    slot = assistant.slots.get(name)
+    return slot is not None and slot.filled_by_llm and all(m == "from_llm" for m in slot.mappings)
+
+
 def _legacy_question_problems(
     turn: Turn,
     commands: Sequence[Command],
@@ -419,13 +426,19 @@ def _legacy_question_problems(
     owners: dict[str, set[str]],
 ) -> list[str]:
     """A flow's next words that the commands rule out: a started flow asks its first empty collect (a
-    slot the message did not fill), and a flow whose question the message left unanswered asks it again."""
+    slot the message did not fill), and a flow whose question the message left unanswered asks it again.
+    Slots an NLU mapping may fill without a command are left out."""
     found: list[str] = []
     if len(new) == 1:
         started = next(iter(new))
         question = _question_of(assistant, started, shown)
         asked = _replay_asks(turn, commands, assistant) if question is not None else None
-        if question is not None and asked is not None and asked != question[1]:
+        if (
+            question is not None
+            and asked is not None
+            and asked != question[1]
+            and _only_llm_fills(assistant, asked)
+        ):
             found.append(
                 f"starts {started}, which asks {asked} first, but the bot then says {question[0]}, "
                 f"asking {question[1]}"
@@ -433,6 +446,8 @@ def _legacy_question_problems(
     waiting = turn.asked_slot
     flow = assistant.flows.get(turn.current_flow) if turn.current_flow else None
     if flow is None or waiting is None or turn.slots_before.get(waiting) is not None:
+        return found
+    if not _only_llm_fills(assistant, waiting):
         return found
     collected = {s.target for s in flow.collect_steps()}
     if waiting not in collected or waiting in {check.name for check in shown.slots_set}:
