@@ -409,3 +409,21 @@ def test_a_slot_nlu_fills_needs_no_command(
     llm_server.script(Model(teacher=teacher))
     e2e = _evaluate(data, bikes, llm_server, tmp_path / "eval")
     assert (e2e["tests"], e2e["passed"], e2e["model_calls"]) == (4, 4, TURNS)
+
+
+def test_a_custom_action_before_the_question_may_fill_it(
+    bikes: Path, tmp_path: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    """rent_bike first runs a custom action (it may fill bike_type from the customer's last rental): a
+    teacher that only starts the rental, the bot then asking the hours, is not contradicted."""
+    first_collect = "    steps:\n      - collect: bike_type\n"
+    assert first_collect in FLOWS
+    flows = FLOWS.replace(
+        first_collect, "    steps:\n      - action: action_recall_last_bike\n" + first_collect[11:], 1
+    )
+    _write(bikes / "data" / "flows.yml", flows)
+    _write(bikes / "domain.yml", DOMAIN + "actions:\n  - action_recall_last_bike\n")
+    teacher = {**TEACHER, "rent me a city bike": "start flow rent_bike"}
+    data = _prepare(bikes, llm_server, llm_config, tmp_path / "data", Model(teacher=teacher))
+    summary = yaml.safe_load((data / "result_summary.yaml").read_text(encoding="utf-8"))
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (5, 0)

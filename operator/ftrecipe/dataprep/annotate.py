@@ -417,6 +417,20 @@ def _only_llm_fills(assistant: Assistant, name: str) -> bool:
     return slot is not None and slot.filled_by_llm and all(m == "from_llm" for m in slot.mappings)
 
 
+def _started_flow_asks(turn: Turn, commands: Sequence[Command], assistant: Assistant) -> str | None:
+    """The slot a flow these commands start asks first (`_replay_asks` without assertions); None when the
+    replay cannot tell: a custom action ran on the way (it may fill the slot it then seems to ask) or a
+    condition is undecidable."""
+    replay = Replay(assistant, {})
+    replay.state.slots = dict(turn.slots_before)
+    replay.apply_commands(commands)
+    try:
+        replay.follow_flows()
+    except ReplayFailure:
+        return None
+    return None if replay.state.unstubbed_actions else replay.state.asked
+
+
 def _legacy_question_problems(
     turn: Turn,
     commands: Sequence[Command],
@@ -432,7 +446,7 @@ def _legacy_question_problems(
     if len(new) == 1:
         started = next(iter(new))
         question = _question_of(assistant, started, shown)
-        asked = _replay_asks(turn, commands, assistant) if question is not None else None
+        asked = _started_flow_asks(turn, commands, assistant) if question is not None else None
         if (
             question is not None
             and asked is not None
