@@ -20,8 +20,10 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +449,69 @@ def test_a_sharded_checkpoint_resumes_on_the_same_world_size_only(
     _assert_same_losses(_losses(tmp_path / "out"), _losses(sharded), RESUME_TOLERANCE)
     assert _largest_difference(_adapter(tmp_path / "out"), _adapter(sharded)) <= WEIGHT_TOLERANCE
     assert _checkpoint_steps(tmp_path / "out" / "checkpoints") == []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _two_nodes(argv: list[str], root: Path) -> list[subprocess.Popen[str]]:
+    """`ftrecipe train --nodes 2` once per node (one process each), each with its own work folder (disk:
+    the later --work-dir wins)."""
+    port = _free_port()
+    nodes = []
+    for rank in (0, 1):
+        group = ["--work-dir", str(root / f"node{rank}"), "--nodes", "2", "--node-rank", str(rank)]
+        command = _one_process([*argv, *group, "--rendezvous", f"127.0.0.1:{port}"])
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        )
+    return nodes
+
+
+def _finish(nodes: list[subprocess.Popen[str]]) -> list[tuple[int, str, str]]:
+    """Each node's exit code, stdout and stderr (every process killed if still there at the end)."""
+    try:
+        outputs = [node.communicate(timeout=RUN_TIMEOUT) for node in nodes]
+        return [(node.returncode, out, err) for node, (out, err) in zip(nodes, outputs, strict=True)]
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@pytest.mark.slow
+def test_fsdp_across_two_nodes_resumes_from_the_shards_of_both_disks(
+    tiny_model: Path, data: Path, one_process: Path, tmp_path: Path
+) -> None:
+    """Two "nodes" (one rank each, own disks): each rank writes its shard on its own disk, the other node
+    sends its shard into global rank 0's copy before it is published, and a group restarted on fresh
+    disks resumes from it and ends where one process with the same global batch ends."""
+    from ftrecipe.training.trainer import EXIT_PREEMPTED
+
+    argv = _train(data, tiny_model, tmp_path, "parallelism=fsdp", "checkpointEverySteps=4")
+    nodes = _two_nodes(argv, tmp_path / "first")
+    published = tmp_path / "out" / "checkpoints" / "step-4" / "_SUCCESS"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not published.exists() and all(node.poll() is None for node in nodes):
+        assert time.monotonic() < deadline, "no checkpoint at step 4"
+        time.sleep(0.2)
+    nodes[1].send_signal(signal.SIGTERM)  # node 1's `ftrecipe train`, as its kubelet would
+    for code, _, stderr in _finish(nodes):
+        assert code == EXIT_PREEMPTED, stderr[-3000:]
+    steps = _checkpoint_steps(tmp_path / "out" / "checkpoints")
+    assert steps and steps[-1] < STEPS, steps
+    shards = tmp_path / "out" / "checkpoints" / f"step-{steps[-1]}" / "pytorch_model_fsdp_0"
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in shards.iterdir()}
+
+    again = _two_nodes(argv, tmp_path / "restarted")  # the JobSet's restart: new pods, empty disks
+    finished = _finish(again)
+    for code, _, stderr in finished:
+        assert code == 0, stderr[-3000:]
+    assert any(f"resuming from step {steps[-1]}" in stdout.splitlines() for _, stdout, _ in finished)
+    _assert_same_losses(_losses(tmp_path / "out"), _losses(one_process), RESUME_TOLERANCE)
+    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(one_process)) <= WEIGHT_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------- benchmark
