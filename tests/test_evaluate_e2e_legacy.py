@@ -6,7 +6,9 @@ tests labelled by the scripted teacher (`--annotator llm` on the `llm_server` fi
 set cover in train: `changes their mind` alone holds every command type (start flow, set slot, cancel
 flow), and `--train-frac 0.01` adds nothing to it, so the four other tests are the validation tests,
 whatever the seed. Each is then checked as prepare-data checks the teacher: against the bot turns that
-follow each user step.
+follow each user step. A legacy step lists every bot turn, so its next question pins what the message
+filled: the last tests show that shared check keeping the teacher's labels where Rasa may fill the slot
+without a command (an NLU mapping, a custom action).
 """
 
 from __future__ import annotations
