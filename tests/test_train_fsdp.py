@@ -193,6 +193,20 @@ def test_what_fsdp_supports_passes(training: dict[str, Any]) -> None:
     assert parse_recipe(_minimal(**training)).spec.training.parallelism == training["parallelism"]
 
 
+def test_training_yml_carries_fsdp_to_the_trainer(tmp_path: Path) -> None:
+    """The contract: phases/inputs writes `parallelism` into training.yml, training/config reads it."""
+    from ftrecipe.phases.inputs import training_config
+    from ftrecipe.training.config import load_train_config
+
+    spec = parse_recipe(_minimal(parallelism="fsdp", gpus=4, nodes=2)).spec
+    (tmp_path / "training.yml").write_text(yaml.safe_dump(training_config(spec)), encoding="utf-8")
+    assert "parallelism: fsdp" in (tmp_path / "training.yml").read_text(encoding="utf-8")
+    assert load_train_config(tmp_path / "training.yml").parallelism == "fsdp"
+    default = parse_recipe(_minimal()).spec
+    (tmp_path / "default.yml").write_text(yaml.safe_dump(training_config(default)), encoding="utf-8")
+    assert load_train_config(tmp_path / "default.yml").parallelism == "ddp"
+
+
 # --------------------------------------------------------------------------------------------- pure parts
 
 
