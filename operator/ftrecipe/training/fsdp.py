@@ -19,8 +19,9 @@ How, with the installed libraries (transformers 5.24, accelerate 1.16, peft 0.21
   as under ddp), not FSDP's `activation_checkpointing`: that one wraps each decoder layer in torch's
   `checkpoint_wrapper`, whose `_checkpoint_wrapped_module` in the module names peft 0.21 does not strip
   when it picks the adapter's weights out of a state dict (it strips FSDP1's `_fsdp_wrapped_module` only),
-  so the published adapter came out empty (tried on two CPU ranks). Under FSDP2 a layer recomputed in the
-  backward pass finds its weights still gathered by the backward's own pre-hook;
+  so the published adapter came out empty (tried on two CPU ranks). With the model's own, a recomputed
+  layer's forward gathers its weights as any forward does (tested: the losses and adapter of a run
+  without checkpointing);
 - checkpoints are sharded (`SHARDED_STATE_DICT`, adapter only: each rank writes its shard of the LoRA
   weights and of the optimizer state with torch.distributed.checkpoint), so they resume on the same world
   size; the trainer refuses another one in one line;
@@ -36,14 +37,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
-from pathlib import Path
 from typing import Any, Final, Literal
 
 Parallelism = Literal["ddp", "fsdp"]
 
 FSDP_VERSION: Final = 2
-# transformers' checkpoint folder inside checkpoint-N under SHARDED_STATE_DICT (accelerate's FSDP_MODEL_NAME)
-SHARDED_MODEL_DIR: Final = "pytorch_model_fsdp_0"
 # What accelerate and transformers read while the model loads (before the Trainer exists to set them).
 LOADING_ENV: Final = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
 
@@ -174,8 +172,3 @@ class GatheredAdapter:
 
     def save_pretrained(self, path: str, **kwargs: Any) -> None:
         self.model.save_pretrained(path, state_dict=self.state_dict, **kwargs)
-
-
-def checkpoint_is_sharded(folder: Path) -> bool:
-    """Whether a Trainer checkpoint holds FSDP shards (written by several ranks, one part each)."""
-    return (folder / SHARDED_MODEL_DIR).is_dir()
