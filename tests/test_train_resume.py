@@ -3,7 +3,9 @@
 Two runs with the same inputs and seed end with the same adapter; a run stopped by SIGTERM in the middle
 of epoch 2 and rerun logs the same losses at every step as the uninterrupted one and ends with the same
 adapter (the data order of an epoch depends on the seed and the epoch only, the rest of the random state
-comes back from the checkpoint). Checkpoints are pruned to the last two, locally and durably, and deleted
+comes back from the checkpoint). So does a run stopped exactly on an epoch's last step (a SIGTERM raised
+in-process from the progress event of the step before), or lost after a checkpoint written there: the
+epoch's evaluation runs before that checkpoint. Checkpoints are pruned to the last two, locally and durably, and deleted
 once the adapter is published. Under torchrun, a SIGTERM that reaches one rank stops both at the same step.
 """
 
@@ -197,6 +199,108 @@ def test_a_run_stopped_in_epoch_2_resumes_exactly(
     assert _steps(tmp_path / "out" / "checkpoints") == []
 
 
+def _train_acting_at(argv: list[str], step: int, act: Callable[[], None]) -> None:
+    """`ftrecipe train` (argv) in this process; `act()` runs when `step` is reported: its progress event
+    comes after that step's end, before the next step begins, so what `act` does lands in step + 1."""
+    from ftrecipe.training.config import load_train_config
+    from ftrecipe.training.trainer import TrainOptions, print_event, run_train
+
+    flags = dict(zip(argv[1::2], argv[2::2], strict=True))  # "train", then flag-value pairs
+    settings = [value for flag, value in zip(argv[1::2], argv[2::2], strict=True) if flag == "--set"]
+
+    def emit(event: dict[str, Any]) -> None:
+        print_event(event)
+        if event["event"] == "progress" and event["step"] == step:
+            act()
+
+    options = TrainOptions(
+        data=flags["--data"],
+        base_model=flags["--base-model"],
+        out=flags["--out"],
+        config=load_train_config(None, settings),
+        work_dir=Path(flags["--work-dir"]),
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_train(options, emit)
+
+
+def _sigterm() -> None:
+    signal.raise_signal(signal.SIGTERM)  # to this process, handled at once: recorded for the next step end
+
+
+class _NodeLost(Exception):
+    pass
+
+
+def _lose_the_node() -> None:
+    raise _NodeLost("the pod is gone: no SIGTERM, no checkpoint of its own")
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_the_last_step_of_an_epoch_resumes_with_that_epochs_evaluation(
+    straight: Path, tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    """SIGTERM during step 12, the last of epoch 1 (validation at each epoch end): the epoch's evaluation
+    runs before the checkpoint is written, so the resumed run has it as the uninterrupted one does."""
+    from ftrecipe.training.trainer import Preempted
+
+    argv = _argv(data, tiny_model, tmp_path, "checkpointEverySteps=1000")  # the SIGTERM's checkpoint only
+    with pytest.raises(Preempted) as stopped:
+        _train_acting_at(argv, STEPS_PER_EPOCH - 1, _sigterm)
+    assert str(stopped.value) == (
+        f"stopped at step {STEPS_PER_EPOCH} after SIGTERM; checkpoint saved, rerun to resume"
+    )
+    assert _steps(tmp_path / "out" / "checkpoints") == [STEPS_PER_EPOCH]
+    carried = tmp_path / "out" / "checkpoints" / f"step-{STEPS_PER_EPOCH}" / "ftrecipe-metrics.jsonl"
+    rows = [json.loads(line) for line in carried.read_text(encoding="utf-8").splitlines()]  # so far
+    assert [(row["step"], row["train_loss"] is None, row["eval_loss"] is None) for row in rows[-2:]] == [
+        (STEPS_PER_EPOCH, False, True),  # the step's train loss
+        (STEPS_PER_EPOCH, True, False),  # then the epoch's evaluation
+    ]
+
+    stdout = _train_in_process(argv)
+    assert f"resuming from step {STEPS_PER_EPOCH}" in stdout.splitlines()
+    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
+    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_does_not_evaluate_before_it_exits(
+    straight: Path, tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    """SIGTERM during step 16 (mid-epoch 2): the checkpoint, then exit; no evaluation in the grace period
+    (the epoch has not ended), and the resumed run ends as the uninterrupted one."""
+    from ftrecipe.training.trainer import Preempted
+
+    argv = _argv(data, tiny_model, tmp_path, "checkpointEverySteps=1000")
+    with pytest.raises(Preempted, match="stopped at step 16 after SIGTERM"):
+        _train_acting_at(argv, 15, _sigterm)
+    logged = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if row["eval_loss"] is not None] == [STEPS_PER_EPOCH]  # epoch 1
+    assert (logged[-1]["step"], logged[-1]["train_loss"] is None) == (16, False)  # no evaluation after it
+    assert _steps(tmp_path / "out" / "checkpoints") == [16]
+    _train_in_process(argv)
+    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
+    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_run_lost_after_an_epoch_end_checkpoint_resumes_with_that_epochs_evaluation(
+    straight: Path, tiny_model: Path, data: Path, tmp_path: Path
+) -> None:
+    """The periodic checkpoint at step 12 (every 4 steps) is also epoch 1's end: it is written after the
+    epoch's evaluation, so a run lost in step 13 (a killed pod) resumes from it with that evaluation."""
+    argv = _argv(data, tiny_model, tmp_path)
+    with pytest.raises(_NodeLost):
+        _train_acting_at(argv, STEPS_PER_EPOCH + 1, _lose_the_node)
+    assert _steps(tmp_path / "out" / "checkpoints") == [8, STEPS_PER_EPOCH]
+
+    stdout = _train_in_process(argv)
+    assert f"resuming from step {STEPS_PER_EPOCH}" in stdout.splitlines()
+    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
+    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+
+
 @pytest.mark.slow
 def test_sigterm_while_loading_is_not_ignored(tiny_model: Path, data: Path, tmp_path: Path) -> None:
     """The handler is there before the model loads (as PID 1 in a pod, a signal without one is ignored)."""
@@ -364,6 +468,15 @@ def test_inputs_hash_holds_the_process_count_and_the_per_device_batch(tiny_model
     assert one != inputs_hash(
         load_train_config(None, ["hyperparameters.batchSize=4"]), base, "data", world_size=1
     )
+
+
+def test_an_epoch_ends_where_trainers_epoch_is_a_whole_number() -> None:
+    from ftrecipe.training.trainer import ends_epoch
+
+    steps_in_epoch = 7
+    ends = [ends_epoch(epoch + (batch + 1) / steps_in_epoch) for epoch in (0, 1, 2) for batch in range(7)]
+    assert [i + 1 for i, end in enumerate(ends) if end] == [7, 14, 21]
+    assert not ends_epoch(None) and not ends_epoch(0.0)  # before the first step
 
 
 def test_local_checkpoints_are_pruned_to_the_last_ones(tmp_path: Path) -> None:

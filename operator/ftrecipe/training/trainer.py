@@ -928,6 +928,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def ends_epoch(epoch: float | None) -> bool:
+    """Whether the step that just ended is the last of an epoch, from Trainer's `state.epoch`.
+
+    Trainer sets it to `epoch + batches done / batches in the epoch` at each step end: a whole number
+    (exactly: n / n is 1.0) at an epoch's last step, and only there.
+    """
+    return epoch is not None and epoch > 0 and float(epoch).is_integer()
+
+
 def _make_callbacks(
     metrics_path: Path,
     checkpoints: Path,
@@ -961,7 +970,10 @@ def _make_callbacks(
         ) -> None:
             if args.eval_strategy == "no":  # no validation split
                 return
-            if state.global_step != self.evaluated_at:  # not twice when evalEverySteps hits the epoch end
+            if not ends_epoch(state.epoch):  # a SIGTERM stopped the run mid-epoch: no epoch end to evaluate
+                return
+            # not twice: evalEverySteps, or a checkpoint (see on_step_end), evaluated at this step already
+            if state.global_step != self.evaluated_at:
                 control.should_evaluate = True
 
         def on_evaluate(
@@ -975,6 +987,12 @@ def _make_callbacks(
             if stop_agreed(args.device):  # every rank asks at every step end: all stop at the same one
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save and args.eval_strategy != "no" and ends_epoch(state.epoch):
+                # A checkpoint on an epoch's last step (SIGTERM, checkpointEverySteps, the final step):
+                # the epoch's evaluation now, before it (Trainer evaluates, then saves), not after the
+                # save at the epoch end. The checkpoint then carries the evaluation's row and the random
+                # state after it, so a run resumed from it goes on as the uninterrupted one does.
+                control.should_evaluate = True
 
         def on_save(
             self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
