@@ -312,13 +312,35 @@ def one_process(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="module")
-def sharded(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two FSDP ranks, 2 examples each, uninterrupted. Its bundle folder."""
+def sharded_run(
+    tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Two FSDP ranks, 2 examples each, uninterrupted, with the model's own gradient checkpointing: its
+    bundle folder and the launch's outputs.
+
+    One launch serves the same-global-batch, gradient-checkpointing and published-adapter tests (each
+    torchrun launch of two ranks costs ~15 s here). Checkpointing changes no loss and no weight, so this is
+    also the uninterrupted run for the runs without it (the resume tests); FSDP without checkpointing is
+    held to one process by test_qlora_4bit_shards_too (1e-6) and the resume tests.
+    """
     root = tmp_path_factory.mktemp("fsdp-two")
-    argv = _train(data, tiny_model, root, "parallelism=fsdp", "checkpointEverySteps=1000")
+    argv = _train(
+        data,
+        tiny_model,
+        root,
+        "parallelism=fsdp",
+        "checkpointEverySteps=1000",
+        "hyperparameters.gradientCheckpointing=true",
+    )
     done = _run(_launcher(argv))
     assert done.returncode == 0, done.stderr[-3000:]
-    return root / "out"
+    return root / "out", done
+
+
+@pytest.fixture(scope="module")
+def sharded(sharded_run: tuple[Path, subprocess.CompletedProcess[str]]) -> Path:
+    """The uninterrupted two-rank FSDP run's bundle folder."""
+    return sharded_run[0]
 
 
 @pytest.mark.slow
@@ -333,21 +355,17 @@ def test_two_fsdp_ranks_train_as_one_process_with_the_same_global_batch(
 
 @pytest.mark.slow
 def test_gradient_checkpointing_under_fsdp_changes_nothing_but_memory(
-    tiny_model: Path, data: Path, one_process: Path, tmp_path: Path
+    one_process: Path, sharded_run: tuple[Path, subprocess.CompletedProcess[str]]
 ) -> None:
     """The model's own (non-reentrant) checkpointing on sharded layers: the same losses and adapter.
 
     FSDP's `activation_checkpointing` instead left the published adapter empty (peft does not see through
     torch's checkpoint_wrapper), which this catches as well.
     """
-    argv = _train(
-        data, tiny_model, tmp_path, "parallelism=fsdp", "hyperparameters.gradientCheckpointing=true"
-    )
-    done = _run(_launcher([*argv, "--set", "checkpointEverySteps=1000"]))
-    assert done.returncode == 0, done.stderr[-3000:]
+    out, done = sharded_run
     assert '"gradient_checkpointing": true' in done.stdout
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(one_process), LOSS_TOLERANCE)
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(one_process)) <= WEIGHT_TOLERANCE
+    _assert_same_losses(_losses(out), _losses(one_process), LOSS_TOLERANCE)
+    assert _largest_difference(_adapter(out), _adapter(one_process)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
