@@ -33,6 +33,7 @@ import yaml
 from ftrecipe.api import RecipeError, parse_recipe
 from ftrecipe.api.crd import custom_resource_definition
 from support.crd_schema import api_server_violations
+from support.training_runs import adapter, assert_same_losses, largest_difference, logged_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,37 +112,6 @@ def _one_process(argv: list[str]) -> list[str]:
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=RUN_TIMEOUT)
-
-
-def _losses(out: Path) -> list[tuple[int, float | None, float | None]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [(row["step"], row["train_loss"], row["eval_loss"]) for row in rows]
-
-
-def _assert_same_losses(
-    got: list[tuple[int, float | None, float | None]],
-    want: list[tuple[int, float | None, float | None]],
-    tolerance: float,
-) -> None:
-    assert [row[0] for row in got] == [row[0] for row in want]
-    for (step, *values), (_, *expected) in zip(got, want, strict=True):
-        for value, wanted in zip(values, expected, strict=True):
-            assert (value is None) == (wanted is None), (step, got, want)
-            if value is not None and wanted is not None:
-                assert abs(value - wanted) <= tolerance, f"step {step}: {value} != {wanted}"
-
-
-def _adapter(out: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "adapter_model.safetensors"))
-
-
-def _largest_difference(left: dict[str, Any], right: dict[str, Any]) -> float:
-    assert sorted(left) == sorted(right)
-    for name in left:
-        assert left[name].shape == right[name].shape, name
-    return max(float((left[name] - right[name]).abs().max()) for name in left)
 
 
 def _checkpoint_steps(folder: Path) -> list[int]:
@@ -347,10 +317,10 @@ def sharded(sharded_run: tuple[Path, subprocess.CompletedProcess[str]]) -> Path:
 def test_two_fsdp_ranks_train_as_one_process_with_the_same_global_batch(
     one_process: Path, sharded: Path
 ) -> None:
-    losses = _losses(sharded)
+    losses = logged_losses(sharded)
     assert [step for step, train, _ in losses if train is not None] == list(range(1, STEPS + 1))
-    _assert_same_losses(losses, _losses(one_process), LOSS_TOLERANCE)
-    assert _largest_difference(_adapter(sharded), _adapter(one_process)) <= WEIGHT_TOLERANCE
+    assert_same_losses(losses, logged_losses(one_process), LOSS_TOLERANCE)
+    assert largest_difference(adapter(sharded), adapter(one_process)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -364,8 +334,8 @@ def test_gradient_checkpointing_under_fsdp_changes_nothing_but_memory(
     """
     out, done = sharded_run
     assert '"gradient_checkpointing": true' in done.stdout
-    _assert_same_losses(_losses(out), _losses(one_process), LOSS_TOLERANCE)
-    assert _largest_difference(_adapter(out), _adapter(one_process)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(out), logged_losses(one_process), LOSS_TOLERANCE)
+    assert largest_difference(adapter(out), adapter(one_process)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -392,11 +362,11 @@ def test_qlora_4bit_shards_too(tiny_model: Path, data: Path, tmp_path: Path) -> 
     two = _run(_launcher(_train(data, tiny_model, tmp_path / "two", *qlora, "parallelism=fsdp")))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "Params4bit" not in two.stderr, two.stderr[-3000:]  # none left out of the sharding
-    got = _losses(tmp_path / "two" / "out")
+    got = logged_losses(tmp_path / "two" / "out")
     assert [step for step, _, evaluation in got if evaluation is not None] == [6, 12]
     trained = [row for row in got if row[1] is not None]
-    _assert_same_losses(trained, _losses(tmp_path / "one" / "out"), LOSS_TOLERANCE)
-    difference = _largest_difference(_adapter(tmp_path / "two" / "out"), _adapter(tmp_path / "one" / "out"))
+    assert_same_losses(trained, logged_losses(tmp_path / "one" / "out"), LOSS_TOLERANCE)
+    difference = largest_difference(adapter(tmp_path / "two" / "out"), adapter(tmp_path / "one" / "out"))
     assert difference <= WEIGHT_TOLERANCE
 
 
@@ -412,7 +382,7 @@ def test_the_published_adapter_loads_with_plain_peft_in_one_process(
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    saved = _adapter(sharded)
+    saved = adapter(sharded)
     assert len(saved) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in each of 2 layers
     assert saved["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"].shape == (16, 64)
     assert saved["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"].shape == (128, 16)
@@ -420,8 +390,8 @@ def test_the_published_adapter_loads_with_plain_peft_in_one_process(
     loaded = {
         name.replace(".default", ""): tensor for name, tensor in model.state_dict().items() if "lora_" in name
     }
-    reference = _adapter(one_process)
-    assert _largest_difference(loaded, reference) <= WEIGHT_TOLERANCE
+    reference = adapter(one_process)
+    assert largest_difference(loaded, reference) <= WEIGHT_TOLERANCE
     assert all(float(tensor.abs().max()) > 0 for name, tensor in loaded.items() if "lora_B" in name)
 
 
@@ -478,8 +448,8 @@ def test_a_sharded_checkpoint_resumes_on_the_same_world_size_only(
     resumed = _run(_launcher(argv))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {step}" in resumed.stdout.splitlines()
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(sharded), RESUME_TOLERANCE)
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(sharded)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(sharded), RESUME_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(sharded)) <= WEIGHT_TOLERANCE
     assert _checkpoint_steps(tmp_path / "out" / "checkpoints") == []
 
 
@@ -546,8 +516,8 @@ def test_fsdp_across_two_nodes_resumes_from_the_shards_of_both_disks(
     for code, _, stderr in finished:
         assert code == 0, stderr[-3000:]
     assert any(f"resuming from step {steps[-1]}" in stdout.splitlines() for _, stdout, _ in finished)
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(one_process), RESUME_TOLERANCE)
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(one_process)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(one_process), RESUME_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(one_process)) <= WEIGHT_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------- benchmark

@@ -42,6 +42,7 @@ from ftrecipe.training.launch import (
     node_group,
     rendezvous_id,
 )
+from support.training_runs import adapter, assert_same_losses, descendants, largest_difference, logged_losses
 
 ARGV = ["train", "--data", "s3://b/data/", "--base-model", "hf:a/b", "--out", "s3://b/adapter/"]
 JOBSET_ENV = {
@@ -312,52 +313,9 @@ def _other_node(logs: Path) -> int:
     return 1 - reporting[0]
 
 
-def _losses(metrics: Path) -> list[tuple[int, float | None, float | None]]:
-    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
-    return [(row["step"], row["train_loss"], row["eval_loss"]) for row in rows]
-
-
-def _assert_same_losses(
-    got: list[tuple[int, float | None, float | None]],
-    want: list[tuple[int, float | None, float | None]],
-    tolerance: float,
-) -> None:
-    assert [row[0] for row in got] == [row[0] for row in want]
-    for (step, train, evaluation), (_, train_want, eval_want) in zip(got, want, strict=True):
-        for value, expected in ((train, train_want), (evaluation, eval_want)):
-            assert (value is None) == (expected is None), (step, got, want)
-            if value is not None and expected is not None:
-                assert abs(value - expected) <= tolerance, f"step {step}: {value} != {expected}"
-
-
-def _adapter(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def _largest_difference(left: dict[str, Any], right: dict[str, Any]) -> float:
-    assert sorted(left) == sorted(right)
-    return max(float((left[name] - right[name]).abs().max()) for name in left)
-
-
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 def _worker(launcher: int) -> int:
     """The pid of torchrun's worker under the launcher `launcher` (the process with LOCAL_RANK set)."""
-    for pid in _descendants(launcher):
+    for pid in descendants(launcher):
         with contextlib.suppress(OSError):
             if b"LOCAL_RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 return pid
@@ -398,12 +356,12 @@ def test_two_nodes_log_the_losses_of_one_process_with_the_same_global_batch(
     assert [event["event"] for event in events].count("done") == 1  # global rank 0 alone publishes
     assert max(e["total_steps"] for e in events if e["event"] == "progress") == STEPS_PER_EPOCH * EPOCHS
 
-    want = _losses(one / "out" / "metrics.jsonl")
+    want = logged_losses(one / "out")
     assert [step for step, train, _ in want if train is not None] == list(
         range(1, STEPS_PER_EPOCH * EPOCHS + 1)
     )
     assert [step for step, _, evaluation in want if evaluation is not None] == [STEPS_PER_EPOCH, 12]
-    _assert_same_losses(_losses(two / "out" / "metrics.jsonl"), want, LOSS_TOLERANCE)
+    assert_same_losses(logged_losses(two / "out"), want, LOSS_TOLERANCE)
     # the node without global rank 0 kept no checkpoint and wrote no bundle or metrics on its disk
     other = two / f"work{_other_node(two)}"
     assert sorted(child.name for child in other.iterdir()) == ["checkpoints", "run_inputs.json"]
@@ -491,12 +449,12 @@ def test_a_node_killed_mid_run_fails_the_group_and_the_restarted_group_resumes_e
     resumed = fetch_bundle(out, tmp_path / "resumed")
     assert resumed is not None
     fetch_bundle(f"{prefix}/straight/", tmp_path / "uninterrupted")
-    want = _losses(tmp_path / "uninterrupted" / "metrics.jsonl")
+    want = logged_losses(tmp_path / "uninterrupted")
     assert [step for step, train, _ in want if train is not None] == list(
         range(1, STEPS_PER_EPOCH * EPOCHS + 1)
     )
-    _assert_same_losses(_losses(tmp_path / "resumed" / "metrics.jsonl"), want, RESUME_TOLERANCE)
-    difference = _largest_difference(_adapter(tmp_path / "resumed"), _adapter(tmp_path / "uninterrupted"))
+    assert_same_losses(logged_losses(tmp_path / "resumed"), want, RESUME_TOLERANCE)
+    difference = largest_difference(adapter(tmp_path / "resumed"), adapter(tmp_path / "uninterrupted"))
     assert difference <= WEIGHT_TOLERANCE
 
 

@@ -30,6 +30,7 @@ pytest.importorskip("torch", reason="training needs the 'train' extra")
 pytest.importorskip("peft", reason="training needs the 'train' extra")
 
 from ftrecipe.cli.main import main
+from support.training_runs import adapter, assert_same_losses, descendants, largest_difference, logged_losses
 
 STEPS_PER_EPOCH = 12  # 24 examples, batch 2
 EPOCHS = 3
@@ -97,33 +98,6 @@ def _train_in_process(argv: list[str]) -> str:
     return stdout.getvalue()
 
 
-def _losses(out: Path) -> list[tuple[int, float | None, float | None]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [(row["step"], row["train_loss"], row["eval_loss"]) for row in rows]
-
-
-def _adapter(out: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "adapter_model.safetensors"))
-
-
-def _largest_difference(left: dict[str, Any], right: dict[str, Any]) -> float:
-    assert sorted(left) == sorted(right)
-    return max(float((left[name] - right[name]).abs().max()) for name in left)
-
-
-def _assert_same_losses(
-    got: list[tuple[int, float | None, float | None]], want: list[tuple[int, float | None, float | None]]
-) -> None:
-    assert [row[0] for row in got] == [row[0] for row in want]
-    for (step, train, evaluation), (_, train_want, eval_want) in zip(got, want, strict=True):
-        for value, expected in ((train, train_want), (evaluation, eval_want)):
-            assert (value is None) == (expected is None), (step, got, want)
-            if value is not None and expected is not None:
-                assert abs(value - expected) <= LOSS_TOLERANCE, f"step {step}: {value} != {expected}"
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_data(tmp_path_factory.mktemp("resume-data") / "splits")
@@ -141,7 +115,7 @@ def straight(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFact
 def test_straight_run_logs_every_step_and_deletes_its_checkpoints(straight: Path) -> None:
     from ftrecipe.storage import read_manifest
 
-    losses = _losses(straight)
+    losses = logged_losses(straight)
     train_steps = [step for step, train, _ in losses if train is not None]
     assert train_steps == list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
     eval_steps = [step for step, _, evaluation in losses if evaluation is not None]
@@ -159,8 +133,8 @@ def test_two_runs_with_the_same_inputs_end_with_the_same_adapter(
 ) -> None:
     """A second run in the same process (its random generators are wherever the first left them)."""
     _train_in_process(_argv(data, tiny_model, tmp_path))
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(straight), LOSS_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(straight)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -194,8 +168,8 @@ def test_a_run_stopped_in_epoch_2_resumes_exactly(
 
     stdout = _train_in_process(argv)
     assert f"resuming from step {stopped_at}" in stdout.splitlines()
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(straight), LOSS_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(straight)) <= WEIGHT_TOLERANCE
     assert _steps(tmp_path / "out" / "checkpoints") == []
 
 
@@ -260,8 +234,8 @@ def test_a_run_stopped_on_the_last_step_of_an_epoch_resumes_with_that_epochs_eva
 
     stdout = _train_in_process(argv)
     assert f"resuming from step {STEPS_PER_EPOCH}" in stdout.splitlines()
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(straight), LOSS_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(straight)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -280,8 +254,8 @@ def test_a_run_stopped_mid_epoch_does_not_evaluate_before_it_exits(
     assert (logged[-1]["step"], logged[-1]["train_loss"] is None) == (16, False)  # no evaluation after it
     assert _steps(tmp_path / "out" / "checkpoints") == [16]
     _train_in_process(argv)
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(straight), LOSS_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(straight)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -297,8 +271,8 @@ def test_a_run_lost_after_an_epoch_end_checkpoint_resumes_with_that_epochs_evalu
 
     stdout = _train_in_process(argv)
     assert f"resuming from step {STEPS_PER_EPOCH}" in stdout.splitlines()
-    _assert_same_losses(_losses(tmp_path / "out"), _losses(straight))
-    assert _largest_difference(_adapter(tmp_path / "out"), _adapter(straight)) <= WEIGHT_TOLERANCE
+    assert_same_losses(logged_losses(tmp_path / "out"), logged_losses(straight), LOSS_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(straight)) <= WEIGHT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -326,23 +300,9 @@ def test_sigterm_while_loading_is_not_ignored(tiny_model: Path, data: Path, tmp_
 # --------------------------------------------------------------------------------------------- torchrun
 
 
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 def _rank_process(root: int, rank: int) -> int:
     """The pid of torchrun's worker `rank` under the process `root` (from the environments in /proc)."""
-    for pid in _descendants(root):
+    for pid in descendants(root):
         with contextlib.suppress(OSError):
             if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 return pid
