@@ -10,12 +10,15 @@ The fixture assistant (a tea shop) is written here for these tests.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ftrecipe.dataprep.annotate import Annotator
 from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
+from support.llm_server import ChatRequest, LLMServer
 
 FLOWS = """\
 flows:
@@ -166,17 +169,20 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-async def prepare(tmp_path: Path) -> tuple[dict[str, Any], dict[str, list[str]], list[dict[str, Any]]]:
-    """prepare-data offline on the tea shop: the summary, each test's labels, and the failed tests."""
+async def prepare(
+    tmp_path: Path, tests: str = TESTS, annotator: Annotator = "assertions", llm_config: Path | None = None
+) -> tuple[dict[str, Any], dict[str, list[str]], list[dict[str, Any]]]:
+    """prepare-data on the tea shop (offline unless told): the summary, each test's labels, the failed tests."""
     root = tmp_path / "teashop"
     write(root / "domain.yml", DOMAIN)
     write(root / "data" / "flows.yml", FLOWS)
-    write(root / "e2e_tests" / "tea.yml", TESTS)
+    write(root / "e2e_tests" / "tea.yml", tests)
     out = tmp_path / "out"
     options = PrepareDataOptions(
         e2e_paths=(root / "e2e_tests",),
         assistant=root,
-        annotator="assertions",
+        llm_config=llm_config,
+        annotator=annotator,
         num_rephrases=0,
         out=out,
         cache_dir=tmp_path / "cache",
@@ -224,4 +230,97 @@ async def test_the_next_question_of_a_flow_that_is_not_active_starts_it(tmp_path
         ),
     }
     assert summary["num_input_e2e_tests"] == 5
+    assert summary["num_annotated_conversations"] == 2
+
+
+# A flow's end resets the slots it collected: Rasa logs SlotSet(slot, None), which `value: null` asserts
+# (Rasa's SlotWasSetAssertion looks for a SlotSet event with that value; only an absent `value` means "any").
+# No command says that, so it asks no `set slot`; a slot named without a value still does.
+RESET_TESTS = """\
+test_cases:
+  - test_case: the flow's end resets its slots
+    steps:
+      - user: I'd like some tea
+        assertions:
+          - flow_started: order_tea
+      - user: green
+        assertions:
+          - slot_was_set:
+              - name: tea
+                value: green
+      - user: three
+        assertions:
+          - slot_was_set:
+              - name: cups
+                value: 3
+      - user: Elm Street 5
+        assertions:
+          - slot_was_set:
+              - name: address
+                value: Elm Street 5
+          - flow_completed:
+              flow_id: order_tea
+          - slot_was_set:
+              - name: tea
+                value: null
+              - name: cups
+                value: null
+
+  - test_case: a slot is named without a value
+    steps:
+      - user: I'd like some tea
+        assertions:
+          - flow_started: order_tea
+      - user: green
+        assertions:
+          - slot_was_set:
+              - name: tea
+"""
+
+TEACHER = {
+    "I'd like some tea": "start flow order_tea",
+    "green": "set slot tea green",
+    "three": "set slot cups 3",
+    "Elm Street 5": "set slot address Elm Street 5",
+}
+
+
+def teacher(request: ChatRequest) -> str:
+    """The commands for the prompt's last user message (ftrecipe's v2 template quotes it)."""
+    match = re.search(r'the user\'s last message, "(.*)", one per line', request.prompt)
+    assert match is not None
+    return TEACHER[match.group(1)]
+
+
+async def test_a_slot_asserted_reset_to_null_needs_no_set_slot(tmp_path: Path) -> None:
+    summary, labels, failures = await prepare(tmp_path, RESET_TESTS)
+
+    assert labels == {
+        "the flow's end resets its slots": [
+            "start flow order_tea",
+            "set slot tea green",
+            "set slot cups 3",
+            "set slot address Elm Street 5",
+        ]
+    }
+    assert [(f["test_case"], f["turn_index"], f["actual"]) for f in failures] == [
+        (
+            "a slot is named without a value",
+            1,
+            "assertions do not determine the commands: slot_was_set tea has no value",
+        )
+    ]
+    assert summary["num_annotated_conversations"] == 1
+
+
+async def test_the_llm_need_not_set_a_slot_asserted_reset_to_null(
+    tmp_path: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    llm_server.script(teacher)
+    summary, labels, failures = await prepare(tmp_path, RESET_TESTS, "llm", llm_config)
+
+    assert llm_server.script_errors == []
+    assert failures == []
+    assert labels["the flow's end resets its slots"][-1] == "set slot address Elm Street 5"
+    assert labels["a slot is named without a value"] == ["start flow order_tea", "set slot tea green"]
     assert summary["num_annotated_conversations"] == 2

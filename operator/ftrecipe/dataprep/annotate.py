@@ -144,7 +144,11 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
                 slot = assistant.slots.get(check.name)
                 if slot is None or not slot.filled_by_llm:
                     continue
-                if check.has_value and check.value is not None:
+                if check.has_value and check.value is None:
+                    # `value: null`: Rasa looks for a SlotSet(None) in the turn, which a flow's end, a
+                    # cancel or a refused value produces with no command: it says nothing of the commands.
+                    continue
+                if check.has_value:
                     required.append(SetSlot(check.name, _format_value(check.value)))
                 else:
                     without_value.append(check.name)
