@@ -477,11 +477,11 @@ def test_ftrecipe_run_shows_the_e2e_stage_after_generate(tmp_path: Path) -> None
         plain.progress("evaluate", event)
     shown = [line.split(None, 1)[1] for line in lines.getvalue().splitlines()[2:]]
     assert shown == [
-        "generate 0/20 · ETA 0.0s",
-        "generate 20/20 · ETA 0.0s",
-        "generate 20/20 · ETA 0.0s, e2e 0/20 · ETA 0.0s",
-        "generate 20/20 · ETA 0.0s, e2e 10/20 · ETA 0.0s",
-        "generate 20/20 · ETA 0.0s, e2e 20/20 · ETA 0.0s",
+        "scoring 0/20 turns · ETA 0.0s",
+        "scoring 20/20 turns · ETA 0.0s",
+        "scoring 20/20 turns · ETA 0.0s, E2E tests 0/20 turns · ETA 0.0s",
+        "scoring 20/20 turns · ETA 0.0s, E2E tests 10/20 turns · ETA 0.0s",
+        "scoring 20/20 turns · ETA 0.0s, E2E tests 20/20 turns · ETA 0.0s",
     ]
 
 

@@ -593,7 +593,7 @@ def test_both_displays_show_evaluation_progress(tmp_path: Path) -> None:
     plain.begin(local, ["evaluate"])
     plain.started("evaluate", tmp_path / "output.log")
     plain.progress("evaluate", event)
-    assert lines.getvalue().splitlines()[-1] == "evaluate     generate 120/480 · ETA 2m05s"
+    assert lines.getvalue().splitlines()[-1] == "evaluate     scoring 120/480 turns · ETA 2m05s"
 
     screen = io.StringIO()
     live = LiveDisplay(Console(file=screen, width=120))
@@ -603,7 +603,7 @@ def test_both_displays_show_evaluation_progress(tmp_path: Path) -> None:
     live.close()  # away from a terminal, rich prints the last frame when it stops
     row = screen.getvalue().splitlines()[-1]
     assert row.split()[1:3] == ["evaluate", "running"]
-    assert row.endswith(" generate 120/480 · ETA 2m05s")
+    assert row.endswith(" scoring 120/480 turns · ETA 2m05s")
     assert "━" * 6 in row and "━" * 7 not in row  # a quarter of the 24-wide bar
 
 

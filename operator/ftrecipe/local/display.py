@@ -26,6 +26,7 @@ from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
 from ftrecipe.local.layout import LocalRecipe
 from ftrecipe.local.progress import Counted, Event, Note, Steps
 from ftrecipe.plan.cache_key import Phase
+from ftrecipe.plan.status import evaluation_stage_words
 
 LABELS: Final[dict[Phase, str]] = {"data": "prepare-data", "train": "train", "evaluate": "evaluate"}
 State = Literal["pending", "running", "stopping", "done", "cached", "failed", "interrupted"]
@@ -159,6 +160,14 @@ def summary_rows(
     return rows
 
 
+def _count_words(stage: str, count: Counted) -> str:
+    """`annotate 3/38`; an evaluation stage in the status's words: `scoring 120/480 turns`."""
+    words = evaluation_stage_words(stage)
+    if words is None:
+        return f"{stage} {count.done}/{count.total}"
+    return f"{words} {count.done}/{count.total} turns"
+
+
 @dataclass
 class PhaseView:
     """What is known about one phase of this run."""
@@ -181,7 +190,7 @@ class PhaseView:
 
     def counts_text(self) -> str:
         return ", ".join(
-            f"{stage} {count.done}/{count.total}"
+            _count_words(stage, count)
             + (f" · ETA {duration(count.eta_seconds)}" if count.eta_seconds is not None else "")
             for stage, count in self.counts.items()
         )

@@ -328,6 +328,13 @@ EVALUATION_STAGES: Final[dict[str, EvaluationStage]] = {"generate": "scoring", "
 _STAGE_WORDS: Final[dict[EvaluationStage, str]] = {"scoring": "scoring", "e2e": "E2E tests"}
 
 
+def evaluation_stage_words(stage: str) -> str | None:
+    """How the status words an evaluate progress line's `stage` (`generate` → `scoring`, `e2e` →
+    `E2E tests`); None for a stage it does not know. `ftrecipe run`'s display words them the same way."""
+    named = EVALUATION_STAGES.get(stage)
+    return _STAGE_WORDS[named] if named is not None else None
+
+
 def evaluation_message(head: str, evaluation: EvaluationStatus) -> str:
     """``head`` plus the evaluation's progress: the stage, turns answered of all, time left
     (`scoring 120/480 turns, ETA 2m05s`, then `E2E tests 5/19 turns, ETA 0m30s`)."""
