@@ -170,12 +170,17 @@ def write(path: Path, text: str) -> Path:
 
 
 async def prepare(
-    tmp_path: Path, tests: str = TESTS, annotator: Annotator = "assertions", llm_config: Path | None = None
+    tmp_path: Path,
+    tests: str = TESTS,
+    annotator: Annotator = "assertions",
+    llm_config: Path | None = None,
+    flows: str = FLOWS,
+    domain: str = DOMAIN,
 ) -> tuple[dict[str, Any], dict[str, list[str]], list[dict[str, Any]]]:
     """prepare-data on the tea shop (offline unless told): the summary, each test's labels, the failed tests."""
     root = tmp_path / "teashop"
-    write(root / "domain.yml", DOMAIN)
-    write(root / "data" / "flows.yml", FLOWS)
+    write(root / "domain.yml", domain)
+    write(root / "data" / "flows.yml", flows)
     write(root / "e2e_tests" / "tea.yml", tests)
     out = tmp_path / "out"
     options = PrepareDataOptions(
@@ -323,4 +328,127 @@ async def test_the_llm_need_not_set_a_slot_asserted_reset_to_null(
     assert failures == []
     assert labels["the flow's end resets its slots"][-1] == "set slot address Elm Street 5"
     assert labels["a slot is named without a value"] == ["start flow order_tea", "set slot tea green"]
+    assert summary["num_annotated_conversations"] == 2
+
+
+# A branch on what a custom action sets, with no stub: the replay cannot evaluate it, but the question the
+# test shows next is where only one branch stops, so that is the branch Rasa (running the action) took.
+CAKE_FLOWS = """\
+flows:
+  order_cake:
+    description: Order a cake for pick-up.
+    steps:
+      - id: ask_cake
+        collect: cake
+        description: the kind of cake
+      - action: action_check_stock
+        next:
+          - if: not slots.cake_in_stock
+            then:
+              - action: utter_sold_out
+              - set_slots:
+                  - cake: null
+                next: ask_cake
+          - else: ask_pickup
+      - id: ask_pickup
+        collect: pickup_time
+        description: when the cake is picked up
+"""
+
+CAKE_DOMAIN = """\
+version: "3.1"
+slots:
+  cake:
+    type: text
+    mappings:
+      - type: from_llm
+  cake_in_stock:
+    type: bool
+    mappings:
+      - type: controlled
+  pickup_time:
+    type: text
+    mappings:
+      - type: from_llm
+actions:
+  - action_check_stock
+responses:
+  utter_ask_cake:
+    - text: Which cake would you like?
+  utter_ask_pickup_time:
+    - text: When will you pick it up?
+  utter_sold_out:
+    - text: Sorry, that one is sold out.
+"""
+
+CAKE_TESTS = """\
+test_cases:
+  - test_case: the bot goes on to the pick-up time
+    steps:
+      - user: a lemon cake please
+        assertions:
+          - flow_started: order_cake
+          - slot_was_set:
+              - name: cake
+                value: lemon
+          - bot_uttered:
+              utter_name: utter_ask_pickup_time
+      - user: at five
+        assertions:
+          - slot_was_set:
+              - name: pickup_time
+                value: at five
+
+  # The other branch: the cake is sold out, the flow empties `cake` itself and asks for it again, so the
+  # asked slot having just been set is no sign the label is wrong.
+  - test_case: the cake is sold out
+    steps:
+      - user: a lemon cake please
+        assertions:
+          - flow_started: order_cake
+          - slot_was_set:
+              - name: cake
+                value: lemon
+          - bot_uttered:
+              utter_name: utter_sold_out
+          - bot_uttered:
+              utter_name: utter_ask_cake
+      - user: a plum cake then
+        assertions:
+          - slot_was_set:
+              - name: cake
+                value: plum
+          - bot_uttered:
+              utter_name: utter_ask_pickup_time
+
+  - test_case: the test does not show what comes next
+    steps:
+      - user: a lemon cake please
+        assertions:
+          - flow_started: order_cake
+          - slot_was_set:
+              - name: cake
+                value: lemon
+"""
+
+
+async def test_the_question_the_test_shows_next_decides_a_branch_the_replay_cannot(tmp_path: Path) -> None:
+    summary, labels, failures = await prepare(tmp_path, CAKE_TESTS, flows=CAKE_FLOWS, domain=CAKE_DOMAIN)
+
+    assert labels == {
+        "the bot goes on to the pick-up time": [
+            "start flow order_cake\nset slot cake lemon",
+            "set slot pickup_time at five",
+        ],
+        "the cake is sold out": ["start flow order_cake\nset slot cake lemon", "set slot cake plum"],
+    }
+    assert [(f["test_case"], f["turn_index"], f["actual"]) for f in failures] == [
+        (
+            "the test does not show what comes next",
+            0,
+            "flow 'order_cake', step '2_action': cannot decide `not slots.cake_in_stock`: slot 'cake_in_stock' "
+            "is set by custom actions, and action_check_stock ran without a stub (and its branches lead to "
+            "different steps)",
+        )
+    ]
     assert summary["num_annotated_conversations"] == 2

@@ -192,9 +192,10 @@ def problems(turn: Turn, commands: Sequence[Command], assistant: Assistant, synt
         isinstance(c, SetSlot) and turn.slots_before.get(c.name) is not None for c in commands
     ):
         found.append("pattern_correction started, but no already filled slot is set again")
+    emptied = _emptied_by_flows(assistant, turn, commands)
     for asked in turn.next_asks:
         fills = [c for c in commands if isinstance(c, SetSlot) and c.name == asked and c.value is not None]
-        if fills and not _asks_before_filling(assistant, asked):
+        if fills and not _asks_before_filling(assistant, asked) and asked not in emptied:
             found.append(f"sets {asked}, but the bot asks for {asked} right after")
     return found
 
@@ -306,6 +307,20 @@ def _set_by_flows(assistant: Assistant) -> set[str]:
     return {name for flow in assistant.flows.values() for s in flow.steps for name in s.set_slots}
 
 
+def _emptied_by_flows(assistant: Assistant, turn: Turn, commands: Sequence[Command]) -> set[str]:
+    """Slots a `set_slots: - x: null` step empties in the flows this turn runs (active or started, and what
+    they link to / call): such a flow asks again for a value the user just gave, e.g. when a custom action
+    found it unusable (`if: not slots.has_funds` … `set_slots: amount: null` … `next: ask_amount`)."""
+    started = {c.flow for c in commands if isinstance(c, StartFlow)}
+    return {
+        name
+        for flow_id in _reachable(assistant, {*turn.active_flows, *started})
+        for step in assistant.flows[flow_id].steps
+        for name, value in step.set_slots.items()
+        if value is None
+    }
+
+
 def _ends_without_asking(assistant: Assistant, flow_id: str) -> bool:
     """A flow with no question (itself or in what it links to / calls) can end within the turn that starts
     it; the bot then goes on with the flow it interrupted, whose responses may be all a test shows."""
@@ -381,6 +396,7 @@ def shown_problems(
             f"starts {', '.join(sorted(new))}, but the bot then says {response} of {', '.join(sorted(flows))}"
         )
     refused = refused_slots(assistant, shown.responses)
+    emptied = _emptied_by_flows(assistant, turn, commands)
     for response in shown.responses:
         for flow in assistant.flows.values():
             for collect in flow.collect_steps():
@@ -393,7 +409,12 @@ def shown_problems(
                     c for c in commands if isinstance(c, SetSlot) and c.name == slot and c.value is not None
                 ]
                 message = f"sets {slot}, but the bot asks for {slot} right after"
-                if fills and not _asks_before_filling(assistant, slot) and message not in found:
+                if (
+                    fills
+                    and not _asks_before_filling(assistant, slot)
+                    and slot not in emptied
+                    and message not in found
+                ):
                     found.append(message)
     with_value, any_value = _shown_slot_requirements(turn, shown, assistant)
     for wanted in with_value:

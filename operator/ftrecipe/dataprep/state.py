@@ -190,6 +190,8 @@ class Replay:
         slots.update({k: coerce_slot_value(assistant, k, v) for k, v in initial_slots.items()})
         self.state = DialogueState(slots, evidenced=set(initial_slots))
         self.at: tuple[int, str] = (0, "")  # the test step being replayed, and its user message
+        # The slots the test shows the bot asking for after this turn: they tell an undecidable branch.
+        self.shown_asks: tuple[str, ...] = ()
 
     def _failure(self, message: str) -> ReplayFailure:
         return ReplayFailure(message, *self.at)
@@ -539,13 +541,18 @@ class Replay:
     def _fork(
         self, frames: tuple[tuple[str, str], ...], targets: list[str], undecided: list[str], walk: _Walk
     ) -> _Stop:
-        """Conditions the replay cannot decide: fine if every branch they could take ends the same way."""
+        """Conditions the replay cannot decide: fine if every branch they could take ends the same way, or
+        if the question the test shows the bot asking next is where only one of them stops (Rasa, running
+        the real action, took that one)."""
         stops = [
             self._run((*frames[:-1], (frames[-1][0], target)), walk.copy(), entering=True)
             for target in targets
         ]
         if all(stop == stops[0] for stop in stops[1:]):
             return stops[0]
+        shown = [stop for stop in stops if stop.kind == "collect" and stop.target in self.shown_asks]
+        if shown and all(stop == shown[0] for stop in shown[1:]):
+            return shown[0]
         raise self._failure(f"{undecided[0]} (and its branches lead to different steps)")
 
     def _next_targets(self, flow: Flow, step: FlowStep, walk: _Walk) -> tuple[list[str], list[str]]:
@@ -848,7 +855,9 @@ def conversation(
             if state.agent_call is not None and state.stack[-1:] == [state.agent_call[0]]:
                 state.asked = None  # the sub-agent has the user until it hands back
             else:
+                replay.shown_asks = _next_asks(assistant, test, index)
                 replay.follow_flows()  # stops at a sub-agent's `call:` too (state.agent_call)
+                replay.shown_asks = ()
             asked_by_actions = [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
             for name in uttered + asked_by_actions:
                 replay.ask_from_response(name)
