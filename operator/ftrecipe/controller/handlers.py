@@ -66,6 +66,7 @@ from ftrecipe import __version__
 from ftrecipe.api import GROUP, PLURAL, VERSION, RecipeError, parse_recipe
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, FinetuneRecipeStatus
 from ftrecipe.api.v1alpha1 import S3Location as OutputS3
+from ftrecipe.controller.kube_client import use_api_executor
 from ftrecipe.controller.manifests import (
     ANNOTATION_RECIPE,
     DEFAULT_IMAGES,
@@ -1157,6 +1158,8 @@ def register(registry: kopf.OperatorRegistry, *, settings: OperatorSettings | No
         settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGER}"
         # Events are what we post ourselves (phase changes, failures, gate, stuck, retry), never log lines.
         settings.posting.loggers = False
+        # Our blocking API calls (asyncio.to_thread) run on as many threads as the client keeps connections.
+        use_api_executor()
         logging.getLogger(_PEERING_LOGGER).addHandler(pause_watch)
         controller.start()
 

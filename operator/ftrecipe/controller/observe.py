@@ -26,10 +26,10 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Final, cast
 
-import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
+from ftrecipe.controller.kube_client import api_client
 from ftrecipe.controller.manifests import (
     ANNOTATION_INPUTS_HASH,
     ANNOTATION_RECIPE,
@@ -625,24 +625,25 @@ def kube_request(
     service account, or kubeconfig): the response's body as it came. Raises `ApiException` on a status
     other than 2xx, as the client's API methods do. Not through the client's generated API classes:
     importing BatchV1Api and CoreV1Api loads some 280 pydantic models (about 22 MiB of the operator's
-    memory, a tenth of it at 2,000 recipes) for the handful of calls the operator makes."""
-    with kubernetes.client.ApiClient() as client:
-        headers = {"Accept": "application/json"}
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-        request = client.param_serialize(
-            method,
-            path,
-            query_params=[(k, v) for k, v in (query or {}).items()],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = client.call_api(*request)
-        response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return bytes(response.data or b"")
+    memory, a tenth of it at 2,000 recipes) for the handful of calls the operator makes. Every request
+    goes through the process's one client and its pool of kept-alive connections (`kube_client`)."""
+    client = api_client()
+    headers = {"Accept": "application/json"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    request = client.param_serialize(
+        method,
+        path,
+        query_params=[(k, v) for k, v in (query or {}).items()],
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = client.call_api(*request)
+    response.read()  # type: ignore[no-untyped-call]  # the whole body: the connection goes back to the pool
+    if not 200 <= response.status <= 299:
+        raise ApiException.from_response(http_resp=response, body=None, data=None)
+    return bytes(response.data or b"")
 
 
 def list_items(path: str, **query: str) -> list[dict[str, Any]]:

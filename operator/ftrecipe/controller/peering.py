@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import kubernetes.client
 from kubernetes.client.exceptions import ApiException
+
+from ftrecipe.controller.observe import kube_request
 
 PEERING_GROUP: Final = "kopf.dev"
 PEERING_VERSION: Final = "v1"
@@ -24,16 +25,13 @@ class PeeringError(Exception):
 
 
 def _create(namespace: str | None, name: str) -> bool:
-    custom = kubernetes.client.CustomObjectsApi()
     kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
     body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": kind, "metadata": {"name": name}}
+    where_path = "" if namespace is None else f"/namespaces/{namespace}"
+    path = f"/apis/{PEERING_GROUP}/{PEERING_VERSION}{where_path}/{kind.lower()}s"
     try:
-        if namespace is None:
-            custom.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", body)
-        else:
-            custom.create_namespaced_custom_object(
-                PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", body
-            )
+        # The operator's one client (kube_client): its connection is the first the operator keeps.
+        kube_request("POST", path, body=body, content_type="application/json")
     except ApiException as error:
         if error.status == 409:
             return False
