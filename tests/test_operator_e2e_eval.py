@@ -17,6 +17,7 @@ from test_operator import (
     NS,
     apply,
     condition,
+    expected_hash,
     expected_job,
     finish,
     generate_line,
@@ -66,7 +67,16 @@ def test_the_evaluate_job_fetches_the_assistant_and_the_status_shows_the_pass_ra
     pod = wait_job(k8s, eval_name)["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert (init["name"], init["image"]) == ("fetch-inputs", IMAGES.operator)
-    assert init["args"] == ["fetch-inputs", "--phase", "evaluate", "--into", "/workspace/inputs"]
+    # A git source: it checks out the commit the data bundle records (the branch may have moved since).
+    assert init["args"] == [
+        "fetch-inputs",
+        "--phase",
+        "evaluate",
+        "--into",
+        "/workspace/inputs",
+        "--data",
+        f"s3://ml-artifacts/ftrecipe/minimal/data-{expected_hash(body, 'data')[:12]}/",
+    ]
     (main,) = pod["containers"]
     assert main["image"] == IMAGES.trainer
     assert main["args"][main["args"].index("--e2e") :] == [

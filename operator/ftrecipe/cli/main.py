@@ -254,7 +254,7 @@ def _cmd_fetch_inputs(args: argparse.Namespace) -> int:
         )
         return EXIT_USER_ERROR
     try:
-        written = fetch_inputs(load_spec(text), args.phase, Path(args.into))
+        written = fetch_inputs(load_spec(text), args.phase, Path(args.into), data=args.data)
     except FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -542,6 +542,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--into", required=True, help="folder to write into (the Job's /workspace/inputs)")
     fetch.add_argument("--spec-json", help="the recipe spec as JSON (default: $FTRECIPE_SPEC)")
+    fetch.add_argument(
+        "--data",
+        metavar="URI",
+        help="evaluate with e2e, git source: the data bundle, whose recorded commit is checked out",
+    )
     fetch.set_defaults(run=_cmd_fetch_inputs)
 
     local_run = commands.add_parser(

@@ -44,6 +44,7 @@ from ftrecipe.phases.commands import (
     base_model_arg,
     data_args,
     evaluate_args,
+    fetch_inputs_args,
     train_args,
 )
 from ftrecipe.plan.cache_key import HASH_LENGTH, Phase, phase_hashes, phase_prefix
@@ -275,10 +276,17 @@ def _container(name: str, image: str, args: list[str], env: list[dict[str, Any]]
 
 
 def _fetch_inputs_container(
-    spec: FinetuneRecipeSpec, phase: Phase, image: str, volumes: list[dict[str, Any]]
+    spec: FinetuneRecipeSpec,
+    phase: Phase,
+    image: str,
+    volumes: list[dict[str, Any]],
+    data_prefix: str | None = None,
 ) -> dict[str, Any]:
-    """The init container: `ftrecipe fetch-inputs` with the spec (references only) and the source's access."""
+    """The init container: `ftrecipe fetch-inputs` with the spec (references only) and the source's access
+    (and, for the E2E evaluation of a git source, the output store's, to read the data's commit)."""
     env = [_value(inputs.SPEC_ENV, inputs.spec_json(spec))]
+    if inputs.pins_commit(spec, phase):
+        env += _s3_env(_output_s3(spec))
     mounts: list[dict[str, Any]] = []
     source = spec.assistant.source
     if inputs.reads_assistant(spec, phase):  # data, and evaluate with evaluation.e2e
@@ -318,7 +326,7 @@ def _fetch_inputs_container(
             )
             mounts.append({"name": "assistant-pvc", "mountPath": inputs.PVC_ROOT, "readOnly": True})
     container = _container(
-        INIT_CONTAINER, image, ["fetch-inputs", "--phase", phase, "--into", inputs.INPUTS_DIR], env
+        INIT_CONTAINER, image, fetch_inputs_args(spec, phase, inputs.INPUTS_DIR, data_prefix), env
     )
     container["volumeMounts"] += mounts
     container["resources"] = filled_resources(spec.pods.fetch_inputs_resources, INIT_RESOURCES)
@@ -456,7 +464,9 @@ def build_job(
             # the assistant and llm.yml, fetched first as for data preparation.
             init = None
             if inputs.reads_assistant(spec, phase):
-                init = _fetch_inputs_container(spec, phase, spec.images.operator or images.operator, volumes)
+                init = _fetch_inputs_container(
+                    spec, phase, spec.images.operator or images.operator, volumes, data_prefix
+                )
             if adapter_prefix is None:
                 adapter_prefix = phase_prefix(output.uri, recipe_name, "train", hashes["train"])
             args = evaluate_args(

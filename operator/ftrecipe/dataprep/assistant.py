@@ -135,6 +135,8 @@ class Assistant:
     actions: frozenset[str] = frozenset()
     sub_agents: Mapping[str, Path] = field(default_factory=dict)  # agent name -> its sub_agents/*/config.yml
     warnings: tuple[str, ...] = ()  # what Rasa accepts with a warning; reported, never fatal
+    # The YAML files flows, domain and sub-agents were read from: what decides prompts and the replay.
+    files: tuple[Path, ...] = ()
 
     def user_flows(self) -> list[Flow]:
         """Flows a user can start: patterns (`pattern_*`) are never offered."""
@@ -327,6 +329,7 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
     sub_agents: dict[str, Path] = {}
     warnings: list[str] = []
     excluded = [p.resolve() for p in exclude]
+    read: list[Path] = []
     for path in yaml_files(root):
         resolved = path.resolve()
         if any(resolved == e or e in resolved.parents for e in excluded):
@@ -340,9 +343,12 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
                 )
             else:
                 sub_agents[name] = path
+            read.append(path)
             continue
         if not isinstance(data, Mapping) or set(data) & _IGNORED_KEYS:
             continue
+        if "flows" in data or set(data) & _DOMAIN_KEYS:
+            read.append(path)
         if "flows" in data:
             for flow_id, flow in _read_flows(data, path).items():
                 if flow_id in flows:
@@ -362,7 +368,7 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
         flows.setdefault(pattern.id, _default_pattern_flow(pattern))
     assistant = Assistant(flows, slots, responses, frozenset(actions), sub_agents)
     warnings += _check_references(assistant)
-    return replace(assistant, warnings=tuple(warnings))
+    return replace(assistant, warnings=tuple(warnings), files=tuple(read))
 
 
 def _default_slot(slot: DefaultSlot) -> Slot:

@@ -36,6 +36,7 @@ from ftrecipe.dataprep.annotate import (
     llm_labeller,
 )
 from ftrecipe.dataprep.assistant import Assistant, check_test_references, load_assistant
+from ftrecipe.dataprep.assistant_source import PARAMS_KEY, read_fetch_record, replay_files, source_record
 from ftrecipe.dataprep.augment import (
     CheckedRephrasing,
     check_rephrasing,
@@ -136,6 +137,7 @@ def _params(
     instant: PromptInstant | None = None,
     *,
     template_text: str,
+    assistant_source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     params["e2e_paths"] = [str(p) for p in options.e2e_paths]
@@ -149,6 +151,8 @@ def _params(
         "llm": generator.llm.model_dump(exclude_none=True) if generator.llm else None,
     }
     params["rephraser"] = {"source": rephraser_source}
+    if assistant_source is not None:  # what `evaluate --e2e` checks its assistant against
+        params[PARAMS_KEY] = dict(assistant_source)
     if instant is not None:
         params["prompt_datetime"] = {**instant.params(), "timezone": generator.timezone}
     elif not generator.include_date_time:
@@ -400,6 +404,11 @@ async def prepare_data(
     rephraser = read_rephrase_config(options.rephrase_config)
     e2e_roots = tuple(p.resolve() for p in options.e2e_paths)
     assistant: Assistant = load_assistant(options.assistant, exclude=e2e_roots)
+    # Where the assistant came from (fetch-inputs' record beside it) and a digest of what decides prompts.
+    assistant_source = source_record(
+        read_fetch_record(options.assistant),
+        replay_files(options.assistant, assistant, options.config, options.endpoints),
+    )
     e2e_tests = scan_e2e_tests(options.e2e_paths)
     suites = list(e2e_tests.suites)
     check_test_references(assistant, suites)
@@ -557,7 +566,13 @@ async def prepare_data(
         _dump_yaml(
             staging / "params.yaml",
             _params(
-                options, generator, template.source, rephraser.source, instant, template_text=template.text
+                options,
+                generator,
+                template.source,
+                rephraser.source,
+                instant,
+                template_text=template.text,
+                assistant_source=assistant_source,
             ),
         )
         _dump_yaml(staging / "result_summary.yaml", summary)

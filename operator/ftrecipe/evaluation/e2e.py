@@ -34,6 +34,7 @@ import yaml
 
 from ftrecipe.dataprep.annotate import AnnotatedConversation, annotate_conversation, answer_parser
 from ftrecipe.dataprep.assistant import Assistant, check_test_references, load_assistant
+from ftrecipe.dataprep.assistant_source import PARAMS_KEY, describe, first_difference, replay_files
 from ftrecipe.dataprep.commands import Command, Syntax, format_commands
 from ftrecipe.dataprep.config import resolve_generator
 from ftrecipe.dataprep.e2e import TestCase, TestSuite, UserStep, read_test_suite
@@ -71,6 +72,7 @@ class E2ESetup:
     file: str  # validation.yaml relative to the data folder, as reports name it
     sha256: str  # of validation.yaml
     assistant_sha256: str  # of the assistant's YAML files: a changed flow changes the replay
+    warnings: tuple[str, ...] = ()  # for people (stderr), e.g. a data bundle that records no assistant
 
     @property
     def tests(self) -> tuple[TestCase, ...]:
@@ -165,6 +167,35 @@ def _shown(path: Path | None) -> str:
     return "(none)" if path is None else str(path)
 
 
+def _check_assistant_source(
+    inputs: E2EInputs, assistant: Assistant, params: dict[str, Any], params_shown: str
+) -> tuple[str, ...]:
+    """Refuse (EvalError) an assistant whose flows, domain, config or endpoints differ from those the data
+    was prepared from (params.yaml's ``assistant_source``): its prompts are not the training prompts.
+    A bundle from before the record: a warning, and the replay goes on as it always did."""
+    record = params.get(PARAMS_KEY)
+    recorded = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not isinstance(recorded, dict):
+        return (
+            f"warning: {params_shown} records no {PARAMS_KEY} (prepared before ftrecipe recorded it): the "
+            f"assistant's flows and domain are not checked against the data's; re-run prepare-data to record them",
+        )
+    actual = replay_files(inputs.assistant, assistant, inputs.config, inputs.endpoints)
+    difference = first_difference(recorded, actual)
+    if difference is None:
+        return ()
+    fix = (
+        f"pin assistant.source.git.revision to commit {record.get('commit')}"
+        if record.get("kind") == "git"
+        else "pass the assistant prepare-data was given"
+    )
+    raise EvalError(
+        f"--assistant {inputs.assistant}: {difference} since the data was prepared from it "
+        f"({describe(record)}, {params_shown}), so the replay would render other prompts than the model was "
+        f"trained on: {fix}, or re-run the data phase on this assistant"
+    )
+
+
 def load_e2e(inputs: E2EInputs, data_dir: Path, val: Path, syntax: SyntaxChoice, data_shown: str) -> E2ESetup:
     """The assistant, the held-out tests and the prompt template as prepare-data rendered it; EvalError
     for anything missing or inconsistent with the data bundle."""
@@ -201,6 +232,7 @@ def load_e2e(inputs: E2EInputs, data_dir: Path, val: Path, syntax: SyntaxChoice,
         if not inputs.assistant.is_dir():
             raise EvalError(f"--assistant {inputs.assistant}: the assistant folder does not exist")
         assistant = load_assistant(inputs.assistant)
+        warnings = _check_assistant_source(inputs, assistant, params, params_shown)
         suite = read_test_suite(validation)
         check_test_references(assistant, [suite])
         check_mocked_datetimes([suite])
@@ -223,6 +255,7 @@ def load_e2e(inputs: E2EInputs, data_dir: Path, val: Path, syntax: SyntaxChoice,
         file=relative,
         sha256=hashlib.sha256(validation.read_bytes()).hexdigest(),
         assistant_sha256=stable_hash(files),
+        warnings=warnings,
     )
 
 

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -359,6 +360,8 @@ def run_evaluate(options: EvaluateOptions, emit: Emit = print_event) -> EvalResu
             assert options.assistant is not None
             inputs = E2EInputs(options.assistant, options.llm_config, options.config, options.endpoints)
             e2e_setup = load_e2e(inputs, data_dir, val, syntax, options.data)
+            for line in e2e_setup.warnings:  # stdout holds only JSON lines
+                print(line, file=sys.stderr)
 
         progress = GenerationProgress(len(references), emit)
         if options.endpoint is not None:

@@ -232,7 +232,13 @@ def write_inputs(local: LocalRecipe, phase: Phase) -> None:
         else:
             source = spec.assistant.source.s3
             environ = {**os.environ, **(s3_env(source) if source is not None else {})}
-            origin = inputs.fetch_assistant(spec, assistant, environ)
+            # The E2E evaluation of a git source checks out the commit the data was made from, as a Job does.
+            pinned = (
+                inputs.recorded_commit(spec, local.prefixes["data"], {**os.environ, **local.env[phase]})
+                if inputs.pins_commit(spec, phase)
+                else None
+            )
+            origin = inputs.fetch_assistant(spec, assistant, environ, pinned, record=phase == "data")
         inputs.check_named_paths(spec, assistant, origin, phase)
         _write_yaml(folder / inputs.LLM_CONFIG, inputs.llm_config(spec))
         rephrase = inputs.rephrase_config(spec) if phase == "data" else None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, S3Location
 from ftrecipe.phases import inputs
+from ftrecipe.plan.cache_key import Phase
 
 
 def _output_s3(spec: FinetuneRecipeSpec) -> S3Location:
@@ -26,6 +27,21 @@ class CommandPaths:
     inputs: str  # llm.yml, rephrase.yml and training.yml, as `ftrecipe.phases.inputs` writes them
     cache: str  # prepare-data's LLM answer cache
     work: str  # train's local scratch (checkpoints before they are published)
+
+
+def fetch_inputs_args(
+    spec: FinetuneRecipeSpec, phase: Phase, into: str, data_prefix: str | None
+) -> list[str]:
+    """`fetch-inputs`' command line (a Job's init container). The E2E evaluation of a git source also
+    reads the data bundle (``data_prefix``) for the commit the data was prepared from and checks that out."""
+    args = ["fetch-inputs", "--phase", phase, "--into", into]
+    if inputs.pins_commit(spec, phase):
+        if data_prefix is None:
+            raise ValueError(
+                "the E2E evaluation of a git source checks out the data's commit: pass data_prefix"
+            )
+        args += ["--data", data_prefix]
+    return args
 
 
 def data_args(spec: FinetuneRecipeSpec, output_prefix: str, paths: CommandPaths) -> list[str]:

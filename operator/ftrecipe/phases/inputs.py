@@ -10,6 +10,11 @@ only, never values) and writes under ``--into``:
   replayed with the adapter in the loop, and their prompts rendered from the flows, the domain and the
   production prompt template); the tests themselves come from the data bundle. Without e2e: nothing.
 
+The data phase's fetch leaves ``assistant.source.yaml`` beside ``assistant/``: where it came from (for git
+the URL without credentials, the revision and the commit it resolved to), which prepare-data records in
+params.yaml. The evaluation of a git source (``--data``, the data bundle) checks out that commit rather
+than the revision, which may have moved since (`recorded_commit`).
+
 The same functions that write the files also say what the Job's command line refers to (see
 `ftrecipe.phases.commands`), so the two cannot drift apart. Credentials only ever come from the
 environment (secretKeyRefs) or a mounted Secret: never from the command line, never into a file we keep.
@@ -17,6 +22,7 @@ environment (secretKeyRefs) or a mounted Secret: never from the command line, ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -24,14 +30,15 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import ValidationError
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeSpec, GitSource, LLMSpec, PvcPath, added_later_at_default
+from ftrecipe.dataprep.assistant_source import PARAMS_KEY, git_record, is_commit, record_path, safe_url
 from ftrecipe.plan.cache_key import Phase
-from ftrecipe.storage import S3Location, S3Settings, StorageError, parse_location
+from ftrecipe.storage import S3Location, S3Settings, StorageError, parse_location, read_manifest
+from ftrecipe.storage.local import LocalStore
 from ftrecipe.storage.s3 import S3Store
 
 SPEC_ENV: Final = "FTRECIPE_SPEC"
@@ -49,6 +56,7 @@ ASSISTANT_DIR: Final = "assistant"
 LLM_CONFIG: Final = "llm.yml"
 REPHRASE_CONFIG: Final = "rephrase.yml"
 TRAINING_CONFIG: Final = "training.yml"
+DATA_PARAMS: Final = "params.yaml"  # prepare-data's parameters in the data bundle (its assistant_source)
 
 # A credential helper that answers from the environment, so a token is never on a command line.
 _GIT_CREDENTIAL_HELPER: Final = (
@@ -180,16 +188,6 @@ def _fetch_s3(uri: str, target: Path, environ: Mapping[str, str]) -> int:
     return len(files)
 
 
-def _safe_url(url: str) -> str:
-    """The URL without user name or password, for messages."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def _git_env(environ: Mapping[str, str], scratch: Path) -> tuple[dict[str, str], list[str]]:
     """Environment and `-c` options for git: credentials from env (https) or a mounted key (ssh)."""
     env = dict(environ)
@@ -212,6 +210,24 @@ def _git_env(environ: Mapping[str, str], scratch: Path) -> tuple[dict[str, str],
         )
         env["GIT_SSH_COMMAND"] = f"ssh -i {private} -o IdentitiesOnly=yes {checking}"
     return env, options
+
+
+def _head_commit(checkout: Path, env: Mapping[str, str]) -> str:
+    """The commit checked out (`git rev-parse HEAD`): what the data was made from, recorded beside it."""
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=checkout,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=_GIT_TIMEOUT,
+        check=False,
+    )
+    commit = done.stdout.strip()
+    if done.returncode != 0 or not is_commit(commit):
+        raise FetchError(f"git rev-parse HEAD in the clone failed: {done.stderr.strip() or commit!r}")
+    return commit
 
 
 def _run_git(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -> str | None:
@@ -241,27 +257,33 @@ def _run_git(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -
     return message
 
 
-def _fetch_git(source: GitSource, target: Path, environ: Mapping[str, str]) -> None:
-    where = f"git clone of {_safe_url(source.url)} at {source.revision}"
+def _fetch_git(source: GitSource, target: Path, environ: Mapping[str, str], pinned: str | None = None) -> str:
+    """Check out ``source`` (or, ``pinned``, that commit: the one the data was made from) and copy its
+    folder to ``target``; returns the commit checked out."""
+    where = f"git clone of {safe_url(source.url)} at {source.revision}"
     with tempfile.TemporaryDirectory(prefix="ftrecipe-git-", dir=target.parent) as scratch_name:
         scratch = Path(scratch_name)
         env, options = _git_env(environ, scratch)
         checkout = scratch / "checkout"
         # A branch or tag: one shallow clone. A commit SHA cannot be named by --branch: clone, then check out.
-        failed = _run_git(
-            [
-                *options,
-                "clone",
-                "--quiet",
-                "--depth",
-                "1",
-                "--branch",
-                source.revision,
-                "--",
-                source.url,
-                str(checkout),
-            ],
-            env,
+        failed = (
+            "pinned to a commit"
+            if pinned is not None
+            else _run_git(
+                [
+                    *options,
+                    "clone",
+                    "--quiet",
+                    "--depth",
+                    "1",
+                    "--branch",
+                    source.revision,
+                    "--",
+                    source.url,
+                    str(checkout),
+                ],
+                env,
+            )
         )
         if failed is not None:
             shutil.rmtree(checkout, ignore_errors=True)
@@ -270,14 +292,22 @@ def _fetch_git(source: GitSource, target: Path, environ: Mapping[str, str]) -> N
             )
             if failed is None:
                 failed = _run_git(
-                    [*options, "checkout", "--quiet", "--detach", source.revision], env, checkout
+                    [*options, "checkout", "--quiet", "--detach", pinned or source.revision], env, checkout
                 )
+                if failed is not None and pinned is not None:
+                    raise FetchError(
+                        f"{where}: commit {pinned}, which the data bundle was prepared from, is no longer in "
+                        "the repository (force-pushed away?): pin assistant.source.git.revision to a commit "
+                        "that exists, so that the data phase runs again on it"
+                    )
         if failed is not None:
             raise FetchError(f"{where} failed: {failed}")
+        commit = _head_commit(checkout, env)
         folder = _inside(checkout, source.path, "git path")
         if not folder.is_dir():
             raise FetchError(f"{where}: no folder {source.path!r} in the repository")
         _copy_folder(folder, target, where)
+        return commit
 
 
 def _fetch_config_map(target: Path, root: Path) -> int:
@@ -303,27 +333,100 @@ def _fetch_pvc(source: PvcPath, target: Path, root: Path) -> None:
     _copy_folder(folder, target, f"PersistentVolumeClaim {source.claim_name}")
 
 
-def fetch_assistant(spec: FinetuneRecipeSpec, target: Path, environ: Mapping[str, str]) -> str:
-    """Materialise the assistant's files in ``target`` (replaced if there); returns a line saying from where."""
+def fetch_assistant(
+    spec: FinetuneRecipeSpec,
+    target: Path,
+    environ: Mapping[str, str],
+    pinned: str | None = None,
+    *,
+    record: bool = True,
+) -> str:
+    """Materialise the assistant's files in ``target`` (replaced if there); returns a line saying from
+    where. ``pinned``: the commit to check out instead of a git source's revision (`recorded_commit`, the
+    one the data was made from). ``record``: leave what it was fetched from beside it (`record_path`:
+    the kind; for git the URL without credentials, revision, folder and commit), which prepare-data
+    copies into params.yaml (the data phase's fetch; the evaluation's has no use for it)."""
     source = spec.assistant.source
     if target.exists():
         shutil.rmtree(target)
+    record_file = record_path(target)
+    assert record_file is not None  # target is a named folder
+    record_file.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    fetched: dict[str, str]
     if source.s3 is not None:
         count = _fetch_s3(source.s3.uri, target, environ)
-        return f"{count} file(s) from {source.s3.uri}"
-    if source.git is not None:
-        _fetch_git(source.git, target, environ)
-        return f"{_safe_url(source.git.url)} at {source.git.revision}, folder {source.git.path}"
-    if source.config_map is not None:
+        fetched, origin = {"kind": "s3"}, f"{count} file(s) from {source.s3.uri}"
+    elif source.git is not None:
+        git = source.git
+        commit = _fetch_git(git, target, environ, pinned)
+        pin = f", pinned to {pinned} by the data bundle" if pinned is not None else ""
+        fetched = git_record(git.url, git.revision, git.path, commit)
+        origin = f"{safe_url(git.url)} at {git.revision}{pin}, folder {git.path}"
+    elif source.config_map is not None:
         count = _fetch_config_map(target, Path(environ.get(CONFIGMAP_ROOT_ENV) or CONFIGMAP_ROOT))
-        return f"{count} key(s) of ConfigMap {source.config_map.name}"
-    if source.pvc is not None:
+        fetched, origin = {"kind": "configMap"}, f"{count} key(s) of ConfigMap {source.config_map.name}"
+    elif source.pvc is not None:
         _fetch_pvc(source.pvc, target, Path(environ.get(PVC_ROOT_ENV) or PVC_ROOT))
-        return f"PersistentVolumeClaim {source.pvc.claim_name}, folder {source.pvc.path}"
-    raise FetchError(
-        "assistant.source.local is for `ftrecipe run` on one machine; in a cluster use s3, git, configMap or pvc"
-    )
+        fetched = {"kind": "pvc"}
+        origin = f"PersistentVolumeClaim {source.pvc.claim_name}, folder {source.pvc.path}"
+    else:
+        raise FetchError(
+            "assistant.source.local is for `ftrecipe run` on one machine; in a cluster use s3, git, configMap "
+            "or pvc"
+        )
+    if record:
+        _write_yaml(record_file, fetched)
+    return origin
+
+
+def pins_commit(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
+    """Whether ``phase``'s fetch checks out the commit the data bundle records rather than the revision:
+    the E2E evaluation of a git source (a branch may have moved since the data was prepared)."""
+    return phase == "evaluate" and spec.evaluation.e2e and spec.assistant.source.git is not None
+
+
+def _data_params(data: str, environ: Mapping[str, str]) -> Mapping[str, Any]:
+    """The data bundle's params.yaml (complete bundles only, its bytes checked against the manifest)."""
+    try:
+        location = parse_location(data)
+        settings = S3Settings.from_env(environ)
+        manifest = read_manifest(location, settings)
+        if manifest is None:
+            raise FetchError(
+                f"--data {data}: not a complete data bundle (no _SUCCESS); run the data phase first"
+            )
+        entry = next((item for item in manifest.files if item.path == DATA_PARAMS), None)
+        store = S3Store(location, settings) if isinstance(location, S3Location) else LocalStore(location)
+        raw = store.read_bytes(DATA_PARAMS) if entry is not None else None
+    except StorageError as error:
+        raise FetchError(f"--data {data}: {error}") from None
+    if entry is None or raw is None:
+        return {}
+    if hashlib.sha256(raw).hexdigest() != entry.sha256:
+        raise FetchError(
+            f"{store.uri(DATA_PARAMS)} does not match the bundle's manifest; re-run the data phase"
+        )
+    try:
+        loaded = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise FetchError(f"{store.uri(DATA_PARAMS)}: not readable YAML: {error}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def recorded_commit(spec: FinetuneRecipeSpec, data: str, environ: Mapping[str, str]) -> str | None:
+    """The commit the data bundle at ``data`` was prepared from (params.yaml's ``assistant_source``), for a
+    git source; None for other sources and for a bundle from before the record."""
+    if spec.assistant.source.git is None:
+        return None
+    record = _data_params(data, environ).get(PARAMS_KEY)
+    if not isinstance(record, dict) or record.get("kind") != "git":
+        return None
+    commit = record.get("commit")
+    if not is_commit(commit):
+        raise FetchError(f"--data {data}: {DATA_PARAMS} records {PARAMS_KEY}.commit {commit!r}, not a commit")
+    assert isinstance(commit, str)
+    return commit
 
 
 def reads_assistant(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
@@ -362,9 +465,14 @@ def check_named_paths(spec: FinetuneRecipeSpec, root: Path, origin: str, phase: 
 
 
 def fetch_inputs(
-    spec: FinetuneRecipeSpec, phase: Phase, into: Path, environ: Mapping[str, str] | None = None
+    spec: FinetuneRecipeSpec,
+    phase: Phase,
+    into: Path,
+    environ: Mapping[str, str] | None = None,
+    data: str | None = None,
 ) -> list[str]:
-    """Write what ``phase``'s main container reads under ``into``; returns one line per thing written."""
+    """Write what ``phase``'s main container reads under ``into``; returns one line per thing written.
+    ``data`` (evaluate, `pins_commit`): the data bundle, whose recorded commit is checked out."""
     env = os.environ if environ is None else environ
     into.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -383,7 +491,12 @@ def fetch_inputs(
             _write_yaml(into / TRAINING_CONFIG, training_config(spec))
             written.append(str(into / TRAINING_CONFIG))
         elif reads_assistant(spec, phase):  # evaluate --e2e
-            origin = fetch_assistant(spec, into / ASSISTANT_DIR, env)
+            pinned = (
+                recorded_commit(spec, data, env) if data is not None and pins_commit(spec, phase) else None
+            )
+            origin = fetch_assistant(spec, into / ASSISTANT_DIR, env, pinned, record=False)
+            if pinned is None and data is not None and pins_commit(spec, phase):
+                origin += " (the data bundle records no commit: the revision as it is now)"
             check_named_paths(spec, into / ASSISTANT_DIR, origin, phase)
             written.append(f"{into / ASSISTANT_DIR}: {origin}")
             _write_yaml(into / LLM_CONFIG, llm_config(spec))
