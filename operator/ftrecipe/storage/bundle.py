@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -418,13 +418,18 @@ def _fetch_file(store: _Store, item: ManifestFile, target: Path) -> bool:
 
 
 def fetch_bundle(
-    source: str | Path | Location, destination_dir: Path, settings: S3Settings | None = None
+    source: str | Path | Location,
+    destination_dir: Path,
+    settings: S3Settings | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> Manifest:
     """Download a complete bundle's files into ``destination_dir``, each verified, then moved into place.
 
     Raises ``BundleIncomplete`` when ``source`` is not a sealed bundle and ``ChecksumMismatch`` (naming
     the file) when bytes differ from the manifest. Files already present with the right size and sha256
-    are kept, so a retried fetch resumes. Only the bundle's files are written (no manifest or marker).
+    are kept, so a retried fetch resumes. Only the bundle's files are written (no manifest or marker);
+    with ``only``, only those whose manifest path it accepts (a node that needs a model's config and
+    tokenizer but not its weights). The whole manifest is returned.
     """
     store = _open_store(parse_location(source), settings)
     manifest, reason = _read_sealed(store)
@@ -432,7 +437,11 @@ def fetch_bundle(
         if not store.list_files():
             reason = "nothing at all there: check the URI"
         raise BundleIncomplete(store.uri(), reason)
-    targets = [(item, destination_dir.joinpath(*item.path.split("/"))) for item in manifest.files]
+    targets = [
+        (item, destination_dir.joinpath(*item.path.split("/")))
+        for item in manifest.files
+        if only is None or only(item.path)
+    ]
     with os_errors("create", destination_dir):
         destination_dir.mkdir(parents=True, exist_ok=True)
         for directory in {target.parent for _, target in targets}:
@@ -444,9 +453,9 @@ def fetch_bundle(
         fsync_dir(destination_dir)
     log.info(
         "fetched %d file(s), %d bytes (%d already present) from %s to %s",
-        len(manifest.files),
-        manifest.total_size,
-        len(manifest.files) - fetched,
+        len(targets),
+        sum(item.size for item, _ in targets),
+        len(targets) - fetched,
         store.uri(),
         destination_dir,
     )

@@ -10,11 +10,20 @@ How, with the installed libraries (transformers 5.24, accelerate 1.16, peft 0.21
   version 2 (`fully_shard`, per-parameter DTensors, what peft supports without `use_orig_params`), one
   FSDP unit per decoder layer (`transformer_layer_cls_to_wrap`, the model's `_no_split_modules`), the
   embeddings and the final norm with the head in units of their own (accelerate does that);
-- loading: local rank 0 of each node reads the weights into host memory, the other ranks build the model
-  on the `meta` device, and accelerate broadcasts rank 0's weights shard by shard when it wraps the model
-  (`cpu_ram_efficient_loading`): no rank ever holds the whole model on its GPU. A 4-bit (QLoRA) base is
-  loaded onto each rank's GPU instead (4-bit 70B is ~40 GB) with its packed weights stored in the compute
-  dtype (`bnb_4bit_quant_storage`), which is what lets `fully_shard` shard them;
+- loading: global rank 0 alone reads the weights, into host memory; every other rank, on its node and on
+  the others, builds the model on the `meta` device from its config (`build_on_meta`), and accelerate
+  broadcasts rank 0's weights shard by shard when it wraps the model (`cpu_ram_efficient_loading`): no
+  rank ever holds the whole model on its GPU, and the nodes without rank 0 fetch the model's config,
+  tokenizer, generation config and chat template but no weight file (`reads_weights`, `is_weight_file`).
+  transformers' own version of this keys on the local rank and, in 5.24, reads the weights on every rank
+  anyway (memory-mapped: untouched pages cost nothing, but a dtype conversion, a bf16 checkpoint loaded in
+  fp16 or an fp32 one in bf16, copies the whole model on every rank), and it needs them on every node's
+  disk. Non-persistent buffers (rotary `inv_freq`) are in no state dict and nothing broadcasts them:
+  accelerate keeps each rank's own, so the meta-built model gets real ones, computed by the model's
+  `_init_weights` as `from_pretrained` computes rank 0's. A 4-bit (QLoRA) base is loaded onto each rank's
+  GPU instead (4-bit 70B is ~40 GB; bitsandbytes quantizes as it loads, and accelerate broadcasts no
+  4-bit weights), so every node fetches it, with its packed weights stored in the compute dtype
+  (`bnb_4bit_quant_storage`), which is what lets `fully_shard` shard them;
 - gradient checkpointing is the model's own (transformers' `gradient_checkpointing_enable`, non-reentrant,
   as under ddp), not FSDP's `activation_checkpointing`: that one wraps each decoder layer in torch's
   `checkpoint_wrapper`, whose `_checkpoint_wrapped_module` in the module names peft 0.21 does not strip
@@ -39,11 +48,16 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Final, Literal
 
+from ftrecipe.training.launch import is_main_process
+
 Parallelism = Literal["ddp", "fsdp"]
 
 FSDP_VERSION: Final = 2
 # What accelerate and transformers read while the model loads (before the Trainer exists to set them).
 LOADING_ENV: Final = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+# Weight files of a saved model (Hugging Face layouts, Meta's original/*.pth, GGUF, TF/Flax): what the
+# nodes without global rank 0 do not fetch under fsdp.
+WEIGHT_FILE_SUFFIXES: Final = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 
 def shards(parallelism: Parallelism, launched: bool) -> bool:
@@ -106,8 +120,57 @@ def training_arguments(
     return fsdp_arguments(layers, quantized)
 
 
+def reads_weights(parallelism: Parallelism, launched: bool, quantized: bool, env: Mapping[str, str]) -> bool:
+    """Whether this process reads the base model's weights (and its node needs them on disk).
+
+    Every process does, except under sharded fsdp (`shards`) without quantization: there global rank 0
+    alone reads them and every other rank, on any node, builds the model on `meta` (`build_on_meta`) and
+    receives its shards from rank 0's broadcast. A 4-bit base is quantized by bitsandbytes on each rank's
+    own GPU as it loads, so every rank reads it (accelerate does no broadcast for 4-bit weights).
+    """
+    if quantized or not shards(parallelism, launched):
+        return True
+    return is_main_process(env)
+
+
+def is_weight_file(path: str) -> bool:
+    """A saved model's weight file (safetensors shards, PyTorch pickles, ...), which a rank that builds the
+    model on `meta` never opens; config, tokenizer, generation config and chat template are not."""
+    return path.lower().endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def build_on_meta(model_config: Any, dtype: Any, attention: str) -> Any:
+    """The model of `model_config` with every parameter (and persistent buffer) on `meta`: no weights read.
+
+    What a rank that gets its weights from rank 0's broadcast needs. Its non-persistent buffers (rotary
+    `inv_freq`) are real tensors on the CPU: accelerate's FSDP2 preparation copies those from each rank's
+    own model (they are in no state dict, so nothing broadcasts them). Their values come from the model's
+    `_init_weights`, exactly as on rank 0: `from_pretrained` also builds on `meta`, gives non-persistent
+    buffers empty tensors and fills them with `_init_weights` (transformers 5.24).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            model_config, dtype=dtype, attn_implementation=attention
+        )
+    owners = {}
+    for name, buffer in list(model.named_non_persistent_buffers()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner.register_buffer(leaf, torch.zeros_like(buffer, device="cpu"), persistent=False)
+        owners[owner_name] = owner
+    with torch.no_grad():
+        for owner in owners.values():
+            model._init_weights(owner)  # meta parameters of the owner stay meta: nothing to write there
+    model.eval()  # as from_pretrained leaves it (the Trainer switches modes itself)
+    return model
+
+
 def loading_env(quantized: bool) -> dict[str, str]:
-    """Environment for `from_pretrained` under fsdp: only local rank 0 materializes the weights.
+    """Environment for loading under fsdp: accelerate's FSDP with `cpu_ram_efficient_loading` (rank 0's
+    weights broadcast when the model is wrapped).
 
     Not for a 4-bit base: bitsandbytes quantizes on the GPU each rank loads onto.
     """

@@ -220,10 +220,13 @@ def _is_s3(text: str) -> bool:
     return text.startswith("s3://")
 
 
-def fetch_input(uri: str, target: Path, what: str, fetch: bool = True) -> Path:
+def fetch_input(
+    uri: str, target: Path, what: str, fetch: bool = True, only: Callable[[str], bool] | None = None
+) -> Path:
     """The complete bundle at `uri` in `target` (verified); TrainError naming `what` and the URI.
 
     `fetch=False`: a rank other than its node's local rank 0, which fetched it onto this node's disk first.
+    `only`: the files (manifest paths) this node needs; the others are neither fetched nor kept.
     """
     from ftrecipe.storage import StorageError, fetch_bundle
 
@@ -232,11 +235,13 @@ def fetch_input(uri: str, target: Path, what: str, fetch: bool = True) -> Path:
             raise TrainError(f"{what} {uri}: not in {target} on this node; its local rank 0 fetches it first")
         return target
     try:
-        manifest = fetch_bundle(uri, target)
+        manifest = fetch_bundle(uri, target, only=only)
     except StorageError as exc:
         raise TrainError(f"{what} {uri}: {exc}") from None
     # A reused work folder may hold an older bundle's files (a val.jsonl, a weight shard): drop them.
-    wanted = {target.joinpath(*item.path.split("/")) for item in manifest.files}
+    wanted = {
+        target.joinpath(*item.path.split("/")) for item in manifest.files if only is None or only(item.path)
+    }
     for path in sorted(target.rglob("*"), reverse=True):
         if path.is_file() and path not in wanted:
             path.unlink()
@@ -251,14 +256,26 @@ def resolve_data(data: str, work_dir: Path, fetch: bool = True) -> Splits:
         raise TrainError(str(exc)) from None
 
 
-def resolve_base_model(base_model: str, work_dir: Path, fetch: bool = True) -> BaseModelRef:
+def resolve_base_model(
+    base_model: str, work_dir: Path, fetch: bool = True, weights: bool = True
+) -> BaseModelRef:
+    """Where the base model loads from; an S3 one fetched into `work_dir` first.
+
+    `weights=False` (a node whose ranks build the model on `meta` under fsdp: `fsdp.reads_weights`):
+    an S3 model's weight files are not fetched, only what builds the model and tokenizes (config,
+    tokenizer, generation config, chat template). A hub model is read from the hub by each rank as it
+    loads, so such a node's ranks ask it for those files alone; a local folder is read in place.
+    """
     if base_model.startswith("hf:"):
         name, _, revision = base_model[3:].partition("@")
         if not name:
             raise TrainError(f"--base-model {base_model}: expected hf:ORG/NAME[@REVISION]")
         return BaseModelRef(name, revision or None, name, base_model)
     if _is_s3(base_model):
-        folder = fetch_input(base_model, work_dir / "base_model", "base model", fetch)
+        from ftrecipe.training.fsdp import is_weight_file
+
+        only = None if weights else (lambda path: not is_weight_file(path))
+        folder = fetch_input(base_model, work_dir / "base_model", "base model", fetch, only)
         return BaseModelRef(str(folder), None, base_model, base_model)
     folder = Path(base_model)
     if not folder.is_dir():
@@ -645,18 +662,30 @@ def load_model(
     """The base model in `precision` (this machine's by default), quantized when the config says so.
 
     A quantized model is prepared for k-bit training (frozen, norms in float32, checkpointing as asked),
-    with its embeddings and lm_head kept in the compute dtype. Under `parallelism: fsdp` with several
-    ranks the weights stay in host memory on local rank 0 and on `meta` elsewhere until accelerate shards
-    them (`training.fsdp`); a 4-bit base stores its packed weights in the compute dtype, so they shard.
+    with its embeddings and lm_head kept in the compute dtype. Under `parallelism: fsdp` under torchrun
+    global rank 0 alone reads the weights, into host memory, and every other rank builds the model on
+    `meta` from its config (`fsdp.build_on_meta`) until accelerate shards it and broadcasts rank 0's
+    weights (`training.fsdp`); a 4-bit base loads on every rank and stores its packed weights in the
+    compute dtype, so they shard.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftrecipe.training.fsdp import apply_loading_env, shards
+    from ftrecipe.training.fsdp import apply_loading_env, build_on_meta, reads_weights, shards
 
     precision = precision or machine_precision()
     quantized = config.quantization != "none"
-    sharded = shards(config.parallelism, launched="WORLD_SIZE" in os.environ)
+    launched = "WORLD_SIZE" in os.environ
+    sharded = shards(config.parallelism, launched)
+    if not reads_weights(config.parallelism, launched, quantized, os.environ):
+        from transformers import AutoConfig
+
+        apply_loading_env(quantized)
+        try:
+            model_config = AutoConfig.from_pretrained(base.load_from, revision=base.revision)
+        except OSError as exc:
+            raise TrainError(hub_error_message(base.source, exc)) from None
+        return build_on_meta(model_config, precision.torch_dtype(), precision.attention)
     kwargs: dict[str, Any] = {
         "revision": base.revision,
         "dtype": precision.torch_dtype(),
@@ -1245,12 +1274,18 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     if not main_process:
         emit = _no_event  # rank 0 alone reports
     # Under torchrun: each node's local rank 0 fetches the inputs and the checkpoint onto that node's disk
-    # (every pod of a node group has its own volume); the node's other ranks then find them there.
+    # (every pod of a node group has its own volume); the node's other ranks then find them there. Under
+    # fsdp only global rank 0 reads the base model's weights: the other nodes fetch none (fsdp.reads_weights).
+    from ftrecipe.training.fsdp import reads_weights
+
+    weights = reads_weights(
+        config.parallelism, "WORLD_SIZE" in os.environ, config.quantization != "none", os.environ
+    )
     with _main_process_first(world_size, node_main):
         scratch = options.work_dir or Path(tempfile.gettempdir()) / "ftrecipe-train" / "scratch"
         fetch_dir = (options.work_dir or scratch) / "inputs"
         splits = resolve_data(options.data, fetch_dir, fetch=node_main)
-        base = resolve_base_model(options.base_model, fetch_dir, fetch=node_main)
+        base = resolve_base_model(options.base_model, fetch_dir, fetch=node_main, weights=weights)
         _check_quantization(config)
         data_hash = dataset_hash(splits)
         run_hash = inputs_hash(config, base, data_hash, world_size)
