@@ -8,6 +8,11 @@ one-line failure reason without S3 credentials or log scraping.
 The kubelet keeps at most 4096 bytes of a termination message, so `encode` makes the JSON fit: it drops
 the largest figures first (listing them under ``truncated``), then shortens the message. `decode` is
 lenient: a plain-text message (an older image, a crash) becomes a failed report carrying that text.
+
+Under torchrun each pod's `ftrecipe train` reports for its ranks (`training.launch.pod_outcome`): a failed
+report then names the rank and says whether the failure was the rank's own (`CAUSE_FIGURE`), so of a
+multi-node training's failed pods the operator shows the one that failed first on its own
+(`failure_order`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from typing import Any, Final
 TERMINATION_LOG_ENV: Final = "FTRECIPE_TERMINATION_LOG"  # tests point this at a temporary file
 DEFAULT_TERMINATION_LOG: Final = "/dev/termination-log"
 MAX_BYTES: Final = 4096
+# Figures of a failed report under torchrun: "own" (the rank failed by itself), "peer" (it broke because
+# another rank failed: stopped by torchrun, or a collective failed), "preempted"; and when (ISO 8601, UTC).
+CAUSE_FIGURE: Final = "cause"
+FAILED_AT_FIGURE: Final = "failed_at"
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,14 @@ def decode(text: str | None) -> PhaseReport | None:
             figures=figures if isinstance(figures, dict) else {},
         )
     return PhaseReport(ok=False, message=_one_line(text)[:MAX_BYTES])
+
+
+def failure_order(report: PhaseReport) -> int:
+    """Which of several failed pods' reports tells the root cause, lowest first: 0 a rank's own failure,
+    1 a report that does not say (a pod killed without a word, an init container, an older image),
+    2 a rank that broke because another failed, or a preemption (the group torn down around it)."""
+    cause = report.figures.get(CAUSE_FIGURE)
+    return 0 if cause == "own" else 2 if cause in ("peer", "preempted") else 1
 
 
 def report_from_metadata(metadata: Mapping[str, Any], where: str) -> PhaseReport:

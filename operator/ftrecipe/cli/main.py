@@ -122,26 +122,44 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
+    import time
 
     from ftrecipe.termination import PhaseReport, write_report
 
     # Imported here: the training stack (torch, transformers, peft) is slow to import.
     from ftrecipe.training.config import ConfigError, load_train_config
-    from ftrecipe.training.launch import LaunchError, is_main_process, launch_command, node_group, train_argv
+    from ftrecipe.training.launch import (
+        RANK_REPORTS_ENV,
+        LaunchError,
+        RankOutcome,
+        is_main_process,
+        launch_command,
+        node_group,
+        rank_failure,
+        train_argv,
+    )
     from ftrecipe.training.trainer import (
         EXIT_PREEMPTED,
         Preempted,
         TrainError,
         TrainOptions,
+        record_rank_failure,
         run_launched,
         run_train,
+        sigterm_received,
         visible_gpus,
     )
 
     main_process = is_main_process(os.environ)  # under torchrun, rank 0 alone writes the termination log
 
-    def termination(message: str) -> None:
-        if main_process:
+    def termination(message: str, outcome: RankOutcome) -> None:
+        # A rank under our launcher tells it (which writes the pod's message for the rank that failed
+        # first on its own); a process alone, or rank 0 under another launcher, writes the message.
+        reports = os.environ.get(RANK_REPORTS_ENV)
+        if reports:
+            failure = rank_failure(os.environ, outcome, message, time.time(), sigterm_received())
+            record_rank_failure(Path(reports), failure)
+        elif main_process:
             write_report(PhaseReport(ok=False, message=message))
 
     try:
@@ -164,14 +182,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, TrainError, LaunchError) as error:
         message = f"error: {error}"
         print(message, file=sys.stderr)
-        termination(message)
+        termination(message, "bad-input")
         return EXIT_USER_ERROR
     except Preempted as stopped:
         print(f"preempted: {stopped}", file=sys.stderr)
-        termination(f"preempted: {stopped}")
+        termination(f"preempted: {stopped}", "preempted")
         return EXIT_PREEMPTED
     except Exception as error:
-        termination(f"error: {type(error).__name__}: {error}")
+        termination(f"error: {type(error).__name__}: {error}", "error")
         raise
     if main_process:
         write_report(PhaseReport(ok=True, message=result.summary(), figures=result.figures()))

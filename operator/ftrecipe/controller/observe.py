@@ -23,7 +23,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, cast
 
 from kubernetes.client.exceptions import ApiException
@@ -54,7 +54,7 @@ from ftrecipe.plan.planner import (
     stopped,
 )
 from ftrecipe.plan.status import ProgressPhase, phase_condition
-from ftrecipe.termination import PhaseReport, decode
+from ftrecipe.termination import FAILED_AT_FIGURE, PhaseReport, decode, failure_order
 
 JOB_NAME_LABEL: Final = "batch.kubernetes.io/job-name"  # set on a Job's pods by Kubernetes 1.27+
 # The Job controller's own selector label on its pods (Kubernetes 1.27+): unlike the name, it never
@@ -196,9 +196,27 @@ def rank_zero(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def jobset_report(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> PhaseReport | None:
     """The report of a finished JobSet from its current attempt's pods: rank 0's when it succeeded (the
-    one that publishes the adapter and its figures), else the last failed pod's, whichever node it ran on."""
+    one that publishes the adapter and its figures), else the failed pod's that tells the root cause,
+    whichever node it ran on: a rank's own failure before a pod's that does not say, before the ranks that
+    broke because another failed or were torn down (`termination.failure_order`), the earliest first."""
     attempt = current_attempt(job, pods)
-    return job_report(job, rank_zero(attempt) if job.state == "succeeded" else attempt)
+    if job.state == "succeeded":
+        return job_report(job, rank_zero(attempt))
+    failed = []
+    for pod in attempt:
+        report = pod_report(pod, job.phase)
+        if report is not None and not report.ok:
+            failed.append((failure_order(report), _failed_at(report, pod), report))
+    return min(failed, key=lambda item: item[:2])[2] if failed else None
+
+
+def _failed_at(report: PhaseReport, pod: Mapping[str, Any]) -> datetime:
+    """When the report says its rank failed, else when the pod's containers finished."""
+    return (
+        parse_time(report.figures.get(FAILED_AT_FIGURE))
+        or parse_time(_finished_at(pod))
+        or datetime.max.replace(tzinfo=UTC)
+    )
 
 
 def with_jobset_report(job: ObservedJob, report: PhaseReport | None) -> ObservedJob:

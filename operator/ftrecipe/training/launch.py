@@ -4,23 +4,37 @@ One pod: `torchrun --standalone`. Several pods (a JobSet, `training.nodes` >= 2)
 joined by a c10d rendezvous whose store pod 0 hosts (`NodeGroup`, from the JobSet's environment or the
 `--nodes/--rendezvous/--node-rank` flags).
 
-Pure decisions only (no torch import): which command to run, and the `train` arguments to run it with.
+When a rank fails, torchrun stops the others (SIGTERM, then SIGKILL) and exits 1, and ranks on other nodes
+fail at their next collective: each rank that fails leaves a `RankFailure` in the folder `RANK_REPORTS_ENV`
+names, and the launcher reports the pod's outcome from them (`pod_outcome`): the rank whose failure was its
+own, not the ones that broke because a peer vanished.
+
+Pure decisions only (no torch import): which command to run, the `train` arguments to run it with, and
+what a pod reports once torchrun returns.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from ftrecipe.hashing import stable_hash
+from ftrecipe.termination import CAUSE_FIGURE, FAILED_AT_FIGURE, PhaseReport
 
 # Set by torchrun / accelerate launch / deepspeed / a Kubernetes PyTorchJob: already one process per GPU.
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK", "RANK")
-# A file the launcher names to its ranks; one that stopped for a preemption creates it. torchrun exits 1
-# whatever its ranks' codes, so this is how `ftrecipe train` still exits EXIT_PREEMPTED for them.
-PREEMPTED_FILE_ENV = "FTRECIPE_PREEMPTED_FILE"
+# A folder the launcher names to its ranks; a rank that fails (or stops for a preemption) leaves its
+# `RankFailure` there. torchrun exits 1 whatever its ranks' codes and whichever failed first, so this is
+# how `ftrecipe train` exits and reports as the rank that failed on its own (`pod_outcome`).
+RANK_REPORTS_ENV = "FTRECIPE_RANK_REPORTS"
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2  # as the CLI's EXIT_USER_ERROR: the Job's podFailurePolicy fails at once, no retry
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
 # Set on the pods of a JobSet by the operator (controller.manifests.build_jobset); the flags override them.
 NODES_ENV = "FTRECIPE_NODES"
 RENDEZVOUS_ENV = "FTRECIPE_RENDEZVOUS"  # HOST:PORT of pod 0: <jobset>-node-0-0.<jobset>:29400
@@ -171,3 +185,141 @@ def train_argv(args: Any) -> list[str]:
     if args.merge:
         argv.append("--merge")
     return argv
+
+
+# ------------------------------------------------------------------------------------- a rank that failed
+
+RankOutcome = Literal["error", "bad-input", "preempted"]
+_OUTCOME_CODES: dict[RankOutcome, int] = {
+    "error": EXIT_ERROR,
+    "bad-input": EXIT_BAD_INPUT,
+    "preempted": EXIT_PREEMPTED,
+}
+# What a collective says when a peer vanished (gloo, NCCL and torch's store): ranks that fail this way
+# broke because another one failed first. A torch.distributed.DistError (DistBackendError: NCCL's
+# watchdog, DistNetworkError, DistStoreError) says so by its type.
+_COLLECTIVE_ERRORS = re.compile(
+    r"\b(?:Dist(?:Backend|Network|Store)?Error|gloo|nccl|ProcessGroup\w*)\b"
+    r"|connection (?:closed|reset) by peer|broken pipe|socket timeout",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """What one rank leaves in the launcher's folder when it fails or stops (`RANK_REPORTS_ENV`)."""
+
+    rank: int  # global rank
+    world_size: int
+    failed_at: float  # seconds since the epoch
+    outcome: RankOutcome
+    message: str  # one line: "error: OutOfMemoryError: …", "preempted: stopped at step 3 after SIGTERM"
+    signalled: bool  # this rank got a SIGTERM before it failed: torchrun stopping it (a peer failed)
+
+    @property
+    def collateral(self) -> bool:
+        """Broke because another rank failed: stopped by a signal, or a collective failed under it."""
+        return self.signalled or bool(_COLLECTIVE_ERRORS.search(self.message))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RankFailure | None:
+        """None for anything else (a file cut short when the rank was killed while writing it)."""
+        try:
+            data = json.loads(text)
+            failure = cls(
+                rank=int(data["rank"]),
+                world_size=int(data["world_size"]),
+                failed_at=float(data["failed_at"]),
+                outcome=data["outcome"],
+                message=str(data["message"]),
+                signalled=bool(data["signalled"]),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
+        return failure if failure.outcome in _OUTCOME_CODES else None
+
+
+def rank_failure(
+    env: Mapping[str, str], outcome: RankOutcome, message: str, failed_at: float, signalled: bool
+) -> RankFailure:
+    """This rank's failure, its rank and world size from torchrun's environment."""
+    return RankFailure(
+        rank=int(env.get("RANK") or 0),
+        world_size=int(env.get("WORLD_SIZE") or 1),
+        failed_at=failed_at,
+        outcome=outcome,
+        message=" ".join(message.split()),
+        signalled=signalled,
+    )
+
+
+@dataclass(frozen=True)
+class PodOutcome:
+    """How `ftrecipe train` ends once torchrun returned: its exit code, and the termination message to
+    write (None: torchrun succeeded and rank 0 wrote its own report, with the run's figures)."""
+
+    code: int
+    report: PhaseReport | None
+
+
+def pod_outcome(failures: Sequence[RankFailure], torchrun_code: int, sigterm: bool) -> PodOutcome:
+    """The pod's outcome from its ranks' failures, torchrun's exit code and whether the pod got SIGTERM.
+
+    A rank's own failure wins (the earliest, if several): exit 1, or 2 for bad input (every rank sees a
+    bad config or missing data: the Job must not retry). Failures of ranks stopped by torchrun or broken
+    in a collective are collateral and never win over one; without one, a preemption (a rank stopped by
+    it, or a SIGTERM to this pod) exits 143, else the earliest collateral failure exits 1 (the rank that
+    failed first is on another node, or was killed without a word).
+    """
+    if torchrun_code == 0:
+        return PodOutcome(0, None)
+
+    def earliest(candidates: Sequence[RankFailure]) -> RankFailure | None:
+        return min(candidates, key=lambda f: (f.failed_at, f.rank), default=None)
+
+    own = earliest([f for f in failures if f.outcome != "preempted" and not f.collateral])
+    if own is not None:
+        return PodOutcome(
+            _OUTCOME_CODES[own.outcome], _report(own, f"rank {own.rank} of {own.world_size}: ", "own")
+        )
+    preempted = earliest([f for f in failures if f.outcome == "preempted"])
+    if preempted is not None:
+        return PodOutcome(EXIT_PREEMPTED, _report(preempted, "", "preempted"))
+    if sigterm:
+        return PodOutcome(
+            EXIT_PREEMPTED,
+            PhaseReport(False, "preempted: SIGTERM; rerun to resume", {CAUSE_FIGURE: "preempted"}),
+        )
+    collateral = earliest(failures)
+    if collateral is not None:
+        return PodOutcome(
+            EXIT_ERROR,
+            _report(
+                collateral,
+                f"rank {collateral.rank} of {collateral.world_size}, after another rank failed "
+                "(its own pod's message or log says why): ",
+                "peer",
+            ),
+        )
+    return PodOutcome(
+        torchrun_code,
+        PhaseReport(
+            False,
+            f"error: torchrun exited {torchrun_code} and no rank reported why: one was killed (the kernel's "
+            "OOM killer, a signal) or failed before training began; see the pod's log",
+        ),
+    )
+
+
+def _report(failure: RankFailure, prefix: str, cause: str) -> PhaseReport:
+    failed_at = datetime.fromtimestamp(failure.failed_at, UTC).isoformat(timespec="milliseconds")
+    figures = {
+        "rank": failure.rank,
+        "world_size": failure.world_size,
+        FAILED_AT_FIGURE: failed_at.replace("+00:00", "Z"),
+        CAUSE_FIGURE: cause,
+    }
+    return PhaseReport(False, prefix + failure.message, figures)

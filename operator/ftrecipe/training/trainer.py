@@ -55,10 +55,18 @@ from ftrecipe.training.bundle import (
 )
 from ftrecipe.training.config import TrainConfig
 from ftrecipe.training.data import DataError, Splits, dataset_hash, ensure_chat_template, find_splits
-from ftrecipe.training.launch import PREEMPTED_FILE_ENV, is_main_process, is_node_main_process
+from ftrecipe.training.launch import (
+    EXIT_PREEMPTED as EXIT_PREEMPTED,  # 128 + SIGTERM: a checkpoint was written, rerun to resume
+)
+from ftrecipe.training.launch import (
+    RANK_REPORTS_ENV,
+    RankFailure,
+    is_main_process,
+    is_node_main_process,
+    pod_outcome,
+)
 
 RANK_WAIT_SECONDS = 7200  # how long ranks wait for one another (collectives, rank 0's downloads)
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was written, rerun to resume
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINTS_DIR = "checkpoints"  # under the work folder, and under --out (the durable copies)
 CHECKPOINT_METRICS = "ftrecipe-metrics.jsonl"  # metrics.jsonl up to the checkpoint, inside it
@@ -109,6 +117,7 @@ class StopSignal:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received = True
+        _sigterm_received.append(time.time())
 
     def __enter__(self) -> StopSignal:
         self._previous = signal.signal(signal.SIGTERM, self._record)
@@ -139,12 +148,14 @@ def agreed_stop(requested: bool, device: Any = None) -> bool:
     return bool(flag.item())
 
 
-def _preempted(message: str) -> Preempted:
-    """The exception to raise, after leaving the launcher's marker (torchrun itself exits 1, whatever why)."""
-    marker = os.environ.get(PREEMPTED_FILE_ENV)
-    if marker:
-        Path(marker).touch()
-    return Preempted(message)
+# When this process got SIGTERM (process-wide, as the signal is): a rank that then fails was being stopped
+# (by torchrun, after another rank failed), so its failure is not the root cause (`launch.RankFailure`).
+_sigterm_received: list[float] = []
+
+
+def sigterm_received() -> bool:
+    """Whether this process got a SIGTERM while a `StopSignal` was in place."""
+    return bool(_sigterm_received)
 
 
 Emit = Callable[[dict[str, Any]], None]
@@ -1444,10 +1455,10 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
     elif main_process:
         metrics_path.unlink(missing_ok=True)
     if stop.agree(args.device):  # while fetching or loading: nothing new to save
-        raise _preempted("SIGTERM before training began; nothing new to save, rerun to resume")
+        raise Preempted("SIGTERM before training began; nothing new to save, rerun to resume")
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     if stop.agreed:
-        raise _preempted(
+        raise Preempted(
             f"stopped at step {trainer.state.global_step} after SIGTERM; checkpoint saved, rerun to resume"
         )
 
@@ -1582,15 +1593,20 @@ def signal_ranks(torchrun_pid: int, signum: int, proc_root: Path = Path("/proc")
 
 
 def run_launched(command: list[str]) -> int:
-    """Run `command` (torchrun and its ranks); SIGTERM goes to the ranks, and a preemption exits as one.
+    """Run `command` (torchrun and its ranks), then report the pod's outcome; returns its exit code.
 
     SIGTERM goes to torchrun's workers (see `signal_ranks`), SIGINT to torchrun. The handlers are in
     place before the child starts (as PID 1, this process would otherwise ignore a SIGTERM in between);
-    one that arrives before the child exists is passed on to torchrun once it does. A rank
-    stopped by a preemption (its own SIGTERM, or another rank's) leaves the file `PREEMPTED_FILE_ENV`
-    names, so the run exits EXIT_PREEMPTED although torchrun itself exits 1.
+    one that arrives before the child exists is passed on to torchrun once it does. torchrun exits 1
+    whatever its ranks' codes and whichever failed first, so each rank that fails or stops leaves a
+    `RankFailure` in the folder `RANK_REPORTS_ENV` names, and `launch.pod_outcome` decides from them: the
+    termination message (the rank that failed on its own, e.g. `rank 1 of 2: error: OutOfMemoryError: …`)
+    and the exit code (1; 2 for bad input; EXIT_PREEMPTED for a preemption). Each pod of a node group does
+    so for its own ranks. When torchrun succeeds, rank 0 has written the report.
     """
     import subprocess
+
+    from ftrecipe.termination import write_report
 
     print(f"training in several processes: {' '.join(command)}", file=sys.stderr, flush=True)
     state: dict[str, Any] = {"child": None, "pending": [], "sigterm": False}
@@ -1607,16 +1623,38 @@ def run_launched(command: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with tempfile.TemporaryDirectory(prefix="ftrecipe-launch-") as folder:
-            marker = Path(folder) / "preempted"
-            child = subprocess.Popen(command, env={**os.environ, PREEMPTED_FILE_ENV: str(marker)})
+            child = subprocess.Popen(command, env={**os.environ, RANK_REPORTS_ENV: folder})
             state["child"] = child
             for signum in state["pending"]:
                 child.send_signal(signum)
             code = child.wait()
-            preempted = marker.exists()
+            failures = read_rank_failures(Path(folder))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code != 0 and (preempted or state["sigterm"]):  # torchrun reports its ranks' exit 143 as a failure
-        return EXIT_PREEMPTED
-    return code if code >= 0 else 128 - code
+    outcome = pod_outcome(failures, code if code >= 0 else 128 - code, state["sigterm"])
+    if outcome.report is not None:
+        write_report(outcome.report)
+        if outcome.code != EXIT_PREEMPTED:  # the ranks' own "preempted: …" lines say that one already
+            print(outcome.report.message, file=sys.stderr, flush=True)  # the log's last line
+    return outcome.code
+
+
+def record_rank_failure(folder: Path, failure: RankFailure) -> None:
+    """Leave this rank's failure for the launcher: written aside, then moved into place whole."""
+    target = folder / f"rank-{failure.rank}.json"
+    partial = target.with_suffix(".partial")
+    with contextlib.suppress(OSError):  # the launcher falls back on torchrun's exit code
+        partial.write_text(failure.to_json(), encoding="utf-8")
+        partial.replace(target)
+
+
+def read_rank_failures(folder: Path) -> list[RankFailure]:
+    """The failures the ranks left in `folder` (`record_rank_failure`), by rank."""
+    found = []
+    for path in sorted(folder.glob("rank-*.json")):
+        with contextlib.suppress(OSError):
+            failure = RankFailure.from_json(path.read_text(encoding="utf-8"))
+            if failure is not None:
+                found.append(failure)
+    return sorted(found, key=lambda failure: failure.rank)
