@@ -19,9 +19,11 @@ node, builds the model on `meta` and receives its shards from rank 0's broadcast
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +34,8 @@ import pytest
 
 from support.training_runs import adapter, assert_same_losses, largest_difference, logged_losses
 
-# Same data and settings as tests/test_train_fsdp.py's two-rank runs (24 examples, global batch 4, 2 epochs).
+# The data and settings of tests/test_train_fsdp.py's two-rank runs (24 examples, global batch 4, 2 epochs):
+# the one-process reference is the same run as its `one_process` (one shared session fixture could serve both).
 STEPS = 12
 SETTINGS = [
     "hyperparameters.learningRate=1e-2",
@@ -44,7 +47,6 @@ SETTINGS = [
     "hyperparameters.epochs=2",
     "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
     "lora.dropout=0",  # each rank draws its own masks: two layouts would train on other ones
-    "checkpointEverySteps=1000",
 ]
 LOSS_TOLERANCE = 1e-6  # float32 on the CPU, another grouping of the same sums (tests/test_train_fsdp.py)
 WEIGHT_TOLERANCE = 1e-6
@@ -248,21 +250,18 @@ def test_a_node_without_global_rank_0_fetches_no_weight_file_from_s3(
 
 @pytest.mark.slow
 def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_weights(
-    tiny_model: Path, tmp_path: Path, s3_bucket: Any
+    tiny_model: Path, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two "nodes", one CPU rank each, base model on S3, each fetching onto its own work folder."""
     from ftrecipe.storage import publish_bundle
 
     data = _write_data(tmp_path / "data")
     s3_env = {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **s3_env}
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = f"s3://{s3_bucket.bucket}/base/"
-    os.environ.update(s3_env)
-    try:
-        publish_bundle(tiny_model, base, producer="test", inputs_hash="m")
-    finally:
-        for key in s3_env:
-            os.environ.pop(key)
+    publish_bundle(tiny_model, base, producer="test", inputs_hash="m")
 
     one = tmp_path / "one"
     reference = _train(
@@ -270,24 +269,39 @@ def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_we
     )
     nodes, port = [], _free_port()
     for rank in (0, 1):
-        argv = _train(data, base, tmp_path / "out", tmp_path / f"node{rank}", "parallelism=fsdp")
-        argv += ["--nodes", "2", "--node-rank", str(rank), "--rendezvous", f"127.0.0.1:{port}"]
-        nodes.append(
-            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        argv = _train(
+            data,
+            base,
+            tmp_path / "out",
+            tmp_path / f"node{rank}",
+            "parallelism=fsdp",
+            "checkpointEverySteps=1000",
         )
+        argv += ["--nodes", "2", "--node-rank", str(rank), "--rendezvous", f"127.0.0.1:{port}"]
+        with (
+            (tmp_path / f"node{rank}.out").open("wb") as out,
+            (tmp_path / f"node{rank}.err").open("wb") as err,
+        ):
+            # a session each: torchrun and its rank are killed with the launcher if the test fails
+            nodes.append(subprocess.Popen(argv, stdout=out, stderr=err, env=env, start_new_session=True))
     try:
-        # the one-process reference meanwhile (2 cores: both nodes wait on each other most of the time)
+        # the one-process reference meanwhile: its start-up overlaps the nodes' imports and rendezvous
         done = subprocess.run(reference, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
-        finished = [(node, *node.communicate(timeout=RUN_TIMEOUT)) for node in nodes]
+        codes = [node.wait(timeout=RUN_TIMEOUT) for node in nodes]
     finally:
         for node in nodes:
-            node.kill()
+            if node.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
     assert done.returncode == 0, done.stderr[-3000:]
-    for node, _, stderr in finished:
-        assert node.returncode == 0, stderr[-3000:]
+    logs = [(tmp_path / f"node{rank}.out", tmp_path / f"node{rank}.err") for rank in (0, 1)]
+    assert codes == [0, 0], [err.read_text(encoding="utf-8")[-3000:] for _, err in logs]
 
     # global rank 0 reports; the rendezvous decides which node has it (both have one host name here)
-    reporting = [rank for rank, (_, stdout, _) in enumerate(finished) if '"event": "progress"' in stdout]
+    reporting = [
+        rank for rank, (out, _) in enumerate(logs) if '"event": "progress"' in out.read_text(encoding="utf-8")
+    ]
     assert len(reporting) == 1, reporting
     other = tmp_path / f"node{1 - reporting[0]}"
     assert _files(other / "inputs" / "base_model") == NOT_WEIGHTS
