@@ -271,3 +271,27 @@ async def test_an_llm_that_always_cannot_handle_labels_no_bot_uttered_turn(
         "cannot handle\n(the bot then says utter_weather of check_weather, which this turn neither starts nor "
         "continues)"
     )
+
+
+async def test_a_question_the_answer_leaves_unanswered_is_asked_again(
+    bikes: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    """rent_bike asks for the bike type and the LLM cannot handle "an electric one": Rasa asks for the bike
+    type again, so the test's next question (the days) rules the answer out, as for legacy-style steps."""
+    answers = {**ANSWERS, "an electric one": "cannot handle"}
+    llm_server.script(lambda request: answers[user_message(request)])
+    out = await run(bikes, llm_config)
+    summary = read(out / "result_summary.yaml")
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (2, 3)
+    failures = {
+        f["test_case"]: f
+        for f in read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
+    }
+    assert sorted(failures) == ["rents a bike", "the LLM cannot handle it", "the LLM starts another flow"]
+    rents = failures["rents a bike"]
+    assert (rents["turn_index"], rents["user_message"]) == (1, "an electric one")
+    assert rents["expected"] == "start or continue rent_bike (the bot then says utter_ask_rental_days)"
+    assert rents["actual"] == (
+        "cannot handle\n(leaves bike_type unanswered, so rent_bike asks for it again, but the bot then says "
+        "utter_ask_rental_days)"
+    )
