@@ -295,3 +295,44 @@ async def test_a_question_the_answer_leaves_unanswered_is_asked_again(
         "cannot handle\n(leaves bike_type unanswered, so rent_bike asks for it again, but the bot then says "
         "utter_ask_rental_days)"
     )
+
+
+CLARIFY_TESTS = """
+test_cases:
+  - test_case: the LLM asks which flow
+    steps:
+      - user: bike
+        assertions:
+          - flow_started: pattern_clarification
+          - bot_uttered:
+              utter_name: utter_clarification_options_rasa
+
+  - test_case: the LLM asks nothing
+    steps:
+      - user: bikes?
+        assertions:
+          - flow_started: pattern_clarification
+          - bot_uttered:
+              utter_name: utter_clarification_options_rasa
+"""
+
+
+async def test_pattern_clarification_started_needs_a_clarify(
+    bikes: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    """Only a clarify command starts pattern_clarification: without pattern_clarification_contains any
+    clarify will do, but `cannot handle` (Rasa then runs pattern_cannot_handle) is refused."""
+    write(bikes.parent / TESTS_FILE, CLARIFY_TESTS)
+    answers = {"bike": "disambiguate flows rent_bike return_bike", "bikes?": "cannot handle"}
+    llm_server.script(lambda request: answers[user_message(request)])
+    out = await run(bikes, llm_config)
+    annotations = out / "1_command_annotations"
+    (asks,) = read(annotations / "bikes.yml")["conversations"]
+    assert asks["original_test_case"] == f"{TESTS_FILE}::the LLM asks which flow"
+    assert asks["steps"][0]["llm_commands"] == ["disambiguate flows rent_bike return_bike"]
+    (failure,) = read(annotations / "failed_test_cases.yml")["failed_test_cases"]
+    assert (failure["test_case"], failure["turn_index"]) == ("the LLM asks nothing", 0)
+    assert failure["expected"] == "a clarification of some flows (pattern_clarification)"
+    assert failure["actual"] == (
+        "cannot handle\n(pattern_clarification started, but the commands ask for no clarification)"
+    )

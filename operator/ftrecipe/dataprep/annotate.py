@@ -81,6 +81,7 @@ class Expectations:
     start_one_of: tuple[tuple[str, ...], ...] = ()  # flow_started {operator: any}: at least one per group
     slots_without_value: tuple[str, ...] = ()  # slot_was_set without a value: some set slot of it
     correction: bool = False  # pattern_correction: a set slot of a slot that already had a value
+    clarification: bool = False  # pattern_clarification: a clarify, its flows unsaid
     undetermined: tuple[str, ...] = ()  # why the assertions alone cannot give the commands
 
 
@@ -108,6 +109,7 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
     without_value: list[str] = []
     undetermined: list[str] = []
     correction = False
+    clarification = False
     started_here = [
         fid
         for a in step.assertions
@@ -126,6 +128,9 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
                     required.append(PATTERN_COMMANDS[pattern])
                 elif pattern == "pattern_correction":
                     correction = True
+                elif pattern == "pattern_clarification" and pattern not in by_link:
+                    # Only a clarify starts it; pattern_clarification_contains names its flows.
+                    clarification = True
             if assertion.operator == "all":
                 user_flows = [f for f in user_flows if f not in by_link]
             if assertion.operator == "any" and len(user_flows) > 1:
@@ -159,9 +164,18 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
             "the user step has no assertions (a legacy-style test shows only the bot's turns): "
             "label it with --annotator llm"
         )
+    elif clarification and not any(isinstance(c, Clarify) for c in required):
+        undetermined.append("pattern_clarification without the flows it offers")
     elif not unique and not start_one_of and not without_value and not correction:
         undetermined.append(NOTHING_SAID)
-    return Expectations(unique, tuple(start_one_of), tuple(without_value), correction, tuple(undetermined))
+    return Expectations(
+        required=unique,
+        start_one_of=tuple(start_one_of),
+        slots_without_value=tuple(without_value),
+        correction=correction,
+        clarification=clarification,
+        undetermined=tuple(undetermined),
+    )
 
 
 def _has(commands: Sequence[Command], wanted: Command) -> bool:
@@ -192,6 +206,8 @@ def problems(turn: Turn, commands: Sequence[Command], assistant: Assistant, synt
         isinstance(c, SetSlot) and turn.slots_before.get(c.name) is not None for c in commands
     ):
         found.append("pattern_correction started, but no already filled slot is set again")
+    if expected.clarification and not any(isinstance(c, Clarify) for c in commands):
+        found.append("pattern_clarification started, but the commands ask for no clarification")
     emptied = _emptied_by_flows(assistant, turn, commands)
     for asked in turn.next_asks:
         fills = [c for c in commands if isinstance(c, SetSlot) and c.name == asked and c.value is not None]
@@ -703,6 +719,10 @@ def _expected_text(turn: Turn, assistant: Assistant, syntax: Syntax, shown: Show
     parts = [format_command(c, syntax) for c in fold_for_syntax(expected.required, syntax)]
     parts += [f"start flow one of {', '.join(g)}" for g in expected.start_one_of]
     parts += [f"set slot {name} <any value>" for name in expected.slots_without_value]
+    if expected.correction:
+        parts.append("a set slot of an already filled slot (pattern_correction)")
+    if expected.clarification and not any(isinstance(c, Clarify) for c in expected.required):
+        parts.append("a clarification of some flows (pattern_clarification)")
     if shown:
         parts += _shown_expected(turn, assistant, syntax, shown)
     return "\n".join(parts) or "(nothing asserted)"
