@@ -32,7 +32,7 @@ from ftrecipe.local.layout import resolve
 from ftrecipe.phases import inputs
 from ftrecipe.plan.cache_key import phase_hashes
 from ftrecipe.plan.planner import CreateJob, job_name
-from ftrecipe.storage import publish_bundle
+from ftrecipe.storage import publish_bundle, read_manifest
 from support.llm_server import LLMServer
 from support.moneybank import EXAMPLE, TableGenerator
 from support.s3 import S3Server
@@ -197,6 +197,13 @@ def test_the_evaluation_checks_out_the_commit_the_data_was_made_from(
         "files": files,
     }
 
+    manifest = read_manifest(data_prefix)
+    assert manifest is not None
+    assert (manifest.metadata["assistant_commit"], manifest.metadata["assistant_files_sha256"]) == (
+        data_sha,
+        stable_hash(files),
+    )
+
     # Hours later main has moved on.
     capsys.readouterr()
     moved_sha = move_main(work)
@@ -341,6 +348,9 @@ def test_other_sources_record_the_digest_alone(tmp_path: Path) -> None:
     )
     recorded = yaml.safe_load((local_out / "params.yaml").read_text())["assistant_source"]
     assert (recorded["kind"], recorded["files"]) == ("local", files)
+    manifest = read_manifest(local_out)
+    assert manifest is not None and "assistant_commit" not in manifest.metadata  # git alone has one
+    assert manifest.metadata["assistant_files_sha256"] == stable_hash(files)
 
 
 # ----------------------------------------------------------------- evaluate --e2e on the example's data

@@ -226,6 +226,15 @@ def headline_figures(summary: Mapping[str, Any]) -> dict[str, int | float]:
     return figures
 
 
+def _assistant_metadata(record: Mapping[str, Any]) -> dict[str, str]:
+    """What the manifest says of the assistant, for readers that open no file: the files' digest and,
+    for git, the commit (params.yaml's ``assistant_source`` has the rest)."""
+    metadata = {"assistant_files_sha256": str(record["files_sha256"])}
+    if record.get("kind") == "git":
+        metadata["assistant_commit"] = str(record["commit"])
+    return metadata
+
+
 def _sub_agent_messages(annotation: AnnotationResult) -> int:
     """User messages of annotated tests that a sub-agent answered: neither a button nor a labelled turn."""
     count = 0
@@ -581,7 +590,7 @@ async def prepare_data(
             out,
             producer=f"ftrecipe prepare-data {__version__}",
             inputs_hash=inputs_hash(options, generator, template, rephraser),
-            metadata=headline_figures(summary),
+            metadata={**headline_figures(summary), **_assistant_metadata(assistant_source)},
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
