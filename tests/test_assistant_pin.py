@@ -131,15 +131,15 @@ def prepare(spec: FinetuneRecipeSpec, into: Path, out: str, cache: Path) -> None
     assert main(args) == 0
 
 
-def evaluate_job_init_args(spec: FinetuneRecipeSpec, data_prefix: str) -> list[str]:
+def evaluate_job_init(spec: FinetuneRecipeSpec, data_prefix: str) -> dict[str, Any]:
+    """The evaluate Job's init container, as the operator builds it."""
     hashes = phase_hashes(spec)
     action = CreateJob(
         "evaluate", hashes["evaluate"], job_name("moneybank", "evaluate", hashes["evaluate"]), False
     )
     job = build_job("moneybank", "ml", spec, action, output_prefix="s3://x/eval/", data_prefix=data_prefix)
-    init = job["spec"]["template"]["spec"]["initContainers"][0]
-    args: list[str] = init["args"]
-    return args
+    init: dict[str, Any] = job["spec"]["template"]["spec"]["initContainers"][0]
+    return init
 
 
 def evaluate(data_uri: str, endpoint: str, out: Path, into: Path) -> int:
@@ -210,7 +210,9 @@ def test_the_evaluation_checks_out_the_commit_the_data_was_made_from(
     assert moved_sha != data_sha
 
     # The evaluate Job's init container reads the data bundle, and checks out the data's commit.
-    assert evaluate_job_init_args(spec, data_prefix) == [
+    init = evaluate_job_init(spec, data_prefix)
+    assert {"name": "FTRECIPE_S3_ADDRESSING_STYLE", "value": "path"} in init["env"]  # output.s3's settings
+    assert init["args"] == [
         "fetch-inputs",
         "--phase",
         "evaluate",
@@ -326,6 +328,8 @@ def test_other_sources_record_the_digest_alone(tmp_path: Path) -> None:
     inputs.fetch_inputs(spec, "data", into, {inputs.PVC_ROOT_ENV: str(mount)})
     out = tmp_path / "data"
     prepare(spec, into, str(out), tmp_path / "cache")
+    # Nothing to pin: the evaluate Job's fetch reads no data bundle.
+    assert evaluate_job_init(spec, "s3://ml-artifacts/data/")["args"][-2:] == ["--into", "/workspace/inputs"]
     files = expected_files(EXAMPLE)
     assert yaml.safe_load((out / "params.yaml").read_text())["assistant_source"] == {
         "kind": "pvc",
