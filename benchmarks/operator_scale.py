@@ -12,7 +12,12 @@ phase after phase, until every recipe is `Succeeded`. Evaluation is enabled (`--
 Per N: time until every data Job exists, time of the whole lifecycle, the operator's API requests per
 recipe (by verb and resource), status patches and Events (by reason) per recipe, the operator's CPU
 seconds, the machine's load average at the start and the end, and the operator's RSS (idle
-before the recipes, after the data Jobs, at the end, and the peak, VmHWM). The operator's log is kept
+before the recipes, after the data Jobs, at the end, and the peak, VmHWM), and the TCP connections it
+opened: the operator reaches the emulator through a counting proxy (`support.tcp_proxy`, in this
+process), which counts connections by the User-Agent of their first request (the `kubernetes` client's
+against kopf's), next to the requests each client made. ``--tls`` makes the proxy terminate TLS (the
+test certificate in `tests/support/tls/`), so each new connection also costs a handshake, as on a real
+cluster; by default it is plain HTTP on loopback. The operator's log is kept
 beside the JSON file (`<json stem>-<N>.log`). The emulator is the tests' own (a request costs the same
 however many came before), with the OpenAPI/CEL validation of recipe writes off.
 
@@ -24,7 +29,7 @@ into the JSON and on the terminal. Tracing slows the operator and adds to its RS
 bookkeeping), so RSS figures of a traced run are not the untraced ones; ``--heap 0`` leaves them as
 they are.
 
-    .venv/bin/python benchmarks/operator_scale.py [--recipes 200 500] [--no-evaluation]
+    .venv/bin/python benchmarks/operator_scale.py [--recipes 200 500] [--no-evaluation] [--tls]
         [--json output/benchmarks/operator_scale.json] [--heap FRAMES]
 """
 
@@ -65,6 +70,7 @@ from ftrecipe.plan.cache_key import Phase
 from ftrecipe.termination import PhaseReport, encode
 from support.k8s import CRD_PLURAL, CRD_RESOURCE, KubeCluster
 from support.processes import stop_gracefully
+from support.tcp_proxy import TLS_CA, CountingProxy
 
 Body = dict[str, Any]
 NS = "ml"
@@ -89,6 +95,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--no-evaluation", action="store_true", help="recipes with evaluation.enabled false")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the operator reaches the emulator over TLS (the proxy terminates it)",
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for each milestone")
     parser.add_argument("--json", type=Path, default=OUTPUT / "operator_scale.json")
     parser.add_argument(
@@ -147,11 +158,43 @@ class Tracing:
     frames: int
 
 
+def proxied_kubeconfig(cluster: KubeCluster, proxy: CountingProxy, path: Path) -> Path:
+    """The emulator's kubeconfig with the proxy as the server (and its CA when it speaks TLS)."""
+    config = yaml.safe_load(cluster.kubeconfig(path).read_text())
+    server = config["clusters"][0]["cluster"]
+    server["server"] = proxy.url
+    if proxy.tls:
+        server["certificate-authority"] = str(TLS_CA)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+CLIENT_AGENT: Final = "OpenAPI-Generator"  # the `kubernetes` client's User-Agent (kube_request)
+
+
+def client_name(user_agent: str) -> str:
+    return "kubernetes client" if user_agent.startswith(CLIENT_AGENT) else user_agent.split("/", 1)[0]
+
+
+def requests_by_client(cluster: KubeCluster, first: int) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for request in cluster.requests()[first:]:
+        counts[client_name(request.headers.get("User-Agent", "-"))] += 1
+    return dict(counts.most_common())
+
+
+def connections_by_client(proxy: CountingProxy, before: collections.Counter[str]) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for agent, count in (proxy.user_agents - before).items():
+        counts[client_name(agent)] += count
+    return dict(counts.most_common())
+
+
 @contextlib.contextmanager
 def operator_process(
-    cluster: KubeCluster, work: Path, tracing: Tracing | None = None
+    cluster: KubeCluster, proxy: CountingProxy, work: Path, tracing: Tracing | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
-    kubeconfig = cluster.kubeconfig(work / "kubeconfig")
+    kubeconfig = proxied_kubeconfig(cluster, proxy, work / "kubeconfig")
     metrics_port, health_port = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FTRECIPE_OPERATOR_IMAGE": "registry.test/op:1"}
     env.pop("KUBERNETES_SERVICE_HOST", None)
@@ -338,7 +381,12 @@ def request_counts(cluster: KubeCluster, first: int) -> dict[str, int]:
 
 
 def run_scale(
-    n: int, evaluation: bool, timeout: float, log_copy: Path, heap_frames: int | None = None
+    n: int,
+    evaluation: bool,
+    timeout: float,
+    log_copy: Path,
+    heap_frames: int | None = None,
+    tls: bool = False,
 ) -> dict[str, Any]:
     phases: list[Phase] = ["data", "train", "evaluate"] if evaluation else ["data", "train"]
     # Validation off: the operator's writes are valid (tests/test_operator.py checks them with it on), and
@@ -346,13 +394,14 @@ def run_scale(
     with (
         tempfile.TemporaryDirectory(prefix="ftrecipe-bench-operator-") as tmp,
         KubeCluster(validation=False) as cluster,
+        CountingProxy(int(cluster.url.rsplit(":", 1)[1]), tls=tls) as proxy,
     ):
         cluster.ensure_namespace(NS)
         tracing = None
         if heap_frames is not None:
             tracing = Tracing(log_copy.with_name(f"{log_copy.stem}-heap"), heap_frames)
             shutil.rmtree(tracing.directory, ignore_errors=True)
-        with operator_process(cluster, Path(tmp), tracing) as (process, metrics_port, health_port):
+        with operator_process(cluster, proxy, Path(tmp), tracing) as (process, metrics_port, health_port):
             wait_until(lambda: get(f"http://127.0.0.1:{health_port}/healthz"), "health", process, 60)
             wait_until(
                 lambda: cluster.watching(CRD_RESOURCE, NS) and cluster.watching(JOBS, NS),
@@ -368,6 +417,7 @@ def run_scale(
             rss_idle = rss_mib(process.pid)
             cpu_idle = cpu_seconds(process.pid)
             first_request = len(cluster.requests())
+            connections_before = collections.Counter(proxy.user_agents)
             bodies = [recipe(f"recipe-{i:04d}", evaluation) for i in range(n)]
             started = time.monotonic()
             for body in bodies:
@@ -406,6 +456,8 @@ def run_scale(
             milestones["all recipes Succeeded"] = round(lifecycle_s, 3)
             time.sleep(2.0)  # anything still in flight (Events, the last patches) lands
             counts = request_counts(cluster, first_request)
+            by_client = requests_by_client(cluster, first_request)
+            connections = connections_by_client(proxy, connections_before)
             events = event_reasons(cluster, first_request)
             load_end = os.getloadavg()
             patches = recipe_patches(cluster, first_request)
@@ -425,6 +477,8 @@ def run_scale(
         errors = [line for line in log.splitlines() if "[ERROR" in line or "Traceback" in line]
         history = [len(cluster.history(CRD_RESOURCE, body["metadata"]["name"], NS)) for body in bodies]
     total = sum(counts.values())
+    client_requests = by_client.get("kubernetes client", 0)
+    client_connections = connections.get("kubernetes client", 0)
     status_patches = counts.get(f"UPDATE {CRD_PLURAL}/status", 0)
     return {
         "recipes": n,
@@ -437,6 +491,14 @@ def run_scale(
         "requests_per_recipe": round(total / n, 2),
         "requests_to_data_jobs_per_recipe": round(requests_to_data / n, 2),
         "requests_by_kind": counts,
+        "tls": tls,
+        "requests_by_client": by_client,
+        "connections_by_client": connections,
+        "connections_total": sum(connections.values()),
+        "client_connections_per_request": round(client_connections / client_requests, 3)
+        if client_requests
+        else None,
+        "peak_open_connections": proxy.peak_open,
         "status_patches_per_recipe": round(status_patches / n, 2),
         "events_per_recipe": round(sum(events.values()) / n, 2),
         "events_by_reason": events,
@@ -465,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in args.recipes:
         print(f"{n} recipes, evaluation {'off' if args.no_evaluation else 'on'} ...", flush=True)
         log = args.json.with_name(f"{args.json.stem}-{n}.log")
-        result = run_scale(n, not args.no_evaluation, args.timeout, log, args.heap)
+        result = run_scale(n, not args.no_evaluation, args.timeout, log, args.heap, args.tls)
         results.append(result)
         for label, entry in (result["heap"] or {}).items():
             print(f"\n  heap {label}: RSS {entry['rss_mib']} MiB, traced {entry['traced_mib']} MiB")
@@ -478,6 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"  data Jobs after {result['data_jobs_s']:.2f} s, all Succeeded after {result['lifecycle_s']:.2f} s, "
             f"{result['requests_per_recipe']:.1f} requests per recipe, peak RSS {result['rss_peak_mib']:.0f} MiB"
+        )
+        print(
+            f"  requests by client {result['requests_by_client']}, connections opened by client "
+            f"{result['connections_by_client']} ({result['client_connections_per_request']} per kubernetes "
+            f"client request; at most {result['peak_open_connections']} open at once)"
         )
     print()
     print(
@@ -523,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "benchmark": "operator_scale",
             "machine": info,
-            "params": {"recipes": args.recipes, "evaluation": not args.no_evaluation},
+            "params": {"recipes": args.recipes, "evaluation": not args.no_evaluation, "tls": args.tls},
             "runs": results,
         },
     )
