@@ -159,7 +159,7 @@ def test_example_recipe_end_to_end_then_cached(tmp_path: Path, tiny_model: Path)
     for where in ("coverage/flows.md", "loss_curve.png", "metrics.jsonl", "eval.md", "status.yaml"):
         assert where in summary, where
     turns = status["dataPreparation"]["summary"]["numValDataPoints"]
-    assert f"evaluate     generate {turns}/{turns}" in first.stdout  # evaluate's progress lines, shown
+    assert f"evaluate     scoring {turns}/{turns} turns" in first.stdout  # evaluate's progress lines, shown
 
     started = time.monotonic()
     second = ftrecipe("run", str(recipe), "--workdir", str(workdir))
