@@ -117,6 +117,14 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
         for fid in a.flow_ids
     ]
     active = [f for f in (turn.current_flow,) if f]
+    # Slots this turn sets to a value it shows: a `value: null` of one of them is its reset afterwards.
+    valued = {
+        check.name
+        for a in step.assertions
+        if isinstance(a, SlotWasSet)
+        for check in a.slots
+        if check.has_value and check.value is not None
+    }
     by_link = _linked_flows(assistant, [*active, *started_here])
     for assertion in step.assertions:
         if isinstance(assertion, FlowStarted):
@@ -150,10 +158,15 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
                 if slot is None or not slot.filled_by_llm:
                     continue
                 if check.has_value and check.value is None:
-                    # `value: null`: Rasa looks for a SlotSet(None) in the turn, which a flow's end, a
-                    # cancel or a refused value produces with no command: it says nothing of the commands.
-                    continue
-                if check.has_value:
+                    # `value: null`: Rasa looks for the slot reset to None in the turn. A filled slot is reset
+                    # by the flow's end, a cancel or a set_slots step, with no command; an empty one only
+                    # after the turn set it and the value was refused: some set slot of it, value unsaid.
+                    if turn.slots_before.get(check.name) is None and check.name not in valued:
+                        without_value.append(check.name)
+                        undetermined.append(
+                            f"slot_was_set {check.name} is null, set and refused: the value the user gave is unsaid"
+                        )
+                elif check.has_value:
                     required.append(SetSlot(check.name, _format_value(check.value)))
                 else:
                     without_value.append(check.name)
@@ -171,7 +184,7 @@ def expectations(turn: Turn, assistant: Assistant) -> Expectations:
     return Expectations(
         required=unique,
         start_one_of=tuple(start_one_of),
-        slots_without_value=tuple(without_value),
+        slots_without_value=tuple(dict.fromkeys(without_value)),
         correction=correction,
         clarification=clarification,
         undetermined=tuple(undetermined),
