@@ -336,3 +336,55 @@ async def test_pattern_clarification_started_needs_a_clarify(
     assert failure["actual"] == (
         "cannot handle\n(pattern_clarification started, but the commands ask for no clarification)"
     )
+
+
+RENTALS_FLOW = """
+  list_rentals:
+    name: list rentals
+    description: Show the user's past rentals.
+    steps:
+      - action: utter_rentals
+"""
+
+RENTALS_RESPONSE = """
+  utter_rentals:
+    - text: "Your rentals:\\n {rentals}"
+"""
+
+# `text_matches` is a regex (Rasa searches the bot's text with it): `\n` there is the response's newline.
+RENTALS_TESTS = r"""
+test_cases:
+  - test_case: the LLM lists the rentals
+    steps:
+      - user: show my rentals
+        assertions:
+          - bot_uttered:
+              text_matches: 'Your rentals:\n 2 city bikes'
+
+  - test_case: the LLM cannot handle the rentals
+    steps:
+      - user: my rentals?
+        assertions:
+          - bot_uttered:
+              text_matches: 'Your rentals:\n 2 city bikes'
+"""
+
+
+async def test_a_text_matches_regex_names_the_response_it_renders(
+    bikes: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    write(bikes / "data" / "flows.yml", FLOWS + RENTALS_FLOW)
+    write(bikes / "domain.yml", DOMAIN + RENTALS_RESPONSE)
+    write(bikes.parent / TESTS_FILE, RENTALS_TESTS)
+    answers = {"show my rentals": "start flow list_rentals", "my rentals?": "cannot handle"}
+    llm_server.script(lambda request: answers[user_message(request)])
+    out = await run(bikes, llm_config)
+    annotations = out / "1_command_annotations"
+    (lists,) = read(annotations / "bikes.yml")["conversations"]
+    assert lists["original_test_case"] == f"{TESTS_FILE}::the LLM lists the rentals"
+    (failure,) = read(annotations / "failed_test_cases.yml")["failed_test_cases"]
+    assert (failure["test_case"], failure["turn_index"]) == ("the LLM cannot handle the rentals", 0)
+    assert failure["actual"] == (
+        "cannot handle\n(the bot then says utter_rentals of list_rentals, which this turn neither starts nor "
+        "continues)"
+    )

@@ -263,6 +263,17 @@ def _responses_of_text(assistant: Assistant, text: str) -> list[str]:
     return names
 
 
+def _responses_of_pattern(assistant: Assistant, pattern: str) -> list[str]:
+    """The responses a `text_matches` renders. Rasa searches the bot's text with it as a regex; most are
+    plain text and are read as such, else with their escapes undone (`\\n` a newline, `\\.` a dot)."""
+    rendered = _responses_of_text(assistant, pattern)
+    if rendered:
+        return rendered
+    escapes = {"n": "\n", "t": "\t"}
+    literal = re.sub(r"\\([nt]|[^A-Za-z0-9])", lambda m: escapes.get(m.group(1), m.group(1)), pattern)
+    return _responses_of_text(assistant, literal) if literal != pattern else []
+
+
 def _response_of_text(assistant: Assistant, text: str) -> str | None:
     """The response a `bot:` line is a rendering of (the first the domain lists)."""
     return next(iter(_responses_of_text(assistant, text)), None)
@@ -298,7 +309,7 @@ def shown_by_assertions(assistant: Assistant, step: UserStep) -> ShownAfter:
         if isinstance(assertion, BotUttered) and assertion.utter_name:
             names.append(assertion.utter_name)
         elif isinstance(assertion, BotUttered) and assertion.text_matches:
-            rendered = _responses_of_text(assistant, assertion.text_matches)
+            rendered = _responses_of_pattern(assistant, assertion.text_matches)
             names += rendered if len(rendered) == 1 else []
     names += [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
     return ShownAfter(tuple(dict.fromkeys(names)))
