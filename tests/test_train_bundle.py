@@ -152,6 +152,11 @@ def templateless_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFacto
     tokenizer_config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
     tokenizer_config.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    # An older, short-context base: 128 positions, under the maxSeqLength of 256 this run trains with.
+    model_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    (base / "config.json").write_text(
+        json.dumps({**model_config, "max_position_embeddings": 128}), encoding="utf-8"
+    )
     data = root / "data"
     data.mkdir()
     record = {"prompt": "USER: what is my balance?\nWhat next?", "completion": "start flow check_balance"}
@@ -362,7 +367,8 @@ def test_a_template_ftrecipe_added_is_shipped_and_passed_to_vllm(
     assert model == str(templateless_bundle["base"].resolve())  # a local folder: the path given
     assert "--revision" not in options
     assert "not a hub id: copy that model to the vLLM host" in readme
-    assert options["--max-model-len"] == "256"
+    assert options["--max-model-len"] == "128"  # maxSeqLength 256 cut to the base model's 128 positions
+    assert "(256) cut to the base model's context, 128 positions" in readme
     assert options["--chat-template"] == f"/adapters/{ADAPTER_NAME}/chat_template.jinja"
     _, adapter_dir = served_copy(bundle, options, tmp_path)
     assert (adapter_dir / "chat_template.jinja").read_text(encoding="utf-8") == DEFAULT_CHAT_TEMPLATE

@@ -57,6 +57,9 @@ class BundleInfo:
     serving_dtype: str | None = None
     # prepare-data's record of how the training data was made (`data_provenance`); None: not known.
     data_provenance: dict[str, Any] | None = None
+    # The base model's context (config.json's max_position_embeddings); None: not known. vLLM refuses a
+    # `--max-model-len` above it (unless told to allow it), whatever maxSeqLength training used.
+    base_max_positions: int | None = None
 
 
 CHAT_TEMPLATE_FILE: Final = "chat_template.jinja"
@@ -76,6 +79,14 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} is above {VLLM_LORA_RANKS[-1]}, the largest rank vLLM serves")
 
 
+def serving_max_model_len(info: BundleInfo, config: TrainConfig) -> int:
+    """`--max-model-len`: the training maxSeqLength, or the base model's context where that is shorter."""
+    length = config.hyperparameters.max_seq_length
+    if info.base_max_positions is not None and info.base_max_positions < length:
+        return info.base_max_positions
+    return length
+
+
 def vllm_serve_argv(info: BundleInfo, config: TrainConfig, adapter_dir: str) -> list[str]:
     """The `vllm serve` command line for this adapter copied to `adapter_dir` on the vLLM host."""
     argv = ["vllm", "serve", info.base_model_id]
@@ -85,7 +96,7 @@ def vllm_serve_argv(info: BundleInfo, config: TrainConfig, adapter_dir: str) -> 
         "--dtype",
         info.serving_dtype or "auto",
         "--max-model-len",
-        str(config.hyperparameters.max_seq_length),
+        str(serving_max_model_len(info, config)),
         "--enable-lora",
         "--lora-modules",
         f"{info.adapter_name}={adapter_dir}",
@@ -262,7 +273,7 @@ Copy this folder's files to `{adapter_dir}` on the vLLM host (or change that pat
 ```
 
 {_local_base_note(info)}`--max-lora-rank {vllm_max_lora_rank(config.lora.r)}` is the smallest value vLLM accepts that holds rank {config.lora.r} (its default, 16,
-refuses larger adapters); `--max-model-len` is the training maxSeqLength; `--dtype` the dtype it was trained
+refuses larger adapters); `--max-model-len` is the training maxSeqLength{_context_note(info, config)}; `--dtype` the dtype it was trained
 in. Requests name the model `{info.adapter_name}` to get the adapter (the base model's name gets the base
 model alone).
 
@@ -275,6 +286,13 @@ model alone).
 and in config.yml point the command generator's `llm` at `model_group: {RASA_MODEL_GROUP}`; set
 `api_base` to where vLLM listens.
 """
+
+
+def _context_note(info: BundleInfo, config: TrainConfig) -> str:
+    length = config.hyperparameters.max_seq_length
+    if serving_max_model_len(info, config) == length:
+        return ""
+    return f" ({length}) cut to the base model's context, {info.base_max_positions} positions, which vLLM enforces"
 
 
 def _local_base_note(info: BundleInfo) -> str:

@@ -1501,6 +1501,7 @@ def _run_train(options: TrainOptions, emit: Emit, stop: StopSignal) -> TrainResu
         final_eval_loss=evals[-1] if evals else None,
         serving_dtype=precision.dtype,
         data_provenance=data_provenance(splits.train, data_hash),
+        base_max_positions=_max_positions(trainer.model),
     )
     run_metadata = write_bundle(bundle_dir, adapter, tokenizer, config, metrics_path, info)
     if options.merge:
@@ -1590,6 +1591,12 @@ def signal_ranks(torchrun_pid: int, signum: int, proc_root: Path = Path("/proc")
             os.kill(pid, signum)
             signalled.append(pid)
     return signalled
+
+
+def _max_positions(model: Any) -> int | None:
+    """The base model's context from its config (peft and FSDP wrappers pass `config` through)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
 
 
 def run_launched(command: list[str]) -> int:
