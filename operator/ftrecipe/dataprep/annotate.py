@@ -12,7 +12,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ftrecipe.dataprep.assistant import Assistant
 from ftrecipe.dataprep.commands import (
@@ -50,7 +50,9 @@ from ftrecipe.dataprep.e2e import (
     UtterStep,
 )
 from ftrecipe.dataprep.llm import LLMClient, LLMError
+from ftrecipe.dataprep.patterns import ROUTER_SLOT
 from ftrecipe.dataprep.prompt import PromptTemplate
+from ftrecipe.dataprep.routing import Route, RouterConfig, parse_router_answer, router_prompt
 from ftrecipe.dataprep.state import Replay, ReplayFailure, Turn, conversation, refused_slots
 from ftrecipe.dataprep.yamlfile import plain
 
@@ -714,6 +716,12 @@ class AnnotatedConversation:
     test: TestCase
     turns: tuple[AnnotatedTurn, ...]
     failure: Failure | None = None
+    # Coexistence: (step index, route) of the user turns Rasa hands to the NLU-based system (no data point).
+    nlu_routes: tuple[tuple[int, Route], ...] = ()
+
+    def routes(self) -> dict[int, Route]:
+        """For replaying this conversation again: the same turns skipped."""
+        return dict(self.nlu_routes)
 
     @property
     def passed(self) -> bool:
@@ -736,6 +744,18 @@ class AnnotationResult:
 # ------------------------------------------------------------------------------------------ driver
 
 Labeller = Callable[[Turn, str], Awaitable[tuple[list[Command], str | None] | str]]
+# The LLMBasedRouter imitated: a turn's route, or why it could not be asked.
+RouterCall = Callable[[Turn], Awaitable[Route | str]]
+
+
+def _generator_at_work(turn: Turn, assistant: Assistant) -> str | None:
+    """What the turn's assertions say the command generator output, if anything (then the turn was CALM's)."""
+    expected = expectations(turn, assistant)
+    if expected.required or expected.start_one_of or expected.slots_without_value:
+        return "the test asserts what the command generator did"
+    if expected.correction or expected.clarification:
+        return "the test asserts a pattern only the command generator starts"
+    return None
 
 
 def _expected_text(turn: Turn, assistant: Assistant, syntax: Syntax, shown: ShownAfter | None = None) -> str:
@@ -771,10 +791,20 @@ async def annotate_conversation(
     syntax: Syntax,
     label: Labeller,
     prompt_variables: dict[str, Any] | None = None,
+    route: RouterCall | None = None,
 ) -> AnnotatedConversation:
-    """Replay one test, labelling its turns in order; stop at the first turn whose labels disagree."""
-    replay = conversation(assistant, suite, test)
+    """Replay one test, labelling its turns in order; stop at the first turn whose labels disagree.
+
+    Coexistence: turns the test shows routed to the NLU-based system never reach `label` (the replay
+    skips them); with `route` (an LLMBasedRouter), a turn that reaches it while the routing slot is empty
+    is first routed as Rasa would, and one routed to the NLU system is skipped too."""
+    routes: dict[int, Route] = {}
+    replay = conversation(assistant, suite, test, routes=routes)
     turns: list[AnnotatedTurn] = []
+
+    def done(failure: Failure | None = None) -> AnnotatedConversation:
+        nlu = tuple(sorted((i, r) for i, r in routes.items() if r != "calm"))
+        return AnnotatedConversation(suite, test, tuple(turns), failure, nlu)
 
     def unfollowable(error: ReplayFailure, turn_index: int) -> Failure:
         """The replay cannot follow the test as Rasa would (an undecidable condition, a rejection): one line."""
@@ -791,9 +821,9 @@ async def annotate_conversation(
     try:
         turn = next(replay)
     except StopIteration:
-        return AnnotatedConversation(suite, test, ())
+        return done()
     except ReplayFailure as error:
-        return AnnotatedConversation(suite, test, (), unfollowable(error, 0))
+        return done(unfollowable(error, 0))
 
     def failed(actual: str) -> Failure:
         shown = _shown_to_check(assistant, test, turn)
@@ -803,10 +833,30 @@ async def annotate_conversation(
         )
 
     while True:
+        if route is not None and turn.slots_before.get(ROUTER_SLOT) is None:
+            routed = await route(turn)
+            if routed not in ("calm", "nlu_once", "nlu_sticky"):  # the router could not be asked
+                return done(failed(routed))
+            if routed != "calm":
+                at_work = _generator_at_work(turn, assistant)
+                if at_work is not None:  # Rasa's router sent this one to CALM, or the test would fail
+                    return done(
+                        failed(
+                            f"(the router sends this message to the NLU-based system ({routed}), but {at_work})"
+                        )
+                    )
+                routes[turn.step_index] = cast(Route, routed)
+                try:
+                    turn = replay.send(())
+                except StopIteration:
+                    return done()
+                except ReplayFailure as error:
+                    return done(unfollowable(error, turn.turn_index))
+                continue
         prompt = template.render({**turn.variables, **(prompt_variables or {})})
         outcome = await label(turn, prompt)
         if isinstance(outcome, str):  # the labeller could not produce commands
-            return AnnotatedConversation(suite, test, tuple(turns), failed(outcome))
+            return done(failed(outcome))
         commands, raw = outcome
         disagreements = problems(turn, commands, assistant, syntax)
         shown = _shown_to_check(assistant, test, turn)
@@ -815,14 +865,14 @@ async def annotate_conversation(
         if disagreements:
             actual = "\n".join(format_command(c, syntax) for c in commands) or "(no commands)"
             failure = failed(f"{actual}\n({'; '.join(disagreements)})")
-            return AnnotatedConversation(suite, test, tuple(turns), failure)
+            return done(failure)
         turns.append(AnnotatedTurn(turn.step_index, turn.text, prompt, tuple(commands), raw))
         try:
             turn = replay.send(commands)
         except StopIteration:
-            return AnnotatedConversation(suite, test, tuple(turns))
+            return done()
         except ReplayFailure as error:
-            return AnnotatedConversation(suite, test, tuple(turns), unfollowable(error, turn.turn_index))
+            return done(unfollowable(error, turn.turn_index))
 
 
 def answer_parser(assistant: Assistant, syntax: Syntax) -> Callable[[str], list[Command]]:
@@ -851,6 +901,19 @@ def llm_labeller(client: LLMClient, assistant: Assistant, syntax: Syntax) -> Lab
     return label
 
 
+def llm_router(client: LLMClient, router: RouterConfig) -> RouterCall:
+    """The LLMBasedRouter: its prompt for the message, its answer parsed as Rasa parses it."""
+
+    async def route(turn: Turn) -> Route | str:
+        try:
+            answer = await client.complete(router_prompt(router, turn.text), purpose="route")
+        except LLMError as error:
+            return f"router LLM call failed: {error}"
+        return parse_router_answer(answer)
+
+    return route
+
+
 def assertions_labeller(assistant: Assistant, syntax: Syntax) -> Labeller:
     async def label(turn: Turn, prompt: str) -> tuple[list[Command], str | None] | str:
         derived = derive_commands(turn, assistant, syntax)
@@ -869,12 +932,13 @@ async def annotate_all(
     label: Labeller,
     prompt_variables: dict[str, Any] | None = None,
     on_done: Callable[[AnnotatedConversation], None] | None = None,
+    route: RouterCall | None = None,
 ) -> AnnotationResult:
     """All conversations concurrently (the LLM client bounds requests); results in input order."""
 
     async def one(suite: TestSuite, test: TestCase) -> AnnotatedConversation:
         annotated = await annotate_conversation(
-            assistant, suite, test, template, syntax, label, prompt_variables
+            assistant, suite, test, template, syntax, label, prompt_variables, route
         )
         if on_done is not None:
             on_done(annotated)

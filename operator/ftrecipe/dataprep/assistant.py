@@ -32,6 +32,7 @@ from ftrecipe.dataprep.patterns import (
     DefaultPattern,
     DefaultSlot,
 )
+from ftrecipe.dataprep.routing import NLUSide, read_nlu_side
 from ftrecipe.dataprep.yamlfile import InputError, load_yaml, where, yaml_files
 
 StepKind = Literal["collect", "action", "link", "call", "set_slots", "noop"]
@@ -135,8 +136,15 @@ class Assistant:
     actions: frozenset[str] = frozenset()
     sub_agents: Mapping[str, Path] = field(default_factory=dict)  # agent name -> its sub_agents/*/config.yml
     warnings: tuple[str, ...] = ()  # what Rasa accepts with a warning; reported, never fatal
-    # The YAML files flows, domain and sub-agents were read from: what decides prompts and the replay.
+    # The YAML files flows, domain, sub-agents and NLU stories / rules were read from: what decides prompts
+    # and the replay.
     files: tuple[Path, ...] = ()
+    nlu: NLUSide = field(default_factory=NLUSide)  # the NLU-based system's stories and rules (coexistence)
+
+    @property
+    def coexistence(self) -> bool:
+        """Whether the domain declares the coexistence routing slot (Rasa's routers need it)."""
+        return ROUTER_SLOT in self.slots
 
     def user_flows(self) -> list[Flow]:
         """Flows a user can start: patterns (`pattern_*`) are never offered."""
@@ -328,6 +336,7 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
     actions: set[str] = set()
     sub_agents: dict[str, Path] = {}
     warnings: list[str] = []
+    nlu_side: dict[str, set[str]] = {"said": set(), "reset_after": set()}
     excluded = [p.resolve() for p in exclude]
     read: list[Path] = []
     for path in yaml_files(root):
@@ -345,6 +354,8 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
                 sub_agents[name] = path
             read.append(path)
             continue
+        if isinstance(data, Mapping) and "test_cases" not in data and read_nlu_side(data, path, nlu_side):
+            read.append(path)
         if not isinstance(data, Mapping) or set(data) & _IGNORED_KEYS:
             continue
         if "flows" in data or set(data) & _DOMAIN_KEYS:
@@ -368,7 +379,8 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
         flows.setdefault(pattern.id, _default_pattern_flow(pattern))
     assistant = Assistant(flows, slots, responses, frozenset(actions), sub_agents)
     warnings += _check_references(assistant)
-    return replace(assistant, warnings=tuple(warnings), files=tuple(read))
+    nlu = NLUSide(frozenset(nlu_side["said"]), frozenset(nlu_side["reset_after"]))
+    return replace(assistant, warnings=tuple(warnings), files=tuple(read), nlu=nlu)
 
 
 def _default_slot(slot: DefaultSlot) -> Slot:

@@ -50,7 +50,7 @@ def _turn_with_text(
 ) -> Turn:
     """The turn at `step_index` replayed with `text` in place of the user's message, history unchanged."""
     by_step = {t.step_index: t for t in annotated.turns}
-    replay = conversation(assistant, annotated.suite, annotated.test, {step_index: text})
+    replay = conversation(assistant, annotated.suite, annotated.test, {step_index: text}, annotated.routes())
     turn = next(replay)
     while turn.step_index != step_index:
         turn = replay.send(list(by_step[turn.step_index].commands))
@@ -85,7 +85,7 @@ async def check_rephrasing(
 def transcript(assistant: Assistant, annotated: AnnotatedConversation) -> list[str]:
     """The whole test as `USER:` / `AI:` lines, for the rephraser."""
     by_step = {t.step_index: t for t in annotated.turns}
-    replay = conversation(assistant, annotated.suite, annotated.test)
+    replay = conversation(assistant, annotated.suite, annotated.test, routes=annotated.routes())
     try:
         turn = next(replay)
         while True:
@@ -138,7 +138,11 @@ def data_points(
     originals = {t.step_index: t for t in annotated.turns}
     variants = plan or {i: Variant(t.text, t.commands, False) for i, t in originals.items()}
     replay = conversation(
-        assistant, annotated.suite, annotated.test, {i: v.text for i, v in variants.items() if v.rephrased}
+        assistant,
+        annotated.suite,
+        annotated.test,
+        {i: v.text for i, v in variants.items() if v.rephrased},
+        annotated.routes(),
     )
     points: list[DataPoint] = []
     turn = next(replay, None)

@@ -34,6 +34,7 @@ from ftrecipe.dataprep.annotate import (
     display_path,
     failure_record,
     llm_labeller,
+    llm_router,
 )
 from ftrecipe.dataprep.assistant import Assistant, check_test_references, load_assistant
 from ftrecipe.dataprep.assistant_source import PARAMS_KEY, read_fetch_record, replay_files, source_record
@@ -59,6 +60,7 @@ from ftrecipe.dataprep.prompt_datetime import (
     utc_now,
 )
 from ftrecipe.dataprep.rephrase import RephraserConfig, read_rephrase_config, rephrase_conversation
+from ftrecipe.dataprep.routing import read_router
 from ftrecipe.dataprep.split import (
     DataPoint,
     SplitResult,
@@ -239,7 +241,7 @@ def _sub_agent_messages(annotation: AnnotationResult) -> int:
     """User messages of annotated tests that a sub-agent answered: neither a button nor a labelled turn."""
     count = 0
     for conversation in annotation.passing:
-        labelled = {turn.step_index for turn in conversation.turns}
+        labelled = {turn.step_index for turn in conversation.turns} | set(conversation.routes())
         for index, step in enumerate(conversation.test.steps):
             if isinstance(step, UserStep) and not is_button_payload(step.text) and index not in labelled:
                 count += 1
@@ -467,6 +469,13 @@ async def prepare_data(
             label = llm_labeller(generator_client, assistant, generator.syntax)
         else:
             label = assertions_labeller(assistant, generator.syntax)
+        # Coexistence: Rasa asks an LLMBasedRouter before the command generator (with the generator's LLM
+        # here); an IntentBasedRouter needs an NLU model, so its routing is only what the tests show.
+        router = read_router(options.config) if options.config is not None else None
+        route = None
+        if router is not None and router.asks_llm and options.annotator == "llm" and assistant.coexistence:
+            assert generator_client is not None
+            route = llm_router(generator_client, router)
         rephrasing = options.num_rephrases > 0 and generator_client is not None
         rephrase_client = generator_client
         if rephrasing and rephraser.llm is not None and rephraser.llm != generator.llm:
@@ -478,7 +487,7 @@ async def prepare_data(
 
         async def one(suite: TestSuite, test: TestCase) -> tuple[AnnotatedConversation, Augmented | None]:
             annotated = await annotate_conversation(
-                assistant, suite, test, template, generator.syntax, label, fixed
+                assistant, suite, test, template, generator.syntax, label, fixed, route
             )
             report.advance("annotate", f"{test.key}: {'ok' if annotated.passed else 'FAILED'}")
             if not annotated.passed:
@@ -570,6 +579,7 @@ async def prepare_data(
         summary = _summary(suites, annotation, augmented, all_points, split, train, validation, clients)
         summary["skipped_test_files"] = [skipped.note(base) for skipped in e2e_tests.skipped]
         summary["num_sub_agent_messages"] = _sub_agent_messages(annotation)
+        summary["num_nlu_routed_turns"] = sum(len(c.nlu_routes) for c in annotation.conversations)
         summary["warnings"] = [*load_warnings, *summary["skipped_test_files"]]
         summary["wall_time_seconds"] = round(time.monotonic() - started, 3)
         _dump_yaml(
@@ -594,9 +604,11 @@ async def prepare_data(
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    routed = summary["num_nlu_routed_turns"]
     log(
         f"{len(all_points)} data points: {len(train)} train, {len(validation)} validation; "
-        f"failed tests in {str(options.out).rstrip('/')}/{ANNOTATIONS_DIR}/{FAILED_TESTS_FILE}"
+        + (f"{routed} turns routed to the NLU-based system, skipped; " if routed else "")
+        + f"failed tests in {str(options.out).rstrip('/')}/{ANNOTATIONS_DIR}/{FAILED_TESTS_FILE}"
     )
     for missing in split.missing_in_validation:
         log(f"warning: command type {missing!r} appears in train but not in validation")

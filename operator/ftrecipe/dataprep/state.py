@@ -37,6 +37,7 @@ from ftrecipe.dataprep.e2e import (
     UserStep,
     UtterStep,
 )
+from ftrecipe.dataprep.patterns import ROUTER_SLOT
 from ftrecipe.dataprep.predicates import (
     INTERNAL_ERROR_RESPONSE,
     InvalidCondition,
@@ -47,6 +48,7 @@ from ftrecipe.dataprep.predicates import (
     render,
 )
 from ftrecipe.dataprep.prompt import CURRENT_DATETIME, MOCKED_DATETIME_SLOT, mocked_datetime
+from ftrecipe.dataprep.routing import RESET_ACTION, Route, nlu_only, routing_slot_shown
 
 _SET_SLOTS_PAYLOAD = re.compile(r"^/SetSlots\((?P<pairs>.*)\)\s*$", re.DOTALL)
 
@@ -680,6 +682,34 @@ class Replay:
                     f"{self.state.slots.get(slot)!r} passes its rejections here"
                 )
 
+    def route_to_nlu(self, route: Route) -> None:
+        """A turn the NLU-based system handles: for the session (the slot False) or for this turn only."""
+        if route == "nlu_sticky":
+            self.set_slot(ROUTER_SLOT, False)
+
+    def reset_routing(self, index: int, stack_before: Sequence[str], calm_turn: bool) -> None:
+        """`action_reset_routing` empties the routing slot: the test shows it run (or the slot reset), a
+        response the NLU system's stories / rules follow with it was said, or the turn ended the last flow
+        and the assistant's `pattern_completed` runs it."""
+        assert self.test is not None
+        shown = _shown_responses(self.test, index)
+        step = self.test.steps[index]
+        actions = (
+            [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
+            if isinstance(step, UserStep)
+            else []
+        )
+        completed = self.assistant.flows.get("pattern_completed")
+        resets_on_completion = completed is not None and any(
+            s.kind == "action" and s.target == RESET_ACTION for s in completed.steps
+        )
+        if (
+            RESET_ACTION in actions
+            or (not calm_turn and any(name in self.assistant.nlu.reset_after for name in [*shown, *actions]))
+            or (calm_turn and resets_on_completion and stack_before and not self.state.stack)
+        ):
+            self.state.slots[ROUTER_SLOT] = None
+
     def bot_says(self, text: str) -> None:
         self.state.history.append(f"AI: {text}")
 
@@ -789,24 +819,80 @@ def _bot_steps_follow(test: TestCase, index: int) -> bool:
     return False
 
 
+def _flow_said(assistant: Assistant) -> frozenset[str]:
+    """Responses and actions the flows and patterns run: what CALM can say."""
+    said: set[str] = set()
+    for flow in assistant.flows.values():
+        for step in flow.steps:
+            if step.kind == "action" and step.target is not None:
+                said.add(step.target)
+            elif step.kind == "collect":
+                said.update(assistant.ask_names(step))
+            said.update(r.utter for r in step.rejections if r.utter)
+    return frozenset(said)
+
+
+def nlu_route(assistant: Assistant, test: TestCase, index: int, slots: Mapping[str, Any]) -> Route | None:
+    """How the test shows the user step at `index` routed to the NLU-based system, or None (CALM, or
+    cannot be told): the slot already False (a sticky NLU session), the turn setting it False, or every
+    response the bot then says one only the NLU system's stories / rules say (stickiness unknown: the slot
+    is left as it is)."""
+    step = test.steps[index]
+    if not isinstance(step, UserStep):
+        return None
+    checks = [
+        (c.name, c.has_value, c.value) for a in step.assertions if isinstance(a, SlotWasSet) for c in a.slots
+    ]
+    for later in test.steps[index + 1 :]:
+        if isinstance(later, UserStep):
+            break
+        if isinstance(later, SlotWasSetStep):
+            checks += [(c.name, c.has_value, c.value) for c in later.slots]
+    if slots.get(ROUTER_SLOT) is False or routing_slot_shown(checks) is False:
+        return "nlu_sticky"
+    shown = _shown_responses(test, index)
+    shown += [a.action for a in step.assertions if isinstance(a, ActionExecuted)]
+    for later in test.steps[index + 1 :]:
+        if isinstance(later, UserStep):
+            break
+        if isinstance(later, BotStep):
+            shown += _responses_said(assistant, later.text)
+    if nlu_only(shown, assistant.nlu, _flow_said(assistant)):
+        return "nlu_once"
+    return None
+
+
+def _responses_said(assistant: Assistant, text: str) -> list[str]:
+    return [r.name for r in assistant.responses.values() if text.strip() in (t.strip() for t in r.texts)]
+
+
 def conversation(
     assistant: Assistant,
     suite: TestSuite,
     test: TestCase,
     user_texts: Mapping[int, str] | None = None,
+    routes: dict[int, Route] | None = None,
 ) -> Generator[Turn, Sequence[Command], list[str]]:
     """Replay `test`; yield each user turn for the command generator and receive its commands.
 
     `user_texts` replaces the text of user steps (by step index): rephrased and synthetic conversations
     replay with their own messages in the history. Returns the whole transcript (`USER:` / `AI:` lines).
+
+    Coexistence (`assistant.coexistence`): `routes` (step index -> route) holds the turns routed to the
+    NLU-based system. The replay fills in what the test shows (`nlu_route`); a caller that routes a
+    yielded turn itself (the LLMBasedRouter's answer) records it there before sending `()`; a replay
+    given an annotated conversation's routes skips the same turns. Such a turn is no command-generator turn.
     """
     replay = Replay(assistant, suite.fixture_slots(test), suite, test)
     state = replay.state
     turn_index = 0
+    routes = {} if routes is None else routes
     for index, step in enumerate(test.steps):
         replay.at = (index, step.text if isinstance(step, UserStep) else "")
         if isinstance(step, UserStep):
             state.refused.clear()
+            stack_before = list(state.stack)
+            calm_turn = False
             text = (user_texts or {}).get(index, step.text)
             commanded: Sequence[Command] = ()
             # The sub-agent has the user while the flow that calls it is the innermost on the stack.
@@ -820,6 +906,12 @@ def conversation(
                 state.history.append(f"USER: {text}")
             elif agent is not None and not _command_generator_acted(step, agent[0]):
                 # The sub-agent answers this message itself: no command-generator turn.
+                state.history.append(f"USER: {text}")
+            elif assistant.coexistence and (
+                routes.get(index, "calm") != "calm" or nlu_route(assistant, test, index, state.slots)
+            ):
+                routes.setdefault(index, nlu_route(assistant, test, index, state.slots) or "nlu_once")
+                replay.route_to_nlu(routes[index])
                 state.history.append(f"USER: {text}")
             else:
                 turn = Turn(
@@ -835,10 +927,16 @@ def conversation(
                     active_flows=tuple(state.stack),
                 )
                 commands = yield turn
-                turn_index += 1
                 state.history.append(f"USER: {text}")
-                replay.apply_commands(commands or ())
-                commanded = commands or ()
+                if routes.get(index, "calm") != "calm":  # the caller's router sent it to the NLU system
+                    replay.route_to_nlu(routes[index])
+                else:
+                    turn_index += 1
+                    replay.apply_commands(commands or ())
+                    commanded = commands or ()
+                    calm_turn = assistant.coexistence
+                    if calm_turn:  # Rasa's command generator sets the routing slot with its commands
+                        replay.set_slot(ROUTER_SLOT, True)
             for assertion in step.assertions:
                 if isinstance(assertion, ActionExecuted):
                     replay.run_stub(suite, test, assertion.action)
@@ -862,6 +960,8 @@ def conversation(
             for name in uttered + asked_by_actions:
                 replay.ask_from_response(name)
             replay.check_refusals(_shown_responses(test, index))
+            if assistant.coexistence:
+                replay.reset_routing(index, stack_before, calm_turn)
         elif isinstance(step, BotStep):
             replay.bot_says(step.text)
             for response in assistant.responses.values():

@@ -1,0 +1,170 @@
+"""Coexistence routing: which user turns Rasa hands to the NLU-based system instead of CALM.
+
+An assistant in coexistence mode has a router (`LLMBasedRouter` or `IntentBasedRouter`) in its pipeline and
+the slot `route_session_to_calm` in its domain. While the slot is None the router decides each message;
+True sends every message to CALM (the command generator), False to the NLU-based system, which the command
+generator then never sees: such a turn has no prompt and no commands, so it is no data point. Facts and
+their sources: docs/prepare-data.md, "Coexistence routing". Pure functions; the LLM call is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+
+from ftrecipe.dataprep.patterns import DEFAULT_RESPONSES, ROUTER_SLOT
+from ftrecipe.dataprep.yamlfile import InputError, load_yaml
+
+ROUTER_CLASSES = ("LLMBasedRouter", "IntentBasedRouter")
+RESET_ACTION = "action_reset_routing"
+
+# Rasa's default LLMBasedRouter prompt (rasa/dialogue_understanding/coexistence/router_template.jinja2):
+# the router's prompt must be the one the assistant runs with for its LLM to answer alike.
+DEFAULT_ROUTER_PROMPT = (
+    "You have to forward the user message to the right assistant.\n\n"
+    "The following assistants are available:\n\n"
+    "Assistant A: {{ calm_entry_sticky }}\n"
+    "Assistant B: {{ nlu_entry_non_sticky }}\n"
+    "Assistant C: {{ nlu_entry_sticky }}\n\n"
+    'The user said: """{{ user_message }}"""\n\n'
+    "Answer which assistant needs to get this message:\n"
+    "The message is for the assistant with the letter"
+)
+# LLMBasedRouter's defaults for the NLU side's descriptions (calm_entry.sticky has none: it is required).
+_DEFAULT_NLU_NON_STICKY = "handles chitchat"
+_DEFAULT_NLU_STICKY = "handles everything else"
+
+# What a turn's routing was: to CALM, or to the NLU-based system for this turn only (the router's B, a
+# NoopCommand) or for the session (its C, the slot set to False; also any other answer or an LLM error).
+Route = Literal["calm", "nlu_once", "nlu_sticky"]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    kind: str  # LLMBasedRouter or IntentBasedRouter
+    calm_entry_sticky: str = ""
+    nlu_entry_sticky: str = _DEFAULT_NLU_STICKY
+    nlu_entry_non_sticky: str = _DEFAULT_NLU_NON_STICKY
+    prompt: str = DEFAULT_ROUTER_PROMPT
+    source: str = ""
+
+    @property
+    def asks_llm(self) -> bool:
+        return self.kind == "LLMBasedRouter"
+
+
+def read_router(config: Path) -> RouterConfig | None:
+    """The coexistence router of Rasa's config.yml (the first one in `pipeline:`), or None."""
+    data = load_yaml(config)
+    pipeline = data.get("pipeline") if isinstance(data, Mapping) else None
+    for component in pipeline or []:
+        if not isinstance(component, Mapping):
+            continue
+        name = str(component.get("name", "")).rsplit(".", 1)[-1]
+        if name not in ROUTER_CLASSES:
+            continue
+        calm = component.get("calm_entry") or {}
+        nlu = component.get("nlu_entry") or {}
+        if not isinstance(calm, Mapping) or not isinstance(nlu, Mapping):
+            raise InputError(
+                f"{config}: {name}: calm_entry and nlu_entry must be mappings with sticky / non_sticky"
+            )
+        prompt = DEFAULT_ROUTER_PROMPT
+        if component.get("prompt"):
+            path = config.parent / str(component["prompt"])
+            try:
+                prompt = path.read_text(encoding="utf-8").strip()  # Rasa strips the template too
+            except OSError as error:
+                raise InputError(f"{config}: {name}: prompt {path}: {error.strerror}") from None
+        return RouterConfig(
+            kind=name,
+            calm_entry_sticky=str(calm.get("sticky") or ""),
+            nlu_entry_sticky=str(nlu.get("sticky") or _DEFAULT_NLU_STICKY),
+            nlu_entry_non_sticky=str(nlu.get("non_sticky") or _DEFAULT_NLU_NON_STICKY),
+            prompt=prompt,
+            source=f"{config} ({name})",
+        )
+    return None
+
+
+def router_prompt(router: RouterConfig, user_message: str) -> str:
+    """The LLMBasedRouter's prompt for one message (a plain Jinja2 template, as Rasa renders it)."""
+    return str(
+        jinja2.Template(router.prompt).render(
+            user_message=user_message,
+            calm_entry_sticky=router.calm_entry_sticky,
+            nlu_entry_sticky=router.nlu_entry_sticky,
+            nlu_entry_non_sticky=router.nlu_entry_non_sticky,
+        )
+    )
+
+
+def parse_router_answer(answer: str | None) -> Route:
+    """Rasa's parse: the stripped answer `A` is CALM, `B` the NLU system for this turn, `C` for the
+    session; anything else (or no answer, an LLM error) is also the NLU system for the session."""
+    text = (answer or "").strip()
+    if text == "A":
+        return "calm"
+    if text == "B":
+        return "nlu_once"
+    return "nlu_sticky"
+
+
+# ------------------------------------------------------------------------------------------ NLU side
+
+
+@dataclass(frozen=True)
+class NLUSide:
+    """What the assistant's NLU-based system (its `stories:` and `rules:`) does, as far as routing needs."""
+
+    said: frozenset[str] = frozenset()  # responses and actions its stories / rules run
+    reset_after: frozenset[str] = frozenset()  # those followed by action_reset_routing in the same bot turn
+
+
+def _story_actions(steps: Any) -> list[list[str]]:
+    """A story's or rule's bot turns: the actions between two `intent:` steps, in order."""
+    turns: list[list[str]] = [[]]
+    for step in steps if isinstance(steps, list) else []:
+        if not isinstance(step, Mapping):
+            continue
+        if "intent" in step or "user" in step:
+            turns.append([])
+        elif "action" in step:
+            turns[-1].append(str(step["action"]))
+    return turns
+
+
+def read_nlu_side(data: Mapping[str, Any], path: Path, into: dict[str, set[str]]) -> bool:
+    """Add one YAML file's stories / rules to `into` ({"said": …, "reset_after": …}); whether it had any."""
+    found = False
+    for key in ("stories", "rules"):
+        for story in data.get(key) or []:
+            if not isinstance(story, Mapping):
+                continue
+            found = True
+            for actions in _story_actions(story.get("steps")):
+                into["said"].update(actions)
+                if RESET_ACTION in actions:
+                    into["reset_after"].update(actions[: actions.index(RESET_ACTION)])
+    return found
+
+
+def nlu_only(names: Sequence[str], nlu: NLUSide, flow_said: frozenset[str]) -> bool:
+    """Whether these shown responses (at least one) can only come from the NLU-based system: each is run by
+    its stories / rules, and none by a flow or a pattern (Rasa's default ones included)."""
+    return bool(names) and all(
+        n in nlu.said and n not in flow_said and n not in DEFAULT_RESPONSES for n in names
+    )
+
+
+def routing_slot_shown(slot_checks: Sequence[tuple[str, bool, Any]]) -> Any:
+    """The value a turn shows `route_session_to_calm` set to ((name, has_value, value) triples), or
+    `...` when it shows none."""
+    for name, has_value, value in slot_checks:
+        if name == ROUTER_SLOT and has_value:
+            return value
+    return ...

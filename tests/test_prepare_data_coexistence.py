@@ -1,0 +1,441 @@
+"""Coexistence: turns Rasa hands to the NLU-based system are no data points and fail no test.
+
+A bank whose money transfers and balance are CALM flows and whose hotel bookings and greetings live in NLU
+stories and rules; its config has an LLMBasedRouter. With `--annotator llm` the router's LLM is asked first
+(Rasa's router prompt), sticky CALM skips it until `pattern_completed` resets the routing, B routes one turn
+to the NLU system, C the session until a story resets it. With either annotator, a test showing
+`route_session_to_calm: false` or only responses of the NLU stories routes the turn there.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
+from ftrecipe.dataprep.routing import (
+    DEFAULT_ROUTER_PROMPT,
+    RouterConfig,
+    parse_router_answer,
+    router_prompt,
+)
+from support.llm_server import ChatRequest, LLMServer
+
+FLOWS = """
+flows:
+  transfer_money:
+    name: transfer money
+    description: Send money to someone.
+    steps:
+      - collect: recipient
+        description: who gets the money
+      - collect: amount
+        description: how much
+      - action: utter_transfer_done
+  check_balance:
+    name: check balance
+    description: Tell the user the balance of their account.
+    steps:
+      - action: utter_balance
+  pattern_completed:
+    description: all flows are done
+    name: pattern completed
+    steps:
+      - action: utter_can_do_something_else
+      - action: action_reset_routing
+"""
+
+DOMAIN = """
+version: "3.1"
+intents:
+  - greet
+  - book_hotel
+  - inform
+slots:
+  recipient:
+    type: text
+    mappings:
+      - type: from_llm
+  amount:
+    type: float
+    mappings:
+      - type: from_llm
+  route_session_to_calm:
+    type: bool
+    mappings:
+      - type: from_llm
+responses:
+  utter_ask_recipient:
+    - text: Who should get the money?
+  utter_ask_amount:
+    - text: How much?
+  utter_transfer_done:
+    - text: Sent.
+  utter_balance:
+    - text: You have 100 dollars.
+  utter_can_do_something_else:
+    - text: Anything else?
+  utter_greet:
+    - text: Hello from the bank!
+  utter_ask_hotel_city:
+    - text: In which city?
+  utter_hotel_booked:
+    - text: Your hotel is booked.
+"""
+
+# The NLU-based system: greetings, hotel bookings (reset after the booking), and an old balance story whose
+# response the check_balance flow says too (so it tells nothing about the routing).
+NLU_DATA = """
+version: "3.1"
+rules:
+  - rule: greet
+    steps:
+      - intent: greet
+      - action: utter_greet
+stories:
+  - story: book a hotel
+    steps:
+      - intent: book_hotel
+      - action: utter_ask_hotel_city
+      - intent: inform
+      - action: utter_hotel_booked
+      - action: action_reset_routing
+  - story: old balance
+    steps:
+      - intent: ask_balance
+      - action: utter_balance
+"""
+
+CONFIG = """
+recipe: default.v1
+language: en
+pipeline:
+  - name: LLMBasedRouter
+    calm_entry:
+      sticky: handles money transfers and balances
+    nlu_entry:
+      sticky: handles hotel bookings
+      non_sticky: handles greetings
+  - name: CompactLLMCommandGenerator
+policies:
+  - name: FlowPolicy
+"""
+
+# The router decides these tests' turns (nothing in them shows the routing).
+ROUTER_TESTS = """
+test_cases:
+  - test_case: a greeting goes to the NLU system for one turn
+    steps:
+      - user: hello there
+        assertions:
+          - slot_was_not_set:
+              - name: recipient
+      - user: send money to Ann
+        assertions:
+          - flow_started: transfer_money
+          - slot_was_set:
+              - name: recipient
+                value: Ann
+          - bot_uttered:
+              utter_name: utter_ask_amount
+      - user: 50 dollars
+        assertions:
+          - slot_was_set:
+              - name: amount
+                value: 50
+          - bot_uttered:
+              utter_name: utter_transfer_done
+      - user: what's my balance
+        assertions:
+          - flow_started: check_balance
+
+  - test_case: a hotel booking holds the NLU system until its story resets the routing
+    steps:
+      - user: I need a hotel room
+        assertions:
+          - slot_was_not_set:
+              - name: recipient
+      - user: in Paris
+        assertions:
+          - bot_uttered:
+              utter_name: utter_hotel_booked
+      - user: and send 20 to Bob
+        assertions:
+          - flow_started: transfer_money
+          - slot_was_set:
+              - name: recipient
+                value: Bob
+          - bot_uttered:
+              utter_name: utter_ask_amount
+
+  - test_case: the router sends a transfer to the NLU system
+    steps:
+      - user: transfer 10 to Cy
+        assertions:
+          - flow_started: transfer_money
+"""
+
+ROUTES = {
+    "hello there": "B",
+    "send money to Ann": "A",
+    "what's my balance": "A",
+    "I need a hotel room": "C",
+    "and send 20 to Bob": "A",
+    "transfer 10 to Cy": "C",
+}
+COMMANDS = {
+    "send money to Ann": "start flow transfer_money\nset slot recipient Ann",
+    "50 dollars": "set slot amount 50",
+    "what's my balance": "start flow check_balance",
+    "and send 20 to Bob": "start flow transfer_money\nset slot recipient Bob",
+}
+
+# What the tests show decides these turns, with either annotator.
+EVIDENCE_TESTS = """
+test_cases:
+  # Nothing but the routing slot tells: set False, the session stays with the NLU system until the
+  # test shows action_reset_routing.
+  - test_case: the test shows the session handed to the NLU system
+    steps:
+      - user: I want a hotel in Rome
+        assertions:
+          - slot_was_set:
+              - name: route_session_to_calm
+                value: false
+      - user: for three nights
+        assertions:
+          - action_executed: action_reset_routing
+      - user: show my balance
+        assertions:
+          - flow_started: check_balance
+
+  - test_case: a greeting only the NLU rules answer
+    steps:
+      - user: hi
+      - utter: utter_greet
+      - user: transfer 5 to Dan
+        assertions:
+          - flow_started: transfer_money
+          - slot_was_set:
+              - name: recipient
+                value: Dan
+          - bot_uttered:
+              utter_name: utter_ask_amount
+      - user: "5"
+        assertions:
+          - slot_was_set:
+              - name: amount
+                value: 5
+          - bot_uttered:
+              utter_name: utter_transfer_done
+
+  - test_case: a response both systems say tells nothing
+    steps:
+      - user: balance please
+        assertions:
+          - bot_uttered:
+              utter_name: utter_balance
+"""
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+
+
+def read(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def bank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write(tmp_path / "bank" / "data" / "flows.yml", FLOWS)
+    write(tmp_path / "bank" / "domain.yml", DOMAIN)
+    write(tmp_path / "bank" / "data" / "nlu-based" / "stories.yml", NLU_DATA)
+    write(tmp_path / "bank" / "config.yml", CONFIG)
+    write(tmp_path / "bank" / "e2e" / "router.yml", ROUTER_TESTS)
+    write(tmp_path / "bank" / "e2e" / "evidence.yml", EVIDENCE_TESTS)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "bank"
+
+
+def user_message(request: ChatRequest | None) -> str:
+    assert request is not None
+    match = re.search(r'last message, "(.*)", one per line', request.prompt)
+    assert match is not None, request.prompt[-300:]
+    return match.group(1)
+
+
+def routed_message(request: ChatRequest | None) -> str | None:
+    assert request is not None
+    match = re.search(r'The user said: """(.*)"""', request.prompt)
+    return match.group(1) if match else None
+
+
+async def run(bank: Path, tests: str, llm_config: Path | None, annotator: str = "llm") -> Path:
+    out = bank.parent / f"out-{annotator}-{Path(tests).stem}"
+    options = PrepareDataOptions(
+        e2e_paths=(Path("bank/e2e") / tests,),
+        assistant=Path("bank"),
+        config=Path("bank/config.yml"),
+        out=out,
+        cache_dir=bank.parent / "cache",
+        num_rephrases=0,
+        concurrency=1,
+        llm_config=llm_config,
+        annotator=annotator,  # type: ignore[arg-type]
+    )
+    await prepare_data(options)
+    return out
+
+
+def labels(out: Path, stem: str) -> dict[str, list[Any]]:
+    conversations = read(out / "1_command_annotations" / f"{stem}.yml")["conversations"]
+    return {
+        c["original_test_case"].split("::")[1]: [s.get("llm_commands") for s in c["steps"] if "user" in s]
+        for c in conversations
+    }
+
+
+def test_router_prompt_and_answers_as_rasa_has_them() -> None:
+    router = RouterConfig("LLMBasedRouter", "handles money", "handles hotels", "handles greetings")
+    assert router_prompt(router, "hi there") == (
+        "You have to forward the user message to the right assistant.\n\n"
+        "The following assistants are available:\n\n"
+        "Assistant A: handles money\nAssistant B: handles greetings\nAssistant C: handles hotels\n\n"
+        'The user said: """hi there"""\n\n'
+        "Answer which assistant needs to get this message:\n"
+        "The message is for the assistant with the letter"
+    )
+    assert router.prompt == DEFAULT_ROUTER_PROMPT
+    assert [parse_router_answer(a) for a in (" A ", "B", "C", "a", "A.", "", None)] == [
+        "calm",
+        "nlu_once",
+        "nlu_sticky",
+        "nlu_sticky",
+        "nlu_sticky",
+        "nlu_sticky",
+        "nlu_sticky",
+    ]
+
+
+async def test_llm_router_decides_turns_sticky_and_not(
+    bank: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    def answer(request: ChatRequest) -> str:
+        message = routed_message(request)
+        if message is not None:
+            return ROUTES[message]
+        return COMMANDS[user_message(request)]
+
+    llm_server.script(answer)
+    out = await run(bank, "router.yml", llm_config)
+    routed = [m for r in llm_server.requests if (m := routed_message(r.chat)) is not None]
+    # Sticky CALM after 'send money to Ann' skips the router for '50 dollars'; the flow's end runs the
+    # bank's pattern_completed, whose action_reset_routing brings it back for 'what's my balance'. After C,
+    # 'in Paris' is the NLU system's (no call); its story resets the routing before 'and send 20 to Bob'.
+    assert sorted(routed) == sorted(
+        [
+            "hello there",
+            "send money to Ann",
+            "what's my balance",
+            "I need a hotel room",
+            "and send 20 to Bob",
+            "transfer 10 to Cy",
+        ]
+    )  # tests run concurrently: the order across tests varies
+    asked = [user_message(r.chat) for r in llm_server.requests if routed_message(r.chat) is None]
+    assert sorted(asked) == sorted(
+        ["send money to Ann", "50 dollars", "what's my balance", "and send 20 to Bob"]
+    )
+
+    summary = read(out / "result_summary.yaml")
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (2, 1)
+    assert summary["num_ft_data_points"] == 4
+    assert summary["num_nlu_routed_turns"] == 3  # hello there; I need a hotel room, in Paris
+    assert summary["num_sub_agent_messages"] == 0
+    assert labels(out, "router") == {
+        "a greeting goes to the NLU system for one turn": [
+            None,
+            ["start flow transfer_money", "set slot recipient Ann"],
+            ["set slot amount 50"],
+            ["start flow check_balance"],
+        ],
+        "a hotel booking holds the NLU system until its story resets the routing": [
+            None,
+            None,
+            ["start flow transfer_money", "set slot recipient Bob"],
+        ],
+    }
+    points = [
+        yaml.safe_load(line)
+        for line in (out / "3_llm_finetune_data" / "llm_ft_data.jsonl").read_text().splitlines()
+    ]
+    assert [p["original_user_utterance"] for p in points] == [
+        "send money to Ann",
+        "50 dollars",
+        "what's my balance",
+        "and send 20 to Bob",
+    ]
+    # The NLU turns stay in the conversation the command generator sees next, as in Rasa's tracker.
+    assert "USER: hello there" in points[0]["prompt"]
+    failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
+    assert [(f["test_case"], f["turn_index"], f["actual"]) for f in failures] == [
+        (
+            "the router sends a transfer to the NLU system",
+            0,
+            "(the router sends this message to the NLU-based system (nlu_sticky), but the test asserts what "
+            "the command generator did)",
+        )
+    ]
+
+
+async def test_evidence_offline(bank: Path) -> None:
+    out = await run(bank, "evidence.yml", None, annotator="assertions")
+    summary = read(out / "result_summary.yaml")
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (2, 1)
+    assert summary["num_ft_data_points"] == 3
+    # Rome (the slot set False), three nights (still False, then reset), hi
+    assert summary["num_nlu_routed_turns"] == 3
+    assert labels(out, "evidence") == {
+        "the test shows the session handed to the NLU system": [None, None, ["start flow check_balance"]],
+        "a greeting only the NLU rules answer": [
+            None,
+            ["start flow transfer_money", "set slot recipient Dan"],
+            ["set slot amount 5"],
+        ],
+    }
+    failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
+    assert [(f["test_case"], f["turn_index"]) for f in failures] == [
+        ("a response both systems say tells nothing", 0)
+    ]
+    assert "the assertions do not say what the user's message did" in failures[0]["actual"]
+
+
+async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
+    bank: Path, llm_server: LLMServer, llm_config: Path
+) -> None:
+    answers = {
+        "show my balance": "start flow check_balance",
+        "transfer 5 to Dan": "start flow transfer_money\nset slot recipient Dan",
+        "5": "set slot amount 5",
+        "balance please": "start flow check_balance",
+    }
+
+    def answer(request: ChatRequest) -> str:
+        message = routed_message(request)
+        return "A" if message is not None else answers[user_message(request)]
+
+    llm_server.script(answer)
+    out = await run(bank, "evidence.yml", llm_config)
+    routed = [m for r in llm_server.requests if (m := routed_message(r.chat)) is not None]
+    # Turns the test shows routed to NLU never reach the router; 'show my balance' follows the story's reset.
+    assert sorted(routed) == sorted(["show my balance", "transfer 5 to Dan", "balance please"])
+    summary = read(out / "result_summary.yaml")
+    assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (3, 4)
+    assert summary["num_nlu_routed_turns"] == 3
