@@ -9,4 +9,5 @@ pytest_plugins = [
     "support.tiny_model",
     "support.helm",
     "support.moneybank",
+    "support.training_runs",
 ]

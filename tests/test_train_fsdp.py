@@ -16,7 +16,6 @@ run takes, on another device):
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -33,52 +32,27 @@ import yaml
 from ftrecipe.api import RecipeError, parse_recipe
 from ftrecipe.api.crd import custom_resource_definition
 from support.crd_schema import api_server_violations
-from support.training_runs import adapter, assert_same_losses, largest_difference, logged_losses
+from support.training_runs import (
+    TWO_PROCESS_SETTINGS,
+    ReferenceRun,
+    adapter,
+    assert_same_losses,
+    largest_difference,
+    logged_losses,
+    train_in_process,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 12  # 24 examples, a global batch of 4, 2 epochs
-SETTINGS = [
-    "hyperparameters.learningRate=1e-2",
-    "hyperparameters.maxSeqLength=256",
-    "hyperparameters.batchSize=2",
-    "hyperparameters.gradientAccumulationSteps=1",  # the one-process reference takes 2
-    "hyperparameters.warmupSteps=0",
-    "hyperparameters.gradientCheckpointing=false",
-    "hyperparameters.epochs=2",
-    "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
-    # No dropout: each rank draws its masks from its own generator, one process from one, so with dropout
-    # the two layouts train on other masks (observed: the loss 0.009 apart from step 2 on).
-    "lora.dropout=0",
-]
+# the one-process reference's (training_runs.one_process_reference) but 2 x 1 accumulation; no dropout
+SETTINGS = [*TWO_PROCESS_SETTINGS, "lora.dropout=0"]
 # Float32 on the CPU. Two ranks reduce-scatter the gradients of two halves where one process accumulates
 # them: another grouping of the same sums (observed: equal to the last bit; allowed: the 7th digit).
 LOSS_TOLERANCE = 1e-6
 WEIGHT_TOLERANCE = 1e-6
 RESUME_TOLERANCE = 1e-5  # as tests/test_train_resume.py
 RUN_TIMEOUT = 300
-
-WORDS = ("send", "money", "balance", "contact")
-COMPLETIONS = ("start flow transfer_money", "start flow check_balance")
-
-
-def _write_data(root: Path) -> Path:
-    """24 training and 4 validation examples of one token length.
-
-    Equal lengths make the length-grouped order the same for any batch layout, so one process with 2 x 2
-    accumulation and two ranks with 2 each see the same 4 examples at every step.
-    """
-    orders = list(itertools.permutations(WORDS))
-
-    def record(i: int) -> dict[str, str]:
-        prompt = "USER: " + " ".join(orders[i % len(orders)]) + "\nWhat do you do next?"
-        return {"prompt": prompt, "completion": COMPLETIONS[(i * 5 // 3) % 2]}
-
-    root.mkdir(parents=True)
-    for name, indices in (("train.jsonl", range(24)), ("val.jsonl", range(2, 22, 5))):
-        lines = [json.dumps(record(i)) for i in indices]
-        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 def _train(data: Path, model: Path, root: Path, *extra: str, work: str = "work") -> list[str]:
@@ -268,17 +242,16 @@ def test_the_memory_estimate_holds_one_share_of_the_weights_under_fsdp() -> None
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_data(tmp_path_factory.mktemp("fsdp-data") / "splits")
+def data(equal_length_data: Path) -> Path:
+    """24 training and 4 validation examples of one token length (training_runs.write_equal_length_data)."""
+    return equal_length_data
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process, no sharding, 2 examples x 2 accumulation steps: the reference. Its bundle folder."""
-    root = tmp_path_factory.mktemp("fsdp-one")
-    done = _run(_one_process(_train(data, tiny_model, root, "hyperparameters.gradientAccumulationSteps=2")))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root / "out"
+def one_process(one_process_reference: ReferenceRun) -> Path:
+    """One process, no sharding, 2 examples x 2 accumulation steps on `data`: the reference (shared with
+    test_train_multinode). Its bundle folder."""
+    return one_process_reference.out
 
 
 @pytest.fixture(scope="module")
@@ -357,8 +330,8 @@ def test_qlora_4bit_shards_too(tiny_model: Path, data: Path, tmp_path: Path) -> 
     reference = _train(
         train_only, tiny_model, tmp_path / "one", *qlora, "hyperparameters.gradientAccumulationSteps=2"
     )
-    one = _run(_one_process(reference))
-    assert one.returncode == 0, one.stderr[-3000:]
+    one = train_in_process(reference)  # one process: no launcher, no process of its own needed
+    assert one.code == 0, one.stderr[-3000:]
     two = _run(_launcher(_train(data, tiny_model, tmp_path / "two", *qlora, "parallelism=fsdp")))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "Params4bit" not in two.stderr, two.stderr[-3000:]  # none left out of the sharding
@@ -433,16 +406,16 @@ def test_a_sharded_checkpoint_resumes_on_the_same_world_size_only(
         "a checkpoint written by 2 processes, this run has 1: its FSDP shards (one per process) resume only "
         "on the same world size; run on 2 GPUs in all (nodes x gpus) to resume, or delete it to start over"
     )
-    refused = _run(_one_process(argv))  # the same work folder: its checkpoint is named
-    assert refused.returncode == 2, refused.stderr[-3000:]
+    refused = train_in_process(argv)  # the same work folder: its checkpoint is named
+    assert refused.code == 2, refused.stderr[-3000:]
     assert (
         refused.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'work' / 'checkpoints'}: {expected}"
     )
     fresh_pod = _train(
         data, tiny_model, tmp_path, "parallelism=fsdp", "checkpointEverySteps=1000", work="pod"
     )
-    refused = _run(_one_process(fresh_pod))  # a new pod: the durable checkpoint is named
-    assert refused.returncode == 2, refused.stderr[-3000:]
+    refused = train_in_process(fresh_pod)  # a new pod: the durable checkpoint is named
+    assert refused.code == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1] == f"error: {checkpoint}: {expected}"
 
     resumed = _run(_launcher(argv))

@@ -18,7 +18,6 @@ The launcher's decisions are pure functions (`launch.node_group`, `launch.launch
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -42,7 +41,15 @@ from ftrecipe.training.launch import (
     node_group,
     rendezvous_id,
 )
-from support.training_runs import adapter, assert_same_losses, descendants, largest_difference, logged_losses
+from support.training_runs import (
+    TWO_PROCESS_SETTINGS,
+    ReferenceRun,
+    adapter,
+    assert_same_losses,
+    descendants,
+    largest_difference,
+    logged_losses,
+)
 
 ARGV = ["train", "--data", "s3://b/data/", "--base-model", "hf:a/b", "--out", "s3://b/adapter/"]
 JOBSET_ENV = {
@@ -191,46 +198,14 @@ def test_train_refuses_a_bad_node_setting_with_one_line(capsys: pytest.CaptureFi
 
 STEPS_PER_EPOCH = 6  # 24 examples, 2 per process, 2 processes
 EPOCHS = 2
-SETTINGS = [
-    "hyperparameters.learningRate=1e-2",
-    "hyperparameters.maxSeqLength=256",
-    "hyperparameters.batchSize=2",
-    "hyperparameters.gradientAccumulationSteps=1",
-    "hyperparameters.warmupSteps=0",
-    "hyperparameters.gradientCheckpointing=false",
-    f"hyperparameters.epochs={EPOCHS}",
-    "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
-    "checkpointEverySteps=2",
-]
+# training_runs.TWO_PROCESS_SETTINGS: 2 examples per process, 2 epochs, validation at each epoch's end
+SETTINGS = [*TWO_PROCESS_SETTINGS, "checkpointEverySteps=2"]
 # Float32 on the CPU; the two layouts add the same gradients in another grouping (gloo's all-reduce of
 # two halves vs accumulation): observed equal to the last bit, allowed to differ in the 7th digit.
 LOSS_TOLERANCE = 1e-6
 RESUME_TOLERANCE = 1e-5  # as tests/test_train_resume.py
 WEIGHT_TOLERANCE = 1e-6
 RUN_TIMEOUT = 300
-
-WORDS = ("send", "money", "balance", "contact")
-COMPLETIONS = ("start flow transfer_money", "start flow check_balance")  # 5 tokens each
-
-
-def _write_data(root: Path) -> Path:
-    """24 training and 4 validation examples of one token length (36 with the tiny model's template).
-
-    Equal lengths make the length-grouped order the same for any batch size and grouping (transformers
-    sorts each group by length and moves the longest group first): one process with 2 x 2 accumulation
-    and two processes with 2 each then see the same 4 examples at every step.
-    """
-    orders = list(itertools.permutations(WORDS))
-
-    def record(i: int) -> dict[str, str]:
-        prompt = "USER: " + " ".join(orders[i % len(orders)]) + "\nWhat do you do next?"
-        return {"prompt": prompt, "completion": COMPLETIONS[(i * 7 // 3) % 2]}
-
-    root.mkdir(parents=True)
-    for name, indices in (("train.jsonl", range(24)), ("val.jsonl", range(1, 20, 5))):
-        lines = [json.dumps(record(i)) for i in indices]
-        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 def _free_port() -> int:
@@ -323,27 +298,18 @@ def _worker(launcher: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_data(tmp_path_factory.mktemp("multinode-data") / "splits")
+def data(equal_length_data: Path) -> Path:
+    """24 training and 4 validation examples of one token length (training_runs.write_equal_length_data)."""
+    return equal_length_data
 
 
 @pytest.mark.slow
 def test_two_nodes_log_the_losses_of_one_process_with_the_same_global_batch(
-    tiny_model: Path, data: Path, tmp_path: Path
+    tiny_model: Path, one_process_reference: ReferenceRun, tmp_path: Path
 ) -> None:
-    one = tmp_path / "one"
-    one.mkdir()
-    # no LoRA dropout: one process draws other masks for its two micro-batches than two processes do
-    single = _train_argv(str(data), str(tiny_model), str(one / "out"), one / "work", "lora.dropout=0")
-    done = subprocess.run(
-        [*single, "--set", "hyperparameters.gradientAccumulationSteps=2"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=RUN_TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
+    # one process with 2 x 2 accumulation on the same data and settings, no LoRA dropout (one process draws
+    # other masks for its two micro-batches than two processes do): shared with test_train_fsdp
+    data = one_process_reference.data
     two = tmp_path / "two"
     two.mkdir()
     argvs = [
@@ -356,7 +322,7 @@ def test_two_nodes_log_the_losses_of_one_process_with_the_same_global_batch(
     assert [event["event"] for event in events].count("done") == 1  # global rank 0 alone publishes
     assert max(e["total_steps"] for e in events if e["event"] == "progress") == STEPS_PER_EPOCH * EPOCHS
 
-    want = logged_losses(one / "out")
+    want = logged_losses(one_process_reference.out)
     assert [step for step, train, _ in want if train is not None] == list(
         range(1, STEPS_PER_EPOCH * EPOCHS + 1)
     )
