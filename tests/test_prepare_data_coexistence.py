@@ -56,6 +56,8 @@ intents:
   - greet
   - book_hotel
   - inform
+actions:
+  - action_hotel_form
 slots:
   recipient:
     type: text
@@ -88,8 +90,9 @@ responses:
     - text: Your hotel is booked.
 """
 
-# The NLU-based system: greetings, hotel bookings (reset after the booking), and an old balance story whose
-# response the check_balance flow says too (so it tells nothing about the routing).
+# The NLU-based system: greetings, hotel bookings (reset after the booking: after utter_hotel_booked, not
+# after the form action, which also runs without a reset), and an old balance story whose response the
+# check_balance flow says too (so it tells nothing about the routing).
 NLU_DATA = """
 version: "3.1"
 rules:
@@ -101,8 +104,10 @@ stories:
   - story: book a hotel
     steps:
       - intent: book_hotel
+      - action: action_hotel_form
       - action: utter_ask_hotel_city
       - intent: inform
+      - action: action_hotel_form
       - action: utter_hotel_booked
       - action: action_reset_routing
   - story: old balance
@@ -207,6 +212,7 @@ test_cases:
           - slot_was_set:
               - name: route_session_to_calm
                 value: false
+          - action_executed: action_hotel_form
       - user: for three nights
         assertions:
           - action_executed: action_reset_routing
@@ -233,6 +239,18 @@ test_cases:
                 value: 5
           - bot_uttered:
               utter_name: utter_transfer_done
+
+  - test_case: the routing slot alone tells
+    steps:
+      - user: a room in Oslo please
+        assertions:
+          - slot_was_set:
+              - name: route_session_to_calm
+                value: false
+      - user: two nights
+        assertions:
+          - slot_was_not_set:
+              - name: recipient
 
   - test_case: a response both systems say tells nothing
     steps:
@@ -398,10 +416,10 @@ async def test_llm_router_decides_turns_sticky_and_not(
 async def test_evidence_offline(bank: Path) -> None:
     out = await run(bank, "evidence.yml", None, annotator="assertions")
     summary = read(out / "result_summary.yaml")
-    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (2, 1)
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (3, 1)
     assert summary["num_ft_data_points"] == 3
-    # Rome (the slot set False), three nights (still False, then reset), hi
-    assert summary["num_nlu_routed_turns"] == 3
+    # Rome (the slot set False), three nights (still False, then reset), hi, Oslo, two nights (still False)
+    assert summary["num_nlu_routed_turns"] == 5
     assert labels(out, "evidence") == {
         "the test shows the session handed to the NLU system": [None, None, ["start flow check_balance"]],
         "a greeting only the NLU rules answer": [
@@ -409,6 +427,7 @@ async def test_evidence_offline(bank: Path) -> None:
             ["start flow transfer_money", "set slot recipient Dan"],
             ["set slot amount 5"],
         ],
+        "the routing slot alone tells": [None, None],
     }
     failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
     assert [(f["test_case"], f["turn_index"]) for f in failures] == [
@@ -437,5 +456,5 @@ async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
     # Turns the test shows routed to NLU never reach the router; 'show my balance' follows the story's reset.
     assert sorted(routed) == sorted(["show my balance", "transfer 5 to Dan", "balance please"])
     summary = read(out / "result_summary.yaml")
-    assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (3, 4)
-    assert summary["num_nlu_routed_turns"] == 3
+    assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (4, 4)
+    assert summary["num_nlu_routed_turns"] == 5

@@ -336,7 +336,7 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
     actions: set[str] = set()
     sub_agents: dict[str, Path] = {}
     warnings: list[str] = []
-    nlu_side: dict[str, set[str]] = {"said": set(), "reset_after": set()}
+    nlu_side: dict[str, set[str]] = {"said": set(), "reset_after": set(), "not_reset_after": set()}
     excluded = [p.resolve() for p in exclude]
     read: list[Path] = []
     for path in yaml_files(root):
@@ -379,7 +379,9 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
         flows.setdefault(pattern.id, _default_pattern_flow(pattern))
     assistant = Assistant(flows, slots, responses, frozenset(actions), sub_agents)
     warnings += _check_references(assistant)
-    nlu = NLUSide(frozenset(nlu_side["said"]), frozenset(nlu_side["reset_after"]))
+    nlu = NLUSide(
+        frozenset(nlu_side["said"]), frozenset(nlu_side["reset_after"] - nlu_side["not_reset_after"])
+    )
     return replace(assistant, warnings=tuple(warnings), files=tuple(read), nlu=nlu)
 
 

@@ -122,7 +122,8 @@ class NLUSide:
     """What the assistant's NLU-based system (its `stories:` and `rules:`) does, as far as routing needs."""
 
     said: frozenset[str] = frozenset()  # responses and actions its stories / rules run
-    reset_after: frozenset[str] = frozenset()  # those followed by action_reset_routing in the same bot turn
+    # those every bot turn running them follows with action_reset_routing
+    reset_after: frozenset[str] = frozenset()
 
 
 def _story_actions(steps: Any) -> list[list[str]]:
@@ -139,7 +140,10 @@ def _story_actions(steps: Any) -> list[list[str]]:
 
 
 def read_nlu_side(data: Mapping[str, Any], path: Path, into: dict[str, set[str]]) -> bool:
-    """Add one YAML file's stories / rules to `into` ({"said": …, "reset_after": …}); whether it had any."""
+    """Add one YAML file's stories / rules to `into` ({"said", "reset_after", "not_reset_after"}: what they
+    run, what a bot turn runs before action_reset_routing, what one runs without it after); whether it had
+    any. A reset is known after an action only when every bot turn that runs it resets afterwards (a form
+    action that also runs turn by turn tells nothing)."""
     found = False
     for key in ("stories", "rules"):
         for story in data.get(key) or []:
@@ -148,8 +152,9 @@ def read_nlu_side(data: Mapping[str, Any], path: Path, into: dict[str, set[str]]
             found = True
             for actions in _story_actions(story.get("steps")):
                 into["said"].update(actions)
-                if RESET_ACTION in actions:
-                    into["reset_after"].update(actions[: actions.index(RESET_ACTION)])
+                before = actions[: actions.index(RESET_ACTION)] if RESET_ACTION in actions else []
+                into["reset_after"].update(before)
+                into["not_reset_after"].update(a for a in actions if a not in before)
     return found
 
 
