@@ -1,6 +1,6 @@
 """The benchmark scripts still run: each one, as its own command, with tiny parameters, checked by its JSON.
 
-All four start at once (they mostly wait: on the slow LLM, on subprocesses, on the operator), so the
+All five start at once (they mostly wait: on the slow LLM, on subprocesses, on the operator), so the
 module takes about as long as the slowest one. The figures are not checked against targets here, only
 that they are there and make sense (docs/benchmarks.md holds the measured ones).
 """
@@ -8,6 +8,7 @@ that they are there and make sense (docs/benchmarks.md holds the measured ones).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ TINY: dict[str, list[str]] = {
     "prepare_data_llm": ["--tests", "4", "--latency", "0.02", "--rephrases", "1", "--concurrency", "1", "4"],
     "train_throughput": ["--vocab", "tiny", "--tests", "2", "--batch-size", "2", "--repeats", "1"],
     "operator_scale": ["--recipes", "3", "--timeout", "60"],
+    "kube_requests": ["--requests", "20", "--repeats", "1"],
     "train_gpu": ["--shape", "tiny", "--tests", "2", "--batch-size", "2", "--variants", "lora"],
 }
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -138,6 +140,20 @@ def test_operator_scale(runs: dict[str, Run]) -> None:
     assert len(run["load_average_start"]) == len(run["load_average_end"]) == 3
     assert run["rss_peak_mib"] >= run["rss_idle_mib"] > 0
     assert run["operator_cpu_s"] > 0
+    # The operator's own requests share at most one kept-alive connection per worker thread (a client per
+    # request opened one per request: about 42 here); kopf posts the 12 Events.
+    assert run["requests_by_client"] == {"kubernetes client": run["requests_total"] - 12, "kopf": 12}
+    assert 1 <= run["connections_by_client"]["kubernetes client"] <= min(32, (os.cpu_count() or 1) + 4)
+
+
+def test_kube_requests(runs: dict[str, Run]) -> None:
+    data = runs["kube_requests"].result()
+    rows = {(row["transport"], row["side"]): row for row in data["medians"]}
+    assert set(rows) == {(t, s) for t in ("HTTP", "TLS") for s in ("client per request", "shared client")}
+    for transport in ("HTTP", "TLS"):
+        assert rows[transport, "client per request"]["connections"] == 20
+        assert rows[transport, "shared client"]["connections"] == 0
+    assert all(row["cpu_ms_per_request"] > 0 and row["wall_ms_per_request"] > 0 for row in rows.values())
 
 
 def test_train_gpu(runs: dict[str, Run]) -> None:
