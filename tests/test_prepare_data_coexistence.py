@@ -352,7 +352,20 @@ async def test_llm_router_decides_turns_sticky_and_not(
         return COMMANDS[user_message(request)]
 
     llm_server.script(answer)
+    # The router's own LLM (Rasa's defaults where its block is silent: temperature 0, one token).
+    config = CONFIG.replace(
+        "      non_sticky: handles greetings\n",
+        "      non_sticky: handles greetings\n"
+        f"    llm: {{provider: self-hosted, model: router-model, api_base: '{llm_server.base_url}'}}\n",
+    )
+    write(bank / "config.yml", config)
     out = await run(bank, "router.yml", llm_config)
+    router_requests = [r.chat for r in llm_server.requests if routed_message(r.chat) is not None]
+    assert {(c.model, c.temperature, c.max_tokens) for c in router_requests if c is not None} == {
+        ("router-model", 0.0, 1)
+    }
+    generator_requests = [r.chat for r in llm_server.requests if routed_message(r.chat) is None]
+    assert {c.model for c in generator_requests if c is not None} == {"gpt-4o"}
     routed = [m for r in llm_server.requests if (m := routed_message(r.chat)) is not None]
     # Sticky CALM after 'send money to Ann' skips the router for '50 dollars'; the flow's end runs the
     # bank's pattern_completed, whose action_reset_routing brings it back for 'what's my balance'. After C,
@@ -455,6 +468,11 @@ async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
     routed = [m for r in llm_server.requests if (m := routed_message(r.chat)) is not None]
     # Turns the test shows routed to NLU never reach the router; 'show my balance' follows the story's reset.
     assert sorted(routed) == sorted(["show my balance", "transfer 5 to Dan", "balance please"])
+    # Without an llm of its own, the router asks the command generator's, with Rasa's router defaults.
+    router_requests = [r.chat for r in llm_server.requests if routed_message(r.chat) is not None]
+    assert {(c.model, c.temperature, c.max_tokens) for c in router_requests if c is not None} == {
+        ("gpt-4o", 0.0, 1)
+    }
     summary = read(out / "result_summary.yaml")
     assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (4, 4)
     assert summary["num_nlu_routed_turns"] == 5

@@ -121,7 +121,7 @@ def read_llm_config(path: Path) -> LLMConfigFile:
     )
 
 
-def _model_group(endpoints: Path | None, group_id: str, origin: str) -> Mapping[str, Any]:
+def model_group(endpoints: Path | None, group_id: str, origin: str) -> Mapping[str, Any]:
     if endpoints is None:
         raise InputError(
             f"{origin}: the command generator uses model_group {group_id!r}; pass --endpoints too"
@@ -152,7 +152,7 @@ def read_rasa_config(config: Path, endpoints: Path | None) -> GeneratorConfig:
         llm = None
         if isinstance(llm_block, Mapping) and "model_group" in llm_block:
             llm = llm_settings(
-                _model_group(endpoints, str(llm_block["model_group"]), str(config)), str(endpoints)
+                model_group(endpoints, str(llm_block["model_group"]), str(config)), str(endpoints)
             )
         elif llm_block is not None:
             llm = llm_settings(llm_block, str(config))

@@ -60,7 +60,7 @@ from ftrecipe.dataprep.prompt_datetime import (
     utc_now,
 )
 from ftrecipe.dataprep.rephrase import RephraserConfig, read_rephrase_config, rephrase_conversation
-from ftrecipe.dataprep.routing import read_router
+from ftrecipe.dataprep.routing import read_router, router_llm
 from ftrecipe.dataprep.split import (
     DataPoint,
     SplitResult,
@@ -471,11 +471,13 @@ async def prepare_data(
             label = assertions_labeller(assistant, generator.syntax)
         # Coexistence: Rasa asks an LLMBasedRouter before the command generator (with the generator's LLM
         # here); an IntentBasedRouter needs an NLU model, so its routing is only what the tests show.
-        router = read_router(options.config) if options.config is not None else None
+        router = read_router(options.config, options.endpoints) if options.config is not None else None
         route = None
         if router is not None and router.asks_llm and options.annotator == "llm" and assistant.coexistence:
-            assert generator_client is not None
-            route = llm_router(generator_client, router)
+            assert generator.llm is not None
+            router_client = _llm_client(router_llm(router, generator.llm), options)
+            clients.append(router_client)
+            route = llm_router(router_client, router)
         rephrasing = options.num_rephrases > 0 and generator_client is not None
         rephrase_client = generator_client
         if rephrasing and rephraser.llm is not None and rephraser.llm != generator.llm:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import jinja2
 
+from ftrecipe.dataprep.config import llm_settings, model_group
+from ftrecipe.dataprep.llm import LLMSettings
 from ftrecipe.dataprep.patterns import DEFAULT_RESPONSES, ROUTER_SLOT
 from ftrecipe.dataprep.yamlfile import InputError, load_yaml
 
@@ -51,13 +53,14 @@ class RouterConfig:
     nlu_entry_non_sticky: str = _DEFAULT_NLU_NON_STICKY
     prompt: str = DEFAULT_ROUTER_PROMPT
     source: str = ""
+    llm: LLMSettings | None = None  # the router's own `llm` block (a model_group resolved from endpoints)
 
     @property
     def asks_llm(self) -> bool:
         return self.kind == "LLMBasedRouter"
 
 
-def read_router(config: Path) -> RouterConfig | None:
+def read_router(config: Path, endpoints: Path | None = None) -> RouterConfig | None:
     """The coexistence router of Rasa's config.yml (the first one in `pipeline:`), or None."""
     data = load_yaml(config)
     pipeline = data.get("pipeline") if isinstance(data, Mapping) else None
@@ -80,8 +83,16 @@ def read_router(config: Path) -> RouterConfig | None:
                 prompt = path.read_text(encoding="utf-8").strip()  # Rasa strips the template too
             except OSError as error:
                 raise InputError(f"{config}: {name}: prompt {path}: {error.strerror}") from None
+        block = component.get("llm")
+        llm = None
+        if isinstance(block, Mapping) and "model_group" in block:
+            group = model_group(endpoints, str(block["model_group"]), str(config))
+            llm = llm_settings(group, str(endpoints))
+        elif block is not None:
+            llm = llm_settings(block, str(config))
         return RouterConfig(
             kind=name,
+            llm=llm,
             calm_entry_sticky=str(calm.get("sticky") or ""),
             nlu_entry_sticky=str(nlu.get("sticky") or _DEFAULT_NLU_STICKY),
             nlu_entry_non_sticky=str(nlu.get("non_sticky") or _DEFAULT_NLU_NON_STICKY),
@@ -89,6 +100,15 @@ def read_router(config: Path) -> RouterConfig | None:
             source=f"{config} ({name})",
         )
     return None
+
+
+def router_llm(router: RouterConfig, generator: LLMSettings) -> LLMSettings:
+    """The LLM the router asks: its own `llm`, else the command generator's (Rasa's default is an OpenAI
+    chat model; the generator's endpoint is the one a run can reach). Rasa's router defaults apply where the
+    block is silent: temperature 0 and one token of answer (its logit bias towards A/B/C is not sent)."""
+    if router.llm is not None:
+        return router.llm.model_copy(update={"max_tokens": router.llm.max_tokens or 1})
+    return generator.model_copy(update={"temperature": 0.0, "max_tokens": 1})
 
 
 def router_prompt(router: RouterConfig, user_message: str) -> str:
