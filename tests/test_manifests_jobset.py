@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,20 +102,85 @@ def test_one_indexed_replicated_job_with_dns_hostnames(nodes: int) -> None:
     assert spec["ttlSecondsAfterFinished"] == job["spec"]["ttlSecondsAfterFinished"] == 604800
 
 
-def test_failures_bad_input_fails_the_set_anything_else_restarts_it() -> None:
+def test_failures_bad_input_fails_the_set_a_preemption_restarts_it_uncounted() -> None:
     jobset, _ = jobset_and_job(2)
     child = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
-    # Exit code 2 (bad input) fails the child Job through its podFailurePolicy: reason PodFailurePolicy.
+    # Exit code 2 (bad input), the trainer's exit 143 after a checkpoint (preempted) and a disrupted pod
+    # fail the child Job through its podFailurePolicy (reason PodFailurePolicy); a crash fails it through
+    # backoffLimit 0 (BackoffLimitExceeded).
+    assert child["backoffLimit"] == 0
     assert child["podFailurePolicy"] == {
-        "rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}},
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [143]}},
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
     }
     assert jobset["spec"]["failurePolicy"] == {
         "maxRestarts": 3,
         "rules": [
-            {"name": "badInput", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
+            {
+                "name": "badInput",
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": ["failed with exit code 2 matching FailJob rule"],
+            },
+            {
+                "name": "preempted",
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": [
+                    "failed with exit code 143 matching FailJob rule",
+                    "has condition DisruptionTarget matching FailJob rule",
+                ],
+            },
             {"name": "deadlineExceeded", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
         ],
     }
+
+
+# The child Job's failure condition as Kubernetes' Job controller writes it (reason, message;
+# pkg/controller/job/pod_failure_policy.go and job_controller.go), and the rule JobSet then applies.
+JOB_FAILURES: list[tuple[str, str, str | None]] = [
+    (
+        "PodFailurePolicy",
+        "Container train for pod ml/bot-train-0123abcd-node-0-0-x7k2q failed with exit code 2 matching FailJob "
+        "rule at index 0",
+        "badInput",
+    ),
+    (
+        "PodFailurePolicy",
+        "Container train for pod ml/bot-train-0123abcd-node-0-1-x7k2q failed with exit code 143 matching "
+        "FailJob rule at index 1",
+        "preempted",
+    ),
+    (
+        "PodFailurePolicy",
+        "Pod ml/bot-train-0123abcd-node-0-1-x7k2q has condition DisruptionTarget matching FailJob rule at index 2",
+        "preempted",
+    ),
+    (
+        "BackoffLimitExceeded",
+        "Job has reached the specified backoff limit",
+        None,
+    ),  # a crash: default, counted
+    ("DeadlineExceeded", "Job was active longer than specified deadline", "deadlineExceeded"),
+]
+
+
+@pytest.mark.parametrize(("reason", "message", "rule"), JOB_FAILURES)
+def test_each_child_job_failure_meets_its_rule(reason: str, message: str, rule: str | None) -> None:
+    jobset, _ = jobset_and_job(2)
+    matched = None
+    for candidate in jobset["spec"]["failurePolicy"]["rules"]:  # JobSet: the first rule that matches
+        reasons = candidate.get("onJobFailureReasons") or []
+        patterns = candidate.get("onJobFailureMessagePatterns") or []
+        if (not reasons or reason in reasons) and (
+            not patterns or any(re.search(p, message) for p in patterns)
+        ):
+            matched = candidate["name"]
+            break
+    assert matched == rule
 
 
 def test_suspend_labels_annotations_and_kueue() -> None:
@@ -319,6 +385,12 @@ BROKEN: list[tuple[str, Callable[[Manifest], None]]] = [
     ("rule-without-name", _delete("spec.failurePolicy.rules.0.name")),
     ("rule-reasons-not-a-list", _set("spec.failurePolicy.rules.0.onJobFailureReasons", "PodFailurePolicy")),
     ("rule-target-unknown", _set("spec.failurePolicy.rules.0.targetReplicatedJobs", ["workers"])),
+    (
+        "rule-patterns-not-a-list",
+        _set("spec.failurePolicy.rules.0.onJobFailureMessagePatterns", "exit code 2"),
+    ),
+    ("rule-pattern-not-a-regex", _set("spec.failurePolicy.rules.0.onJobFailureMessagePatterns", ["exit (2"])),
+    ("rule-patterns-repeated", _set("spec.failurePolicy.rules.1.onJobFailureMessagePatterns", ["a", "a"])),
     ("unknown-restart-strategy", _set("spec.failurePolicy.restartStrategy", "Always")),
     ("unknown-success-operator", _set("spec.successPolicy", {"operator": "Every"})),
     ("suspend-as-text", _set("spec.suspend", "yes")),

@@ -195,6 +195,71 @@ def test_a_lost_node_restarts_the_group_and_the_status_says_so_until_the_restart
     assert not run.errors, run.messages()
 
 
+def preempt_nodes(k8s: K8s, child: str) -> None:
+    """A spot reclaim of node 1: every pod checkpoints and exits 143 (training.md, several nodes), and the
+    child Job fails through its podFailurePolicy's exit-143 rule, with the Job controller's message."""
+    tag = attempt_tag(k8s, child)
+    for index in (0, 1):
+        k8s.set_job_pod(child, NS, "Failed", container="train", suffix=f"{index}-p{tag}", exit_code=143)
+    k8s.set_job_status(
+        child,
+        NS,
+        "failed",
+        reason="PodFailurePolicy",
+        message=f"Container train for pod {NS}/{child}-1-p{tag} failed with exit code 143 matching FailJob rule "
+        "at index 1",
+    )
+
+
+def test_a_preempted_group_restarts_without_using_up_max_restarts_and_the_eviction_cap_ends_a_loop(
+    k8s: K8s,
+) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        run_nodes(k8s, child)
+        wait_status(k8s, lambda s: s.get("phase") == "Training", "training")
+
+        preempt_nodes(k8s, child)  # restarted, maxRestarts untouched
+        child = child_of(k8s, jobset, 1)
+        run_nodes(k8s, child)
+        seen = k8s.get(JOBSETS, jobset, NS) or {}
+        assert (seen["status"]["restarts"], seen["status"].get("restartsCountTowardsMax", 0)) == (1, 0)
+        st = status(k8s)
+        assert st["phase"] == "Training" and st["training"]["restarts"] == 0
+        assert st["message"] == f"training running (JobSet {jobset})"
+
+        lose_node(k8s, child)  # a crash still counts: 1 of 3
+        st = wait_status(k8s, lambda s: s.get("training", {}).get("restarts") == 1, "the counted restart")
+        assert (
+            st["message"] == f"training running (JobSet {jobset}, restarted 1 of 3 times after a lost node)"
+        )
+        child = child_of(k8s, jobset, 2)
+        run_nodes(k8s, child)
+
+        preempt_nodes(k8s, child)  # the second preemption
+        child = child_of(k8s, jobset, 3)
+        run_nodes(k8s, child)
+        assert (
+            wait_status(k8s, lambda s: s.get("phase") == "Training", "training")["training"]["restarts"] == 1
+        )
+
+        preempt_nodes(k8s, child)  # the third: --max-evictions (3) ends the loop as for a Job
+        st = wait_phase(k8s, "Failed")
+        expected = (
+            f"training stopped: its pod was evicted 3 times (JobSet {jobset} deleted); last: a node was "
+            "preempted, and the JobSet restarted every node without counting it toward maxRestarts"
+        )
+        assert st["message"] == expected
+        assert condition(st, "Trained")["reason"] == "Evicted"
+        assert k8s.get(JOBSETS, jobset, NS) is None
+    assert not run.errors, run.messages()
+
+
 def test_a_restarted_operator_adopts_the_running_jobset(k8s: K8s) -> None:
     k8s.install_jobset()
     body = two_nodes()
@@ -374,7 +439,12 @@ def test_one_node_that_cannot_start_holds_the_group_and_fails_it_past_its_limit(
 
 
 def jobset_body(
-    conditions: Sequence[tuple[str, str]] = (), *, suspend: bool = False, active: int = 0, restarts: int = 0
+    conditions: Sequence[tuple[str, str]] = (),
+    *,
+    suspend: bool = False,
+    active: int = 0,
+    restarts: int = 0,
+    uncounted: int = 0,
 ) -> dict[str, Any]:
     return {
         "metadata": {
@@ -386,6 +456,7 @@ def jobset_body(
         "spec": {"suspend": suspend, "failurePolicy": {"maxRestarts": 3}},
         "status": {
             "restarts": restarts,
+            "restartsCountTowardsMax": restarts - uncounted,
             "replicatedJobsStatus": [{"name": "node", "active": active, "ready": 0}],
             "conditions": [
                 {"type": kind, "status": "True", "reason": reason, "message": f"{reason} words"}
@@ -406,6 +477,9 @@ def test_a_jobsets_state_comes_from_its_conditions() -> None:
     assert (seen.kind, seen.state, seen.restarts, seen.max_restarts) == ("JobSet", "failed", 3, 3)
     assert seen.message == "JobSet r-train-1 failed: ReachedMaxRestarts words"
     assert seen.failure_reason == "ReachedMaxRestarts"
+    # Two of five restarts were preemptions (RestartJobSetAndIgnoreMaxRestarts): evictions, not restarts.
+    preempted = observed_jobset(jobset_body(active=1, restarts=5, uncounted=2))
+    assert preempted is not None and (preempted.restarts, preempted.evictions) == (3, 2)
 
 
 def test_jobset_listings_report_changes_restarts_and_disappearances() -> None:

@@ -176,6 +176,21 @@ def jobset_violations(manifest: dict[str, Any]) -> list[str]:
             reasons = rule.on_job_failure_reasons or []
             if len(set(reasons)) != len(reasons):
                 problems.append(f"failurePolicy.rules[{rule.name}].onJobFailureReasons: items must be unique")
+            patterns = rule.on_job_failure_message_patterns or []
+            if len(set(patterns)) != len(patterns):  # kubebuilder UniqueItems, as on the reasons
+                problems.append(
+                    f"failurePolicy.rules[{rule.name}].onJobFailureMessagePatterns: items must be unique"
+                )
+            for pattern in patterns:
+                # Not the webhook's (it accepts any string): the controller skips a pattern that does not
+                # compile, so the rule would silently never match. Python's re stands in for RE2 here.
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    problems.append(
+                        f"failurePolicy.rules[{rule.name}].onJobFailureMessagePatterns: {pattern!r} is not a "
+                        f"regular expression ({error}); JobSet's controller would skip it"
+                    )
     return problems
 
 

@@ -718,13 +718,32 @@ def _set_condition(conditions: list[Body], kind: str, status: str, reason: str, 
     )
 
 
-def _failure_rule(policy: Body, child: Body, reason: str) -> Body | None:
-    """The first failurePolicy rule that matches a failed child Job (its failure reason, its replicated Job)."""
+def _message_matches(patterns: Sequence[str], message: str) -> bool:
+    """JobSet's anyMatchFound (pkg/controllers/failure_policy.go, v0.10.0+): Go's regexp.MatchString, a
+    search anywhere in the message; an invalid pattern is logged and skipped. Python's re reads the RE2
+    patterns we use alike."""
+    for pattern in patterns:
+        try:
+            if re.search(pattern, message):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def _failure_rule(policy: Body, child: Body, reason: str, message: str) -> Body | None:
+    """The first failurePolicy rule that matches a failed child Job (its failure reason, its failure
+    message: any of onJobFailureMessagePatterns, its replicated Job); an empty list matches anything."""
     replicated = (child["metadata"].get("labels") or {}).get(REPLICATED_JOB_LABEL)
     for rule in policy.get("rules") or []:
         reasons = rule.get("onJobFailureReasons") or []
+        patterns = rule.get("onJobFailureMessagePatterns") or []
         targets = rule.get("targetReplicatedJobs") or []
-        if (not reasons or reason in reasons) and (not targets or replicated in targets):
+        if (
+            (not reasons or reason in reasons)
+            and (not patterns or _message_matches(patterns, message))
+            and (not targets or replicated in targets)
+        ):
             return cast(Body, rule)
     return None
 
@@ -769,18 +788,26 @@ def _jobset_status(jobset: Body, status: Body, children: Sequence[Body], expecte
     failed = [c for c in children if _job_condition(c, "Failed") is not None]
     if failed:
         first = failed[0]
-        reason = str((_job_condition(first, "Failed") or {}).get("reason") or "")
+        failure = _job_condition(first, "Failed") or {}
+        reason = str(failure.get("reason") or "")
         policy = spec.get("failurePolicy") or {}
-        rule = _failure_rule(policy, first, reason)
+        rule = _failure_rule(policy, first, reason, str(failure.get("message") or ""))
         action = rule.get("action") if rule is not None else "RestartJobSet"
         first_job = f"(first failed job: {first['metadata']['name']})"
+        # JobSet counts a restart toward maxRestarts in restartsCountTowardsMax (omitted while 0); status
+        # restarts counts them all (and names the restart attempt).
+        counted = int(status.get("restartsCountTowardsMax") or 0)
         if action == "FailJobSet":
             why = ("FailJobSetFailurePolicyAction", f"applying FailJobSet failure policy action {first_job}")
-        elif restarts >= int(policy.get("maxRestarts") or 0):
+        elif action == "RestartJobSetAndIgnoreMaxRestarts":
+            status["restarts"] = restarts + 1
+            status["conditions"] = conditions
+            return status
+        elif counted >= int(policy.get("maxRestarts") or 0):
             why = ("ReachedMaxRestarts", f"jobset failed due to reaching max number of restarts {first_job}")
         else:
             status["restarts"] = restarts + 1
-            status["restartsCountTowardsMax"] = int(status.get("restartsCountTowardsMax") or 0) + 1
+            status["restartsCountTowardsMax"] = counted + 1
             status["conditions"] = conditions
             return status
         _set_condition(conditions, "Failed", "True", why[0], why[1])
@@ -1480,8 +1507,10 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         behaves: child Jobs `<jobset>-<replicatedJob>-<index>` (labelled, owned, `subdomain` set for DNS
         hostnames) and a headless Service; suspend propagated; `Completed` once every child Job completed;
         a failed child Job restarts the group (child Jobs deleted, `status.restarts` + 1, recreated with the
-        next `restart-attempt`) until `failurePolicy.maxRestarts`, or fails it at once when a
-        `FailJobSet` rule matches its failure reason; a finished JobSet's active child Jobs are deleted."""
+        next `restart-attempt`) until `failurePolicy.maxRestarts` (counted in `restartsCountTowardsMax`),
+        or fails it at once when a `FailJobSet` rule matches its failure reason and message; a
+        `RestartJobSetAndIgnoreMaxRestarts` rule restarts it without counting; a finished JobSet's active
+        child Jobs are deleted."""
         jobsets = kmock.resource(JOBSET.resource)
         jobs = kmock.resource("batch", "v1", "jobs")
         for jobset in [copy.deepcopy(b) for b in self._stored(jobsets, namespace)]:

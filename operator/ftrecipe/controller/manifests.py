@@ -559,6 +559,17 @@ ENV_RENDEZVOUS: Final = "FTRECIPE_RENDEZVOUS"
 # code 2, bad input), or it ran past activeDeadlineSeconds.
 POD_FAILURE_POLICY_REASON: Final = "PodFailurePolicy"
 DEADLINE_EXCEEDED_REASON: Final = "DeadlineExceeded"
+EXIT_PREEMPTED: Final = 143  # 128 + SIGTERM: every pod of a preempted group checkpoints and exits so
+# The child Job's podFailurePolicy FailJob messages (Kubernetes' pkg/controller/job/pod_failure_policy.go,
+# stable since 1.25): "Container <c> for pod <ns>/<pod> failed with exit code <n> matching FailJob rule at
+# index <i>" and "Pod <ns>/<pod> has condition <type> matching FailJob rule at index <i>". Every FailJob
+# failure has the reason PodFailurePolicy, so the JobSet's rules tell bad input from a preemption by the
+# message (onJobFailureMessagePatterns, JobSet v0.10.0; RE2, searched anywhere in the message).
+BAD_INPUT_MESSAGE_PATTERN: Final = rf"failed with exit code {EXIT_USER_ERROR} matching FailJob rule"
+PREEMPTION_MESSAGE_PATTERNS: Final = (
+    rf"failed with exit code {EXIT_PREEMPTED} matching FailJob rule",
+    r"has condition DisruptionTarget matching FailJob rule",
+)
 
 
 def uses_jobset(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
@@ -594,10 +605,16 @@ def build_jobset(
     * The child Job's template has none of our labels: the JobSet, not its child Job, is the phase's
       workload, and the operator's Job selectors must not take the child for a second one.
     * Failures: exit code 2 (bad input) fails the child Job through its podFailurePolicy (reason
-      ``PodFailurePolicy``), which a failurePolicy rule maps to FailJobSet: no restart; so does a child
-      Job past ``activeDeadlineSeconds`` (``DeadlineExceeded``). Any other pod failure, a disruption
-      included, fails the child Job (backoffLimit 0) and restarts the whole group (up to
-      `JOBSET_MAX_RESTARTS`): one node cannot rejoin a running torchrun group on its own.
+      ``PodFailurePolicy``), which a failurePolicy rule (matching the message's exit code) maps to
+      FailJobSet: no restart; so does a child Job past ``activeDeadlineSeconds`` (``DeadlineExceeded``).
+      A preemption (the trainer's checkpointed exit 143, or a pod with the DisruptionTarget condition)
+      fails the child Job through the podFailurePolicy too, and restarts the whole group without counting
+      toward maxRestarts (RestartJobSetAndIgnoreMaxRestarts; the operator caps these with
+      --max-evictions). Any other pod failure (a crash) fails the child Job (backoffLimit 0,
+      ``BackoffLimitExceeded``) and restarts the whole group, up to `JOBSET_MAX_RESTARTS`: one node
+      cannot rejoin a running torchrun group on its own. The message patterns need JobSet v0.10.0; an
+      older JobSet drops them, and then the bad-input rule, first, fails the JobSet on a preemption too
+      (never a restart loop on bad input).
     * ``ttlSecondsAfterFinished`` moves to the JobSet, which owns (and deletes) its child Jobs.
 
     Raises ValueError for a phase that runs as a plain Job, and for recipes a cluster cannot run."""
@@ -644,6 +661,13 @@ def build_jobset(
                         "name": "badInput",
                         "action": "FailJobSet",
                         "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
+                        "onJobFailureMessagePatterns": [BAD_INPUT_MESSAGE_PATTERN],
+                    },
+                    {
+                        "name": "preempted",
+                        "action": "RestartJobSetAndIgnoreMaxRestarts",
+                        "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
+                        "onJobFailureMessagePatterns": list(PREEMPTION_MESSAGE_PATTERNS),
                     },
                     {
                         "name": "deadlineExceeded",
@@ -668,7 +692,15 @@ def build_jobset(
                                     {
                                         "action": "FailJob",
                                         "onExitCodes": {"operator": "In", "values": [EXIT_USER_ERROR]},
-                                    }
+                                    },
+                                    {
+                                        "action": "FailJob",
+                                        "onExitCodes": {"operator": "In", "values": [EXIT_PREEMPTED]},
+                                    },
+                                    {
+                                        "action": "FailJob",
+                                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                                    },
                                 ]
                             },
                             "template": pod_template,

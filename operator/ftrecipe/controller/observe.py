@@ -142,10 +142,24 @@ def jobset_state(jobset: Mapping[str, Any]) -> JobState:
 
 
 def jobset_restarts(jobset: Mapping[str, Any]) -> tuple[int, int]:
-    """(restarts so far, ``failurePolicy.maxRestarts``) of a JobSet."""
+    """(restarts so far, counted or not, ``failurePolicy.maxRestarts``) of a JobSet."""
     restarts = (jobset.get("status") or {}).get("restarts") or 0
     policy = (jobset.get("spec") or {}).get("failurePolicy") or {}
     return int(restarts), int(policy.get("maxRestarts") or 0)
+
+
+def jobset_uncounted_restarts(jobset: Mapping[str, Any]) -> int:
+    """A JobSet's restarts that did not count toward maxRestarts: our preemption rule's
+    (RestartJobSetAndIgnoreMaxRestarts). JobSet (v0.6.0+) counts every restart in ``status.restarts`` and
+    the counted ones in ``restartsCountTowardsMax`` (omitted while 0)."""
+    status = jobset.get("status") or {}
+    restarts = int(status.get("restarts") or 0)
+    return restarts - min(int(status.get("restartsCountTowardsMax") or 0), restarts)
+
+
+JOBSET_PREEMPTED = (
+    "a node was preempted, and the JobSet restarted every node without counting it toward maxRestarts"
+)
 
 
 def observed_jobset(jobset: Mapping[str, Any]) -> ObservedJob | None:
@@ -158,6 +172,7 @@ def observed_jobset(jobset: Mapping[str, Any]) -> ObservedJob | None:
     failed = _condition(jobset, "Failed")
     text = (failed or {}).get("message") or (failed or {}).get("reason")
     restarts, max_restarts = jobset_restarts(jobset)
+    preemptions = jobset_uncounted_restarts(jobset)
     return replace(
         job,
         state=state,
@@ -165,8 +180,12 @@ def observed_jobset(jobset: Mapping[str, Any]) -> ObservedJob | None:
         failure_reason=(failed or {}).get("reason"),
         blocker=job_blocker(jobset) if state == "suspended" else None,
         kind="JobSet",
-        restarts=restarts,
+        restarts=restarts - preemptions,  # the ones that use up maxRestarts
         max_restarts=max_restarts,
+        # A preempted group restarts without using up maxRestarts; it counts as an eviction instead, so
+        # --max-evictions bounds a node pool that keeps reclaiming, as for a single-node Job.
+        evictions=preemptions,
+        last_eviction=JOBSET_PREEMPTED if preemptions else None,
     )
 
 
@@ -177,7 +196,7 @@ def jobset_pods_selector(jobset_name: str) -> str:
 def current_attempt(job: ObservedJob, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """A JobSet's pods of its current restart attempt (an earlier attempt's may linger until the garbage
     collector removes them)."""
-    attempt = str(job.restarts or 0)
+    attempt = str((job.restarts or 0) + job.evictions)  # every restart, counted or a preemption's
     return [
         p
         for p in pods
@@ -471,7 +490,13 @@ def with_pods(
     count, last = evictions(pods)
     newest = newest_live_pod(pods)
     blocker = pods_blocker(pods) or (mount_blocker(newest, events) if newest is not None else None)
-    return replace(job, blocker=blocker or job.blocker, evictions=count, last_eviction=last)
+    # A JobSet's evictions so far are its preempted groups' restarts (`observed_jobset`); a Job's are 0.
+    return replace(
+        job,
+        blocker=blocker or job.blocker,
+        evictions=job.evictions + count,
+        last_eviction=last or job.last_eviction,
+    )
 
 
 def replan_needed(
