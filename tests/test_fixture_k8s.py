@@ -630,6 +630,61 @@ def test_a_failure_policy_rule_fails_the_jobset_at_once(k8s: K8s) -> None:
     assert conditions_of(body)["Failed"] == ("True", "FailJobSetFailurePolicyAction")
 
 
+def test_message_patterns_pick_the_rule_and_an_ignored_restart_is_not_counted(k8s: K8s) -> None:
+    """As JobSet v0.10.0+ (pkg/controllers/failure_policy.go): a rule needs its reason and one of its
+    onJobFailureMessagePatterns (a regex found anywhere in the Job's failure message; one that does not
+    compile is skipped); RestartJobSetAndIgnoreMaxRestarts restarts without restartsCountTowardsMax."""
+    k8s.ensure_namespace(NAMESPACE)
+    k8s.install_jobset()
+    body = jobset("js", max_restarts=1)
+    body["spec"]["failurePolicy"]["rules"] = [
+        {
+            "name": "bad",
+            "action": "FailJobSet",
+            "onJobFailureReasons": ["PodFailurePolicy"],
+            "onJobFailureMessagePatterns": ["exit (2", "exit code 2 matching"],
+        },
+        {
+            "name": "preempted",
+            "action": "RestartJobSetAndIgnoreMaxRestarts",
+            "onJobFailureReasons": ["PodFailurePolicy"],
+            "onJobFailureMessagePatterns": ["exit code 143 matching"],
+        },
+    ]
+    k8s.create(JOBSETS, body, NAMESPACE)
+    preempted = "Container train for pod ns/js-node-0-1-ab12c failed with exit code 143 matching FailJob rule at index 1"
+    for attempt in (1, 2):  # more than maxRestarts, none counted
+        k8s.set_job_status("js-node-0", NAMESPACE, "failed", reason="PodFailurePolicy", message=preempted)
+        seen = k8s.get(JOBSETS, "js", NAMESPACE) or {}
+        assert (seen["status"]["restarts"], seen["status"].get("restartsCountTowardsMax", 0)) == (attempt, 0)
+        assert "Failed" not in conditions_of(seen)
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed")  # BackoffLimitExceeded: no rule, counted
+    seen = k8s.get(JOBSETS, "js", NAMESPACE) or {}
+    assert (seen["status"]["restarts"], seen["status"]["restartsCountTowardsMax"]) == (3, 1)
+    k8s.set_job_status(  # a PodFailurePolicy failure no pattern matches: the default, and no restart left
+        "js-node-0", NAMESPACE, "failed", reason="PodFailurePolicy", message="exit code 24 matching FailJob"
+    )
+    seen = k8s.get(JOBSETS, "js", NAMESPACE) or {}
+    assert conditions_of(seen)["Failed"] == ("True", "ReachedMaxRestarts")
+
+
+def test_a_message_pattern_fails_the_jobset_at_once(k8s: K8s) -> None:
+    k8s.ensure_namespace(NAMESPACE)
+    k8s.install_jobset()
+    body = jobset("js", max_restarts=3)
+    body["spec"]["failurePolicy"]["rules"][0]["onJobFailureMessagePatterns"] = ["exit code 2 matching"]
+    k8s.create(JOBSETS, body, NAMESPACE)
+    other = "Pod ns/js-node-0-1-ab12c has condition DisruptionTarget matching FailJob rule at index 2"
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed", reason="PodFailurePolicy", message=other)
+    seen = k8s.get(JOBSETS, "js", NAMESPACE) or {}
+    assert (seen["status"]["restarts"], "Failed" in conditions_of(seen)) == (1, False)  # no match: restarted
+    message = "Container train for pod ns/js-node-0-0-ab12c failed with exit code 2 matching FailJob rule at index 0"
+    k8s.set_job_status("js-node-0", NAMESPACE, "failed", reason="PodFailurePolicy", message=message)
+    seen = k8s.get(JOBSETS, "js", NAMESPACE) or {}
+    assert seen["status"]["restarts"] == 1
+    assert conditions_of(seen)["Failed"] == ("True", "FailJobSetFailurePolicyAction")
+
+
 def test_the_jobset_suspends_and_resumes_its_child_jobs(k8s: K8s) -> None:
     k8s.ensure_namespace(NAMESPACE)
     k8s.install_jobset()
