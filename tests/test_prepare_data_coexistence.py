@@ -476,3 +476,25 @@ async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
     summary = read(out / "result_summary.yaml")
     assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (4, 4)
     assert summary["num_nlu_routed_turns"] == 5
+
+
+async def test_the_router_is_part_of_the_inputs_hash(bank: Path) -> None:
+    """A config outside the assistant folder: only the router's own part of the hash tells two runs apart."""
+    hashes: list[str] = []
+    for sticky in ("handles hotel bookings", "handles hotel bookings and flights"):
+        outside = bank.parent / "config.yml"
+        write(outside, CONFIG.replace("sticky: handles hotel bookings", f"sticky: {sticky}"))
+        (bank / "config.yml").unlink(missing_ok=True)
+        out = bank.parent / f"out-{len(hashes)}"
+        options = PrepareDataOptions(
+            e2e_paths=(Path("bank/e2e/evidence.yml"),),
+            assistant=Path("bank"),
+            config=outside,
+            out=out,
+            cache_dir=bank.parent / "cache",
+            num_rephrases=0,
+            annotator="assertions",
+        )
+        await prepare_data(options)
+        hashes.append(read(out / "manifest.json")["inputs_hash"])
+    assert hashes[0] != hashes[1]

@@ -354,8 +354,23 @@ def inputs_hash(
     for root in (options.assistant, *options.e2e_paths):
         for path in yaml_files(root):
             files[display_path(path, options.assistant)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    # A coexistence router decides which turns become data (its prompt, descriptions and LLM); only a
+    # config that has one adds the key, so other runs' hash is what it always was.
+    router = read_router(options.config, options.endpoints) if options.config is not None else None
     return stable_hash(
         {
+            **(
+                {
+                    "router": {
+                        **asdict(router),
+                        "llm": router.llm.model_dump(exclude={"timeout", "key_variable"})
+                        if router.llm
+                        else None,
+                    }
+                }
+                if router is not None
+                else {}
+            ),
             "files": files,
             "template": template.text,
             "rephrase_template": rephraser.template.text,
