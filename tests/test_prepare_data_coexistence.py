@@ -9,6 +9,7 @@ to the NLU system, C the session until a story resets it. With either annotator,
 
 from __future__ import annotations
 
+import io
 import re
 import textwrap
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
+from ftrecipe.dataprep.progress import LineReporter
 from ftrecipe.dataprep.routing import (
     DEFAULT_ROUTER_PROMPT,
     RouterConfig,
@@ -295,7 +297,9 @@ def routed_message(request: ChatRequest | None) -> str | None:
     return match.group(1) if match else None
 
 
-async def run(bank: Path, tests: str, llm_config: Path | None, annotator: str = "llm") -> Path:
+async def run(
+    bank: Path, tests: str, llm_config: Path | None, annotator: str = "llm", stream: io.StringIO | None = None
+) -> Path:
     out = bank.parent / f"out-{annotator}-{Path(tests).stem}"
     options = PrepareDataOptions(
         e2e_paths=(Path("bank/e2e") / tests,),
@@ -308,7 +312,7 @@ async def run(bank: Path, tests: str, llm_config: Path | None, annotator: str = 
         llm_config=llm_config,
         annotator=annotator,  # type: ignore[arg-type]
     )
-    await prepare_data(options)
+    await prepare_data(options, LineReporter(stream or io.StringIO()))
     return out
 
 
@@ -427,7 +431,11 @@ async def test_llm_router_decides_turns_sticky_and_not(
 
 
 async def test_evidence_offline(bank: Path) -> None:
-    out = await run(bank, "evidence.yml", None, annotator="assertions")
+    stream = io.StringIO()
+    out = await run(bank, "evidence.yml", None, annotator="assertions", stream=stream)
+    # The run's last line says how many turns went to the NLU system, never silently.
+    assert "3 data points: " in stream.getvalue()
+    assert "; 5 turns routed to the NLU-based system, skipped; " in stream.getvalue()
     summary = read(out / "result_summary.yaml")
     assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (3, 1)
     assert summary["num_ft_data_points"] == 3
