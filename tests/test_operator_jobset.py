@@ -260,6 +260,47 @@ def test_a_preempted_group_restarts_without_using_up_max_restarts_and_the_evicti
     assert not run.errors, run.messages()
 
 
+def test_bad_input_after_a_preemption_still_fails_the_jobset_at_once(k8s: K8s) -> None:
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        run_nodes(k8s, child)
+        preempt_nodes(k8s, child)
+        child = child_of(k8s, jobset, 1)
+        run_nodes(k8s, child)
+        tag = attempt_tag(k8s, child)
+        line = "rank 0 of 2: error: data s3://data/bot: no train.jsonl"
+        k8s.set_job_pod(
+            child,
+            NS,
+            "Failed",
+            container="train",
+            suffix=f"0-p{tag}",
+            exit_code=2,
+            message=report(False, line),
+        )
+        k8s.set_job_status(
+            child,
+            NS,
+            "failed",
+            reason="PodFailurePolicy",
+            message=f"Container train for pod {NS}/{child}-0-p{tag} failed with exit code 2 matching FailJob "
+            "rule at index 0",
+        )
+        st = wait_phase(k8s, "Failed")
+        assert st["message"] == line  # no counted restart to tell
+        seen = k8s.get(JOBSETS, jobset, NS) or {}
+        assert (seen["status"]["restarts"], seen["status"].get("restartsCountTowardsMax", 0)) == (1, 0)
+        assert [c["reason"] for c in seen["status"]["conditions"] if c["type"] == "Failed"] == [
+            "FailJobSetFailurePolicyAction"
+        ]
+    assert not run.errors, run.messages()
+
+
 def test_a_restarted_operator_adopts_the_running_jobset(k8s: K8s) -> None:
     k8s.install_jobset()
     body = two_nodes()
