@@ -540,3 +540,53 @@ def test_the_restarts_read_as_a_person_would_say_them() -> None:
     assert restarts_text(None, None) == restarts_text(0, 3) == ""
     assert restarts_text(1, 3) == ", restarted 1 of 3 times after a lost node"
     assert restarts_text(1, None) == ", restarted 1 time after a lost node"
+
+
+def test_a_jobset_older_than_v0_10_is_named_in_one_warning_event(k8s: K8s) -> None:
+    """A JobSet release before v0.10.0 prunes onJobFailureMessagePatterns from the rules the operator sends,
+    so a preemption would fail the training at once: the operator says so when it creates the JobSet."""
+    k8s.install_jobset(version="v0.9.1")
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS):
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        stored = k8s.wait_for_object(JOBSETS, jobset, NS)
+        rules = stored["spec"]["failurePolicy"]["rules"]
+        assert [sorted(rule) for rule in rules] == [["action", "name", "onJobFailureReasons"]] * 3  # pruned
+        warned = k8s.wait_for(
+            lambda: [e for e in k8s.events(NS) if e["reason"] == "JobSetTooOld"] or None,
+            message="the JobSetTooOld Event",
+        )
+        wait_phase(k8s, "Training")
+        assert [(e["type"], e["message"]) for e in warned] == [
+            (
+                "Warning",
+                "the cluster's JobSet dropped failurePolicy.rules[].onJobFailureMessagePatterns (rules "
+                "badInput, preempted): it is older than v0.10.0, so a preempted node fails this training at "
+                "once instead of restarting the group from its checkpoint; upgrade JobSet to v0.10.0 or later",
+            )
+        ]
+
+
+def test_a_current_jobset_keeps_the_message_patterns_and_gets_no_warning(k8s: K8s) -> None:
+    k8s.install_jobset()  # v0.10.0
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS):
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        stored = k8s.wait_for_object(JOBSETS, jobset, NS)
+        # Events are posted in order: the phase's Event comes after a JobSetTooOld one would have.
+        k8s.wait_for(
+            lambda: any(e["reason"] == "Training" for e in k8s.events(NS)), message="the Training Event"
+        )
+    assert [
+        rule["name"]
+        for rule in stored["spec"]["failurePolicy"]["rules"]
+        if "onJobFailureMessagePatterns" in rule
+    ] == [
+        "badInput",
+        "preempted",
+    ]
+    assert [e for e in k8s.events(NS) if e["reason"] == "JobSetTooOld"] == []

@@ -260,6 +260,13 @@ JOBSET: Final = CrdInfo(
     plural="jobsets",
     singular="jobset",
 )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """`v0.9.1` -> (0, 9, 1)."""
+    return tuple(int(part) for part in version.removeprefix("v").split("."))
+
+
 # The labels (and annotations) the JobSet controller puts on its child Jobs and their pod templates.
 JOBSET_NAME_LABEL: Final = "jobset.sigs.k8s.io/jobset-name"
 JOBSET_UID_LABEL: Final = "jobset.sigs.k8s.io/jobset-uid"
@@ -1047,6 +1054,9 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     # The JobSet controller (`_sync_jobsets`): runs after writes to JobSets and Jobs, never re-entered.
     _jobset_busy: bool = attrs.field(default=False, init=False)
     _jobset_again: set[str] = attrs.field(factory=set, init=False)
+    # Fields of spec.failurePolicy.rules[] the installed JobSet's CRD does not know: its structural schema
+    # prunes them on writes, as an older release does (`KubeCluster.install_jobset(version=...)`).
+    jobset_unknown_rule_fields: tuple[str, ...] = attrs.field(default=(), init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -1206,6 +1216,10 @@ class FakeKubernetes(kmock.KubernetesEmulator):
                     f'{body.get("kind")}.{resource.group} "{name}" is invalid: {"; ".join(problems)}',
                     details={"name": name, "group": resource.group, "kind": body.get("kind")},
                 )
+        if resource.group == JOBSET.group and self.jobset_unknown_rule_fields:
+            for rule in ((body.get("spec") or {}).get("failurePolicy") or {}).get("rules") or []:
+                for field in self.jobset_unknown_rule_fields:
+                    rule.pop(field, None)
         max_length = 63 if resource.plural in ("jobs", "namespaces", "services") else 253
         _validate_metadata(body, max_name_length=max_length)
         return body
@@ -2545,13 +2559,17 @@ class KubeCluster:
         resource = JOBSET.resource if jobset else "batch/v1/jobs"
         return self.patch(resource, job_name, {"spec": {"suspend": False}}, namespace)
 
-    def install_jobset(self) -> None:
+    def install_jobset(self, version: str = "v0.10.0") -> None:
         """Install JobSet (kubernetes-sigs/jobset) on the running cluster, as ``kubectl apply
         --server-side -f .../manifests.yaml`` would: the jobsets API (its CRD object too, so kopf's
         discovery sees it) and its controller, played by the emulator from now on (`_sync_jobsets`).
-        Without it, the jobsets resource answers 404 as on a cluster without JobSet."""
+        Without it, the jobsets resource answers 404 as on a cluster without JobSet. A `version` before
+        v0.10.0 has no `onJobFailureMessagePatterns` in its CRD: the API server prunes it from rules."""
 
         async def install(e: FakeKubernetes) -> None:
+            e.jobset_unknown_rule_fields = (
+                ("onJobFailureMessagePatterns",) if _release(version) < (0, 10, 0) else ()
+            )
             if e.crds and JOBSET in e.crds:
                 return
             e.crds = (*e.crds, JOBSET)

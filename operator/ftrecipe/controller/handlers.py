@@ -76,6 +76,7 @@ from ftrecipe.controller.manifests import (
     Images,
     build_job,
     build_jobset,
+    jobset_too_old,
     uses_jobset,
 )
 from ftrecipe.controller.metrics import OperatorMetrics
@@ -338,20 +339,22 @@ def _workload_path(namespace: str, kind: str, name: str | None = None) -> str:
     return jobsets_path(namespace, name) if kind == "JobSet" else jobs_path(namespace, name)
 
 
-def _create_job(namespace: str, job: dict[str, Any]) -> bool:
-    """Create the Job (or JobSet); False when it already exists (a restarted operator adopts it). A JobSet
-    where the cluster has none (404) or the operator may not create one (403) raises JobSetsUnavailable."""
+def _create_job(namespace: str, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Create the Job (or JobSet): the object as the API server stored it; None when it already exists (a
+    restarted operator adopts it). A JobSet where the cluster has none (404) or the operator may not
+    create one (403) raises JobSetsUnavailable."""
     try:
-        kube_request(
+        created = kube_request(
             "POST", _workload_path(namespace, job["kind"]), body=job, content_type="application/json"
         )
     except ApiException as error:
         if error.status == 409:
-            return False
+            return None
         if job["kind"] == "JobSet" and error.status in JOBSET_UNAVAILABLE:
             raise JobSetsUnavailable(f"{error.status} {error.reason}") from None
         raise
-    return True
+    stored = json.loads(created or b"{}")
+    return stored if isinstance(stored, dict) else {}
 
 
 def _delete_job(namespace: str, name: str, kind: str = "Job") -> None:
@@ -463,8 +466,10 @@ async def _apply(
             except JobSetsUnavailable:  # removed since the listing, or never allowed: wait, and say why
                 applied.append(Wait(action.phase, action.name, jobset_missing_blocker(spec)))
                 return applied
-            if created and settings.metrics is not None:
+            if created is not None and settings.metrics is not None:
                 settings.metrics.jobs_created.labels(action.phase).inc()
+            if created is not None and job["kind"] == "JobSet" and (old := jobset_too_old(job, created)):
+                kopf.warn(body, reason="JobSetTooOld", message=old)
         elif isinstance(action, Retry):
             kopf.info(body, reason="RetryRequested", message=f"Retry requested: re-running {action.phase}")
         elif isinstance(action, DeleteJob):

@@ -572,6 +572,33 @@ PREEMPTION_MESSAGE_PATTERNS: Final = (
 )
 
 
+# What a JobSet release before v0.10.0 does with our rules: its CRD lacks the field, so the API server
+# prunes it, and the bad-input rule (reason PodFailurePolicy alone) then fails the group on a preemption.
+JOBSET_MESSAGE_PATTERNS_RELEASE: Final = "v0.10.0"
+
+
+def jobset_too_old(sent: Mapping[str, Any], stored: Mapping[str, Any]) -> str | None:
+    """One line for the recipe's Events when the cluster's JobSet dropped the rules' message patterns
+    (the created object, `stored`, lacks what `sent` had: a release before v0.10.0); None when it kept them."""
+    sent_rules = ((sent.get("spec") or {}).get("failurePolicy") or {}).get("rules") or []
+    stored_rules = ((stored.get("spec") or {}).get("failurePolicy") or {}).get("rules") or []
+    kept = {rule.get("name"): rule for rule in stored_rules if isinstance(rule, dict)}
+    dropped = [
+        rule["name"]
+        for rule in sent_rules
+        if rule.get("onJobFailureMessagePatterns")
+        and not (kept.get(rule["name"]) or {}).get("onJobFailureMessagePatterns")
+    ]
+    if not dropped:
+        return None
+    return (
+        f"the cluster's JobSet dropped failurePolicy.rules[].onJobFailureMessagePatterns (rules "
+        f"{', '.join(dropped)}): it is older than {JOBSET_MESSAGE_PATTERNS_RELEASE}, so a preempted node "
+        f"fails this training at once instead of restarting the group from its checkpoint; upgrade JobSet "
+        f"to {JOBSET_MESSAGE_PATTERNS_RELEASE} or later"
+    )
+
+
 def uses_jobset(spec: FinetuneRecipeSpec, phase: Phase) -> bool:
     """Whether ``phase`` runs as a JobSet (`build_jobset`): training on 2 or more nodes. Everything else,
     and training on one node, is a plain Job (`build_job`): no JobSet needed on the cluster."""
