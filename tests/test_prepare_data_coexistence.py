@@ -90,6 +90,8 @@ responses:
     - text: In which city?
   utter_hotel_booked:
     - text: Your hotel is booked.
+  utter_lounge:
+    - text: Yes, with coffee.
 """
 
 # The NLU-based system: greetings, hotel bookings (reset after the booking: after utter_hotel_booked, not
@@ -116,6 +118,11 @@ stories:
     steps:
       - intent: ask_balance
       - action: utter_balance
+  # An end-to-end story: an example CALM's IntentlessPolicy answers from, so its response tells nothing.
+  - story: lounge
+    steps:
+      - user: is there a lounge at the branch?
+      - action: utter_lounge
 """
 
 CONFIG = """
@@ -260,6 +267,13 @@ test_cases:
         assertions:
           - bot_uttered:
               utter_name: utter_balance
+
+  - test_case: an end-to-end story's response tells nothing
+    steps:
+      - user: any lounge there?
+        assertions:
+          - bot_uttered:
+              utter_name: utter_lounge
 """
 
 
@@ -437,7 +451,7 @@ async def test_evidence_offline(bank: Path) -> None:
     assert "3 data points: " in stream.getvalue()
     assert "; 5 turns routed to the NLU-based system, skipped; " in stream.getvalue()
     summary = read(out / "result_summary.yaml")
-    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (3, 1)
+    assert (summary["num_annotated_conversations"], summary["num_failed_conversations"]) == (3, 2)
     assert summary["num_ft_data_points"] == 3
     # Rome (the slot set False), three nights (still False, then reset), hi, Oslo, two nights (still False)
     assert summary["num_nlu_routed_turns"] == 5
@@ -452,9 +466,10 @@ async def test_evidence_offline(bank: Path) -> None:
     }
     failures = read(out / "1_command_annotations" / "failed_test_cases.yml")["failed_test_cases"]
     assert [(f["test_case"], f["turn_index"]) for f in failures] == [
-        ("a response both systems say tells nothing", 0)
+        ("a response both systems say tells nothing", 0),
+        ("an end-to-end story's response tells nothing", 0),
     ]
-    assert "the assertions do not say what the user's message did" in failures[0]["actual"]
+    assert all("the assertions do not say what the user's message did" in f["actual"] for f in failures)
 
 
 async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
@@ -465,6 +480,7 @@ async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
         "transfer 5 to Dan": "start flow transfer_money\nset slot recipient Dan",
         "5": "set slot amount 5",
         "balance please": "start flow check_balance",
+        "any lounge there?": "offtopic reply",
     }
 
     def answer(request: ChatRequest) -> str:
@@ -475,14 +491,16 @@ async def test_evidence_with_the_llm_makes_no_call_for_nlu_turns(
     out = await run(bank, "evidence.yml", llm_config)
     routed = [m for r in llm_server.requests if (m := routed_message(r.chat)) is not None]
     # Turns the test shows routed to NLU never reach the router; 'show my balance' follows the story's reset.
-    assert sorted(routed) == sorted(["show my balance", "transfer 5 to Dan", "balance please"])
+    assert sorted(routed) == sorted(
+        ["show my balance", "transfer 5 to Dan", "balance please", "any lounge there?"]
+    )
     # Without an llm of its own, the router asks the command generator's, with Rasa's router defaults.
     router_requests = [r.chat for r in llm_server.requests if routed_message(r.chat) is not None]
     assert {(c.model, c.temperature, c.max_tokens) for c in router_requests if c is not None} == {
         ("gpt-4o", 0.0, 1)
     }
     summary = read(out / "result_summary.yaml")
-    assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (4, 4)
+    assert (summary["num_annotated_conversations"], summary["num_ft_data_points"]) == (5, 5)
     assert summary["num_nlu_routed_turns"] == 5
 
 

@@ -336,7 +336,12 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
     actions: set[str] = set()
     sub_agents: dict[str, Path] = {}
     warnings: list[str] = []
-    nlu_side: dict[str, set[str]] = {"said": set(), "reset_after": set(), "not_reset_after": set()}
+    nlu_side: dict[str, set[str]] = {
+        "said": set(),
+        "reset_after": set(),
+        "not_reset_after": set(),
+        "calm_said": set(),
+    }
     excluded = [p.resolve() for p in exclude]
     read: list[Path] = []
     for path in yaml_files(root):
@@ -380,7 +385,8 @@ def load_assistant(root: Path, *, exclude: tuple[Path, ...] = ()) -> Assistant:
     assistant = Assistant(flows, slots, responses, frozenset(actions), sub_agents)
     warnings += _check_references(assistant)
     nlu = NLUSide(
-        frozenset(nlu_side["said"]), frozenset(nlu_side["reset_after"] - nlu_side["not_reset_after"])
+        frozenset(nlu_side["said"] - nlu_side["calm_said"]),
+        frozenset(nlu_side["reset_after"] - nlu_side["not_reset_after"]),
     )
     return replace(assistant, warnings=tuple(warnings), files=tuple(read), nlu=nlu)
 

@@ -160,9 +160,9 @@ def _story_actions(steps: Any) -> list[list[str]]:
 
 
 def read_nlu_side(data: Mapping[str, Any], path: Path, into: dict[str, set[str]]) -> bool:
-    """Add one YAML file's stories / rules to `into` ({"said", "reset_after", "not_reset_after"}: what they
-    run, what a bot turn runs before action_reset_routing, what one runs without it after); whether it had
-    any. A reset is known after an action only when every bot turn that runs it resets afterwards (a form
+    """Add one YAML file's stories / rules to `into` ({"said", "reset_after", "not_reset_after", "calm_said"}:
+    what they run, what a bot turn runs before action_reset_routing, what one runs without it after, what
+    end-to-end stories run); whether it had any. A reset is known after an action only when every bot turn that runs it resets afterwards (a form
     action that also runs turn by turn tells nothing)."""
     found = False
     for key in ("stories", "rules"):
@@ -170,7 +170,14 @@ def read_nlu_side(data: Mapping[str, Any], path: Path, into: dict[str, set[str]]
             if not isinstance(story, Mapping):
                 continue
             found = True
-            for actions in _story_actions(story.get("steps")):
+            steps = story.get("steps")
+            if isinstance(steps, list) and any(isinstance(x, Mapping) and "user" in x for x in steps):
+                # An end-to-end story (user text, no intent) is an example CALM's IntentlessPolicy answers
+                # from as well: its responses tell nothing about the routing.
+                for actions in _story_actions(steps):
+                    into["calm_said"].update(actions)
+                continue
+            for actions in _story_actions(steps):
                 into["said"].update(actions)
                 before = actions[: actions.index(RESET_ACTION)] if RESET_ACTION in actions else []
                 into["reset_after"].update(before)
