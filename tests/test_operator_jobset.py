@@ -229,14 +229,14 @@ def test_a_preempted_group_restarts_without_using_up_max_restarts_and_the_evicti
         run_nodes(k8s, child)
         seen = k8s.get(JOBSETS, jobset, NS) or {}
         assert (seen["status"]["restarts"], seen["status"].get("restartsCountTowardsMax", 0)) == (1, 0)
-        st = status(k8s)
+        st = wait_status(k8s, lambda s: s.get("training", {}).get("preemptions") == 1, "the preemption")
         assert st["phase"] == "Training" and st["training"]["restarts"] == 0
-        assert st["message"] == f"training running (JobSet {jobset})"
+        assert st["message"] == f"training running (JobSet {jobset}, restarted after 1 preemption)"
 
         lose_node(k8s, child)  # a crash still counts: 1 of 3
         st = wait_status(k8s, lambda s: s.get("training", {}).get("restarts") == 1, "the counted restart")
-        assert (
-            st["message"] == f"training running (JobSet {jobset}, restarted 1 of 3 times after a lost node)"
+        assert st["message"] == (
+            f"training running (JobSet {jobset}, restarted 1 of 3 times after a lost node and after 1 preemption)"
         )
         child = child_of(k8s, jobset, 2)
         run_nodes(k8s, child)
@@ -244,8 +244,12 @@ def test_a_preempted_group_restarts_without_using_up_max_restarts_and_the_evicti
         preempt_nodes(k8s, child)  # the second preemption
         child = child_of(k8s, jobset, 3)
         run_nodes(k8s, child)
-        assert (
-            wait_status(k8s, lambda s: s.get("phase") == "Training", "training")["training"]["restarts"] == 1
+        st = wait_status(
+            k8s, lambda s: s.get("training", {}).get("preemptions") == 2, "the second preemption"
+        )
+        assert st["training"]["restarts"] == 1
+        assert st["message"] == (
+            f"training running (JobSet {jobset}, restarted 1 of 3 times after a lost node and after 2 preemptions)"
         )
 
         preempt_nodes(k8s, child)  # the third: --max-evictions (3) ends the loop as for a Job
@@ -540,6 +544,9 @@ def test_the_restarts_read_as_a_person_would_say_them() -> None:
     assert restarts_text(None, None) == restarts_text(0, 3) == ""
     assert restarts_text(1, 3) == ", restarted 1 of 3 times after a lost node"
     assert restarts_text(1, None) == ", restarted 1 time after a lost node"
+    assert restarts_text(0, 3, 1) == ", restarted after 1 preemption"
+    assert restarts_text(2, 3, 3) == ", restarted 2 of 3 times after a lost node and after 3 preemptions"
+    assert restarts_text(0, 3, 0) == ""
 
 
 def test_a_jobset_older_than_v0_10_is_named_in_one_warning_event(k8s: K8s) -> None:

@@ -1380,6 +1380,14 @@ class TrainingStatus(ApiModel):
         int | None,
         Field(description="Training on several nodes: the restarts allowed before it fails.", ge=0),
     ] = None
+    preemptions: Annotated[
+        int | None,
+        Field(
+            description="Training on several nodes: how often a preempted node restarted the group from its "
+            "last checkpoint without using up a restart (the operator's --max-evictions bounds them).",
+            ge=0,
+        ),
+    ] = None
 
 
 class EvaluationStatus(ApiModel):

@@ -195,6 +195,7 @@ class Wait:
     blocker: Blocker | None = None  # its pod cannot start (yet): why
     restarts: int | None = None  # a JobSet's restarts so far (None: a Job)
     max_restarts: int | None = None
+    preemptions: int | None = None  # a JobSet's restarts after a preemption (not counted in `restarts`)
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,8 @@ def plan(
         elif job.state == "suspended" and not spec.suspend and spec.queue_name is None:
             actions.append(ResumeJob(job.name))
         blocker = None if spec.suspend else job.blocker
-        actions.append(Wait(phase, job.name, blocker, job.restarts, job.max_restarts))
+        preemptions = job.evictions if job.kind == "JobSet" else None
+        actions.append(Wait(phase, job.name, blocker, job.restarts, job.max_restarts, preemptions))
         return actions
     actions.append(Succeed())
     return actions

@@ -231,14 +231,15 @@ def _progress_message(
             last.phase, last.name, last.blocker.message, jobset=runs_as_jobset(spec, last.phase)
         )
     if isinstance(last, CreateJob | Wait):
-        restarts = (last.restarts, last.max_restarts) if isinstance(last, Wait) else (None, None)
+        waiting = last if isinstance(last, Wait) else None
         line = _job_line(
             last.phase,
             last.name,
             suspended=spec.suspend,
             jobset=runs_as_jobset(spec, last.phase),
-            restarts=restarts[0],
-            max_restarts=restarts[1],
+            restarts=waiting.restarts if waiting else None,
+            max_restarts=waiting.max_restarts if waiting else None,
+            preemptions=waiting.preemptions if waiting else None,
         )
         section = sections.get(last.phase)
         if section is not None and section.job_name == last.name:
@@ -255,21 +256,27 @@ def _job_line(
     jobset: bool = False,
     restarts: int | None = None,
     max_restarts: int | None = None,
+    preemptions: int | None = None,
 ) -> str:
     """`training running (Job X)`: the head of the message while a phase's Job exists; a multi-node
     training's reads `training running (JobSet X, restarted 1 of 3 times after a lost node)`."""
     kind = "JobSet" if jobset else "Job"
     state = "suspended" if suspended else "running"
-    return f"{_HUMAN[phase]} {state} ({kind} {job_name}{restarts_text(restarts, max_restarts)})"
+    restarted = restarts_text(restarts, max_restarts, preemptions)
+    return f"{_HUMAN[phase]} {state} ({kind} {job_name}{restarted})"
 
 
-def restarts_text(restarts: int | None, max_restarts: int | None) -> str:
-    """`, restarted 1 of 3 times after a lost node` once a JobSet restarted its group; else nothing."""
-    if not restarts:
-        return ""
-    times = "time" if restarts == 1 and max_restarts is None else "times"
-    of = f" of {max_restarts}" if max_restarts is not None else ""
-    return f", restarted {restarts}{of} {times} after a lost node"
+def restarts_text(restarts: int | None, max_restarts: int | None, preemptions: int | None = None) -> str:
+    """`, restarted 1 of 3 times after a lost node` once a JobSet restarted its group (counted restarts),
+    `, restarted after 2 preemptions` (uncounted), both joined by `and`; else nothing."""
+    parts = []
+    if restarts:
+        times = "time" if restarts == 1 and max_restarts is None else "times"
+        of = f" of {max_restarts}" if max_restarts is not None else ""
+        parts.append(f"{restarts}{of} {times} after a lost node")
+    if preemptions:
+        parts.append(f"after {preemptions} preemption{'s' if preemptions > 1 else ''}")
+    return f", restarted {' and '.join(parts)}" if parts else ""
 
 
 def _waiting_line(phase: Phase, job_name: str, why: str, *, jobset: bool = False) -> str:
@@ -285,13 +292,19 @@ def _with_restarts(
     if section is None or not isinstance(fact, CreateJob | Wait):
         return section
     if not jobset:
-        if section.restarts is None and section.max_restarts is None:
+        if section.restarts is None and section.max_restarts is None and section.preemptions is None:
             return section
-        return section.model_copy(update={"restarts": None, "max_restarts": None})
+        return section.model_copy(update={"restarts": None, "max_restarts": None, "preemptions": None})
     if isinstance(fact, Wait) and fact.restarts is not None:
-        return section.model_copy(update={"restarts": fact.restarts, "max_restarts": fact.max_restarts})
+        return section.model_copy(
+            update={
+                "restarts": fact.restarts,
+                "max_restarts": fact.max_restarts,
+                "preemptions": fact.preemptions or None,
+            }
+        )
     if isinstance(fact, CreateJob) or section.restarts is None:
-        return section.model_copy(update={"restarts": 0, "max_restarts": None})
+        return section.model_copy(update={"restarts": 0, "max_restarts": None, "preemptions": None})
     return section
 
 
@@ -407,10 +420,14 @@ def with_progress(
         )
     if section is None or not section.job_name:
         return status
-    restarts = section.restarts if isinstance(section, TrainingStatus) else None
-    max_restarts = section.max_restarts if isinstance(section, TrainingStatus) else None
+    training = section if isinstance(section, TrainingStatus) else None
     head = _job_line(
-        phase, section.job_name, jobset=restarts is not None, restarts=restarts, max_restarts=max_restarts
+        phase,
+        section.job_name,
+        jobset=training is not None and training.restarts is not None,
+        restarts=training.restarts if training else None,
+        max_restarts=training.max_restarts if training else None,
+        preemptions=training.preemptions if training else None,
     )
     message = _figures_message(head, section)
     return status.model_copy(update={field: section, "message": message})
