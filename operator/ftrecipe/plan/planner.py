@@ -121,7 +121,9 @@ class ObservedJob:
     report: PhaseReport | None = None  # what the finished phase container reported (figures, one line)
     failure_reason: str | None = None  # the Job controller's reason, e.g. BackoffLimitExceeded
     blocker: Blocker | None = None  # why its pod has not started (None: it runs, or nothing is known)
-    evictions: int = 0  # its pods evicted so far (DisruptionTarget): the Job itself does not count them
+    # Its pods evicted so far (DisruptionTarget), which the Job itself does not count; for a JobSet, the
+    # group restarts after a preemption, which do not use up its maxRestarts.
+    evictions: int = 0
     last_eviction: str | None = None  # the last eviction's reason and message
     kind: Literal["Job", "JobSet"] = "Job"  # a multi-node training runs as a JobSet
     restarts: int | None = None  # a JobSet's restarts of the whole group so far (None: a Job)
