@@ -18,7 +18,6 @@ from pathlib import Path
 
 import kubernetes.client
 import pytest
-import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
@@ -109,21 +108,35 @@ def test_connections_the_server_closed_while_idle_are_replaced(k8s: K8s, proxy: 
     assert k8s.get("v1/configmaps", "cm", "default")["data"] == {"k": "w"}  # type: ignore[index]
 
 
-def test_a_connection_closed_as_it_is_reused_retries_a_get_not_a_post(k8s: K8s, proxy: CountingProxy) -> None:
+def test_a_connection_closed_as_it_is_reused_sends_the_request_again(k8s: K8s, proxy: CountingProxy) -> None:
     """The race an idle timeout leaves: the server closes the connection just as a request goes out on it.
-    urllib3's default Retry sends a GET again on a new connection; a POST it cannot know was not acted
-    on fails (the reconcile that sent it is retried)."""
+    urllib3's default Retry sends a GET again on a new connection; a POST or PATCH, which urllib3 cannot
+    know was not acted on, `kube_request` sends once more itself (the operator's writes bear it)."""
     kube_request("GET", CONFIGMAPS)
     proxy.drop_next_reused()
     assert json.loads(kube_request("GET", CONFIGMAPS))["kind"] == "ConfigMapList"
     assert (proxy.dropped_reused, proxy.accepted) == (1, 2)
     proxy.drop_next_reused()
-    with pytest.raises(urllib3.exceptions.ProtocolError):
+    created = json.loads(
         kube_request("POST", CONFIGMAPS, body=configmap("cm"), content_type="application/json")
-    assert (proxy.dropped_reused, proxy.accepted) == (2, 2)
-    assert client_requests(k8s) == [("GET", CONFIGMAPS)] * 2  # the dropped ones never reached the server
-    kube_request("POST", CONFIGMAPS, body=configmap("cm"), content_type="application/json")  # a new one
-    assert proxy.accepted == 3
+    )
+    assert created["metadata"]["name"] == "cm"
+    assert (proxy.dropped_reused, proxy.accepted) == (2, 3)
+    proxy.drop_next_reused()
+    kube_request(
+        "PATCH",
+        f"{CONFIGMAPS}/cm",
+        body={"data": {"key": "value"}},
+        content_type="application/merge-patch+json",
+    )
+    assert (proxy.dropped_reused, proxy.accepted) == (3, 4)
+    # The dropped ones never reached the server; each write reached it once.
+    assert client_requests(k8s) == [
+        ("GET", CONFIGMAPS),
+        ("GET", CONFIGMAPS),
+        ("POST", CONFIGMAPS),
+        ("PATCH", f"{CONFIGMAPS}/cm"),
+    ]
 
 
 def test_api_errors_keep_their_status_and_the_connection(k8s: K8s, proxy: CountingProxy) -> None:

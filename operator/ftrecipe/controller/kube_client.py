@@ -18,8 +18,9 @@ What stays as it was with a client per request:
   of the kubelet writing it;
 * connections the API server (or a load balancer in front of it) closed while idle: urllib3 finds them
   closed when it takes them from the pool and opens a new one; a connection that breaks
-  while a request is on it is retried by urllib3's default `Retry` (3 tries) for GET, PUT and DELETE, while
-  a POST or PATCH fails (urllib3 cannot know whether the server acted on it) and the reconcile is retried.
+  while a request is on it is retried by urllib3's default `Retry` (3 tries) for GET, PUT and DELETE; a
+  POST or PATCH urllib3 leaves alone (it cannot know whether the server acted on it), and `kube_request`
+  sends it once more (this operator's writes bear a repeat).
 """
 
 from __future__ import annotations

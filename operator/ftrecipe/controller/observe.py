@@ -26,6 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 
+import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from ftrecipe.api.v1alpha1 import FinetuneRecipeStatus
@@ -656,6 +657,11 @@ def recipe_jobs(
 # --------------------------------------------------------------------------------------------- requests
 
 
+# Writes urllib3 does not send again when a connection breaks under them (it cannot know they were not
+# acted on); `kube_request` sends them once more.
+WRITES_SENT_AGAIN: Final = frozenset({"POST", "PATCH"})
+
+
 def kube_request(
     method: str,
     path: str,
@@ -682,7 +688,16 @@ def kube_request(
         body=body,
         auth_settings=["BearerToken"],
     )
-    response = client.call_api(*request)
+    try:
+        response = client.call_api(*request)
+    except urllib3.exceptions.ProtocolError:
+        if method not in WRITES_SENT_AGAIN:
+            raise  # urllib3's Retry already sent a GET, PUT or DELETE again
+        # The connection broke before any answer: most often a kept-alive one the API server (or a load
+        # balancer) closed just as the request went out, so nothing was done. Once more, on another
+        # connection. Safe for this operator's writes whatever happened: a create sent twice gets 409 (the
+        # object is adopted), its patches merge the same values again, an Event at worst shows twice.
+        response = client.call_api(*request)
     response.read()  # type: ignore[no-untyped-call]  # the whole body: the connection goes back to the pool
     if not 200 <= response.status <= 299:
         raise ApiException.from_response(http_resp=response, body=None, data=None)
