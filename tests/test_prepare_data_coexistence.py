@@ -2,7 +2,7 @@
 
 A bank whose money transfers and balance are CALM flows and whose hotel bookings and greetings live in NLU
 stories and rules; its config has an LLMBasedRouter. With `--annotator llm` the router's LLM is asked first
-(Rasa's router prompt), sticky CALM skips it until `pattern_completed` resets the routing, B routes one turn
+(the router prompt), sticky CALM skips it until `pattern_completed` resets the routing, B routes one turn
 to the NLU system, C the session until a story resets it. With either annotator, a test showing
 `route_session_to_calm: false` or only responses of the NLU stories routes the turn there.
 """
@@ -307,7 +307,7 @@ def user_message(request: ChatRequest | None) -> str:
 
 def routed_message(request: ChatRequest | None) -> str | None:
     assert request is not None
-    match = re.search(r'The user said: """(.*)"""', request.prompt)
+    match = re.search(r'User message: """(.*)"""', request.prompt)
     return match.group(1) if match else None
 
 
@@ -339,14 +339,14 @@ def labels(out: Path, stem: str) -> dict[str, list[Any]]:
 
 
 def test_router_prompt_and_answers_as_rasa_has_them() -> None:
+    """The default question is ftrecipe's own words (Rasa's text is not copied) with Rasa's variables: A is
+    calm_entry.sticky, B nlu_entry.non_sticky, C nlu_entry.sticky; the answers parse as Rasa parses them."""
     router = RouterConfig("LLMBasedRouter", "handles money", "handles hotels", "handles greetings")
     assert router_prompt(router, "hi there") == (
-        "You have to forward the user message to the right assistant.\n\n"
-        "The following assistants are available:\n\n"
-        "Assistant A: handles money\nAssistant B: handles greetings\nAssistant C: handles hotels\n\n"
-        'The user said: """hi there"""\n\n'
-        "Answer which assistant needs to get this message:\n"
-        "The message is for the assistant with the letter"
+        "Which assistant should handle the user's message?\n\n"
+        "A: handles money\nB: handles greetings\nC: handles hotels\n\n"
+        'User message: """hi there"""\n\n'
+        "Answer with one letter: A, B or C."
     )
     assert router.prompt == DEFAULT_ROUTER_PROMPT
     assert [parse_router_answer(a) for a in (" A ", "B", "C", "a", "A.", "", None)] == [

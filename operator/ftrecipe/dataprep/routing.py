@@ -24,17 +24,16 @@ from ftrecipe.dataprep.yamlfile import InputError, load_yaml
 ROUTER_CLASSES = ("LLMBasedRouter", "IntentBasedRouter")
 RESET_ACTION = "action_reset_routing"
 
-# Rasa's default LLMBasedRouter prompt (rasa/dialogue_understanding/coexistence/router_template.jinja2):
-# the router's prompt must be the one the assistant runs with for its LLM to answer alike.
+# The router's question when the config names no `prompt`: ftrecipe's own words (as with the command
+# generator's templates, Rasa's text is not copied), with Rasa's variables and its answer, one letter.
+# An assistant that needs the router to ask exactly what production asks pins `prompt` in config.yml.
 DEFAULT_ROUTER_PROMPT = (
-    "You have to forward the user message to the right assistant.\n\n"
-    "The following assistants are available:\n\n"
-    "Assistant A: {{ calm_entry_sticky }}\n"
-    "Assistant B: {{ nlu_entry_non_sticky }}\n"
-    "Assistant C: {{ nlu_entry_sticky }}\n\n"
-    'The user said: """{{ user_message }}"""\n\n'
-    "Answer which assistant needs to get this message:\n"
-    "The message is for the assistant with the letter"
+    "Which assistant should handle the user's message?\n\n"
+    "A: {{ calm_entry_sticky }}\n"
+    "B: {{ nlu_entry_non_sticky }}\n"
+    "C: {{ nlu_entry_sticky }}\n\n"
+    'User message: """{{ user_message }}"""\n\n'
+    "Answer with one letter: A, B or C."
 )
 # LLMBasedRouter's defaults for the NLU side's descriptions (calm_entry.sticky has none: it is required).
 _DEFAULT_NLU_NON_STICKY = "handles chitchat"
