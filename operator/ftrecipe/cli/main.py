@@ -670,4 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # The interpreter's exit would collect every object torch, transformers and peft created: ~1.7 s of
+    # CPU per `python -m ftrecipe.cli.main` process (each torchrun rank). Frozen objects are left to the OS.
+    import gc
+
+    gc.freeze()
+    raise SystemExit(code)
