@@ -214,26 +214,20 @@ def _git_env(environ: Mapping[str, str], scratch: Path) -> tuple[dict[str, str],
 
 def _head_commit(checkout: Path, env: Mapping[str, str]) -> str:
     """The commit checked out (`git rev-parse HEAD`): what the data was made from, recorded beside it."""
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"],
-        cwd=checkout,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=_GIT_TIMEOUT,
-        check=False,
-    )
-    commit = done.stdout.strip()
-    if done.returncode != 0 or not is_commit(commit):
-        raise FetchError(f"git rev-parse HEAD in the clone failed: {done.stderr.strip() or commit!r}")
+    done = _git(["rev-parse", "HEAD"], env, checkout)
+    commit = done.stdout.strip() if not isinstance(done, str) else ""
+    if isinstance(done, str) or done.returncode != 0 or not is_commit(commit):
+        why = done if isinstance(done, str) else done.stderr.strip() or repr(commit)
+        raise FetchError(f"git rev-parse HEAD in the clone failed: {why}")
     return commit
 
 
-def _run_git(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -> str | None:
-    """Run git; None on success, else the last line of its error output (credentials masked)."""
+def _git(
+    args: list[str], env: Mapping[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str] | str:
+    """Run git: the finished process, or why it could not run."""
     try:
-        done = subprocess.run(
+        return subprocess.run(
             ["git", *args],
             cwd=cwd,
             env=dict(env),
@@ -247,6 +241,13 @@ def _run_git(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -
         return "git is not installed in this image"
     except subprocess.TimeoutExpired:
         return f"timed out after {_GIT_TIMEOUT:g}s"
+
+
+def _run_git(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -> str | None:
+    """Run git; None on success, else the last line of its error output (credentials masked)."""
+    done = _git(args, env, cwd)
+    if isinstance(done, str):
+        return done
     if done.returncode == 0:
         return None
     lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
