@@ -6,9 +6,10 @@ kubelet for the child Job's pods, as the other operator tests do for Jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from ftrecipe.controller.handlers import jobset_changes
 from ftrecipe.controller.observe import jobset_state, observed_jobset
 from ftrecipe.plan.planner import jobset_name
 from ftrecipe.plan.status import restarts_text
-from support.k8s import CRD_RESOURCE, K8s
+from support.k8s import CRD_RESOURCE, K8s, OperatorRun
 from test_operator import (
     JOBS,
     NS,
@@ -89,6 +90,21 @@ def attempt_tag(k8s: K8s, child: str) -> str:
     return str(((job.get("metadata") or {}).get("uid") or "x")[:4])
 
 
+@contextlib.contextmanager
+def training_jobset(k8s: K8s) -> Iterator[tuple[OperatorRun, str, str]]:
+    """A two-node recipe under a running operator, its data prepared and both pods of its JobSet's first
+    child Job running: (the operator run, the JobSet's name, the child Job's name)."""
+    k8s.install_jobset()
+    body = two_nodes()
+    jobset = jobset_of(body)
+    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
+        apply(k8s, body)
+        prepare_data(k8s, body)
+        child = child_of(k8s, jobset)
+        run_nodes(k8s, child)
+        yield run, jobset, child
+
+
 def lose_node(k8s: K8s, child: str) -> None:
     """Node 1's pod fails (no report: the node went away under it), and with backoffLimit 0 its child Job."""
     k8s.set_job_pod(
@@ -152,14 +168,7 @@ def test_a_two_node_recipe_trains_in_one_jobset_and_its_status_follows_it(k8s: K
 
 
 def test_a_lost_node_restarts_the_group_and_the_status_says_so_until_the_restarts_run_out(k8s: K8s) -> None:
-    k8s.install_jobset()
-    body = two_nodes()
-    jobset = jobset_of(body)
-    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
-        apply(k8s, body)
-        prepare_data(k8s, body)
-        child = child_of(k8s, jobset)
-        run_nodes(k8s, child)
+    with training_jobset(k8s) as (run, jobset, child):
         wait_status(k8s, lambda s: s.get("phase") == "Training", "training")
 
         lose_node(k8s, child)  # restart 1 of 3: the phase keeps running
@@ -214,14 +223,7 @@ def preempt_nodes(k8s: K8s, child: str) -> None:
 def test_a_preempted_group_restarts_without_using_up_max_restarts_and_the_eviction_cap_ends_a_loop(
     k8s: K8s,
 ) -> None:
-    k8s.install_jobset()
-    body = two_nodes()
-    jobset = jobset_of(body)
-    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
-        apply(k8s, body)
-        prepare_data(k8s, body)
-        child = child_of(k8s, jobset)
-        run_nodes(k8s, child)
+    with training_jobset(k8s) as (run, jobset, child):
         wait_status(k8s, lambda s: s.get("phase") == "Training", "training")
 
         preempt_nodes(k8s, child)  # restarted, maxRestarts untouched
@@ -265,14 +267,7 @@ def test_a_preempted_group_restarts_without_using_up_max_restarts_and_the_evicti
 
 
 def test_bad_input_after_a_preemption_still_fails_the_jobset_at_once(k8s: K8s) -> None:
-    k8s.install_jobset()
-    body = two_nodes()
-    jobset = jobset_of(body)
-    with k8s.run_operator(handlers(progress_seconds=0.2), **OPTIONS) as run:
-        apply(k8s, body)
-        prepare_data(k8s, body)
-        child = child_of(k8s, jobset)
-        run_nodes(k8s, child)
+    with training_jobset(k8s) as (run, jobset, child):
         preempt_nodes(k8s, child)
         child = child_of(k8s, jobset, 1)
         run_nodes(k8s, child)
