@@ -20,8 +20,6 @@ node, builds the model on `meta` and receives its shards from rank 0's broadcast
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import os
 import signal
 import socket
@@ -32,22 +30,19 @@ from typing import Any
 
 import pytest
 
-from support.training_runs import adapter, assert_same_losses, largest_difference, logged_losses
+from support.training_runs import (
+    TWO_PROCESS_SETTINGS,
+    ReferenceRun,
+    adapter,
+    assert_same_losses,
+    largest_difference,
+    logged_losses,
+    train_argv,
+)
 
-# The data and settings of tests/test_train_fsdp.py's two-rank runs (24 examples, global batch 4, 2 epochs):
-# the one-process reference is the same run as its `one_process` (one shared session fixture could serve both).
+# The two-process runs of tests/test_train_fsdp.py and test_train_multinode (24 equal-length examples,
+# global batch 4, 2 epochs, no LoRA dropout), compared with the same shared one-process reference.
 STEPS = 12
-SETTINGS = [
-    "hyperparameters.learningRate=1e-2",
-    "hyperparameters.maxSeqLength=256",
-    "hyperparameters.batchSize=2",
-    "hyperparameters.gradientAccumulationSteps=1",  # the one-process reference takes 2
-    "hyperparameters.warmupSteps=0",
-    "hyperparameters.gradientCheckpointing=false",
-    "hyperparameters.epochs=2",
-    "hyperparameters.evalEverySteps=1000",  # validation at each epoch end
-    "lora.dropout=0",  # each rank draws its own masks: two layouts would train on other ones
-]
 LOSS_TOLERANCE = 1e-6  # float32 on the CPU, another grouping of the same sums (tests/test_train_fsdp.py)
 WEIGHT_TOLERANCE = 1e-6
 RUN_TIMEOUT = 300
@@ -61,33 +56,6 @@ NOT_WEIGHTS = [
     "tokenizer.json",
     "tokenizer_config.json",
 ]
-
-WORDS = ("send", "money", "balance", "contact")
-COMPLETIONS = ("start flow transfer_money", "start flow check_balance")
-
-
-def _write_data(root: Path) -> Path:
-    """24 training and 4 validation examples of one token length (one length: the length-grouped order is
-    the same for one process with 2 x 2 accumulation and two ranks with 2 each)."""
-    orders = list(itertools.permutations(WORDS))
-
-    def record(i: int) -> dict[str, str]:
-        prompt = "USER: " + " ".join(orders[i % len(orders)]) + "\nWhat do you do next?"
-        return {"prompt": prompt, "completion": COMPLETIONS[(i * 5 // 3) % 2]}
-
-    root.mkdir(parents=True)
-    for name, indices in (("train.jsonl", range(24)), ("val.jsonl", range(2, 22, 5))):
-        lines = [json.dumps(record(i)) for i in indices]
-        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
-
-def _train(data: Path, model: str, out: Path, work: Path, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "ftrecipe.cli.main", "train", "--data", str(data), "--base-model", model]
-    argv += ["--out", str(out), "--work-dir", str(work)]
-    for item in (*SETTINGS, *extra):
-        argv += ["--set", item]
-    return argv
 
 
 def _free_port() -> int:
@@ -250,12 +218,17 @@ def test_a_node_without_global_rank_0_fetches_no_weight_file_from_s3(
 
 @pytest.mark.slow
 def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_weights(
-    tiny_model: Path, tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path,
+    equal_length_data: Path,
+    one_process_reference: ReferenceRun,
+    tmp_path: Path,
+    s3_bucket: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two "nodes", one CPU rank each, base model on S3, each fetching onto its own work folder."""
     from ftrecipe.storage import publish_bundle
 
-    data = _write_data(tmp_path / "data")
+    data = equal_length_data
     s3_env = {**s3_bucket.env(), "FTRECIPE_S3_ADDRESSING_STYLE": "path"}
     for key, value in s3_env.items():
         monkeypatch.setenv(key, value)
@@ -263,20 +236,11 @@ def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_we
     base = f"s3://{s3_bucket.bucket}/base/"
     publish_bundle(tiny_model, base, producer="test", inputs_hash="m")
 
-    one = tmp_path / "one"
-    reference = _train(
-        data, str(tiny_model), one / "out", one / "work", "hyperparameters.gradientAccumulationSteps=2"
-    )
     nodes, port = [], _free_port()
     for rank in (0, 1):
-        argv = _train(
-            data,
-            base,
-            tmp_path / "out",
-            tmp_path / f"node{rank}",
-            "parallelism=fsdp",
-            "checkpointEverySteps=1000",
-        )
+        settings = (*TWO_PROCESS_SETTINGS, "lora.dropout=0", "parallelism=fsdp", "checkpointEverySteps=1000")
+        argv = [sys.executable, "-m", "ftrecipe.cli.main"]
+        argv += train_argv(data, base, tmp_path / "out", tmp_path / f"node{rank}", *settings)
         argv += ["--nodes", "2", "--node-rank", str(rank), "--rendezvous", f"127.0.0.1:{port}"]
         with (
             (tmp_path / f"node{rank}.out").open("wb") as out,
@@ -285,8 +249,6 @@ def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_we
             # a session each: torchrun and its rank are killed with the launcher if the test fails
             nodes.append(subprocess.Popen(argv, stdout=out, stderr=err, env=env, start_new_session=True))
     try:
-        # the one-process reference meanwhile: its start-up overlaps the nodes' imports and rendezvous
-        done = subprocess.run(reference, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
         codes = [node.wait(timeout=RUN_TIMEOUT) for node in nodes]
     finally:
         for node in nodes:
@@ -294,7 +256,6 @@ def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_we
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
-    assert done.returncode == 0, done.stderr[-3000:]
     logs = [(tmp_path / f"node{rank}.out", tmp_path / f"node{rank}.err") for rank in (0, 1)]
     assert codes == [0, 0], [err.read_text(encoding="utf-8")[-3000:] for _, err in logs]
 
@@ -311,5 +272,6 @@ def test_two_fsdp_nodes_train_as_one_process_while_only_global_rank_0_has_the_we
 
     losses = logged_losses(tmp_path / "out")
     assert [step for step, train, _ in losses if train is not None] == list(range(1, STEPS + 1))
-    assert_same_losses(losses, logged_losses(one / "out"), LOSS_TOLERANCE)
-    assert largest_difference(adapter(tmp_path / "out"), adapter(one / "out")) <= WEIGHT_TOLERANCE
+    reference = one_process_reference.out
+    assert_same_losses(losses, logged_losses(reference), LOSS_TOLERANCE)
+    assert largest_difference(adapter(tmp_path / "out"), adapter(reference)) <= WEIGHT_TOLERANCE
