@@ -6,14 +6,12 @@ nothing; a response several flows say is satisfied by any of them."""
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
+from support.files import read, write
 from support.llm_server import ChatRequest, LLMServer
 
 FLOWS = """
@@ -156,15 +154,6 @@ ANSWERS = {
 }
 
 TESTS_FILE = "bikes/e2e/bikes.yml"
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-
-
-def read(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture

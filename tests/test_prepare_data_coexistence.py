@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import re
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ftrecipe.dataprep.routing import (
     parse_router_answer,
     router_prompt,
 )
+from support.files import read, write
 from support.llm_server import ChatRequest, LLMServer
 
 FLOWS = """
@@ -275,15 +275,6 @@ test_cases:
           - bot_uttered:
               utter_name: utter_lounge
 """
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-
-
-def read(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture

@@ -7,16 +7,15 @@ from __future__ import annotations
 import io
 import json
 import re
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ftrecipe.dataprep.e2e import read_test_suite
 from ftrecipe.dataprep.pipeline import PrepareDataOptions, prepare_data
 from ftrecipe.dataprep.progress import LineReporter
+from support.files import read, write
 from support.llm_server import ChatRequest, LLMServer
 
 FLOWS = """
@@ -219,15 +218,6 @@ ANSWERS = {
 ORDERS_FILE = "cafe/e2e/orders/coffee.yml"
 MORE_FILE = "cafe/e2e/more/coffee.yml"
 LEGACY_FILE = "cafe/e2e/legacy.yml"
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-
-
-def read(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture
